@@ -1,0 +1,203 @@
+"""Registry of f-divergences and their stable SFT objectives.
+
+For a divergence with generator ``f`` and convex conjugate ``f*``, the paper's SFT objective
+maximises ``E[phi(r)]`` with ``phi(r) = -f*(-r)`` and the implicit reward
+``r = beta * log(pi / pi_ref) (+ value terms)``. ``phi`` is only defined on a domain, so each
+entry maps an unconstrained score ``u`` into it with a smooth *activation* ``r = a(u)`` (never a
+clamp), and evaluates ``phi(a(u))`` in log space. See ``docs/math.md`` for the derivations.
+
+Two aggregations exist:
+
+* ``"mean"``: the loss is ``-mean(phi(a(u)))``; ``phi`` has bounded growth.
+* ``"logmeanexp"``: ``-phi(a(u)) = psi(u) - offset`` with ``psi > 0`` growing like ``exp(-u)``
+  (KL, squared Hellinger). The loss is ``log(mean(psi(u)))`` computed as
+  ``logsumexp(log_psi(u)) - log(n)``: a monotone transform of the exact objective (same
+  minimiser, Donsker-Varadhan form for KL) whose gradient is a batch softmax of bounded terms,
+  so one sample with ``u = -1000`` cannot overflow anything.
+
+Every function here takes and returns tensors elementwise and is finite for every finite
+input; the autograd wrapper :func:`apply_elementwise` uses the hand-written derivative so that
+no ``inf * 0`` can appear in a backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+LOG2 = math.log(2.0)
+_SOFTPLUS_SMALL = -15.0  # below this, log(softplus(u)) = u - exp(u)/2 to within float64 precision of the terms kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable building blocks
+# ---------------------------------------------------------------------------------------------
+
+def log_softplus(u: torch.Tensor) -> torch.Tensor:
+    """``log(softplus(u)) = log(log1p(exp(u)))``, finite for every finite ``u``."""
+    small = u < _SOFTPLUS_SMALL
+    safe = torch.where(small, torch.zeros_like(u), u)
+    return torch.where(small, u - 0.5 * torch.exp(torch.clamp(u, max=_SOFTPLUS_SMALL)),
+                       torch.log(F.softplus(safe)))
+
+
+def dlog_softplus(u: torch.Tensor) -> torch.Tensor:
+    """``d/du log(softplus(u)) = sigmoid(u) / softplus(u)``, in (0, 1]."""
+    small = u < _SOFTPLUS_SMALL
+    safe = torch.where(small, torch.zeros_like(u), u)
+    return torch.where(small, 1.0 - 0.5 * torch.exp(torch.clamp(u, max=_SOFTPLUS_SMALL)),
+                       torch.sigmoid(safe) / F.softplus(safe))
+
+
+class _Elementwise(torch.autograd.Function):
+    """y = fn(u) with the derivative dfn supplied by hand (finite wherever fn is)."""
+
+    @staticmethod
+    def forward(ctx, u, fn, dfn):
+        ctx.save_for_backward(u)
+        ctx.dfn = dfn
+        return fn(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return grad * ctx.dfn(u), None, None
+
+
+def apply_elementwise(fn: Callable, dfn: Callable, u: torch.Tensor) -> torch.Tensor:
+    return _Elementwise.apply(u, fn, dfn)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Divergence:
+    """One f-divergence and its stable SFT objective.
+
+    Attributes:
+        name, aliases: how :func:`get_divergence` finds it.
+        generator, conjugate, conjugate_domain: ``f(u)``, ``f*(t)`` and the domain of ``f*`` as text.
+        activation: the map ``u -> r`` into the domain of ``phi``, as text.
+        phi, dphi: ``phi(a(u))`` and its derivative in ``u``, elementwise, stable.
+        aggregate: ``"mean"`` or ``"logmeanexp"`` (see the module docstring).
+        log_psi, dlog_psi, psi_offset: for ``"logmeanexp"``: ``-phi(a(u)) = exp(log_psi(u)) - psi_offset``.
+        paper_form: the paper's Table 4 objective, when it gives one.
+    """
+
+    name: str
+    aliases: Tuple[str, ...]
+    generator: str
+    conjugate: str
+    conjugate_domain: str
+    activation: str
+    phi: Callable[[torch.Tensor], torch.Tensor]
+    dphi: Callable[[torch.Tensor], torch.Tensor]
+    aggregate: str = "mean"
+    log_psi: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    dlog_psi: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    psi_offset: float = 0.0
+    paper_form: Optional[str] = None
+
+    def objective(self, u: torch.Tensor) -> torch.Tensor:
+        """``phi(a(u))`` elementwise with a stable backward."""
+        return apply_elementwise(self.phi, self.dphi, u)
+
+    def neg_log_psi(self, u: torch.Tensor) -> torch.Tensor:
+        """``log_psi(u)`` with a stable backward (``"logmeanexp"`` divergences only)."""
+        if self.log_psi is None:
+            raise ValueError(f"divergence {self.name!r} aggregates by mean; it has no log_psi")
+        return apply_elementwise(self.log_psi, self.dlog_psi, u)
+
+
+def _pearson_phi(u):
+    return torch.where(u <= 2.0, u - 0.25 * u * u, torch.ones_like(u))
+
+
+def _neyman_phi(u):
+    return 2.0 * torch.exp(0.5 * log_softplus(u)) - 2.0
+
+
+def _neyman_dphi(u):
+    return torch.exp(0.5 * log_softplus(u)) * dlog_softplus(u)
+
+
+_ENTRIES = [
+    Divergence(
+        name="tv", aliases=("sft", "total_variation"),
+        generator="0.5*|u-1|", conjugate="t", conjugate_domain="|t| <= 1/2 (dropped, as in the paper)",
+        activation="r = u (identity; with beta=1 and no reference the loss is the NLL)",
+        phi=lambda u: u, dphi=torch.ones_like,
+        paper_form="beta*log pi(y|x) + log pi_ref(y|x) - V(s_t)",
+    ),
+    Divergence(
+        name="kl", aliases=("forward_kl",),
+        generator="u*log(u)", conjugate="exp(t-1)", conjugate_domain="all t",
+        activation="r = u (identity); loss in Donsker-Varadhan form log mean exp(-u-1)",
+        phi=lambda u: -torch.exp(-u - 1.0), dphi=lambda u: torch.exp(-u - 1.0),
+        aggregate="logmeanexp",
+        log_psi=lambda u: -u - 1.0, dlog_psi=lambda u: -torch.ones_like(u), psi_offset=0.0,
+    ),
+    Divergence(
+        name="reverse_kl", aliases=("rkl",),
+        generator="-log(u)", conjugate="-1-log(-t)", conjugate_domain="t < 0",
+        activation="r = softplus(u) in (0, inf)",
+        phi=lambda u: 1.0 + log_softplus(u), dphi=dlog_softplus,
+    ),
+    Divergence(
+        name="pearson", aliases=("pearson_chi2", "chi2"),
+        generator="(u-1)^2", conjugate="t + t^2/4 (t >= -2), -1 (t < -2)",
+        conjugate_domain="all t (exact conjugate of f restricted to u >= 0)",
+        activation="r = u; phi(r) = r - r^2/4 for r <= 2 and 1 beyond (C1, exact)",
+        phi=_pearson_phi, dphi=lambda u: torch.clamp(1.0 - 0.5 * u, min=0.0),
+        paper_form="pi(y|x) - pi_ref(y|x) * exp(dV)",
+    ),
+    Divergence(
+        name="neyman", aliases=("neyman_chi2",),
+        generator="(1-u)^2/u", conjugate="2 - 2*sqrt(1-t)", conjugate_domain="t < 1",
+        activation="r = softplus(u) - 1 in (-1, inf)",
+        phi=_neyman_phi, dphi=_neyman_dphi,
+    ),
+    Divergence(
+        name="squared_hellinger", aliases=("hellinger", "sh"),
+        generator="(sqrt(u)-1)^2", conjugate="t/(1-t)", conjugate_domain="t < 1",
+        activation="r = softplus(u) - 1 in (-1, inf); loss log mean(1/softplus(u))",
+        phi=lambda u: 1.0 - torch.exp(-log_softplus(u)),
+        dphi=lambda u: torch.exp(-log_softplus(u)) * dlog_softplus(u),
+        aggregate="logmeanexp",
+        log_psi=lambda u: -log_softplus(u), dlog_psi=lambda u: -dlog_softplus(u), psi_offset=1.0,
+        paper_form="sqrt(pi_ref(y|x)) * exp(dV/2) - sqrt(pi(y|x))",
+    ),
+    Divergence(
+        name="js", aliases=("jensen_shannon", "jsd"),
+        generator="u*log(u) - (1+u)*log((1+u)/2)", conjugate="-log(2 - exp(t))", conjugate_domain="t < log 2",
+        activation="r = softplus(u) - log 2 (the f-GAN output activation): phi = log 2 + logsigmoid(u)",
+        phi=lambda u: LOG2 + F.logsigmoid(u), dphi=lambda u: torch.sigmoid(-u),
+        paper_form="log(1 + exp(log pi_ref(y|x) + dV)) - log(1 + exp(log pi(y|x)))",
+    ),
+]
+
+DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in _ENTRIES}
+_ALIASES: Dict[str, str] = {a: d.name for d in _ENTRIES for a in (d.name, *d.aliases)}
+
+
+def get_divergence(name) -> Divergence:
+    """Look a divergence up by name or alias (case-insensitive); a :class:`Divergence` passes through."""
+    if isinstance(name, Divergence):
+        return name
+    key = str(name).lower().replace("-", "_")
+    if key not in _ALIASES:
+        raise ValueError(f"unknown divergence {name!r}; known: {', '.join(sorted(_ALIASES))}")
+    return DIVERGENCES[_ALIASES[key]]
+
+
+def register_divergence(div: Divergence) -> None:
+    """Add a user-defined divergence (same contract as the built-in entries)."""
+    DIVERGENCES[div.name] = div
+    for a in (div.name, *div.aliases):
+        _ALIASES[a] = div.name

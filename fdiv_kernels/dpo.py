@@ -1,0 +1,103 @@
+"""DPO-family losses on sequence log-probs (TRL's formulas, evaluated in log space).
+
+With ``h = (pi_c - pi_r) - (ref_c - ref_r)`` (differences of sequence log-probs):
+
+| kind     | per-pair loss                                                               |
+|----------|-----------------------------------------------------------------------------|
+| sigmoid  | ``-(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``                    |
+| robust   | ``(-(1-eps) logsigmoid(beta h) + eps logsigmoid(-beta h)) / (1 - 2 eps)``     |
+| hinge    | ``relu(1 - beta h)``                                                        |
+| ipo      | ``(h - 1/(2 beta))**2`` (TRL feeds it length-averaged log-probs)             |
+| simpo    | ``-(1-eps) logsigmoid(beta d - gamma) - eps logsigmoid(-(beta d - gamma))``, ``d = pi_c - pi_r`` (no reference; TRL's ``simpo_gamma`` = ``gamma``; feed length-averaged log-probs) |
+
+``eps`` is ``label_smoothing``. ``logsigmoid`` is finite for any argument, so the loss and its
+gradient are finite for log-ratios of any size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+DPO_KINDS = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+
+
+@dataclass
+class DPOOutput:
+    """``loss``: mean over pairs. ``losses``: ``[B]``. ``chosen_rewards``/``rejected_rewards``:
+    ``beta * (pi - ref)`` (``beta * pi`` for simpo), detached. ``accuracy``: fraction of pairs
+    with chosen reward > rejected reward. ``margin``: mean reward margin."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: Optional[torch.Tensor] = None, ref_rejected: Optional[torch.Tensor] = None, *,
+             beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.0) -> DPOOutput:
+    """DPO / IPO / hinge / robust DPO / SimPO loss on ``[B]`` sequence log-probs.
+
+    Args:
+        policy_chosen, policy_rejected: ``[B]`` policy sequence log-probs (e.g. from
+            :func:`fdiv_kernels.sequence_logp`), with gradient.
+        ref_chosen, ref_rejected: ``[B]`` reference log-probs; required except for ``simpo``.
+        beta: inverse temperature (> 0). kind: one of ``sigmoid, robust, hinge, ipo, simpo``.
+        label_smoothing: ``eps`` in [0, 0.5) (conservative DPO / robust DPO).
+        gamma: SimPO's target margin (TRL's ``simpo_gamma``).
+    """
+    _checks.check_choice("kind", kind, DPO_KINDS)
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    for name, t in (("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected)):
+        _checks.check_floating(name, t)
+    if policy_chosen.shape != policy_rejected.shape:
+        raise ValueError(f"policy_chosen {tuple(policy_chosen.shape)} and policy_rejected "
+                         f"{tuple(policy_rejected.shape)} must have the same shape")
+    if kind != "simpo":
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"kind={kind!r} needs ref_chosen and ref_rejected")
+        for name, t in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+            _checks.check_floating(name, t)
+            if t.shape != policy_chosen.shape:
+                raise ValueError(f"{name} must have shape {tuple(policy_chosen.shape)}, got {tuple(t.shape)}")
+    _checks.check_same_device(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                              ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    eps = label_smoothing
+    pc, pr = policy_chosen.float() if policy_chosen.dtype != torch.float64 else policy_chosen, \
+        policy_rejected.float() if policy_rejected.dtype != torch.float64 else policy_rejected
+    if kind == "simpo":
+        logits = beta * (pc - pr) - gamma
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        chosen_r, rejected_r = beta * pc.detach(), beta * pr.detach()
+    else:
+        rc, rr = ref_chosen.to(pc.dtype), ref_rejected.to(pc.dtype)
+        h = (pc - pr) - (rc - rr)
+        if kind == "sigmoid":
+            losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        elif kind == "robust":
+            losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        elif kind == "hinge":
+            losses = torch.relu(1 - beta * h)
+        else:  # ipo
+            losses = (h - 1 / (2 * beta)) ** 2
+        chosen_r, rejected_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+    return DPOOutput(
+        loss=losses.mean() if losses.numel() else losses.sum(),
+        losses=losses,
+        chosen_rewards=chosen_r,
+        rejected_rewards=rejected_r,
+        accuracy=(chosen_r > rejected_r).float().mean() if losses.numel() else losses.new_zeros(()),
+        margin=(chosen_r - rejected_r).mean() if losses.numel() else losses.new_zeros(()),
+    )

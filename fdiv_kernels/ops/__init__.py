@@ -1,0 +1,14 @@
+"""Fused LM-head kernels and their autograd function.
+
+Backends: ``torch`` (chunked reference, always available) and the optional native ones
+(``cpu`` C++ extension, ``triton``, ``cuda``), each registering itself on import when present.
+"""
+
+from . import torch_chunked  # noqa: F401  (registers the "torch" backend)
+from .backends import Backend, available_backends, get_backend, register_backend
+from .token_stats import TokenStats, TokenStatsFunction, token_stats, token_stats_from_logits
+
+__all__ = [
+    "Backend", "TokenStats", "TokenStatsFunction", "available_backends", "get_backend",
+    "register_backend", "token_stats", "token_stats_from_logits",
+]

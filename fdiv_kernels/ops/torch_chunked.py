@@ -1,0 +1,118 @@
+"""The ``"torch"`` backend: the reference implementation of ``token_stats``, chunked over tokens.
+
+Chunk rule: rows are processed ``rows_per_chunk(V)`` at a time, with
+``rows_per_chunk(V) = max(1, CHUNK_ELEMENTS // V)`` and ``CHUNK_ELEMENTS = 2**22`` (16 MiB of
+fp32 logits). Forward holds one chunk of logits; backward holds one chunk of logits and one of
+the gradient coefficient. Peak extra memory is therefore O(CHUNK_ELEMENTS + V*H) (the fp32
+grad_weight accumulator and, for bf16/fp16 inputs, an fp32 copy of the weight), never O(N*V).
+
+Math (per row n, with z = cap(h W^T + b) / T, cap(x) = c*tanh(x/c) when a soft-cap c is set):
+
+    lse[n]  = logsumexp_v z[n, v]
+    logp[n] = z[n, y[n]] - lse[n]
+    ent[n]  = lse[n] - sum_v p[n, v] z[n, v],  p = softmax(z)
+    dL/dz   = g * onehot(y) + (k - g) * p - e * p * (z - (lse - ent))
+
+with g = dL/dlogp, k = dL/dlse, e = dL/dent. Computation is in float32 (float64 for float64
+inputs); low-precision inputs are upcast chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .backends import Backend, register_backend
+
+CHUNK_ELEMENTS = 2 ** 22
+
+
+def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Number of token rows whose logits fit in ``chunk_elements`` values."""
+    return max(1, chunk_elements // max(1, vocab_size))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+            softcap: Optional[float], temperature: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Logits of one chunk and, with a soft-cap, tanh(raw / cap) (needed by the backward)."""
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    t = None
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
+    if temperature != 1.0:
+        z = z / temperature
+    return z, t
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
+            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
+    cdt = compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    logp = torch.empty(n, dtype=cdt, device=hidden.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if return_entropy else None
+    step = rows_per_chunk(weight.shape[0])
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        z, _ = _logits(hidden[s:e].to(cdt), w, b, softcap, temperature)
+        lse_c = torch.logsumexp(z, dim=-1)
+        lse[s:e] = lse_c
+        logp[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse_c
+        if ent is not None:
+            p = torch.exp(z - lse_c[:, None])
+            ent[s:e] = lse_c - (p * z).sum(-1)
+    return logp, lse, ent
+
+
+def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+             lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
+             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+    cdt = compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    grad_h = torch.empty(hidden.shape, dtype=cdt, device=hidden.device)
+    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+    grad_b = None if bias is None else torch.zeros(bias.shape, dtype=cdt, device=bias.device)
+    step = rows_per_chunk(weight.shape[0])
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        h = hidden[s:e].to(cdt)
+        z, t = _logits(h, w, b, softcap, temperature)
+        lse_c = lse[s:e, None].to(cdt)
+        p = torch.exp(z - lse_c)
+        g = grad_logp[s:e, None].to(cdt)
+        coef = (grad_lse[s:e, None].to(cdt) - g) * p
+        if grad_entropy is not None:
+            mean_z = lse_c - entropy[s:e, None].to(cdt)
+            coef = coef - grad_entropy[s:e, None].to(cdt) * p * (z - mean_z)
+        coef.scatter_add_(1, labels[s:e, None], g)
+        if temperature != 1.0:
+            coef = coef / temperature
+        if t is not None:
+            coef = coef * (1 - t * t)
+        grad_h[s:e] = coef @ w
+        grad_w.addmm_(coef.T, h)
+        if grad_b is not None:
+            grad_b += coef.sum(0)
+    return grad_h, grad_w, grad_b
+
+
+register_backend(Backend(
+    name="torch",
+    forward=forward,
+    backward=backward,
+    device_types=("cpu", "cuda"),
+    is_available=lambda: (True, ""),
+    priority=0,
+))

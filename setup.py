@@ -1,0 +1,65 @@
+"""Packaging for fdiv_kernels.
+
+Install on a CPU machine (never pulls a CUDA torch):
+
+    pip install torch==2.13.0
+    pip install --no-build-isolation -e ".[dev]"
+
+Native extensions are built just in time on first use (ninja); see docs/building.md for the
+ahead-of-time build (FDIV_BUILD_EXT=1).
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ext_modules():
+    """Ahead-of-time native build, only when asked for (FDIV_BUILD_EXT=1); see docs/building.md."""
+    if os.environ.get("FDIV_BUILD_EXT", "0") != "1":
+        return [], {}
+    from fdiv_build import ext_modules_and_cmdclass  # noqa: E402  (csrc/ build description)
+    return ext_modules_and_cmdclass()
+
+
+ext_modules, cmdclass = _ext_modules()
+
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "mpmath>=1.3", "ninja"]
+PEERS = ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"]
+
+setup(
+    name="fdiv-kernels",
+    version="0.1.0",
+    description="Fused, numerically stable f-divergence and DPO losses for LLM post-training (CUDA, Triton, C++)",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fdiv_kernels", "fdiv_kernels.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.13",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+        "safetensors",
+        "transformers>=4.46",
+        "matplotlib",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "trl": ["trl>=0.19", "datasets", "accelerate"],
+        "deepspeed": ["deepspeed"],
+        "peers": PEERS,
+        "dev": TEST + PEERS + ["triton>=3.0", "trl>=0.19", "datasets", "accelerate"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fdiv-train=fdiv_kernels.train.cli:main",
+            "fdiv-analyze=fdiv_kernels.analysis.cli:main",
+        ]
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
