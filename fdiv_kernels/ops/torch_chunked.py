@@ -28,9 +28,10 @@ from .backends import Backend, register_backend
 CHUNK_ELEMENTS = 2 ** 22
 
 
-def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Number of token rows whose logits fit in ``chunk_elements`` values."""
-    return max(1, chunk_elements // max(1, vocab_size))
+def rows_per_chunk(vocab_size: int, chunk_elements: int | None = None) -> int:
+    """Number of token rows whose logits fit in ``chunk_elements`` values (default ``CHUNK_ELEMENTS``)."""
+    budget = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    return max(1, budget // max(1, vocab_size))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

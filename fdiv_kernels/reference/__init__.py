@@ -1,0 +1,1 @@
+"""Literal baselines and reference formulas (not for training)."""
