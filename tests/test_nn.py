@@ -1,0 +1,145 @@
+"""fdiv_kernels.nn modules against plain float64 torch references (full logits + autograd)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fdiv_kernels as fk
+from fdiv_kernels.nn import FDivLoss, FusedLinearDPOLoss, FusedLinearFDivLoss
+
+B, T, H, V = 3, 7, 16, 50
+
+
+def _data(seed=0, dtype=torch.float64, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=dtype) * 0.3).requires_grad_() if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    return hidden, weight, b, labels
+
+
+def _grads(loss, *ts):
+    return torch.autograd.grad(loss, [t for t in ts if t is not None])
+
+
+def test_fdivloss_sft_equals_cross_entropy_with_shift():
+    hidden, weight, _, labels = _data()
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    got = FDivLoss(shift_labels=True)(logits, labels)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(got, ref, atol=1e-12)
+    assert torch.allclose(_grads(got, logits)[0], _grads(ref, logits)[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_sft_equals_cross_entropy(bias):
+    hidden, weight, b, labels = _data(bias=bias)
+    fn = FusedLinearFDivLoss(backend="torch")
+    got = fn(hidden, weight, labels, bias=b)
+    z = hidden @ weight.T + (b if b is not None else 0)
+    ref = F.cross_entropy(z.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(got, ref, atol=1e-12)
+    for a, r in zip(_grads(got, hidden, weight, b), _grads(ref, hidden, weight, b)):
+        assert torch.allclose(a, r, atol=1e-10)
+
+
+def test_fused_linear_accepts_head_module():
+    head = torch.nn.Linear(H, V, bias=True).double()
+    hidden, _, _, labels = _data()
+    got = FusedLinearFDivLoss(shift_labels=True)(hidden, head, labels)
+    ref = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_fused_linear_js_with_reference_and_softcap_matches_formula():
+    """JS objective: loss = -mean(log 2 + logsigmoid(beta * (logp - ref_logp))), logits = c*tanh(z/c)/T."""
+    hidden, weight, _, labels = _data(seed=1)
+    ref_logp = -torch.rand(B, T, dtype=torch.float64) * 5
+    beta, cap, temp = 0.3, 4.0, 1.7
+    fn = FusedLinearFDivLoss(divergence="js", beta=beta, softcap=cap, temperature=temp, backend="torch")
+    out = fn(hidden, weight, labels, ref_logp=ref_logp, return_output=True)
+    z = cap * torch.tanh((hidden @ weight.T) / cap) / temp
+    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    m = labels != -100
+    u = beta * (logp - ref_logp)
+    ref = -(math.log(2) + F.logsigmoid(u))[m].mean()
+    assert torch.allclose(out.loss, ref, atol=1e-12)
+    for a, r in zip(_grads(out.loss, hidden, weight), _grads(ref, hidden, weight)):
+        assert torch.allclose(a, r, atol=1e-10)
+
+
+def test_fused_linear_matches_logits_module_for_every_divergence():
+    hidden, weight, _, labels = _data(seed=2)
+    ref_logp = -torch.rand(B, T, dtype=torch.float64) * 3
+    for name in fk.DIVERGENCES:
+        kw = dict(divergence=name, beta=0.5, shift_labels=True)
+        a = FusedLinearFDivLoss(**kw)(hidden, weight, labels, ref_logp=ref_logp)
+        b = FDivLoss(**kw)(hidden @ weight.T, labels, ref_logp=ref_logp)
+        assert torch.isfinite(a) and torch.allclose(a, b, atol=1e-10), name
+
+
+def _seq_logps(hidden, weight, labels, mean):
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    m = (labels != -100).to(logp.dtype)
+    s = (logp * m).sum(-1)
+    return s / m.sum(-1) if mean else s
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo"])
+def test_fused_linear_dpo_matches_trl_formulas(kind):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, T, H, generator=g, dtype=torch.float64).requires_grad_()
+    ref_hidden = hidden.detach() + 0.1 * torch.randn(4, T, H, generator=g, dtype=torch.float64)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    labels = torch.randint(0, V, (4, T), generator=g)
+    labels[:, :3] = -100  # prompt
+    labels[1, -1] = -100  # padding
+    beta = 0.2
+    fn = FusedLinearDPOLoss(beta=beta, kind=kind, gamma=0.5)
+    got = fn(hidden, weight, labels, ref_hidden=None if kind == "simpo" else ref_hidden)
+    mean = kind in ("ipo", "simpo")
+    pc, pr = _seq_logps(hidden, weight, labels, mean).chunk(2)
+    rc, rr = _seq_logps(ref_hidden, weight.detach(), labels, mean).chunk(2)
+    if kind == "sigmoid":
+        ref = -F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()
+    elif kind == "ipo":
+        ref = (((pc - pr) - (rc - rr)) - 1 / (2 * beta)).pow(2).mean()
+    else:
+        ref = -F.logsigmoid(beta * (pc - pr) - 0.5).mean()
+    assert got.dtype == torch.float64 and torch.allclose(got, ref, atol=1e-12)
+    for a, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight)):
+        assert torch.allclose(a, r, atol=1e-10)
+
+
+def test_fused_linear_dpo_precomputed_reference_pair():
+    hidden, weight, _, labels = _data(seed=4)
+    hidden = torch.cat([hidden, hidden.detach().flip(0)])[:4]
+    labels = torch.cat([labels, labels.flip(0)])[:4]
+    ref = -torch.rand(4, dtype=torch.float64) * 10
+    fn = FusedLinearDPOLoss(beta=0.1)
+    a = fn(hidden, weight, labels, ref_logp=ref)
+    b = fn(hidden, weight, labels, ref_logp=tuple(ref.chunk(2)))
+    pc, pr = _seq_logps(hidden, weight, labels, False).chunk(2)
+    expect = -F.logsigmoid(0.1 * ((pc - pr) - (ref[:2] - ref[2:]))).mean()
+    assert torch.allclose(a, expect, atol=1e-12) and torch.equal(a, b)
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown divergence"):
+        FDivLoss(divergence="nope")
+    with pytest.raises(ValueError, match="beta"):
+        FusedLinearFDivLoss(beta=0.0)
+    with pytest.raises(ValueError, match="kind"):
+        FusedLinearDPOLoss(kind="dpo++")
+    hidden, weight, _, labels = _data()
+    with pytest.raises(ValueError, match="2B"):
+        FusedLinearDPOLoss()(hidden, weight, labels, ref_logp=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs a reference"):
+        FusedLinearDPOLoss()(hidden[:2], weight, labels[:2])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        FusedLinearFDivLoss(shift_labels=True)(hidden, weight, labels[:, :-1])
