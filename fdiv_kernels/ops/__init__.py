@@ -5,6 +5,7 @@ Backends: ``torch`` (chunked reference, always available) and the optional nativ
 """
 
 from . import torch_chunked  # noqa: F401  (registers the "torch" backend)
+from . import triton_backend  # noqa: F401  (registers "triton"; imports triton lazily, so never fails without it)
 from .backends import Backend, available_backends, get_backend, register_backend
 from .token_stats import TokenStats, TokenStatsFunction, token_stats, token_stats_from_logits
 

@@ -1,0 +1,318 @@
+"""The ``"triton"`` token_stats backend: launch wrappers and registration.
+
+Implements the contract of :mod:`fdiv_kernels.ops.backends` with the kernels of
+:mod:`fdiv_kernels.ops.triton_kernels` (imported on first use, so ``import fdiv_kernels``
+never compiles anything and works without triton)::
+
+    forward(hidden[N, H], weight[V, H], bias[V] | None, labels[N] int64, *, softcap, temperature,
+            return_entropy) -> (logp[N], lse[N], entropy[N] | None)          # float32
+    backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None,
+             *, softcap, temperature) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)
+
+Inputs: float32, bfloat16 or float16 (``hidden``/``weight`` sharing the dtype); outputs and
+gradients float32. float64 inputs are delegated to the ``"torch"`` reference backend (Triton's
+fp64 dot has no tensor-core path; see docs/triton.md).
+
+Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` (the Triton interpreter:
+slow, for tests). ``backend="auto"`` picks this backend on CUDA (priority 20) and never on CPU
+(priority -10 under the interpreter). The mode is read when the backend is registered, which
+happens at import; call :func:`register` again after changing ``TRITON_INTERPRET``.
+
+Options (process-wide, read at each launch, so wrap the backward too)::
+
+    from fdiv_kernels.ops.triton_backend import triton_options
+    with triton_options(filter_eps=2.0 ** -12):   # gradient filtering (off by default)
+        out = fk.loss(h, w, y, divergence="js", backend="triton"); out.loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from . import torch_chunked
+from .backends import Backend, register_backend
+
+logger = logging.getLogger("fdiv_kernels")
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """Knobs of the triton backend (defaults: exact, deterministic).
+
+    ``filter_eps``: gradient filtering. In the backward, a (token block x vocabulary tile) whose
+    softmax probabilities are all below ``filter_eps`` and that holds none of the block's labels
+    skips its grad_hidden / grad_weight GEMM (grad_bias stays exact). ``None`` = off. Error
+    bound in docs/triton.md; 2**-12 is Cut Cross-Entropy's choice for bf16.
+    ``allow_tf32``: float32 inputs use TF32 tensor cores (about 1e-3 relative error in the
+    logits) instead of exact fp32 FMA dots.
+    ``v_splits``: number of vocabulary splits of the forward (each token block is processed by
+    that many programs, merged afterwards); ``None`` = chosen from N, V and the SM count.
+    """
+
+    filter_eps: Optional[float] = None
+    allow_tf32: bool = False
+    v_splits: Optional[int] = None
+
+
+_options = TritonOptions()
+
+
+def get_options() -> TritonOptions:
+    """The options in force now."""
+    return _options
+
+
+@contextlib.contextmanager
+def triton_options(**changes) -> Iterator[TritonOptions]:
+    """Temporarily change :class:`TritonOptions` fields (process-wide, restored on exit).
+
+    Example: ``with triton_options(filter_eps=2**-12): loss.backward()``. Unknown names or
+    bad values raise ``ValueError``.
+    """
+    global _options
+    names = {f.name for f in fields(TritonOptions)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(f"unknown triton option(s) {unknown}; choose from {sorted(names)}")
+    eps = changes.get("filter_eps")
+    if eps is not None and not (0.0 < float(eps) < 1.0):
+        raise ValueError(f"filter_eps must be None or in (0, 1), got {eps}")
+    splits = changes.get("v_splits")
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"v_splits must be None or a positive int, got {splits!r}")
+    old = _options
+    _options = replace(old, **changes)
+    try:
+        yield _options
+    finally:
+        _options = old
+
+
+# --------------------------------------------------------------------------------------------
+# Mode and availability.
+# --------------------------------------------------------------------------------------------
+
+def interpret_mode() -> bool:
+    """True when ``TRITON_INTERPRET=1`` (the Triton interpreter runs kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_kernels_module = None
+
+
+def _kernels():
+    """Import the kernel module on first use and check it matches the current mode."""
+    global _kernels_module
+    if _kernels_module is None:
+        from . import triton_kernels
+        _kernels_module = triton_kernels
+    if _kernels_module.INTERPRET != interpret_mode():
+        raise RuntimeError(
+            f"the triton kernels were loaded with TRITON_INTERPRET={int(_kernels_module.INTERPRET)} but it is "
+            f"now {os.environ.get('TRITON_INTERPRET', '0')!r}; set it before the first triton call")
+    return _kernels_module
+
+
+def is_available() -> Tuple[bool, str]:
+    """``(ok, reason)``: triton importable, and a CUDA device or the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return False, f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'fdiv-kernels[triton]'"
+    if interpret_mode():
+        return True, ""
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    return True, ""
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers.
+# --------------------------------------------------------------------------------------------
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton backend: hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"triton backend: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"triton backend: expected hidden [N, H] and weight [V, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"triton backend: labels must have shape [N]=({hidden.shape[0]},), got {tuple(labels.shape)}")
+    dev = hidden.device.type
+    if dev not in _device_types():
+        raise ValueError(f"triton backend: runs on {', '.join(_device_types())} tensors, got {dev} tensors "
+                         "(CPU tensors need TRITON_INTERPRET=1)")
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _options.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _scalars(softcap: Optional[float], temperature: float) -> Tuple[float, float]:
+    return (1.0 if softcap is None else float(softcap)), 1.0 / float(temperature)
+
+
+def vocab_splits(n: int, v: int, *, align: int, device: torch.device) -> Tuple[int, int]:
+    """``(splits, split_size)`` of the forward: ``split_size`` a multiple of ``align``, every
+    split non-empty. Default: enough programs for ~2 waves of the GPU's SMs, each split at least
+    ``4 * align`` columns; 1 on CPU (interpreter) unless ``v_splits`` is set."""
+    want = _options.v_splits
+    if want is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            token_blocks = max(1, math.ceil(n / 64))
+            want = max(1, min(math.ceil(2 * sms / token_blocks), math.ceil(v / (4 * align))))
+        else:
+            want = 1
+    split_size = math.ceil(math.ceil(v / want) / align) * align
+    return math.ceil(v / split_size), split_size
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# The contract.
+# --------------------------------------------------------------------------------------------
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
+            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
+    """``(logp[N], lse[N], entropy[N] | None)`` in float32; see the module docstring."""
+    if hidden.dtype == torch.float64:
+        return torch_chunked.forward(hidden, weight, bias, labels, softcap=softcap, temperature=temperature,
+                                     return_entropy=return_entropy)
+    _check(hidden, weight, labels)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=dev)
+        return empty, empty.clone(), (empty.clone() if return_entropy else None)
+    kern = _kernels()
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.to(torch.int64).contiguous()
+    bias_c = None if bias is None else bias.contiguous()
+    splits, split_size = vocab_splits(n, v, align=kern.SPLIT_ALIGN, device=dev)
+    part = torch.empty((4 if return_entropy else 3, splits, n), dtype=torch.float32, device=dev)
+    m, s, zy = part[0], part[1], part[2]
+    a = part[3] if return_entropy else m  # unused without entropy
+    cap, inv_t = _scalars(softcap, temperature)
+
+    def grid(meta):
+        return (math.ceil(n / meta["BLOCK_N"]), splits)
+
+    kern.token_stats_fwd_kernel[grid](
+        hidden, weight, hidden if bias_c is None else bias_c, labels, m, s, a, zy,
+        n, v, h, split_size, cap, inv_t,
+        HAS_BIAS=bias_c is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=bool(return_entropy),
+        DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
+    )
+    return merge_splits(m, s, zy, a if return_entropy else None)
+
+
+def merge_splits(m: torch.Tensor, s: torch.Tensor, zy: torch.Tensor, a: Optional[torch.Tensor]):
+    """Merge per-split statistics ``[splits, N]`` into ``(logp, lse, entropy | None)``.
+
+    With M = max_s m_s, r_s = exp(m_s - M): S = sum_s r_s S_s, lse = M + log S,
+    A = sum_s r_s (A_s + (m_s - M) S_s) = sum_v exp(z - M) (z - M), ent = log S - A / S,
+    logp = sum_s zy_s - lse (only the split holding the label contributes to zy).
+    """
+    big_m = m.max(dim=0).values
+    r = torch.exp(m - big_m)
+    big_s = (r * s).sum(0)
+    log_s = torch.log(big_s)
+    lse = big_m + log_s
+    logp = zy.sum(0) - lse
+    ent = None
+    if a is not None:
+        big_a = (r * (a + (m - big_m) * s)).sum(0)
+        ent = log_s - big_a / big_s
+    return logp, lse, ent
+
+
+def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+             lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
+             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+    """``(grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)`` in float32.
+
+    Deterministic (no atomics): one kernel per output. ``grad_entropy`` needs the forward's
+    ``entropy``. Honours :func:`triton_options` ``filter_eps`` and ``allow_tf32``.
+    """
+    if hidden.dtype == torch.float64:
+        return torch_chunked.backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                                      softcap=softcap, temperature=temperature)
+    _check(hidden, weight, labels)
+    with_ent = grad_entropy is not None
+    if with_ent and entropy is None:
+        raise ValueError("triton backend: grad_entropy was given but the forward's entropy was not")
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    grad_h = torch.empty((n, h), dtype=torch.float32, device=dev)
+    if n == 0:
+        grad_b = None if bias is None else torch.zeros(v, dtype=torch.float32, device=dev)
+        return grad_h, torch.zeros((v, h), dtype=torch.float32, device=dev), grad_b
+    grad_w = torch.empty((v, h), dtype=torch.float32, device=dev)
+    grad_b = None if bias is None else torch.empty(v, dtype=torch.float32, device=dev)
+    kern = _kernels()
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.to(torch.int64).contiguous()
+    bias_c = None if bias is None else bias.contiguous()
+    lse_c, g, k = _f32(lse), _f32(grad_logp), _f32(grad_lse)
+    ent_c = _f32(entropy) if with_ent else lse_c
+    e = _f32(grad_entropy) if with_ent else g
+    cap, inv_t = _scalars(softcap, temperature)
+    eps = _options.filter_eps
+    common = dict(
+        HAS_BIAS=bias_c is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_ent,
+        FILTER=eps is not None, DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
+    )
+    b_arg = hidden if bias_c is None else bias_c
+    kern.token_stats_bwd_hidden_kernel[lambda meta: (math.ceil(n / meta["BLOCK_N"]),)](
+        hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_h,
+        n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)
+    kern.token_stats_bwd_weight_kernel[lambda meta: (math.ceil(v / meta["BLOCK_V"]),)](
+        hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_w, grad_h if grad_b is None else grad_b,
+        n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)
+    return grad_h, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# Registration.
+# --------------------------------------------------------------------------------------------
+
+def _device_types() -> Tuple[str, ...]:
+    return ("cuda", "cpu") if interpret_mode() else ("cuda",)
+
+
+def register() -> Backend:
+    """(Re)register ``"triton"`` for the current ``TRITON_INTERPRET`` mode and return it.
+
+    Normal: runs on cuda, priority 20. Interpreter: cuda and cpu, priority -10 (``auto`` never
+    prefers the interpreter over the torch reference).
+    """
+    backend = Backend(
+        name="triton",
+        forward=forward,
+        backward=backward,
+        device_types=_device_types(),
+        is_available=is_available,
+        priority=-10 if interpret_mode() else 20,
+    )
+    register_backend(backend)
+    return backend
+
+
+register()

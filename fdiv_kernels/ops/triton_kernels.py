@@ -1,0 +1,350 @@
+"""Triton kernels of the ``"triton"`` token_stats backend (launch wrappers: ``triton_backend.py``).
+
+Notation (one token row n, vocabulary column v; see ``docs/triton.md``)::
+
+    raw[n, v] = h[n, :] . W[v, :] (+ b[v])                  fp32 accumulation (tl.dot)
+    z[n, v]   = cap(raw) / T,   cap(x) = c * tanh(x / c)     (identity without a soft-cap)
+    lse[n]    = logsumexp_v z[n, v]
+    logp[n]   = z[n, y[n]] - lse[n]
+    ent[n]    = lse[n] - sum_v p[n, v] z[n, v],   p = exp(z - lse)
+    dL/dz     = g * onehot(y) + (k - g) * p - e * p * (z - (lse - ent))
+    dL/draw   = dL/dz / T * (1 - tanh(raw / c)^2)           (last factor only with a soft-cap)
+
+Kernels (one job each, none materialises an ``[N, V]`` tensor):
+
+* :func:`token_stats_fwd_kernel`: grid (token blocks, vocabulary splits); per split it keeps an
+  online (max, sum, p*z-sum) over vocabulary tiles and the label logit, and writes 4 partial
+  statistics per row. ``triton_backend.forward`` merges the splits in O(splits * N).
+* :func:`token_stats_bwd_hidden_kernel`: grid over token blocks, loop over vocabulary tiles:
+  ``grad_hidden[rows] += dL/draw[rows, tile] @ W[tile]``.
+* :func:`token_stats_bwd_weight_kernel`: grid over vocabulary blocks, loop over token tiles:
+  ``grad_weight[cols] += dL/draw[:, cols]^T @ h`` and ``grad_bias[cols] += sum_n dL/draw``.
+
+The two backward kernels write disjoint rows of their outputs and accumulate in a fixed order,
+so the backward is deterministic without atomics. Their fp32 accumulators live in the output
+buffers (each program owns its rows; a CTA barrier orders the read-modify-write between
+vocabulary/token tiles), because an ``[BLOCK, H]`` register accumulator does not fit for large H.
+
+Interpreter mode (``TRITON_INTERPRET=1``) is fixed when this module is imported: the autotune
+lists shrink to one small config and ``DOT_FP32`` upcasts 16-bit dot operands to fp32 (the
+interpreter's numpy ``tl.dot`` mishandles bfloat16). bf16 x bf16 products are exact in fp32,
+so the upcast changes nothing but the summation order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.4 reads its settings through knobs
+    from triton import knobs as _knobs
+    INTERPRET: bool = bool(_knobs.runtime.interpret)
+except ImportError:  # pragma: no cover - older triton
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether these kernels were built for the Triton interpreter (read once, at import)."""
+
+# --------------------------------------------------------------------------------------------
+# Autotune lists. H100: 228 KiB shared memory, 132 SMs; configs that do not fit for a dtype are
+# dropped by the autotuner (OutOfResources). The keys are the shapes that change the best tile
+# (H and V); N varies from step to step and is left out so training does not re-tune.
+# --------------------------------------------------------------------------------------------
+
+if INTERPRET:
+    FWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=1, num_stages=1)]
+    BWD_H_CONFIGS = FWD_CONFIGS
+    BWD_W_CONFIGS = FWD_CONFIGS
+    SPLIT_ALIGN = 32
+else:  # pragma: no cover - needs a GPU
+    FWD_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+        for (bn, bv, bh, w, s) in [
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4),
+            (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+        ]
+    ]
+    BWD_H_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+        for (bn, bv, bh, w, s) in [
+            (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+            (128, 64, 64, 4, 3), (32, 128, 64, 4, 3),
+        ]
+    ]
+    BWD_W_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+        for (bn, bv, bh, w, s) in [
+            (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+            (128, 64, 64, 4, 3), (64, 256, 64, 8, 3),
+        ]
+    ]
+    SPLIT_ALIGN = 256  # every BLOCK_V divides it, so vocabulary splits never share a tile
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device functions.
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no overflow for any x, abs error ~1e-7."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """Logit tile ``z[rows, cols] = cap(h[rows] @ W[cols]^T + b[cols]) / T`` in fp32.
+
+    Returns ``(z, t)`` with ``t = tanh(raw / c)`` (the soft-cap's chain-rule factor is
+    ``1 - t^2``); ``t`` is ``z`` itself without a soft-cap. Out-of-range rows/columns give
+    finite values the callers mask. ``h`` is ``[N, H]`` and ``W`` ``[V, H]``, both row-major.
+    """
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :],
+                     mask=(rows[:, None] < N) & (ks[None, :] < H), other=0.0)
+        wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :],
+                     mask=(cols[:, None] < V) & (ks[None, :] < H), other=0.0)
+        if DOT_FP32:
+            ht = ht.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(ht, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = t * softcap
+    return acc * inv_temp, t
+
+
+@triton.jit
+def _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp,
+                   HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """``(dL/draw, p)`` for one tile; ``valid`` masks rows >= N and columns >= V to 0.
+
+    dL/dz = g onehot(y) + (k - g) p - e p (z - mean_z), mean_z = lse - ent = E_p[z];
+    dL/draw = dL/dz / T (times 1 - t^2 with a soft-cap).
+    """
+    p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+    dz = (k - g)[:, None] * p
+    if WITH_ENTROPY:
+        dz -= e[:, None] * p * (z - mean_z[:, None])
+    dz += tl.where(is_label, g[:, None], 0.0)
+    dz = dz * inv_temp
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz, p
+
+
+@triton.jit
+def _tile_is_kept(p, is_label, filter_eps, FILTER: tl.constexpr):
+    """Gradient filtering: a tile is skipped iff max(p) < filter_eps and it holds no label."""
+    if FILTER:
+        return (tl.max(tl.max(p, axis=1), axis=0) >= filter_eps) | (tl.max(tl.max(is_label.to(tl.int32), axis=1), axis=0) > 0)
+    else:
+        return True
+
+
+@triton.jit
+def _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, WITH_ENTROPY: tl.constexpr):
+    """Per-row backward inputs: labels, lse, E_p[z] = lse - ent, and g, k, e (0 outside [0, N))."""
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    k = tl.load(k_ptr + rows, mask=rmask, other=0.0)
+    if WITH_ENTROPY:
+        mean_z = lse - tl.load(ent_ptr + rows, mask=rmask, other=0.0)
+        e = tl.load(e_ptr + rows, mask=rmask, other=0.0)
+    else:
+        mean_z = lse
+        e = g
+    return y, lse, mean_z, g, k, e
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=FWD_CONFIGS, key=["H", "V"])
+@triton.jit
+def token_stats_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
+    N, V, H, split_size, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Partial log-sum-exp statistics of one token block over one vocabulary split.
+
+    Program (i, s) covers rows ``[i*BLOCK_N, (i+1)*BLOCK_N)`` and columns
+    ``[s*split_size, min(V, (s+1)*split_size))``, tile by tile, with the online update
+    (m: running max, S = sum exp(z - m), A = sum exp(z - m) (z - m)):
+
+        m' = max(m, max_tile z);  r = exp(m - m')
+        S' = r S + sum_tile exp(z - m')
+        A' = r (A + (m - m') S) + sum_tile exp(z - m') (z - m')
+
+    and ``zy = z[n, y[n]]`` when the label falls in the split (0 otherwise). Writes
+    ``m, S, A, zy`` to ``[splits, N]`` fp32 buffers at ``s * N + n`` (A only WITH_ENTROPY).
+    Merged over splits: ``lse = m + log S`` and ``ent = log S - A / S`` (see triton_backend).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    v_lo = pid_s * split_size
+    v_hi = tl.minimum(v_lo + split_size, V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < v_hi
+        z, _t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                            HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
+        first = m == float("-inf")
+        r = tl.where(first, 0.0, tl.exp(m - m_new))
+        p = tl.exp(z - m_new[:, None])  # 0 on masked columns
+        if WITH_ENTROPY:
+            dm = tl.where(first, 0.0, m - m_new)
+            pz = p * tl.where(cmask[None, :], z - m_new[:, None], 0.0)  # no 0 * -inf
+            a = r * (a + dm * s) + tl.sum(pz, axis=1)
+        s = r * s + tl.sum(p, axis=1)
+        m = m_new
+    out = pid_s * N + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(zy_ptr + out, zy, mask=rmask)
+    if WITH_ENTROPY:
+        tl.store(a_ptr + out, a, mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V"])
+@triton.jit
+def token_stats_bwd_hidden_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr,
+    N, V, H, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``grad_hidden[rows, :] = sum_v dL/draw[rows, v] W[v, :]`` for one token block.
+
+    Loops over vocabulary tiles: recomputes the logit tile, forms dL/draw in registers (see
+    :func:`_grad_raw_tile`), casts it to the input dtype (as the forward GEMM's operands) and
+    adds ``dL/draw_tile @ W[tile, h-chunk]`` into the fp32 output rows, which this program
+    alone owns (zeroed first; a CTA barrier separates tiles). With ``FILTER``, tiles where
+    ``max p < filter_eps`` and no label falls skip the second GEMM.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        tl.store(gh_ptr + rows64[:, None] * H + ks[None, :], tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32),
+                 mask=rmask[:, None] & (ks[None, :] < H))
+    tl.debug_barrier()
+    y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
+                                              WITH_ENTROPY)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        z, t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                           HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        valid = rmask[:, None] & cmask[None, :]
+        is_label = (cols[None, :] == y[:, None]) & valid
+        dz, p = _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
+        if _tile_is_kept(p, is_label, filter_eps, FILTER):
+            dzc = dz.to(w_ptr.dtype.element_ty)
+            if DOT_FP32:
+                dzc = dzc.to(tl.float32)
+            cols64 = cols.to(tl.int64)
+            for h0 in range(0, H, BLOCK_H):
+                ks = h0 + tl.arange(0, BLOCK_H)
+                hk = ks[None, :] < H
+                wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
+                if DOT_FP32:
+                    wt = wt.to(tl.float32)
+                gp = gh_ptr + rows64[:, None] * H + ks[None, :]
+                cur = tl.load(gp, mask=rmask[:, None] & hk, other=0.0)
+                cur = tl.dot(dzc, wt, cur, input_precision=INPUT_PRECISION)
+                tl.store(gp, cur, mask=rmask[:, None] & hk)
+        tl.debug_barrier()
+
+
+@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V"])
+@triton.jit
+def token_stats_bwd_weight_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gw_ptr, gb_ptr,
+    N, V, H, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``grad_weight[cols, :] = sum_n dL/draw[n, cols] h[n, :]`` (and ``grad_bias[cols]``).
+
+    Grid over vocabulary blocks, loop over token tiles: recomputes the logit tile, forms
+    dL/draw, adds ``dL/draw_tile^T @ h[tile, h-chunk]`` into the fp32 output rows this program
+    alone owns, and sums ``dL/draw`` over tokens in registers for the bias (unfiltered: the
+    bias gradient is exact even with ``FILTER``).
+    """
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    cols64 = cols.to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        tl.store(gw_ptr + cols64[:, None] * H + ks[None, :], tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32),
+                 mask=cmask[:, None] & (ks[None, :] < H))
+    tl.debug_barrier()
+    gb = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
+                                                  WITH_ENTROPY)
+        z, t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                           HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        valid = rmask[:, None] & cmask[None, :]
+        is_label = (cols[None, :] == y[:, None]) & valid
+        dz, p = _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
+        if HAS_BIAS:
+            gb += tl.sum(dz, axis=0)
+        if _tile_is_kept(p, is_label, filter_eps, FILTER):
+            dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
+            if DOT_FP32:
+                dzt = dzt.to(tl.float32)
+            rows64 = rows.to(tl.int64)
+            for h0 in range(0, H, BLOCK_H):
+                ks = h0 + tl.arange(0, BLOCK_H)
+                hk = ks[None, :] < H
+                ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :], mask=rmask[:, None] & hk, other=0.0)
+                if DOT_FP32:
+                    ht = ht.to(tl.float32)
+                gp = gw_ptr + cols64[:, None] * H + ks[None, :]
+                cur = tl.load(gp, mask=cmask[:, None] & hk, other=0.0)
+                cur = tl.dot(dzt, ht, cur, input_precision=INPUT_PRECISION)
+                tl.store(gp, cur, mask=cmask[:, None] & hk)
+        tl.debug_barrier()
+    if HAS_BIAS:
+        tl.store(gb_ptr + cols, gb, mask=cmask)
