@@ -1,0 +1,91 @@
+"""fk.dpo_loss against TRL's published formulas (DPOTrainer / CPOTrainer), in float64."""
+
+import math
+
+import pytest
+import torch
+
+import fdiv_kernels as fk
+
+
+def logsig(x):
+    return -torch.log1p(torch.exp(-x))  # plain formula, fine for the moderate values used here
+
+
+def trl_reference(kind, pc, pr, rc, rr, beta, ls, gamma):
+    """TRL's formulas as published (trl/trainer/dpo_trainer.py, trl/experimental/cpo for SimPO)."""
+    h = (pc - pr) - (rc - rr)
+    if kind == "sigmoid":  # cDPO form with label smoothing (TRL <= 0.2x; ls=0 is TRL 1.x's sigmoid)
+        return -logsig(beta * h) * (1 - ls) - logsig(-beta * h) * ls
+    if kind == "robust":
+        return (-(1 - ls) * logsig(beta * h) + ls * logsig(-beta * h)) / (1 - 2 * ls)
+    if kind == "hinge":
+        return torch.relu(1 - beta * h)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if kind == "simpo":
+        logits = (pc - pr) - gamma / beta
+        return -logsig(beta * logits) * (1 - ls) - logsig(-beta * logits) * ls
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", fk.DPO_KINDS)
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_matches_trl_formulas_in_float64(kind, ls):
+    if kind in ("hinge", "ipo") and ls:
+        pytest.skip("no label smoothing in TRL's hinge/ipo")
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-torch.rand(16, generator=g, dtype=torch.float64) * 40 for _ in range(4))
+    pc.requires_grad_()
+    beta, gamma = 0.3, 0.6
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=beta, kind=kind, label_smoothing=ls, gamma=gamma)
+    want = trl_reference(kind, pc, pr, rc, rr, beta, ls, gamma)
+    torch.testing.assert_close(out.losses, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.loss, want.mean())
+    (ga,) = torch.autograd.grad(out.loss, pc)
+    (gb,) = torch.autograd.grad(want.mean(), pc)
+    torch.testing.assert_close(ga, gb)
+    if kind != "simpo":
+        torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc).detach())
+        assert out.accuracy.item() == pytest.approx(((pc - rc) > (pr - rr)).double().mean().item())
+
+
+@pytest.mark.parametrize("kind", fk.DPO_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_for_extreme_log_ratios(kind, dtype):
+    pc = torch.tensor([-1e4, 0.0, -3e4, -5.0], dtype=dtype, requires_grad=True)
+    pr = torch.tensor([0.0, -1e4, -1.0, -3e4], dtype=dtype)
+    rc = torch.tensor([0.0, -2e4, -1e3, 0.0], dtype=dtype)
+    rr = torch.tensor([-3e4, 0.0, 0.0, -1e3], dtype=dtype)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, kind=kind, label_smoothing=0.1 if kind in ("sigmoid", "robust", "simpo") else 0.0)
+    (g,) = torch.autograd.grad(out.loss, pc)
+    assert torch.isfinite(out.loss) and torch.isfinite(g).all()
+
+
+def test_sequence_logp_feeds_dpo():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 6, 8, generator=g)
+    weight = torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (4, 6), generator=g)
+    labels[:, :2] = -100
+    seq = fk.sequence_logp(hidden, weight, labels)
+    lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    want = (lp * (labels != -100)).sum(-1)
+    torch.testing.assert_close(seq.sum, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq.mean, want / 4, atol=1e-5, rtol=1e-5)
+    assert seq.count.tolist() == [4, 4, 4, 4]
+
+
+def test_bad_dpo_inputs():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="kind="):
+        fk.dpo_loss(x, x, x, x, beta=0.1, kind="orpo")
+    with pytest.raises(ValueError, match="needs ref_chosen"):
+        fk.dpo_loss(x, x, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        fk.dpo_loss(x, x, x, x, beta=-1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        fk.dpo_loss(x, torch.zeros(4), x, x, beta=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fk.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)
+    assert math.isfinite(fk.dpo_loss(x, x, beta=2.0, kind="simpo", gamma=1.0).loss.item())
