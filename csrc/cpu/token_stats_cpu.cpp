@@ -1,0 +1,363 @@
+// CPU kernels of the fused LM-head primitive: per chunk of token rows, one GEMM through ATen
+// (MKL/OpenBLAS) into a reused float32 logits buffer, then a fused epilogue per row, in parallel
+// over rows with at::parallel_for. Only one chunk of logits is ever alive.
+//
+// Forward epilogue (per row, two passes over an L2-resident row):
+//   pass 1: z = cap(raw) / T in place, m = max z
+//   pass 2: s = sum exp(z - m), t = sum exp(z - m) (z - m)
+//   lse = m + log s,  logp = z[y] - lse,  ent = log s - t / s   (= lse - sum p z, no cancellation)
+// Backward epilogue (per row, one pass, in place): with d = dz/draw = (1 - tanh^2) / T (or 1 / T)
+//   coef = d * (p (k - g) - e p (z - (lse - ent))),  coef[y] += d[y] g,   p = exp(z - lse)
+// then grad_hidden[chunk] = coef @ W and grad_weight += coef^T @ h on the same chunk, and
+// grad_bias += sum_rows coef.
+//
+// See docs/building.md for the build and the design notes.
+
+#include "token_stats_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// Row epilogues are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
+// (GCC function multi-versioning), so one build runs everywhere and uses wide vectors.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FDIV_NO_CLONES)
+#define FDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FDIV_CLONES
+#endif
+
+namespace fdivk {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Branch-free exp / tanh that GCC auto-vectorises (omp simd); ~2 ulp for exp on [-87, 88].
+// ---------------------------------------------------------------------------------------------
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+// Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the
+// exponent bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
+inline float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float kn = x * 1.44269504088896341f + magic;
+  const float n = kn - magic;
+  const int32_t ni = float_to_bits(kn) - float_to_bits(magic);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((ni + 127) << 23);
+}
+
+// Cephes tanhf: odd polynomial for |x| < 0.625, (1 - e) / (1 + e) with e = exp(-2|x|) above.
+inline float tanh_f(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float s = x * x;
+  float small = -5.70498872745e-3f;
+  small = small * s + 2.06390887954e-2f;
+  small = small * s - 5.37397155531e-2f;
+  small = small * s + 1.33314422036e-1f;
+  small = small * s - 3.33332819422e-1f;
+  small = small * s * x + x;
+  const float e = exp_f(-2.0f * ax);
+  float big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+struct Transform {
+  bool has_cap;
+  float cap;      // c
+  float inv_cap;  // 1 / c
+  float inv_t;    // 1 / T
+};
+
+// ---------------------------------------------------------------------------------------------
+// Row epilogues
+// ---------------------------------------------------------------------------------------------
+
+struct RowStats {
+  float lse, logp, ent;
+};
+
+FDIV_CLONES RowStats forward_row(float* __restrict z, int64_t V, int64_t y, const Transform& tf) {
+  float m = -INFINITY;
+  if (tf.has_cap) {
+    const float scale = tf.cap * tf.inv_t;
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = scale * tanh_f(z[v] * tf.inv_cap);
+      z[v] = zv;
+      m = zv > m ? zv : m;
+    }
+  } else if (tf.inv_t != 1.0f) {
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = z[v] * tf.inv_t;
+      z[v] = zv;
+      m = zv > m ? zv : m;
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) m = z[v] > m ? z[v] : m;
+  }
+  float s = 0.0f, t = 0.0f;
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t v = 0; v < V; ++v) {
+    const float d = z[v] - m;
+    const float ev = exp_f(d);
+    s += ev;
+    t += ev * d;
+  }
+  const float log_s = std::log(s);
+  const float lse = m + log_s;
+  return RowStats{lse, z[y] - lse, log_s - t / s};
+}
+
+// Overwrites the raw logits row with dL/draw. a = k - g, e = dL/dent, mean_z = lse - ent.
+FDIV_CLONES void backward_row(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse, float g,
+                  float a, float e, float mean_z) {
+  // derivative of the transform at the label, before the row is overwritten
+  float d_y = tf.inv_t;
+  if (tf.has_cap) {
+    const float th = tanh_f(c[y] * tf.inv_cap);
+    d_y = (1.0f - th * th) * tf.inv_t;
+  }
+  if (tf.has_cap) {
+    const float scale = tf.cap * tf.inv_t;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float th = tanh_f(c[v] * tf.inv_cap);
+      const float zv = scale * th;
+      const float p = exp_f(zv - lse);
+      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (zv - mean_z));
+    }
+  } else {
+    const float inv_t = tf.inv_t;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = c[v] * inv_t;
+      const float p = exp_f(zv - lse);
+      c[v] = inv_t * p * (a - e * (zv - mean_z));
+    }
+  }
+  c[y] += d_y * g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks and helpers
+// ---------------------------------------------------------------------------------------------
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& labels, double softcap, double temperature, int64_t chunk_rows) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(),
+              "fdiv cpu backend: tensors must be on the CPU");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "fdiv cpu backend: expected hidden [N, H] and weight [V, H], got ", hidden.sizes(), " and ",
+              weight.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "fdiv cpu backend: hidden must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, "fdiv cpu backend: hidden and weight must share a dtype, got ", dt,
+              " and ", weight.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0) && labels.scalar_type() == at::kLong,
+              "fdiv cpu backend: labels must be int64 [N] with N = hidden.size(0), got ", labels.scalar_type(), " ",
+              labels.sizes());
+  TORCH_CHECK(weight.size(0) > 0, "fdiv cpu backend: the vocabulary is empty");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fdiv cpu backend: bias must be [V], got ",
+                bias->sizes());
+  }
+  TORCH_CHECK(temperature > 0, "fdiv cpu backend: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(chunk_rows >= 1, "fdiv cpu backend: chunk_rows must be >= 1, got ", chunk_rows);
+  (void)softcap;
+}
+
+Transform make_transform(double softcap, double temperature) {
+  Transform tf;
+  tf.has_cap = softcap > 0;
+  tf.cap = tf.has_cap ? static_cast<float>(softcap) : 1.0f;
+  tf.inv_cap = tf.has_cap ? static_cast<float>(1.0 / softcap) : 1.0f;
+  tf.inv_t = static_cast<float>(1.0 / temperature);
+  return tf;
+}
+
+std::optional<at::Tensor> f32_bias(const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return std::nullopt;
+  return bias->to(at::kFloat).contiguous();
+}
+
+// raw logits of rows [s, s + rows) into buf[:rows] (float32)
+at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& h, const at::Tensor& w,
+                        const std::optional<at::Tensor>& b) {
+  at::Tensor out = buf.narrow(0, 0, h.size(0));
+  if (b.has_value()) {
+    at::addmm_out(out, *b, h, w.t());
+  } else {
+    at::mm_out(out, h, w.t());
+  }
+  return out;
+}
+
+}  // namespace
+
+// -------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           const at::Tensor& labels, double softcap,
+                                                           double temperature, bool return_entropy,
+                                                           int64_t chunk_rows) {
+  check_inputs(hidden, weight, bias, labels, softcap, temperature, chunk_rows);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
+  at::Tensor ent = return_entropy ? at::empty({N}, f32) : at::Tensor();
+  if (N == 0) return {logp, lse, ent};
+
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const auto b = f32_bias(bias);
+  const at::Tensor y = labels.contiguous();
+  const Transform tf = make_transform(softcap, temperature);
+  const int64_t step = std::min(N, chunk_rows);
+  at::Tensor buf = at::empty({step, V}, f32);
+
+  const int64_t* yp = y.data_ptr<int64_t>();
+  float* logp_p = logp.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  float* ent_p = return_entropy ? ent.data_ptr<float>() : nullptr;
+
+  for (int64_t s = 0; s < N; s += step) {
+    const int64_t rows = std::min(step, N - s);
+    const at::Tensor h = hidden.narrow(0, s, rows).to(at::kFloat).contiguous();
+    at::Tensor z = chunk_logits(buf, h, w, b);
+    float* zp = z.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = s + r;
+        const RowStats st = forward_row(zp + r * V, V, yp[n], tf);
+        lse_p[n] = st.lse;
+        logp_p[n] = st.logp;
+        if (ent_p != nullptr) ent_p[n] = st.ent;
+      }
+    });
+  }
+  return {logp, lse, ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const at::Tensor& grad_logp, const at::Tensor& grad_lse, const std::optional<at::Tensor>& grad_entropy,
+    double softcap, double temperature, int64_t chunk_rows) {
+  check_inputs(hidden, weight, bias, labels, softcap, temperature, chunk_rows);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
+  TORCH_CHECK(!has_e || (entropy.has_value() && entropy->defined()),
+              "fdiv cpu backend: grad_entropy needs the forward's entropy");
+  for (const at::Tensor* t : {&lse, &grad_logp, &grad_lse}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N, "fdiv cpu backend: per-row tensors must be [N], got ", t->sizes());
+  }
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor grad_h = at::empty({N, H}, f32);
+  at::Tensor grad_w = at::zeros({V, H}, f32);
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor grad_b = has_bias ? at::zeros({V}, f32) : at::Tensor();
+  if (N == 0) return {grad_h, grad_w, grad_b};
+
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const auto b = f32_bias(bias);
+  const at::Tensor y = labels.contiguous();
+  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
+  const at::Tensor g_c = grad_logp.to(at::kFloat).contiguous();
+  const at::Tensor k_c = grad_lse.to(at::kFloat).contiguous();
+  at::Tensor e_c, ent_c;
+  if (has_e) {
+    e_c = grad_entropy->to(at::kFloat).contiguous();
+    ent_c = entropy->to(at::kFloat).contiguous();
+    TORCH_CHECK(e_c.numel() == N && ent_c.numel() == N, "fdiv cpu backend: entropy tensors must be [N]");
+  }
+  const Transform tf = make_transform(softcap, temperature);
+  const int64_t step = std::min(N, chunk_rows);
+  at::Tensor buf = at::empty({step, V}, f32);
+
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const float* lse_p = lse_c.data_ptr<float>();
+  const float* g_p = g_c.data_ptr<float>();
+  const float* k_p = k_c.data_ptr<float>();
+  const float* e_p = has_e ? e_c.data_ptr<float>() : nullptr;
+  const float* ent_p = has_e ? ent_c.data_ptr<float>() : nullptr;
+
+  for (int64_t s = 0; s < N; s += step) {
+    const int64_t rows = std::min(step, N - s);
+    const at::Tensor h = hidden.narrow(0, s, rows).to(at::kFloat).contiguous();
+    at::Tensor coef = chunk_logits(buf, h, w, b);
+    float* cp = coef.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = s + r;
+        const float e = has_e ? e_p[n] : 0.0f;
+        const float mean_z = has_e ? lse_p[n] - ent_p[n] : 0.0f;
+        backward_row(cp + r * V, V, yp[n], tf, lse_p[n], g_p[n], k_p[n] - g_p[n], e, mean_z);
+      }
+    });
+    at::Tensor gh = grad_h.narrow(0, s, rows);
+    at::mm_out(gh, coef, w);       // grad_hidden rows of this chunk
+    grad_w.addmm_(coef.t(), h);    // grad_weight += coef^T h, same chunk
+    if (has_bias) grad_b.add_(at::sum(coef, 0));
+  }
+  return {grad_h, grad_w, grad_b};
+}
+
+at::Tensor exp_approx(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "exp_approx: expected a float32 CPU tensor");
+  at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const float* ip = in.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = in.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) op[i] = exp_f(ip[i]);
+  return out;
+}
+
+at::Tensor tanh_approx(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "tanh_approx: expected a float32 CPU tensor");
+  at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const float* ip = in.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = in.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) op[i] = tanh_f(ip[i]);
+  return out;
+}
+
+}  // namespace fdivk

@@ -1,0 +1,41 @@
+// CPU kernels of the fused LM-head primitive (the ``token_stats`` contract of fdiv_kernels).
+//
+// Contract (fdiv_kernels/ops/torch_chunked.py): for valid rows only,
+//   z      = cap(h W^T + b) / T,  cap(x) = c * tanh(x / c) when softcap c > 0
+//   lse    = logsumexp_v z,  logp = z[y] - lse,  ent = lse - sum_v p z,  p = softmax(z)
+//   dL/dz  = g * onehot(y) + (k - g) * p - e * p * (z - (lse - ent))
+// with g = dL/dlogp, k = dL/dlse, e = dL/dent. Inputs float32/bfloat16/float16 (float64 is
+// delegated to the torch reference in Python); all outputs float32; fp32 accumulation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fdivk {
+
+// hidden [N, H], weight [V, H] (same floating dtype), bias [V] or none, labels [N] int64 in [0, V).
+// softcap <= 0 means no soft-cap. chunk_rows: token rows per logits chunk (>= 1).
+// Returns (logp [N], lse [N], entropy [N] or an undefined tensor), float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, double softcap, double temperature, bool return_entropy,
+    int64_t chunk_rows);
+
+// lse/entropy: [N] float32 from forward_cpu (entropy may be absent when grad_entropy is).
+// grad_logp, grad_lse: [N]; grad_entropy: [N] or none.
+// Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or undefined), float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const at::Tensor& grad_logp, const at::Tensor& grad_lse,
+    const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
+    int64_t chunk_rows);
+
+// Test hooks: the vectorisable exp / tanh approximations used by the epilogues, elementwise on
+// a float32 tensor (so tests can compare them with float64 math).
+at::Tensor exp_approx(const at::Tensor& x);
+at::Tensor tanh_approx(const at::Tensor& x);
+
+}  // namespace fdivk
