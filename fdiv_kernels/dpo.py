@@ -12,6 +12,21 @@ With ``h = (pi_c - pi_r) - (ref_c - ref_r)`` (differences of sequence log-probs)
 
 ``eps`` is ``label_smoothing``. ``logsigmoid`` is finite for any argument, so the loss and its
 gradient are finite for log-ratios of any size.
+
+f-divergence DPO (TRL's ``f_divergence_type``; Wang et al. 2023, "Beyond Reverse KL"): the
+log-ratios ``lr = pi - ref`` of chosen and rejected are replaced by scores ``s(lr)`` before the
+difference (``h = s(lr_c) - s(lr_r)``), for kinds sigmoid, robust, hinge, ipo:
+
+| f_divergence | s(lr) | TRL's code |
+|---|---|---|
+| reverse_kl | lr | same |
+| forward_kl | 1 - exp(-lr) | unclamped exp: inf/NaN once -lr > 88 (fp32) |
+| js | log 2 + logsigmoid(lr) | same (already stable) |
+| alpha | (exp((a-1) lr) - 1) / (a-1) | exponent clamped at 80: zero gradient beyond |
+
+Here ``exp(x)`` in forward_kl and alpha is evaluated exactly for ``x <= 50`` and continued
+linearly above (value and slope matched at 50), in float64: equal to TRL's values wherever the
+exponent is at most 50, finite with a non-zero gradient beyond.
 """
 
 from __future__ import annotations
@@ -26,6 +41,31 @@ import torch.nn.functional as F
 from . import _checks
 
 DPO_KINDS = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+_EXP_KNEE = 50.0
+
+
+def _exp_linear(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x <= 50, continued linearly (C1) above: finite for any finite x."""
+    knee = torch.full_like(x, _EXP_KNEE)
+    return torch.where(x <= _EXP_KNEE, torch.exp(torch.minimum(x, knee)),
+                       torch.exp(knee) * (1 + (x - _EXP_KNEE)))
+
+
+def f_divergence_score(logratio: torch.Tensor, f_divergence: str = "reverse_kl", alpha: float = 1.0) -> torch.Tensor:
+    """TRL's f-DPO score ``s(lr)`` (see the module table), stable for any ``lr``; float64 math."""
+    lr = logratio.double()
+    if f_divergence == "reverse_kl" or (f_divergence == "alpha" and abs(alpha - 1.0) < 1e-6):
+        s = lr
+    elif f_divergence == "forward_kl":
+        s = 1 - _exp_linear(-lr)
+    elif f_divergence == "js":
+        s = math.log(2) + F.logsigmoid(lr)
+    elif f_divergence == "alpha":
+        s = (_exp_linear((alpha - 1) * lr) - 1) / (alpha - 1)
+    else:
+        raise ValueError(f"f_divergence={f_divergence!r} is not supported; choose one of {sorted(F_DIVERGENCES)}")
+    return s
 
 
 @dataclass
@@ -44,7 +84,8 @@ class DPOOutput:
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              ref_chosen: Optional[torch.Tensor] = None, ref_rejected: Optional[torch.Tensor] = None, *,
-             beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.0) -> DPOOutput:
+             beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.0,
+             f_divergence: str = "reverse_kl", f_alpha: float = 1.0) -> DPOOutput:
     """DPO / IPO / hinge / robust DPO / SimPO loss on ``[B]`` sequence log-probs.
 
     Args:
@@ -54,8 +95,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         beta: inverse temperature (> 0). kind: one of ``sigmoid, robust, hinge, ipo, simpo``.
         label_smoothing: ``eps`` in [0, 0.5) (conservative DPO / robust DPO).
         gamma: SimPO's target margin (TRL's ``simpo_gamma``).
+        f_divergence: ``reverse_kl`` (standard DPO), ``forward_kl``, ``js`` or ``alpha`` (with
+            ``f_alpha``): TRL's f-DPO scores, evaluated stably (module docstring).
     """
     _checks.check_choice("kind", kind, DPO_KINDS)
+    _checks.check_choice("f_divergence", f_divergence, F_DIVERGENCES)
+    if f_divergence != "reverse_kl" and kind == "simpo":
+        raise ValueError("f_divergence applies to reference-based kinds (sigmoid, robust, hinge, ipo), not simpo")
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -83,7 +129,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         chosen_r, rejected_r = beta * pc.detach(), beta * pr.detach()
     else:
         rc, rr = ref_chosen.to(pc.dtype), ref_rejected.to(pc.dtype)
-        h = (pc - pr) - (rc - rr)
+        if f_divergence == "reverse_kl":
+            h = (pc - pr) - (rc - rr)
+        else:
+            h = (f_divergence_score(pc - rc, f_divergence, f_alpha)
+                 - f_divergence_score(pr - rr, f_divergence, f_alpha)).to(pc.dtype)
         if kind == "sigmoid":
             losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
         elif kind == "robust":

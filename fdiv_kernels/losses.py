@@ -32,10 +32,12 @@ import torch
 from . import _checks
 from .divergences import Divergence, get_divergence
 from .ops import token_stats, token_stats_from_logits
+from .primal import PrimalLoss, get_primal
 
 LEVELS = ("token", "sequence")
 REDUCTIONS = ("mean", "sum", "none")
 VALUE_MODES = ("drop", "detach", "free")
+FORMS = ("variational", "primal")
 
 
 @dataclass
@@ -49,7 +51,8 @@ class LossOutput:
         value_s0: ``[...]`` lse at each row's first supervised position (0 for all-ignored rows).
         mask: ``[..., T]`` bool, supervised positions.
         num_tokens: number of supervised tokens (a 0-dim tensor).
-        divergence: the registry entry used.
+        divergence: the registry entry used (a :class:`PrimalLoss` for ``form="primal"``).
+        entropy: ``[..., T]`` per-token entropy of the policy when ``return_entropy=True``.
     """
 
     loss: torch.Tensor
@@ -59,7 +62,8 @@ class LossOutput:
     value_s0: torch.Tensor
     mask: torch.Tensor
     num_tokens: torch.Tensor
-    divergence: Divergence
+    divergence: Divergence | PrimalLoss
+    entropy: Optional[torch.Tensor] = None
 
 
 class SequenceLogp(NamedTuple):
@@ -70,7 +74,7 @@ class SequenceLogp(NamedTuple):
     count: torch.Tensor
 
 
-def _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature):
+def _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature, return_entropy=False):
     if logits is not None:
         if hidden is not None or weight is not None:
             raise ValueError("pass either logits= or (hidden, weight), not both")
@@ -78,11 +82,11 @@ def _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap,
             raise ValueError("labels are required")
         if softcap is not None or temperature != 1.0 or bias is not None:
             raise ValueError("softcap, temperature and bias apply to (hidden, weight) only; apply them to the logits yourself")
-        return token_stats_from_logits(logits, labels, ignore_index=ignore_index)
+        return token_stats_from_logits(logits, labels, ignore_index=ignore_index, return_entropy=return_entropy)
     if hidden is None or weight is None or labels is None:
         raise ValueError("loss() needs (hidden, weight, labels) or (logits=..., labels=...)")
     return token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                       temperature=temperature, backend=backend)
+                       temperature=temperature, return_entropy=return_entropy, backend=backend)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +114,8 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
          level: str = "token", ignore_index: int = -100, reduction: str = "mean",
          backend: str = "auto", bias: Optional[torch.Tensor] = None, length_normalize: bool = False,
          values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
-         temperature: float = 1.0) -> LossOutput:
+         temperature: float = 1.0, form: str = "variational", alpha: float = 1.5,
+         return_entropy: bool = False) -> LossOutput:
     """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
 
     Args:
@@ -128,12 +133,17 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
         values: ``"drop"``, ``"detach"`` or ``"free"``: how V = lse enters the reward.
         z_loss: weight of ``mean(lse**2)`` over supervised tokens (fixes the gauge of V).
         bias, softcap, temperature, backend, ignore_index: passed to :func:`fdiv_kernels.token_stats`.
+        form: ``"variational"`` (the paper's objective, default) or ``"primal"``: the per-token
+            ``D_f(onehot(y) || p)`` of :mod:`fdiv_kernels.primal` (token level, no reference).
+        alpha: the coefficient of ``divergence="alpha"`` (primal form only).
+        return_entropy: also compute the per-token entropy (``out.entropy``), in the same pass.
 
     Returns:
         :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
         ``F.cross_entropy(logits, labels, ignore_index=ignore_index)``.
     """
-    div = get_divergence(divergence)
+    _checks.check_choice("form", form, FORMS)
+    div = get_primal(divergence) if form == "primal" else get_divergence(divergence)
     _checks.check_choice("level", level, LEVELS)
     _checks.check_choice("reduction", reduction, REDUCTIONS)
     _checks.check_choice("values", values, VALUE_MODES)
@@ -145,13 +155,31 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
         raise ValueError("values='free' and z_loss add batch-level terms; use reduction='mean' or 'sum' with them")
     if length_normalize and level != "sequence":
         raise ValueError("length_normalize=True applies to level='sequence' only")
+    if form == "primal":
+        if level != "token" or ref_logp is not None or values != "drop" or beta != 1.0:
+            raise ValueError("form='primal' is a per-token loss of log p_y alone: use level='token', no ref_logp, "
+                             "values='drop', beta=1")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
 
-    stats = _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature)
+    stats = _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature, return_entropy)
     logp, lse = stats.logp, stats.lse
     mask = labels != ignore_index
     m2, logp2, lse2 = _rows(mask), _rows(logp), _rows(lse)
     zero = logp2.new_zeros(())
     row_shape = labels.shape[:-1] if labels.dim() > 1 else ()
+
+    if form == "primal":
+        per = torch.where(m2, div(logp2, alpha), zero)
+        total = per.sum()
+        out_loss = per if reduction == "none" else (total if reduction == "sum" else total / m2.sum().clamp(min=1))
+        if z_loss > 0:
+            out_loss = out_loss + z_loss * _reduce_plain(torch.where(m2, lse2 * lse2, zero), m2, reduction)
+        first = _first_last_next(m2)[0]
+        v0 = torch.where(m2.any(dim=1), lse2.gather(1, first[:, None]).squeeze(1), zero)
+        return LossOutput(loss=out_loss.reshape(labels.shape) if reduction == "none" else out_loss, logp=logp,
+                          lse=lse, reward=logp, value_s0=v0.reshape(row_shape), mask=mask, num_tokens=mask.sum(),
+                          divergence=div, entropy=stats.entropy)
 
     ref_tok, ref_seq = _reference(ref_logp, labels, level, logp2, m2)
     logratio = torch.where(m2, logp2 - ref_tok, zero)
@@ -189,7 +217,7 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
     return LossOutput(
         loss=out_loss if reduction != "none" else out_loss.reshape(reward.shape),
         logp=logp, lse=lse, reward=reward, value_s0=v_s0.reshape(row_shape), mask=mask,
-        num_tokens=mask.sum(), divergence=div,
+        num_tokens=mask.sum(), divergence=div, entropy=stats.entropy,
     )
 
 

@@ -1,0 +1,128 @@
+"""Primal per-token f-divergence losses: ``D_f(onehot(y) || p)`` as a function of ``l = log p_y``.
+
+For a one-hot target and model distribution ``p``,
+
+    D_f(onehot(y) || p) = sum_x p_x f(1[x=y] / p_x) = p_y f(1/p_y) + (1 - p_y) f(0),
+
+a function of ``p_y`` alone (``f(0)`` must be finite; Neyman and reverse KL have ``f(0) = inf``
+and no primal form). Closed forms, with ``p = p_y = exp(l)``:
+
+| name | f(x) | D_f(onehot(y) \\|\\| p) | as p -> 0 |
+|---|---|---|---|
+| kl | x log x | -l (the NLL) | unbounded, linear in l |
+| tv | abs(x-1)/2 | 1 - p = -expm1(l) | bounded |
+| pearson | (x-1)^2 | 1/p - 1 = expm1(-l) | unbounded, exp(-l) |
+| squared_hellinger | (sqrt(x)-1)^2 | 2 (1 - sqrt p) = -2 expm1(l/2) | bounded |
+| js | x log x - (1+x) log((1+x)/2) | p l - (1+p) log1p(p) + 2 log 2 | bounded |
+| alpha | (x^a - 1 - a(x-1)) / (a(a-1)) | expm1((1-a) l) / (a(a-1)) | unbounded for a > 1 |
+
+(``alpha`` is Amari's alpha family: a -> 1 gives KL, a = 2 half Pearson, a = 1/2 twice squared
+Hellinger. Roulet et al., arXiv 2501.18537, report a = 1.5 best for SFT.)
+
+Forms that grow like ``exp(c * (-l))`` (Pearson, alpha > 1) overflow fp32 once ``-l`` passes
+``88/c``. They are evaluated exactly for ``l >= L0 = log(1e-8)`` (``p_y >= 1e-8``) and continued
+linearly in ``l`` below (value and slope matched at ``L0``): finite values, gradients bounded by
+the slope at ``L0``. Above ``L0`` they equal the float64 formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from .divergences import apply_elementwise
+
+LOG2 = math.log(2.0)
+L0 = math.log(1e-8)
+
+
+@dataclass(frozen=True)
+class PrimalLoss:
+    """A primal per-token loss ``D(l)`` of ``l = log p_y`` and its derivative ``dD/dl``."""
+
+    name: str
+    formula: str
+    bounded: bool
+    value: Callable[[torch.Tensor, float], torch.Tensor]
+    grad: Callable[[torch.Tensor, float], torch.Tensor]
+
+    def __call__(self, logp: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
+        return apply_elementwise(lambda l: self.value(l, alpha), lambda l: self.grad(l, alpha), logp)
+
+
+def _exp_tail(c: float):
+    """``(expm1(c * -l), d/dl)`` exact for l >= L0 and linear in l below it."""
+
+    def value(l):
+        lc = torch.clamp(l, min=L0)
+        exact = torch.expm1(-c * lc)
+        slope = -c * math.exp(-c * L0)
+        return torch.where(l >= L0, exact, exact + slope * (l - L0))
+
+    def grad(l):
+        lc = torch.clamp(l, min=L0)
+        return -c * torch.exp(-c * lc)
+
+    return value, grad
+
+
+_pearson_v, _pearson_g = _exp_tail(1.0)
+
+
+def _alpha_value(l, a):
+    if abs(a - 1.0) < 1e-6:
+        return -l
+    if a > 1:
+        v, _ = _exp_tail(a - 1.0)
+        return v(l) / (a * (a - 1))
+    return torch.expm1((1 - a) * l) / (a * (a - 1))
+
+
+def _alpha_grad(l, a):
+    if abs(a - 1.0) < 1e-6:
+        return -torch.ones_like(l)
+    if a > 1:
+        _, g = _exp_tail(a - 1.0)
+        return g(l) / (a * (a - 1))
+    return (1 - a) * torch.exp((1 - a) * l) / (a * (a - 1))
+
+
+def _js_value(l, a):
+    p = torch.exp(l)
+    return p * l - (1 + p) * torch.log1p(p) + 2 * LOG2
+
+
+def _js_grad(l, a):
+    p = torch.exp(l)
+    return p * (l - torch.log1p(p))
+
+
+_ENTRIES = [
+    PrimalLoss("kl", "-log p_y", False, lambda l, a: -l, lambda l, a: -torch.ones_like(l)),
+    PrimalLoss("tv", "1 - p_y", True, lambda l, a: -torch.expm1(l), lambda l, a: -torch.exp(l)),
+    PrimalLoss("pearson", "1/p_y - 1", False, lambda l, a: _pearson_v(l), lambda l, a: _pearson_g(l)),
+    PrimalLoss("squared_hellinger", "2 (1 - sqrt(p_y))", True, lambda l, a: -2 * torch.expm1(0.5 * l),
+               lambda l, a: -torch.exp(0.5 * l)),
+    PrimalLoss("js", "p log p - (1+p) log(1+p) + 2 log 2", True, _js_value, _js_grad),
+    PrimalLoss("alpha", "(p_y^(1-a) - 1) / (a (a-1))", False, _alpha_value, _alpha_grad),
+]
+
+PRIMAL_LOSSES: Dict[str, PrimalLoss] = {p.name: p for p in _ENTRIES}
+_NO_PRIMAL: Tuple[str, ...] = ("neyman", "reverse_kl")
+
+
+def get_primal(name: str) -> PrimalLoss:
+    """Primal loss by divergence name (aliases of :data:`fdiv_kernels.DIVERGENCES` accepted)."""
+    from .divergences import _ALIASES
+
+    key = str(name).lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key in _NO_PRIMAL:
+        raise ValueError(f"divergence {name!r} has f(0) = inf, so D_f(onehot || p) is infinite: no primal form; "
+                         f"use form='variational'")
+    if key not in PRIMAL_LOSSES:
+        raise ValueError(f"no primal form for {name!r}; known: {', '.join(sorted(PRIMAL_LOSSES))}")
+    return PRIMAL_LOSSES[key]

@@ -1,0 +1,129 @@
+"""Primal per-token losses, TRL's f-divergence DPO, and the entropy output, against float64 math."""
+
+import math
+
+import mpmath as mp
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fdiv_kernels as fk
+from fdiv_kernels.primal import L0, PRIMAL_LOSSES, get_primal
+
+mp.mp.dps = 40
+GEN = {  # generators, written independently of the package
+    "kl": lambda x: x * mp.log(x) if x > 0 else mp.mpf(0),
+    "tv": lambda x: abs(x - 1) / 2,
+    "pearson": lambda x: (x - 1) ** 2,
+    "squared_hellinger": lambda x: (mp.sqrt(x) - 1) ** 2,
+    "js": lambda x: (x * mp.log(x) if x > 0 else 0) - (1 + x) * mp.log((1 + x) / 2),
+    "alpha": lambda x, a=mp.mpf(1.5): (x ** a - 1 - a * (x - 1)) / (a * (a - 1)),
+}
+
+
+def primal_ref(name, l):
+    """D_f(onehot(y) || p) = p f(1/p) + (1 - p) f(0) from the definition, p = exp(l)."""
+    p = mp.exp(mp.mpf(l))
+    return p * GEN[name](1 / p) + (1 - p) * GEN[name](mp.mpf(0))
+
+
+@pytest.mark.parametrize("name", sorted(GEN))
+def test_primal_matches_definition_in_mpmath(name):
+    loss = PRIMAL_LOSSES[name]
+    for l in [-18.0, -7.0, -2.0, -0.5, -1e-3, 0.0]:
+        want = primal_ref(name, l)
+        got = float(loss.value(torch.tensor(l, dtype=torch.float64), 1.5))
+        assert got == pytest.approx(float(want), rel=1e-10, abs=1e-12), (name, l)
+        if l == 0.0:
+            continue  # p_y = 1 is the edge of the domain (tv has its kink there)
+        dwant = mp.diff(lambda x: primal_ref(name, x), mp.mpf(l))
+        dgot = float(loss.grad(torch.tensor(l, dtype=torch.float64), 1.5))
+        assert dgot == pytest.approx(float(dwant), rel=1e-8, abs=1e-12), (name, l)
+
+
+def test_unbounded_forms_continue_linearly_below_the_floor():
+    for name in ("pearson", "alpha"):
+        loss = PRIMAL_LOSSES[name]
+        l = torch.tensor([L0 - 1e-9, L0, L0 + 1e-9, L0 - 100.0], dtype=torch.float64)
+        v, g = loss.value(l, 1.5), loss.grad(l, 1.5)
+        assert abs(v[0] - v[1]) <= 2e-9 * abs(g[1]) and abs(g[0] - g[2]) < 1e-3 * abs(g[1])  # C1 at the floor
+        assert v[3] == pytest.approx(float(v[1] - 100.0 * g[1]), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(PRIMAL_LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_primal_finite_for_any_logp(name, dtype):
+    l = torch.tensor([-1e4, -300.0, -90.0, -20.0, -1.0, 0.0], dtype=dtype, requires_grad=True)
+    v = get_primal(name)(l, 1.5)
+    (g,) = torch.autograd.grad(v.sum(), l)
+    assert torch.isfinite(v).all() and torch.isfinite(g).all()
+
+
+def test_primal_through_fk_loss():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 20, generator=g, requires_grad=True)
+    labels = torch.randint(0, 20, (3, 7), generator=g)
+    labels[0, :2] = -100
+    kl = fk.loss(logits=logits, labels=labels, divergence="kl", form="primal")
+    ce = F.cross_entropy(logits.reshape(-1, 20), labels.reshape(-1))
+    torch.testing.assert_close(kl.loss, ce)
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    m = labels != -100
+    tv = fk.loss(logits=logits, labels=labels, divergence="tv", form="primal")
+    torch.testing.assert_close(tv.loss.double(), (1 - lp.exp())[m].mean(), atol=1e-6, rtol=1e-6)
+    a = fk.loss(logits=logits, labels=labels, divergence="alpha", alpha=0.5, form="primal")
+    torch.testing.assert_close(a.loss.double(), ((lp.exp() ** 0.5 - 1) / (0.5 * -0.5))[m].mean(), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="no primal form"):
+        fk.loss(logits=logits, labels=labels, divergence="neyman", form="primal")
+    with pytest.raises(ValueError, match="per-token loss of log p_y alone"):
+        fk.loss(logits=logits, labels=labels, divergence="tv", form="primal", ref_logp=torch.zeros(3, 7))
+
+
+def trl_f_dpo(pc, pr, rc, rr, beta, f, a):
+    """TRL 1.16 DPOTrainer's f-divergence scores followed by the sigmoid loss (its code, transcribed)."""
+    cl, rl = pc - rc, pr - rr
+    if f == "forward_kl":
+        cs, rs = 1 - torch.exp(-cl), 1 - torch.exp(-rl)
+    elif f == "js":
+        cs, rs = math.log(2) + F.logsigmoid(cl), math.log(2) + F.logsigmoid(rl)
+    else:
+        coef = 1.0 / (a - 1.0)
+        cs = (torch.exp(torch.clamp((a - 1) * cl, max=80.0)) - 1.0) * coef
+        rs = (torch.exp(torch.clamp((a - 1) * rl, max=80.0)) - 1.0) * coef
+    return -F.logsigmoid(beta * (cs - rs))
+
+
+@pytest.mark.parametrize("f", ["forward_kl", "js", "alpha"])
+def test_f_divergence_dpo_matches_trl_where_finite(f):
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (-torch.rand(32, generator=g, dtype=torch.float64) * 40 for _ in range(4))
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, f_divergence=f, f_alpha=0.7)
+    torch.testing.assert_close(out.losses, trl_f_dpo(pc, pr, rc, rr, 0.2, f, 0.7))
+
+
+@pytest.mark.parametrize("f", ["forward_kl", "js", "alpha"])
+def test_f_divergence_dpo_finite_where_trl_is_not(f):
+    pc = torch.tensor([-3e4, -5.0], requires_grad=True)
+    pr, rc, rr = torch.tensor([-5.0, -3e4]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
+    trl = trl_f_dpo(pc.detach(), pr, rc, rr, 0.1, f, 1.5 if f == "alpha" else 0.5)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, f_divergence=f, f_alpha=1.5 if f == "alpha" else 0.5)
+    (grad,) = torch.autograd.grad(out.loss, pc)
+    assert torch.isfinite(out.losses).all() and torch.isfinite(grad).all()
+    if f == "forward_kl":
+        assert not torch.isfinite(trl).all()
+
+
+def test_entropy_output_matches_float64():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 5, 6, generator=g, requires_grad=True)
+    weight = torch.randn(13, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    labels[1, 0] = -100
+    out = fk.loss(hidden, weight, labels, return_entropy=True)
+    z = (hidden @ weight.T).double()
+    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    ent = torch.where(labels != -100, ent, torch.zeros(()).double())
+    torch.testing.assert_close(out.entropy.double(), ent, atol=1e-5, rtol=1e-5)
+    (gh,) = torch.autograd.grad(out.entropy.sum(), hidden)
+    (gr,) = torch.autograd.grad(ent.sum(), hidden)
+    torch.testing.assert_close(gh.double(), gr.double(), atol=1e-5, rtol=1e-4)
