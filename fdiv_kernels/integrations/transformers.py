@@ -47,7 +47,7 @@ from ..divergences import get_divergence
 from ..losses import LEVELS, VALUE_MODES, loss as fused_loss
 from . import deepspeed as _ds
 
-__all__ = ["FDivCausalLMOutput", "PatchConfig", "apply", "unapply", "patched", "is_patched", "head_of", "body_of"]
+__all__ = ["FDivCausalLMOutput", "PatchConfig", "apply", "unapply", "patched", "is_patched", "patch_config", "head_of", "body_of"]
 
 _ATTR = "_fdiv_patch"
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict")
@@ -101,6 +101,13 @@ class PatchConfig:
     backend: str = "auto"
     softcap: Optional[float] = None
     temperature: float = 1.0
+
+    @property
+    def sums_over_num_items(self) -> bool:
+        """Whether a ``num_items_in_batch`` kwarg makes the loss ``sum / num_items_in_batch`` (HF's
+        gradient-accumulation convention). True for mean-aggregated divergences (sft, reverse_kl,
+        pearson, neyman, js) without ``values="free"``; otherwise the loss stays a per-call mean."""
+        return get_divergence(self.divergence).aggregate == "mean" and self.values != "free"
 
 
 @dataclasses.dataclass
@@ -244,6 +251,12 @@ def is_patched(model) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
+def patch_config(model) -> Optional[PatchConfig]:
+    """The :class:`PatchConfig` of a patched model, ``None`` when it is not patched."""
+    state = getattr(model, _ATTR, None)
+    return None if state is None else state.config
+
+
 @contextlib.contextmanager
 def patched(model, **options):
     """``with patched(model, divergence="js", beta=0.1): ...`` applies the patch for the block only.
@@ -299,8 +312,7 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     labels = labels.to(weight.device)
     if ref_logp is not None:
         ref_logp = ref_logp.to(weight.device)
-    div = get_divergence(cfg.divergence)
-    as_sum = num_items is not None and div.aggregate == "mean" and cfg.values != "free"
+    as_sum = num_items is not None and cfg.sums_over_num_items
     with _ds.gathered(weight, bias):
         if hidden.dtype != weight.dtype:  # e.g. fp32 norm output with a bf16 head under autocast
             hidden = hidden.to(weight.dtype)

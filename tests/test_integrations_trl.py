@@ -1,0 +1,162 @@
+"""TRL recipes on a tiny Llama with a locally built tokenizer (no hub), on CPU.
+
+Checks: FDivSFTTrainer(divergence="sft") == TRL's SFTTrainer loss (same batch, and over a few
+training steps); FDivSFTTrainer(js + reference) == a float64 formula from full logits;
+FDivDPOTrainer == TRL's DPOTrainer for sigmoid and ipo (same batch, and over a few steps).
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from fdiv_kernels.integrations.trl import FDivDPOTrainer, FDivSFTTrainer  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+WORDS = "the cat dog sat on mat a ran fast slow big small red blue and then".split()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama(tok, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits of size ~2 so that the objectives differ visibly
+    return model
+
+
+def sft_dataset():
+    return datasets.Dataset.from_dict({"text": [
+        "the cat sat on the mat", "a dog ran fast", "the big red dog sat", "a small blue cat ran slow",
+        "the dog and the cat sat", "a red cat then ran"] * 2})
+
+
+def dpo_dataset():
+    return datasets.Dataset.from_dict({
+        "prompt": ["the cat", "a dog", "the big", "a small"] * 2,
+        "chosen": [" sat on the mat", " ran fast", " red dog sat", " blue cat"] * 2,
+        "rejected": [" ran", " sat on a mat slow", " dog", " cat ran slow fast"] * 2})
+
+
+def _common(tmp_path, name, **kw):
+    # SGD, not Adam: Adam's first step is ~lr*sign(g) and turns float noise in near-zero gradients
+    # into full-size updates, so two equal losses would not give equal trajectories. fp32 (TRL defaults
+    # to bf16 autocast, also on CPU), so that both trainers see the same numbers.
+    return dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, learning_rate=0.1, optim="sgd",
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, bf16=False,
+                gradient_checkpointing=False, **kw)
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _sft_pair(tmp_path, fdiv=None, ref_model=None, steps=3):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    ds = sft_dataset()
+    ref_tr = trl.SFTTrainer(model=copy.deepcopy(model), args=trl.SFTConfig(**_common(tmp_path, "a", max_steps=steps)),
+                            train_dataset=ds, processing_class=tok)
+    ours = FDivSFTTrainer(model=model, args=trl.SFTConfig(**_common(tmp_path, "b", max_steps=steps)),
+                          train_dataset=ds, processing_class=tok, fdiv=fdiv, ref_model=ref_model)
+    return ref_tr, ours
+
+
+def test_sft_nll_equals_trl_on_a_batch_and_over_training(tmp_path):
+    ref_tr, ours = _sft_pair(tmp_path)
+    batch = next(iter(ours.get_train_dataloader()))
+    assert (batch["labels"] == -100).any()  # padding is in the batch
+    a = ref_tr.compute_loss(ref_tr.model, dict(batch))
+    b = ours.compute_loss(ours.model, dict(batch))
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    n = torch.tensor(50)
+    a = ref_tr.compute_loss(ref_tr.model, dict(batch), num_items_in_batch=n)
+    b = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n)
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    ref_tr.train()
+    ours.train()
+    la, lb = _losses(ref_tr), _losses(ours)
+    assert len(la) == len(lb) == 3 and lb[-1] < lb[0]
+    assert all(abs(x - y) < 1e-4 for x, y in zip(la, lb)), (la, lb)
+
+
+def test_sft_js_with_reference_model_matches_formula(tmp_path):
+    tok = tiny_tokenizer()
+    ref_model = tiny_llama(tok, seed=1)
+    beta = 0.5
+    _, ours = _sft_pair(tmp_path, fdiv={"divergence": "js", "beta": beta}, ref_model=ref_model, steps=2)
+    batch = next(iter(ours.get_train_dataloader()))
+    got = ours.compute_loss(ours.model, dict(batch))
+    with torch.no_grad():
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        pol = ours.model.forward.__wrapped__(ours.model, input_ids=ids, attention_mask=mask).logits.double()
+        ref = ref_model.forward.__wrapped__(ref_model, input_ids=ids, attention_mask=mask).logits.double()
+    y = labels[:, 1:]
+    m = y != -100
+
+    def lp(z):
+        return torch.log_softmax(z[:, :-1], -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+
+    u = beta * (lp(pol) - lp(ref))
+    expect = -(math.log(2) + F.logsigmoid(u))[m].mean()
+    assert abs(got.item() - expect.item()) < 1e-5, (got, expect)
+    before = copy.deepcopy(ours.model.state_dict())
+    ours.train()
+    assert all(math.isfinite(x) for x in _losses(ours))
+    assert any(not torch.equal(before[k], v) for k, v in ours.model.state_dict().items())
+    assert any(k.startswith("fdiv/reward") for h in ours.state.log_history for k in h)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_equals_trl(tmp_path, loss_type):
+    tok = tiny_tokenizer()
+    model, ds = tiny_llama(tok), dpo_dataset()
+    ref_model = tiny_llama(tok, seed=1)  # a reference different from the policy: non-zero log-ratios
+
+    def cfg(name):
+        return trl.DPOConfig(**_common(tmp_path, name, max_steps=2, beta=0.1, loss_type=[loss_type]))
+
+    theirs = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref_model), args=cfg("a"),
+                            train_dataset=ds, processing_class=tok)
+    ours = FDivDPOTrainer(model=model, ref_model=ref_model, args=cfg("b"), train_dataset=ds, processing_class=tok)
+    batch = next(iter(ours.get_train_dataloader()))
+    a = theirs.compute_loss(theirs.model, dict(batch))
+    b = ours.compute_loss(ours.model, dict(batch))
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)
+    theirs.train()
+    ours.train()
+    la, lb = _losses(theirs), _losses(ours)
+    assert len(la) == len(lb) == 2
+    assert all(abs(x - y) < 1e-4 * max(1.0, abs(x)) for x, y in zip(la, lb)), (la, lb)
+    acc = [h["rewards/accuracies"] for h in ours.state.log_history if "rewards/accuracies" in h]
+    assert len(acc) == 2
+
+
+def test_dpo_unsupported_variant_is_refused(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    args = trl.DPOConfig(**_common(tmp_path, "c", max_steps=1, loss_type=["nca_pair"]))
+    with pytest.raises(NotImplementedError, match="nca_pair"):
+        FDivDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dpo_dataset(),
+                       processing_class=tok)
