@@ -1,0 +1,135 @@
+"""``fdiv-analyze``: value analysis from checkpoints (paper Sec. 4.4-4.5).
+
+    fdiv-analyze values --phase-dir runs/demo/sft --eval data/eval.jsonl [--out runs/demo/analysis]
+        V(s0) (lse at the first response position) of held-out prompts for every checkpoint:
+        JSON + PNG curve.
+    fdiv-analyze rank --model A --model B --data trajectories.jsonl [--separator "\\n"]
+        Values at segment boundaries of each response, per model; Kendall tau between models'
+        value rankings and with the outcome ranking (rows: {"prompt", "response", "score"}).
+    fdiv-analyze align --model runs/demo/sft/final --ref runs/demo/base --pairs data/pref_eval.jsonl
+        The implicit-reward alignment metric: DPO loss / accuracy of a model against a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+
+def _prompts_from(path: str, tok) -> List[str]:
+    from ..train.data import load_sft, prompt_text
+
+    return [prompt_text(tok, r["messages"]) for r in load_sft(path)]
+
+
+def cmd_values(args) -> dict:
+    from ..train.checkpoint import list_checkpoints
+    from ..train.modeling import load_tokenizer
+    from .values import value_s0_curve
+
+    ckpts = list_checkpoints(args.phase_dir)
+    if not ckpts:
+        raise SystemExit(f"fdiv-analyze: no checkpoint-<step> directories under {args.phase_dir}")
+    prompts = _prompts_from(args.eval, load_tokenizer(ckpts[0]))[: args.limit]
+    rows = value_s0_curve(args.phase_dir, prompts, backend=args.backend)
+    out = args.out or os.path.join(args.phase_dir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "value_s0.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    steps = [r["step"] for r in rows]
+    mean = [r["mean"] for r in rows]
+    std = [r["std"] for r in rows]
+    ax.plot(steps, mean, marker="o")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("V(s0) = lse at first response position")
+    ax.set_title(os.path.basename(os.path.normpath(args.phase_dir)))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "value_s0.png"), dpi=120)
+    plt.close(fig)
+    print(json.dumps(rows, indent=1))
+    return {"rows": rows, "out": out}
+
+
+def cmd_rank(args) -> dict:
+    from ..train.modeling import load_model, load_tokenizer
+    from .ranking import rank_agreement
+    from .values import segment_values
+
+    with open(args.data) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    values = {}
+    for path in args.model:
+        model, tok = load_model(path), load_tokenizer(path)
+        vals = []
+        for r in rows:
+            _, v = segment_values(model, tok, r["prompt"], r["response"], separator=args.separator,
+                                  backend=args.backend)
+            vals.extend(float(x) for x in v)
+        values[os.path.basename(os.path.normpath(path))] = vals
+    if all("score" in r for r in rows):
+        # every segment of a response inherits the response's outcome
+        n_seg = [len([s for s in r["response"].split(args.separator) if s]) for r in rows]
+        values["outcome"] = [float(r["score"]) for r, n in zip(rows, n_seg) for _ in range(n)]
+    table = rank_agreement(values)
+    print(json.dumps(table, indent=1))
+    return table
+
+
+def cmd_align(args) -> dict:
+    from ..train.data import encode_pref, load_pref
+    from ..train.evaluate import AlignmentEval
+    from ..train.modeling import load_model, load_tokenizer
+
+    import torch
+
+    tok = load_tokenizer(args.model)
+    pairs = encode_pref(tok, load_pref(args.pairs), max_length=args.max_length)
+    ev = AlignmentEval(load_model(args.ref), pairs, pad_id=tok.pad_token_id, beta=args.beta,
+                       batch_size=args.batch_size, device=torch.device("cpu"), backend=args.backend)
+    res = ev(load_model(args.model))
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fdiv-analyze", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("values", help="V(s0) curve over a phase's checkpoints")
+    v.add_argument("--phase-dir", required=True)
+    v.add_argument("--eval", required=True, help="held-out prompts (UltraChat-schema JSONL)")
+    v.add_argument("--limit", type=int, default=64)
+    v.add_argument("--out")
+    r = sub.add_parser("rank", help="Kendall tau of value rankings across models and with outcomes")
+    r.add_argument("--model", action="append", required=True)
+    r.add_argument("--data", required=True, help='JSONL rows {"prompt", "response", "score"}')
+    r.add_argument("--separator", default="\n")
+    a = sub.add_parser("align", help="implicit-reward alignment metric (DPO loss/accuracy vs a reference)")
+    a.add_argument("--model", required=True)
+    a.add_argument("--ref", required=True)
+    a.add_argument("--pairs", required=True, help="UltraFeedback-schema JSONL")
+    a.add_argument("--beta", type=float, default=0.1)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--max-length", type=int, default=256)
+    for s in (v, r, a):
+        s.add_argument("--backend", default="auto")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    {"values": cmd_values, "rank": cmd_rank, "align": cmd_align}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
