@@ -25,8 +25,9 @@ from torch import nn as _tnn
 
 from . import _checks
 from .divergences import get_divergence
-from .dpo import DPO_KINDS, DPOOutput, dpo_loss
-from .losses import LEVELS, REDUCTIONS, VALUE_MODES, LossOutput, loss, sequence_logp
+from .primal import get_primal
+from .dpo import DPO_KINDS, F_DIVERGENCES, DPOOutput, dpo_loss
+from .losses import FORMS, LEVELS, REDUCTIONS, VALUE_MODES, LossOutput, loss, sequence_logp
 
 __all__ = ["FDivLoss", "FusedLinearFDivLoss", "FusedLinearDPOLoss", "shift_for_causal_lm"]
 
@@ -67,9 +68,11 @@ class _FDivOptions(_tnn.Module):
     """Shared options of the f-divergence modules (see :func:`fdiv_kernels.loss`)."""
 
     def __init__(self, *, divergence: str, beta: float, level: str, ignore_index: int, reduction: str,
-                 values: str, z_loss: float, length_normalize: bool, shift_labels: bool) -> None:
+                 values: str, z_loss: float, length_normalize: bool, shift_labels: bool, form: str,
+                 alpha: float) -> None:
         super().__init__()
-        get_divergence(divergence)  # fail at construction, not at the first batch
+        _checks.check_choice("form", form, FORMS)
+        (get_primal if form == "primal" else get_divergence)(divergence)  # fail now, not at the first batch
         _checks.check_choice("level", level, LEVELS)
         _checks.check_choice("reduction", reduction, REDUCTIONS)
         _checks.check_choice("values", values, VALUE_MODES)
@@ -78,15 +81,16 @@ class _FDivOptions(_tnn.Module):
         self.divergence, self.beta, self.level = divergence, float(beta), level
         self.ignore_index, self.reduction, self.values = int(ignore_index), reduction, values
         self.z_loss, self.length_normalize, self.shift_labels = float(z_loss), bool(length_normalize), bool(shift_labels)
+        self.form, self.alpha = form, float(alpha)
 
     def _loss_kwargs(self) -> dict:
         return dict(divergence=self.divergence, beta=self.beta, level=self.level, ignore_index=self.ignore_index,
                     reduction=self.reduction, values=self.values, z_loss=self.z_loss,
-                    length_normalize=self.length_normalize)
+                    length_normalize=self.length_normalize, form=self.form, alpha=self.alpha)
 
     def extra_repr(self) -> str:
-        return (f"divergence={self.divergence!r}, beta={self.beta}, level={self.level!r}, reduction={self.reduction!r}, "
-                f"values={self.values!r}, z_loss={self.z_loss}, shift_labels={self.shift_labels}")
+        return (f"divergence={self.divergence!r}, form={self.form!r}, beta={self.beta}, level={self.level!r}, "
+                f"reduction={self.reduction!r}, values={self.values!r}, z_loss={self.z_loss}, shift_labels={self.shift_labels}")
 
 
 class FDivLoss(_FDivOptions):
@@ -95,7 +99,9 @@ class FDivLoss(_FDivOptions):
     Options (keyword-only) are those of :func:`fdiv_kernels.loss`: ``divergence`` ("sft", "kl",
     "reverse_kl", "pearson", "neyman", "squared_hellinger", "js" or an alias), ``beta``,
     ``level`` ("token"/"sequence"), ``ignore_index``, ``reduction`` ("mean"/"sum"/"none"),
-    ``values`` ("drop"/"detach"/"free"), ``z_loss``, ``length_normalize``; plus
+    ``values`` ("drop"/"detach"/"free"), ``z_loss``, ``length_normalize``, ``form``
+    ("variational", the paper's objective, or "primal": per-token ``D_f(onehot(y) || p)``, see
+    :mod:`fdiv_kernels.primal`) and ``alpha`` (primal ``divergence="alpha"``); plus
     ``shift_labels`` (HF causal-LM shift, see the module docstring).
 
     ``forward(logits, labels, *, ref_logp=None, return_output=False)``: ``ref_logp`` is the
@@ -106,10 +112,11 @@ class FDivLoss(_FDivOptions):
 
     def __init__(self, *, divergence: str = "sft", beta: float = 1.0, level: str = "token",
                  ignore_index: int = -100, reduction: str = "mean", values: str = "drop", z_loss: float = 0.0,
-                 length_normalize: bool = False, shift_labels: bool = False) -> None:
+                 length_normalize: bool = False, shift_labels: bool = False, form: str = "variational",
+                 alpha: float = 1.5) -> None:
         super().__init__(divergence=divergence, beta=beta, level=level, ignore_index=ignore_index,
                          reduction=reduction, values=values, z_loss=z_loss, length_normalize=length_normalize,
-                         shift_labels=shift_labels)
+                         shift_labels=shift_labels, form=form, alpha=alpha)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, *, ref_logp: Optional[torch.Tensor] = None,
                 return_output: bool = False) -> Union[torch.Tensor, LossOutput]:
@@ -134,11 +141,12 @@ class FusedLinearFDivLoss(_FDivOptions):
 
     def __init__(self, *, divergence: str = "sft", beta: float = 1.0, level: str = "token",
                  ignore_index: int = -100, reduction: str = "mean", values: str = "drop", z_loss: float = 0.0,
-                 length_normalize: bool = False, shift_labels: bool = False, softcap: Optional[float] = None,
-                 temperature: float = 1.0, backend: str = "auto") -> None:
+                 length_normalize: bool = False, shift_labels: bool = False, form: str = "variational",
+                 alpha: float = 1.5, softcap: Optional[float] = None, temperature: float = 1.0,
+                 backend: str = "auto") -> None:
         super().__init__(divergence=divergence, beta=beta, level=level, ignore_index=ignore_index,
                          reduction=reduction, values=values, z_loss=z_loss, length_normalize=length_normalize,
-                         shift_labels=shift_labels)
+                         shift_labels=shift_labels, form=form, alpha=alpha)
         _checks.check_scalars(softcap, temperature)
         self.softcap, self.temperature, self.backend = softcap, float(temperature), backend
 
@@ -174,7 +182,8 @@ class FusedLinearDPOLoss(_tnn.Module):
     Options (keyword-only): ``beta``, ``kind`` (sigmoid, robust, hinge, ipo, simpo),
     ``label_smoothing``, ``gamma`` (SimPO margin), ``ignore_index``, ``length_normalize``
     (default: True for ipo and simpo, as TRL does, False otherwise), ``shift_labels``,
-    ``softcap``, ``temperature``, ``backend``.
+    ``f_divergence``/``f_alpha`` (f-DPO scores: reverse_kl, forward_kl, js, alpha; see
+    :mod:`fdiv_kernels.dpo`), ``softcap``, ``temperature``, ``backend``.
 
     Returns the mean loss over pairs (float32), or the :class:`fdiv_kernels.DPOOutput` with
     ``return_output=True``.
@@ -182,10 +191,11 @@ class FusedLinearDPOLoss(_tnn.Module):
 
     def __init__(self, *, beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0,
                  gamma: float = 0.0, ignore_index: int = -100, length_normalize: Optional[bool] = None,
-                 shift_labels: bool = False, softcap: Optional[float] = None, temperature: float = 1.0,
-                 backend: str = "auto") -> None:
+                 shift_labels: bool = False, f_divergence: str = "reverse_kl", f_alpha: float = 1.0,
+                 softcap: Optional[float] = None, temperature: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
         _checks.check_choice("kind", kind, DPO_KINDS)
+        _checks.check_choice("f_divergence", f_divergence, F_DIVERGENCES)
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be a finite number > 0, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
@@ -195,6 +205,7 @@ class FusedLinearDPOLoss(_tnn.Module):
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
         self.length_normalize = (kind in ("ipo", "simpo")) if length_normalize is None else bool(length_normalize)
         self.softcap, self.temperature, self.backend = softcap, float(temperature), backend
+        self.f_divergence, self.f_alpha = f_divergence, float(f_alpha)
 
     def sequence_logps(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -240,9 +251,10 @@ class FusedLinearDPOLoss(_tnn.Module):
         elif self.kind != "simpo":
             raise ValueError(f"kind={self.kind!r} needs a reference: pass ref_logp=... or ref_hidden=...")
         out = dpo_loss(pc, pr, rc, rr, beta=self.beta, kind=self.kind, label_smoothing=self.label_smoothing,
-                       gamma=self.gamma)
+                       gamma=self.gamma, f_divergence=self.f_divergence, f_alpha=self.f_alpha)
         return out if return_output else out.loss
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, kind={self.kind!r}, label_smoothing={self.label_smoothing}, gamma={self.gamma}, "
-                f"length_normalize={self.length_normalize}, shift_labels={self.shift_labels}")
+                f"length_normalize={self.length_normalize}, shift_labels={self.shift_labels}, "
+                f"f_divergence={self.f_divergence!r}, f_alpha={self.f_alpha}")

@@ -2,7 +2,7 @@
 
 Checks: FDivSFTTrainer(divergence="sft") == TRL's SFTTrainer loss (same batch, and over a few
 training steps); FDivSFTTrainer(js + reference) == a float64 formula from full logits;
-FDivDPOTrainer == TRL's DPOTrainer for sigmoid and ipo (same batch, and over a few steps).
+FDivDPOTrainer == TRL's DPOTrainer for sigmoid, ipo and JS f-DPO (same batch, and over a few steps).
 """
 
 import copy
@@ -128,14 +128,16 @@ def test_sft_js_with_reference_model_matches_formula(tmp_path):
     assert any(k.startswith("fdiv/reward") for h in ours.state.log_history for k in h)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_equals_trl(tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type,f_div", [("sigmoid", "reverse_kl"), ("ipo", "reverse_kl"),
+                                             ("sigmoid", "js_divergence")])
+def test_dpo_equals_trl(tmp_path, loss_type, f_div):
     tok = tiny_tokenizer()
     model, ds = tiny_llama(tok), dpo_dataset()
     ref_model = tiny_llama(tok, seed=1)  # a reference different from the policy: non-zero log-ratios
 
     def cfg(name):
-        return trl.DPOConfig(**_common(tmp_path, name, max_steps=2, beta=0.1, loss_type=[loss_type]))
+        return trl.DPOConfig(**_common(tmp_path, name, max_steps=2, beta=0.1, loss_type=[loss_type],
+                                       f_divergence_type=f_div))
 
     theirs = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref_model), args=cfg("a"),
                             train_dataset=ds, processing_class=tok)

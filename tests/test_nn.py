@@ -143,3 +143,28 @@ def test_errors_are_clear():
         FusedLinearDPOLoss()(hidden[:2], weight, labels[:2])
     with pytest.raises(ValueError, match="labels must have shape"):
         FusedLinearFDivLoss(shift_labels=True)(hidden, weight, labels[:, :-1])
+
+
+def test_primal_form_matches_closed_form():
+    """form='primal', tv: D_TV(onehot(y) || p) = 1 - p_y; alpha: expm1((1-a) log p_y) / (a(a-1))."""
+    hidden, weight, _, labels = _data(seed=5)
+    z = hidden @ weight.T
+    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    m = labels != -100
+    got = FusedLinearFDivLoss(divergence="tv", form="primal")(hidden, weight, labels)
+    assert torch.allclose(got, (1 - logp.exp())[m].mean(), atol=1e-12)
+    a = 1.5
+    got = FDivLoss(divergence="alpha", form="primal", alpha=a)(z, labels)
+    assert torch.allclose(got, (torch.expm1((1 - a) * logp) / (a * (a - 1)))[m].mean(), atol=1e-12)
+
+
+def test_dpo_f_divergence_js_scores():
+    """f-DPO with JS scores: h = s(lr_c) - s(lr_r), s(lr) = log 2 + logsigmoid(lr)."""
+    hidden, weight, _, labels = _data(seed=6)
+    hidden, labels = hidden[:2], labels[:2]
+    ref = -torch.rand(2, dtype=torch.float64) * 20
+    got = FusedLinearDPOLoss(beta=0.5, f_divergence="js")(hidden, weight, labels, ref_logp=ref)
+    lr = _seq_logps(hidden, weight, labels, False) - ref
+    s = math.log(2) + F.logsigmoid(lr)
+    expect = -F.logsigmoid(0.5 * (s[0] - s[1]))
+    assert torch.allclose(got, expect, atol=1e-12)

@@ -44,10 +44,12 @@ import torch
 
 from .. import _checks
 from ..divergences import get_divergence
-from ..losses import LEVELS, VALUE_MODES, loss as fused_loss
+from ..losses import FORMS, LEVELS, VALUE_MODES, loss as fused_loss
+from ..primal import get_primal
 from . import deepspeed as _ds
 
-__all__ = ["FDivCausalLMOutput", "PatchConfig", "apply", "unapply", "patched", "is_patched", "patch_config", "head_of", "body_of"]
+__all__ = ["FDivCausalLMOutput", "PatchConfig", "apply", "unapply", "patched", "is_patched", "patch_config",
+           "head_of", "body_of", "logit_transform"]
 
 _ATTR = "_fdiv_patch"
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict")
@@ -101,12 +103,17 @@ class PatchConfig:
     backend: str = "auto"
     softcap: Optional[float] = None
     temperature: float = 1.0
+    form: str = "variational"
+    alpha: float = 1.5
 
     @property
     def sums_over_num_items(self) -> bool:
         """Whether a ``num_items_in_batch`` kwarg makes the loss ``sum / num_items_in_batch`` (HF's
         gradient-accumulation convention). True for mean-aggregated divergences (sft, reverse_kl,
-        pearson, neyman, js) without ``values="free"``; otherwise the loss stays a per-call mean."""
+        pearson, neyman, js) without ``values="free"``, and every ``form="primal"`` loss; otherwise
+        (kl, squared_hellinger: log-mean-exp) the loss stays a per-call mean."""
+        if self.form == "primal":
+            return True
         return get_divergence(self.divergence).aggregate == "mean" and self.values != "free"
 
 
@@ -187,20 +194,21 @@ def logit_transform(model) -> Tuple[Optional[float], float]:
 
 def apply(model, *, divergence: str = "sft", beta: float = 1.0, level: str = "token", values: str = "drop",
           z_loss: float = 0.0, length_normalize: bool = False, ignore_index: int = -100, backend: str = "auto",
-          softcap: Optional[float] = None, temperature: float = 1.0):
+          softcap: Optional[float] = None, temperature: float = 1.0, form: str = "variational", alpha: float = 1.5):
     """Patch ``model`` (in place; also returned) so that calls with ``labels`` compute the fused loss.
 
     Args:
         model: a Hugging Face causal LM (``*ForCausalLM``; Llama, Mistral, Qwen2, Gemma, ...).
-        divergence, beta, level, values, z_loss, length_normalize, ignore_index, backend: as in
-            :func:`fdiv_kernels.loss` (``divergence="sft"``: HF's own cross-entropy loss).
+        divergence, beta, level, values, z_loss, length_normalize, ignore_index, backend, form, alpha:
+            as in :func:`fdiv_kernels.loss` (``divergence="sft"``: HF's own cross-entropy loss).
         softcap: logit soft-cap; ``None`` takes ``config.final_logit_softcapping`` (Gemma 2/3).
         temperature: divides the logits, on top of any scale the config sets.
 
     Patching twice replaces the options. Raises ``TypeError`` naming the class when the model has
     no usable LM head or body.
     """
-    get_divergence(divergence)
+    _checks.check_choice("form", form, FORMS)
+    (get_primal if form == "primal" else get_divergence)(divergence)
     _checks.check_choice("level", level, LEVELS)
     _checks.check_choice("values", values, VALUE_MODES)
     if not (math.isfinite(beta) and beta > 0):
@@ -213,7 +221,7 @@ def apply(model, *, divergence: str = "sft", beta: float = 1.0, level: str = "to
     _checks.check_scalars(cap, temp)
     config = PatchConfig(divergence=divergence, beta=float(beta), level=level, values=values, z_loss=float(z_loss),
                          length_normalize=bool(length_normalize), ignore_index=int(ignore_index), backend=backend,
-                         softcap=cap, temperature=temp)
+                         softcap=cap, temperature=temp, form=form, alpha=float(alpha))
     state = getattr(model, _ATTR, None)
     if state is not None:  # re-patch: keep the original forward, replace the options
         state.config = config
@@ -320,7 +328,7 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
                          beta=cfg.beta, level=cfg.level, ignore_index=cfg.ignore_index,
                          reduction="sum" if as_sum else "mean", backend=cfg.backend,
                          length_normalize=cfg.length_normalize, values=cfg.values, z_loss=cfg.z_loss,
-                         softcap=cfg.softcap, temperature=cfg.temperature)
+                         softcap=cfg.softcap, temperature=cfg.temperature, form=cfg.form, alpha=cfg.alpha)
     loss = out.loss
     if as_sum:
         loss = loss / torch.as_tensor(num_items, device=loss.device).to(loss.dtype)

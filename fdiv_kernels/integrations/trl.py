@@ -17,9 +17,10 @@ logging and checkpointing, and only replace ``compute_loss``:
   of the paper), computed under ``torch.no_grad()`` with the same fused head.
 * :class:`FDivDPOTrainer` computes the sequence log-probs of policy and reference with the fused
   head (no ``[2B, T, V]`` logits) and the loss with :func:`fdiv_kernels.dpo_loss`. Supported:
-  ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as TRL), ``hinge``, ``robust``,
-  ``f_divergence_type="reverse_kl"``, no ``ld_alpha``, no ``use_weighting``; reference from
-  ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
+  ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as TRL), ``hinge``, ``robust``;
+  every ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence, alpha_divergence, with the
+  stable scores of :func:`fdiv_kernels.dpo.f_divergence_score`); no ``ld_alpha``, no
+  ``use_weighting``; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
 
 Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)); DPO
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
@@ -41,10 +42,13 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("fdiv_kernels.integrations.trl needs TRL: pip install 'fdiv-kernels[trl]'") from e
 
-__all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND"]
+__all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE"]
 
 #: TRL ``DPOConfig.loss_type`` -> ``fdiv_kernels.dpo_loss(kind=...)``.
 TRL_TO_FK_DPO_KIND = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
+#: TRL ``DPOConfig.f_divergence_type`` -> ``fdiv_kernels.dpo_loss(f_divergence=...)``.
+TRL_TO_FK_F_DIVERGENCE = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js_divergence": "js",
+                          "alpha_divergence": "alpha"}
 
 
 def _policy(model):
@@ -133,12 +137,13 @@ class FDivDPOTrainer(DPOTrainer):
         if len(self.loss_types) != 1 or self.loss_types[0] not in TRL_TO_FK_DPO_KIND:
             raise NotImplementedError(f"FDivDPOTrainer supports loss_type one of {sorted(TRL_TO_FK_DPO_KIND)}, "
                                       f"got {self.loss_types}")
-        unsupported = {"f_divergence_type": self.f_divergence_type != "reverse_kl", "ld_alpha": self.ld_alpha is not None,
-                       "use_weighting": bool(self.use_weighting)}
+        unsupported = {"f_divergence_type": self.f_divergence_type not in TRL_TO_FK_F_DIVERGENCE,
+                       "ld_alpha": self.ld_alpha is not None, "use_weighting": bool(self.use_weighting)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"FDivDPOTrainer does not support {bad} (use TRL's DPOTrainer for those)")
         self.fk_kind = TRL_TO_FK_DPO_KIND[self.loss_types[0]]
+        self.fk_f_divergence = TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type]
         fk_hf.apply(_policy(self.model), divergence="sft")
         if self.ref_model is not None:
             fk_hf.apply(self.accelerator.unwrap_model(self.ref_model), divergence="sft")
@@ -178,7 +183,8 @@ class FDivDPOTrainer(DPOTrainer):
         pc, pr = self._sequence_logps(model, model_kwargs, labels, mean).chunk(2)
         rc, rr = self._reference_logps(model, model_kwargs, labels, inputs, mean)
         eps = self.label_smoothing if self.fk_kind == "robust" else 0.0
-        out = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), beta=self.beta, kind=self.fk_kind, label_smoothing=eps)
+        out = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), beta=self.beta, kind=self.fk_kind, label_smoothing=eps,
+                       f_divergence=self.fk_f_divergence, f_alpha=float(self.args.f_alpha_divergence_coef))
         m = self._metrics[mode]
         gather = self.accelerator.gather
         m["rewards/chosen"].append(gather(out.chosen_rewards).mean().item())
