@@ -39,8 +39,9 @@ def shift_for_causal_lm(x: torch.Tensor, labels: torch.Tensor,
     """Hugging Face causal-LM shift: ``x[..., :-1, :]`` predicts ``labels[..., 1:]``.
 
     ``x`` is ``[..., T, D]`` (hidden states or logits), ``labels`` ``[..., T]``; a per-token
-    ``ref_logp [..., T]`` (aligned with the unshifted labels) is shifted like the labels. A
-    per-row ``ref_logp`` is returned unchanged.
+    ``ref_logp [..., T]`` (aligned with the unshifted labels) is shifted like the labels; one of
+    shape ``[..., T-1]`` (already shifted, e.g. ``LossOutput.logp`` of a reference computed with
+    ``shift_labels=True``) and a per-row ``ref_logp`` are returned unchanged.
     """
     if labels.dim() < 1 or labels.shape[-1] < 1:
         raise ValueError(f"shift_labels=True needs labels with a sequence dimension, got shape {tuple(labels.shape)}")
