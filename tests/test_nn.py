@@ -168,3 +168,20 @@ def test_dpo_f_divergence_js_scores():
     s = math.log(2) + F.logsigmoid(lr)
     expect = -F.logsigmoid(0.5 * (s[0] - s[1]))
     assert torch.allclose(got, expect, atol=1e-12)
+
+
+def test_documented_custom_module_with_token_stats_function():
+    """The docs/integrations.md pattern: any function of (logp, lse) from TokenStatsFunction, vs full logits."""
+    hidden, weight, _, labels = _data(seed=7)
+    h, y = hidden.reshape(-1, H), labels.reshape(-1)
+    logp, lse, ent = fk.TokenStatsFunction.apply(h, weight, None, y, -100, None, 1.0, False, "auto")
+    assert ent.numel() == 0
+    m = y != -100
+    got = -(logp - 0.01 * lse.pow(2))[m].mean()
+    z = h @ weight.T
+    ref_lse = torch.logsumexp(z, -1)
+    ref_logp = z.gather(-1, y.clamp(min=0)[:, None]).squeeze(-1) - ref_lse
+    ref = -(ref_logp - 0.01 * ref_lse.pow(2))[m].mean()
+    assert torch.allclose(got, ref, atol=1e-12)
+    for a, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight)):
+        assert torch.allclose(a, r, atol=1e-10)
