@@ -100,9 +100,8 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
                 BLOCK_H: tl.constexpr):
     """Logit tile ``z[rows, cols] = cap(h[rows] @ W[cols]^T + b[cols]) / T`` in fp32.
 
-    Returns ``(z, t)`` with ``t = tanh(raw / c)`` (the soft-cap's chain-rule factor is
-    ``1 - t^2``); ``t`` is ``z`` itself without a soft-cap. Out-of-range rows/columns give
-    finite values the callers mask. ``h`` is ``[N, H]`` and ``W`` ``[V, H]``, both row-major.
+    Out-of-range rows/columns give finite values the callers mask. The backward recovers
+    ``tanh(raw / c) = z T / c`` from ``z`` (a second tile would cost registers). ``h`` is ``[N, H]`` and ``W`` ``[V, H]``, both row-major.
     """
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
@@ -119,20 +118,18 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
         acc = tl.dot(ht, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-    t = acc
     if HAS_SOFTCAP:
-        t = _tanh(acc / softcap)
-        acc = t * softcap
-    return acc * inv_temp, t
+        acc = _tanh(acc / softcap) * softcap
+    return acc * inv_temp
 
 
 @triton.jit
-def _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp,
+def _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
                    HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     """``(dL/draw, p)`` for one tile; ``valid`` masks rows >= N and columns >= V to 0.
 
     dL/dz = g onehot(y) + (k - g) p - e p (z - mean_z), mean_z = lse - ent = E_p[z];
-    dL/draw = dL/dz / T (times 1 - t^2 with a soft-cap).
+    dL/draw = dL/dz / T, times 1 - t^2 with a soft-cap, t = tanh(raw / c) = z T / c.
     """
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
     dz = (k - g)[:, None] * p
@@ -141,17 +138,22 @@ def _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp,
     dz += tl.where(is_label, g[:, None], 0.0)
     dz = dz * inv_temp
     if HAS_SOFTCAP:
+        t = z / (softcap * inv_temp)
         dz = dz * (1.0 - t * t)
     return dz, p
 
 
 @triton.jit
-def _tile_is_kept(p, is_label, filter_eps, FILTER: tl.constexpr):
-    """Gradient filtering: a tile is skipped iff max(p) < filter_eps and it holds no label."""
+def _kept_extent(H, p, y, rmask, col_lo, col_hi, filter_eps, FILTER: tl.constexpr):
+    """Gradient filtering: H, or 0 when the tile is skipped: max(p) < filter_eps and no row's
+    label y lies in [col_lo, col_hi). (A per-row range test: reducing the 2-D label mask
+    instead costs registers and spills.)"""
     if FILTER:
-        return (tl.max(tl.max(p, axis=1), axis=0) >= filter_eps) | (tl.max(tl.max(is_label.to(tl.int32), axis=1), axis=0) > 0)
+        mass = tl.max(tl.max(p, axis=1), axis=0)
+        has_label = tl.max(((y >= col_lo) & (y < col_hi) & rmask).to(tl.int32), axis=0)
+        return tl.where((mass >= filter_eps) | (has_label > 0), H, 0)
     else:
-        return True
+        return H
 
 
 @triton.jit
@@ -212,8 +214,8 @@ def token_stats_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_hi
-        z, _t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
-                            HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(cmask[None, :], z, float("-inf"))
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
@@ -269,26 +271,27 @@ def token_stats_bwd_hidden_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        z, t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
-                           HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         valid = rmask[:, None] & cmask[None, :]
         is_label = (cols[None, :] == y[:, None]) & valid
-        dz, p = _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
-        if _tile_is_kept(p, is_label, filter_eps, FILTER):
-            dzc = dz.to(w_ptr.dtype.element_ty)
+        dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
+                               HAS_SOFTCAP, WITH_ENTROPY)
+        dzc = dz.to(w_ptr.dtype.element_ty)
+        if DOT_FP32:
+            dzc = dzc.to(tl.float32)
+        cols64 = cols.to(tl.int64)
+        # a filtered tile runs this loop zero times (a branch around it costs registers)
+        for h0 in range(0, _kept_extent(H, p, y, rmask, v0, v0 + BLOCK_V, filter_eps, FILTER), BLOCK_H):
+            ks = h0 + tl.arange(0, BLOCK_H)
+            hk = ks[None, :] < H
+            wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
             if DOT_FP32:
-                dzc = dzc.to(tl.float32)
-            cols64 = cols.to(tl.int64)
-            for h0 in range(0, H, BLOCK_H):
-                ks = h0 + tl.arange(0, BLOCK_H)
-                hk = ks[None, :] < H
-                wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
-                if DOT_FP32:
-                    wt = wt.to(tl.float32)
-                gp = gh_ptr + rows64[:, None] * H + ks[None, :]
-                cur = tl.load(gp, mask=rmask[:, None] & hk, other=0.0)
-                cur = tl.dot(dzc, wt, cur, input_precision=INPUT_PRECISION)
-                tl.store(gp, cur, mask=rmask[:, None] & hk)
+                wt = wt.to(tl.float32)
+            gp = gh_ptr + rows64[:, None] * H + ks[None, :]
+            cur = tl.load(gp, mask=rmask[:, None] & hk, other=0.0)
+            cur = tl.dot(dzc, wt, cur, input_precision=INPUT_PRECISION)
+            tl.store(gp, cur, mask=rmask[:, None] & hk)
         tl.debug_barrier()
 
 
@@ -323,28 +326,28 @@ def token_stats_bwd_weight_kernel(
         rmask = rows < N
         y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
                                                   WITH_ENTROPY)
-        z, t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
-                           HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         valid = rmask[:, None] & cmask[None, :]
         is_label = (cols[None, :] == y[:, None]) & valid
-        dz, p = _grad_raw_tile(z, t, valid, is_label, lse, mean_z, g, k, e, inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
+        dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
+                               HAS_SOFTCAP, WITH_ENTROPY)
         if HAS_BIAS:
             gb += tl.sum(dz, axis=0)
-        if _tile_is_kept(p, is_label, filter_eps, FILTER):
-            dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
+        dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
+        if DOT_FP32:
+            dzt = dzt.to(tl.float32)
+        rows64 = rows.to(tl.int64)
+        for h0 in range(0, _kept_extent(H, p, y, rmask, pid * BLOCK_V, pid * BLOCK_V + BLOCK_V, filter_eps, FILTER), BLOCK_H):
+            ks = h0 + tl.arange(0, BLOCK_H)
+            hk = ks[None, :] < H
+            ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :], mask=rmask[:, None] & hk, other=0.0)
             if DOT_FP32:
-                dzt = dzt.to(tl.float32)
-            rows64 = rows.to(tl.int64)
-            for h0 in range(0, H, BLOCK_H):
-                ks = h0 + tl.arange(0, BLOCK_H)
-                hk = ks[None, :] < H
-                ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :], mask=rmask[:, None] & hk, other=0.0)
-                if DOT_FP32:
-                    ht = ht.to(tl.float32)
-                gp = gw_ptr + cols64[:, None] * H + ks[None, :]
-                cur = tl.load(gp, mask=cmask[:, None] & hk, other=0.0)
-                cur = tl.dot(dzt, ht, cur, input_precision=INPUT_PRECISION)
-                tl.store(gp, cur, mask=cmask[:, None] & hk)
+                ht = ht.to(tl.float32)
+            gp = gw_ptr + cols64[:, None] * H + ks[None, :]
+            cur = tl.load(gp, mask=cmask[:, None] & hk, other=0.0)
+            cur = tl.dot(dzt, ht, cur, input_precision=INPUT_PRECISION)
+            tl.store(gp, cur, mask=cmask[:, None] & hk)
         tl.debug_barrier()
     if HAS_BIAS:
         tl.store(gb_ptr + cols, gb, mask=cmask)

@@ -1,0 +1,349 @@
+"""The "triton" backend against a float64 oracle and the torch reference backend.
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set below before triton is
+imported); on a CUDA machine run it with TRITON_INTERPRET=0 to test the compiled kernels.
+Shapes are tiny and odd (tile edges everywhere): the interpreter is slow.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import fdiv_kernels as fk  # noqa: E402
+from fdiv_kernels.ops import get_backend, triton_backend  # noqa: E402
+from fdiv_kernels.ops.triton_backend import triton_options  # noqa: E402
+
+triton_backend.register()  # fdiv_kernels may have been imported before TRITON_INTERPRET was set
+
+if triton_backend.interpret_mode():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():  # pragma: no cover - GPU run
+    DEVICE = "cuda"
+else:
+    pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+ATOL, RTOL = 1e-5, 5e-4  # fp32
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent float64 oracle: full logits, plain torch autograd.
+# ----------------------------------------------------------------------------------------------
+
+def oracle_logits(hidden, weight, bias, softcap, temperature):
+    """z = cap(h W^T + b) / T in the tensors' own dtype (float64 for the oracle)."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def oracle(hidden, weight, bias, labels, coef, *, softcap=None, temperature=1.0, dtype=torch.float64):
+    """(logp, lse, ent) and d/d(h, W, b) of sum(cg*logp + ck*lse + ce*ent) over valid rows.
+
+    Computed in ``dtype`` from the given (possibly low-precision) inputs with plain torch ops;
+    ``dtype=float64`` is the oracle, a 16-bit dtype is "the plain torch computation in that dtype".
+    """
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    valid = labels != IGNORE
+    z = oracle_logits(h[valid], w, b, softcap, temperature)
+    logq = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = logq.gather(1, labels[valid, None]).squeeze(1)
+    ent = -(logq.exp() * logq).sum(-1)
+    cg, ck, ce = (c[valid].to(dtype) for c in coef)
+    (cg * logp + ck * lse + ce * ent).sum().backward()
+    grads = (h.grad, w.grad, None if b is None else b.grad)
+    return (logp.detach(), lse.detach(), ent.detach()), grads
+
+
+def run_backend(backend, hidden, weight, bias, labels, coef, *, softcap=None, temperature=1.0, entropy=True):
+    """fk.token_stats through ``backend``: outputs on valid rows and gradients of the same sum."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = fk.token_stats(h, w, labels, bias=b, ignore_index=IGNORE, softcap=softcap, temperature=temperature,
+                         return_entropy=entropy, backend=backend)
+    cg, ck, ce = coef
+    total = (cg * out.logp + ck * out.lse).sum()
+    if entropy:
+        total = total + (ce * out.entropy).sum()
+    total.backward()
+    valid = labels != IGNORE
+    vals = (out.logp[valid], out.lse[valid], out.entropy[valid] if entropy else None)
+    return vals, (h.grad, w.grad, None if b is None else b.grad), out
+
+
+def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignore_frac=0.2, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen) * scale
+    weight = torch.randn(v, h, generator=gen) / h ** 0.5
+    b = torch.randn(v, generator=gen) * 0.5 if bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[0] = v - 1  # last column (in the last, partial tile)
+    if n > 2:
+        labels[1] = 0
+        drop = torch.rand(n, generator=gen) < ignore_frac
+        drop[:2] = False
+        labels[drop] = IGNORE
+    coef = tuple(torch.randn(n, generator=gen) for _ in range(3))
+    cast = (lambda t: None if t is None else t.to(dtype).to(DEVICE))
+    return cast(hidden), cast(weight), cast(b), labels.to(DEVICE), tuple(c.to(DEVICE) for c in coef)
+
+
+def assert_close(actual, expected, *, atol=ATOL, rtol=RTOL, what=""):
+    assert actual is not None and expected is not None, what
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32 values and gradients.
+# ----------------------------------------------------------------------------------------------
+
+SHAPES = [(47, 31, 123), (1, 31, 123), (5, 8, 20), (33, 40, 64)]  # odd; N=1; V < one tile; exact tiles
+OPTIONS = [
+    dict(bias=False, softcap=None, temperature=1.0),
+    dict(bias=True, softcap=None, temperature=1.0),
+    dict(bias=True, softcap=2.5, temperature=0.7),
+    dict(bias=False, softcap=None, temperature=1.6),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opt", OPTIONS, ids=["plain", "bias", "bias-softcap-temp", "temp"])
+def test_fp32_matches_oracle_and_torch_backend(shape, opt):
+    n, hd, v = shape
+    hidden, weight, bias, labels, coef = make_inputs(n, hd, v, bias=opt["bias"], scale=2.0)
+    kw = dict(softcap=opt["softcap"], temperature=opt["temperature"])
+    (vals, grads, out) = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
+    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    t_vals, t_grads, _ = run_backend("torch", hidden, weight, bias, labels, coef, **kw)
+    for name, a, r, t in zip(("logp", "lse", "entropy"), vals, ref_vals, t_vals):
+        assert a.dtype == torch.float32
+        assert_close(a, r, what=f"{name} vs float64 oracle")
+        assert_close(a, t, what=f"{name} vs torch backend")
+    for name, a, r, t in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads, t_grads):
+        if r is None:
+            assert a is None
+            continue
+        assert_close(a, r, what=f"{name} vs float64 oracle")
+        assert_close(a, t, what=f"{name} vs torch backend")
+    ignored = labels == IGNORE
+    assert torch.all(out.logp[ignored] == 0) and torch.all(out.lse[ignored] == 0)
+    assert torch.all(grads[0][ignored] == 0)
+
+
+def test_without_entropy_and_large_logits():
+    """|z| ~ 1e3: the online log-sum-exp must not overflow; entropy off exercises that path."""
+    hidden, weight, bias, labels, coef = make_inputs(29, 24, 77, scale=150.0, seed=3)
+    vals, grads, out = run_backend("triton", hidden, weight, bias, labels, coef, entropy=False)
+    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    assert out.entropy is None
+    assert ref_vals[1].abs().max() > 300  # really large logits
+    assert_close(vals[0], ref_vals[0], rtol=1e-6, atol=2e-3, what="logp")
+    assert_close(vals[1], ref_vals[1], rtol=1e-6, atol=2e-3, what="lse")
+    ref_grads = oracle(hidden, weight, bias, labels, (coef[0], coef[1], torch.zeros_like(coef[2])))[1]
+    for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, r, atol=1e-4, what=name)
+
+
+def test_vocab_splits_merge():
+    """Forward over 3 vocabulary splits (merged on the host) equals the single-split forward."""
+    hidden, weight, bias, labels, coef = make_inputs(19, 17, 200, seed=5)
+    assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (1, 224)
+    with triton_options(v_splits=3):
+        assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (3, 96)
+        split = fk.token_stats(hidden, weight, labels, bias=bias, return_entropy=True, backend="triton")
+    single = fk.token_stats(hidden, weight, labels, bias=bias, return_entropy=True, backend="triton")
+    ref_vals, _ = oracle(hidden, weight, bias, labels, coef)
+    valid = labels != IGNORE
+    for a, b, r in zip(split, single, ref_vals):
+        assert_close(a[valid], r)
+        assert_close(a, b, atol=2e-6, rtol=1e-6)
+
+
+def test_all_rows_ignored():
+    hidden, weight, bias, labels, coef = make_inputs(6, 8, 20)
+    labels[:] = IGNORE
+    vals, grads, out = run_backend("triton", hidden, weight, bias, labels, coef)
+    assert torch.all(out.logp == 0) and torch.all(out.lse == 0) and torch.all(out.entropy == 0)
+    assert all(torch.all(g == 0) for g in grads)
+
+
+def test_backward_is_deterministic():
+    hidden, weight, bias, labels, coef = make_inputs(40, 20, 90, seed=7)
+    first = run_backend("triton", hidden, weight, bias, labels, coef)[1]
+    second = run_backend("triton", hidden, weight, bias, labels, coef)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_float64_falls_back_to_reference():
+    hidden, weight, bias, labels, coef = make_inputs(9, 8, 30, dtype=torch.float64)
+    vals, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    for a, r in zip(vals + grads, ref_vals + ref_grads):
+        assert a.dtype == torch.float64
+        assert_close(a, r, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 / fp16: no worse than plain torch in that dtype (the Cut Cross-Entropy way of testing).
+# ----------------------------------------------------------------------------------------------
+
+LOWP_MARGIN = 2.0 ** -10  # documented in docs/triton.md
+
+
+def _max_err(a, r):
+    return (a.double().cpu() - r.double().cpu()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "softcap"])
+def test_low_precision_no_worse_than_plain_torch(dtype, softcap):
+    hidden, weight, bias, labels, coef = make_inputs(45, 48, 111, dtype=dtype, scale=2.0, seed=11)
+    kw = dict(softcap=softcap, temperature=0.9)
+    valid = labels != IGNORE
+    hv, yv = hidden[valid], labels[valid]
+    cg, ck, ce = (c[valid] for c in coef)
+    # the backend contract itself: float32 values and gradients (token_stats rounds grads to dtype)
+    logp, lse, ent = triton_backend.forward(hv, weight, bias, yv, return_entropy=True, **kw)
+    grads = triton_backend.backward(hv, weight, bias, yv, lse, ent, cg, ck, ce, **kw)
+    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    plain_vals, plain_grads = oracle(hidden, weight, bias, labels, coef, dtype=dtype, **kw)
+    ref_grads = (ref_grads[0][valid],) + ref_grads[1:]
+    plain_grads = (plain_grads[0][valid],) + plain_grads[1:]
+    for name, a, r, p in zip(("logp", "lse", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
+                             (logp, lse, ent) + grads, ref_vals + ref_grads, plain_vals + plain_grads):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        err, plain_err = _max_err(a, r), _max_err(p, r)
+        scale = r.abs().max().item()
+        print(f"{name}: triton {err:.3g}  plain {dtype} {plain_err:.3g}  scale {scale:.3g}")
+        assert err <= plain_err + LOWP_MARGIN * scale, f"{name}: triton {err:.3g} vs plain {dtype} {plain_err:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient filtering.
+# ----------------------------------------------------------------------------------------------
+
+def _filter_bound(hidden, weight, bias, labels, coef, eps):
+    """Per-element bound on the filtering error: only entries with p < eps (not labels) can be
+    dropped, so |d grad_h| <= (|dL/dz| [p < eps]) @ |W| and |d grad_W| <= (...)^T @ |h|."""
+    valid = labels != IGNORE
+    h, w = hidden[valid].double(), weight.double()
+    z = oracle_logits(h, w, None if bias is None else bias.double(), None, 1.0)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    p = torch.exp(z - lse)
+    ent = lse - (p * z).sum(-1, keepdim=True)
+    g, k, e = (c[valid].double()[:, None] for c in coef)
+    dz = (k - g) * p - e * p * (z - (lse - ent))
+    onehot = torch.zeros_like(p).scatter_(1, labels[valid, None], 1.0)
+    droppable = (p < eps) & (onehot == 0)
+    a = (dz.abs() * droppable)
+    bound_h = torch.zeros(hidden.shape, dtype=torch.float64)
+    bound_h[valid] = a @ w.abs()
+    return bound_h, a.T @ h.abs()
+
+
+def test_gradient_filtering_error_is_bounded():
+    # the softmax mass sits on the first 32 columns (one interpreter tile); labels too, except
+    # row 0's (V-1): most other tiles carry p < eps and get skipped
+    hidden, weight, bias, labels, coef = make_inputs(40, 16, 250, seed=13, ignore_frac=0.0)
+    bias[:32] += 8.0
+    labels[1:] = labels[1:] % 32
+    eps = 2.0 ** -12
+    _, exact, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    with triton_options(filter_eps=eps):
+        _, filtered, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    bound_h, bound_w = _filter_bound(hidden, weight, bias, labels, coef, eps)
+    err_h = (filtered[0].double() - exact[0].double()).abs()
+    err_w = (filtered[1].double() - exact[1].double()).abs()
+    assert err_h.max() > 0 and err_w.max() > 0, "nothing was filtered: the test lost its point"
+    assert torch.all(err_h <= bound_h + 1e-5), (err_h - bound_h).max()
+    assert torch.all(err_w <= bound_w + 1e-5), (err_w - bound_w).max()
+    assert torch.equal(filtered[2], exact[2])  # the bias gradient is never filtered
+
+
+def test_gradient_filtering_with_tiny_eps_is_exact():
+    hidden, weight, bias, labels, coef = make_inputs(20, 16, 70, seed=17)
+    _, exact, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    with triton_options(filter_eps=1e-30):
+        _, filtered, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    for a, b in zip(exact, filtered):
+        assert torch.equal(a, b)
+
+
+def test_triton_options_validation():
+    with pytest.raises(ValueError, match="unknown triton option"):
+        with triton_options(filter=0.1):
+            pass
+    with pytest.raises(ValueError, match="filter_eps"):
+        with triton_options(filter_eps=2.0):
+            pass
+    with pytest.raises(ValueError, match="v_splits"):
+        with triton_options(v_splits=0):
+            pass
+    with triton_options(filter_eps=0.01):
+        assert triton_backend.get_options().filter_eps == 0.01
+    assert triton_backend.get_options().filter_eps is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses, registration, availability.
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("divergence,level", [("js", "token"), ("kl", "sequence"), ("pearson", "token")])
+def test_fk_loss_matches_torch_backend(divergence, level):
+    gen = torch.Generator().manual_seed(23)
+    b, t, hd, v = 3, 9, 20, 57
+    hidden = torch.randn(b, t, hd, generator=gen).to(DEVICE)
+    weight = (torch.randn(v, hd, generator=gen) / hd ** 0.5).to(DEVICE)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[:, :2] = IGNORE
+    labels = labels.to(DEVICE)
+    ref_logp = (-torch.rand(b, t, generator=gen) * 4).to(DEVICE)
+    if level == "sequence":
+        ref_logp = ref_logp.sum(-1)
+    results = {}
+    for backend in ("triton", "torch"):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        out = fk.loss(h, w, labels, divergence=divergence, ref_logp=ref_logp, beta=0.5, level=level,
+                      values="detach", z_loss=1e-2, backend=backend)
+        out.loss.backward()
+        results[backend] = (out.loss.detach(), out.logp.detach(), out.lse.detach(), h.grad, w.grad)
+    for a, r in zip(results["triton"], results["torch"]):
+        assert_close(a, r)
+
+
+def test_registration_under_interpreter():
+    if DEVICE != "cpu":
+        pytest.skip("interpreter-only check")
+    assert fk.available_backends("cpu")["triton"] == "available"
+    assert get_backend("auto", "cpu").name != "triton"  # auto never picks the slow interpreter
+    assert get_backend("triton", "cpu").priority < 0
+
+
+def test_import_without_triton_reports_reason():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import fdiv_kernels as fk\n"
+        "print(fk.available_backends()['triton'])\n"
+    )
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "triton is not importable" in res.stdout
