@@ -198,3 +198,15 @@ def test_zero3_branch_gathers_head_with_fake_deepspeed(monkeypatch):
     calls.clear()
     ours(input_ids=ids, attention_mask=mask, labels=labels)
     assert calls == []
+
+
+def test_output_carries_body_fields_and_pickles():
+    import pickle
+
+    model = fk_hf.apply(_make("Llama"))
+    ids, mask, labels = _batch(seed=7)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True, use_cache=False)
+    assert isinstance(out, fk_hf.FDivCausalLMOutput)
+    assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (3, 11, 32)
+    back = pickle.loads(pickle.dumps(fk_hf.FDivCausalLMOutput(loss=out.loss.detach(), token_logp=out.token_logp.detach())))
+    assert isinstance(back, fk_hf.FDivCausalLMOutput) and torch.equal(back.token_logp, out.token_logp)

@@ -41,6 +41,7 @@ import types
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import _checks
 from ..divergences import get_divergence
@@ -55,38 +56,26 @@ _ATTR = "_fdiv_patch"
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict")
 
 
-def _output_class():
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.utils import ModelOutput  # noqa: F401  (imported for the dataclass machinery)
+@dataclasses.dataclass
+class FDivCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` (``logits`` is ``None``) plus the fused per-token statistics.
 
-    @dataclasses.dataclass
-    class FDivCausalLMOutput(CausalLMOutputWithPast):
-        """``CausalLMOutputWithPast`` (``logits`` is ``None``) plus the fused per-token statistics.
+    ``token_logp``, ``token_lse``, ``loss_mask``: ``[B, T-1]`` (``[B, T]`` with ``shift_labels``),
+    log-prob of each next-token label, log-sum-exp of its logits (the value V(s)), supervised
+    positions. ``reward``: implicit reward (per token, or ``[B]`` at sequence level).
+    ``value_s0``: ``[B]`` lse at each row's first supervised position.
+    """
 
-        ``token_logp``, ``token_lse``, ``loss_mask``: ``[B, T-1]`` (``[B, T]`` with ``shift_labels``),
-        log-prob of each next-token label, log-sum-exp of its logits (the value V(s)), supervised
-        positions. ``reward``: implicit reward (per token, or ``[B]`` at sequence level).
-        ``value_s0``: ``[B]`` lse at each row's first supervised position.
-        """
-
-        token_logp: Optional[torch.Tensor] = None
-        token_lse: Optional[torch.Tensor] = None
-        reward: Optional[torch.Tensor] = None
-        value_s0: Optional[torch.Tensor] = None
-        loss_mask: Optional[torch.Tensor] = None
-
-    return FDivCausalLMOutput
+    token_logp: Optional[torch.Tensor] = None
+    token_lse: Optional[torch.Tensor] = None
+    reward: Optional[torch.Tensor] = None
+    value_s0: Optional[torch.Tensor] = None
+    loss_mask: Optional[torch.Tensor] = None
 
 
-@functools.lru_cache(maxsize=1)
-def _fdiv_output_cls():
-    return _output_class()
-
-
-def __getattr__(name):  # FDivCausalLMOutput is built lazily so that importing this module is cheap
-    if name == "FDivCausalLMOutput":
-        return _fdiv_output_cls()
-    raise AttributeError(name)
+# fields this patch fills itself; the others (cache, hidden_states, attentions) come from the body
+_OWN_FIELDS = {"loss", "logits"} | ({f.name for f in dataclasses.fields(FDivCausalLMOutput)}
+                                   - {f.name for f in dataclasses.fields(CausalLMOutputWithPast)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,11 +321,8 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     loss = out.loss
     if as_sum:
         loss = loss / torch.as_tensor(num_items, device=loss.device).to(loss.dtype)
-    extras = {}
-    out_cls = _fdiv_output_cls()
-    for f in dataclasses.fields(out_cls):
-        if f.name not in ("loss", "logits") and hasattr(body_out, f.name) and not f.name.startswith("token_"):
-            extras[f.name] = getattr(body_out, f.name)
-    result = out_cls(loss=loss, logits=None, token_logp=out.logp, token_lse=out.lse, reward=out.reward,
+    extras = {f.name: getattr(body_out, f.name) for f in dataclasses.fields(FDivCausalLMOutput)
+              if f.name not in _OWN_FIELDS and hasattr(body_out, f.name)}
+    result = FDivCausalLMOutput(loss=loss, logits=None, token_logp=out.logp, token_lse=out.lse, reward=out.reward,
                      value_s0=out.value_s0, loss_mask=out.mask, **extras)
     return result if return_dict else result.to_tuple()
