@@ -162,3 +162,23 @@ def test_dpo_unsupported_variant_is_refused(tmp_path):
     with pytest.raises(NotImplementedError, match="nca_pair"):
         FDivDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dpo_dataset(),
                        processing_class=tok)
+
+
+def test_sft_kl_is_log_mean_exp_and_divided_by_accumulation_steps(tmp_path):
+    """KL has no token-sum form: with num_items_in_batch it stays a per-call mean, divided by the GA steps."""
+    tok = tiny_tokenizer()
+    tr = FDivSFTTrainer(model=tiny_llama(tok), args=trl.SFTConfig(**_common(tmp_path, "k", max_steps=1)),
+                        train_dataset=sft_dataset(), processing_class=tok, fdiv={"divergence": "kl"})
+    batch = next(iter(tr.get_train_dataloader()))
+    base = tr.compute_loss(tr.model, dict(batch))
+    with torch.no_grad():
+        z = tr.model.forward.__wrapped__(tr.model, input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).logits.double()
+    y = batch["labels"][:, 1:]
+    m = y != -100
+    logp = torch.log_softmax(z[:, :-1], -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)[m]
+    expect = torch.logsumexp(-logp - 1, 0) - math.log(logp.numel())  # log mean exp(-u - 1), u = logp
+    assert abs(base.item() - expect.item()) < 1e-5
+    tr.current_gradient_accumulation_steps = 2
+    halved = tr.compute_loss(tr.model, dict(batch), num_items_in_batch=torch.tensor(999))
+    assert torch.allclose(halved, base / 2, atol=1e-6)
