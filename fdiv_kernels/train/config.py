@@ -1,0 +1,285 @@
+"""Run configuration: nested dataclasses, loaded from YAML and overridden from the command line.
+
+A config file mirrors :class:`RunConfig` (see ``docs/trainer.md`` for every key)::
+
+    name: demo
+    model: {tiny: {hidden_size: 128}}
+    sft: {steps: 200, lr: 1e-3, divergence: js, beta: 0.5}
+
+Overrides use dotted keys with YAML values: ``--set sft.lr=1e-4 --set dpo.kind=ipo``. Unknown
+keys and wrongly typed values raise ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+@dataclass
+class TinyModelConfig:
+    """The default model: a small Llama built from a ``LlamaConfig`` (no download)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 128
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """``path``: a local Hugging Face model directory (AutoModelForCausalLM); ``None`` builds
+    the tiny model and the character tokenizer. ``tokenizer``: tokenizer directory (default:
+    ``path``). ``dtype``: float32 | bfloat16 | float16 (weights and compute)."""
+
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic data set (used for every data path left empty)."""
+
+    tasks: List[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
+    n_pretrain: int = 20000
+    n_sft: int = 4000
+    n_pref: int = 3000
+    n_eval: int = 200
+    pretrain_noise: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Paths are JSONL (``.jsonl``/``.json``) or parquet files.
+
+    ``sft_train``/``eval_prompts``: UltraChat-200K schema; ``dpo_train``/``eval_pref``:
+    UltraFeedback-binarized schema; ``pretrain``: plain text. Empty paths use the synthetic set.
+    ``max_length``: tokens per sequence (right truncation); ``eval_prompts``' answers are graded
+    with the synthetic checker when ``eval_task_accuracy`` is on.
+    """
+
+    sft_train: Optional[str] = None
+    dpo_train: Optional[str] = None
+    eval_pref: Optional[str] = None
+    eval_prompts: Optional[str] = None
+    pretrain: Optional[str] = None
+    max_length: int = 64
+    max_eval_pairs: int = 256
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    """Common optimisation settings of a phase (AdamW, warmup + schedule, clipping)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 32          # global batch (sequences or pairs) per optimizer step
+    micro_batch_size: int = 0     # per process per forward; 0 = batch_size / world_size
+    warmup_steps: int = 0
+    scheduler: str = "cosine"     # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    eval_every: int = 50          # implicit-reward alignment on held-out pairs
+    save_every: int = 0           # 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class PretrainConfig(OptimConfig):
+    """Optional phase 0: next-token pretraining of the tiny base on ``data.pretrain`` text."""
+
+    steps: int = 0
+    seq_length: int = 64
+
+
+@dataclass
+class MixDPOConfig:
+    """App. D negative control: SFT loss + lambda * DPO loss, lambda adapted PPO-style
+    (halved when the batch DPO accuracy is above ``target_accuracy``, doubled below)."""
+
+    enabled: bool = False
+    lambda_init: float = 1.0
+    target_accuracy: float = 0.7
+    lambda_min: float = 1e-3
+    lambda_max: float = 1e3
+    beta: float = 0.1
+    batch_size: int = 0           # pairs per step; 0 = sft batch size
+
+
+@dataclass
+class SFTConfig(OptimConfig):
+    """SFT with any registered divergence (``fk.loss``).
+
+    ``reference``: ``auto`` (the start model for every divergence except plain ``tv``/``sft``),
+    ``start`` (always), ``none``. ``level``/``values``/``beta``/``z_loss``/``length_normalize``
+    are passed to :func:`fdiv_kernels.loss`.
+    """
+
+    divergence: str = "sft"
+    beta: float = 1.0
+    level: str = "token"
+    values: str = "drop"
+    z_loss: float = 0.0
+    length_normalize: bool = False
+    reference: str = "auto"
+    mix_dpo: MixDPOConfig = field(default_factory=MixDPOConfig)
+
+
+@dataclass
+class DPOConfig(OptimConfig):
+    """DPO-family training (``fk.dpo_loss``); ipo/simpo use length-averaged log-probs.
+
+    ``reference``: ``start`` (the model DPO starts from), ``base`` (the pipeline's SFT start
+    model) or a local model path. ``rejected``: ``data`` (rejected answers as given) or
+    ``self`` (the start model's own wrong greedy answers where it has one, else the data's;
+    synthetic tasks only). ``sft_weight``: optional NLL term on the chosen answers (RPO).
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    beta: float = 0.1
+    kind: str = "sigmoid"
+    gamma: float = 0.0
+    label_smoothing: float = 0.0
+    reference: str = "start"
+    rejected: str = "data"
+    sft_weight: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """Greedy-generation task accuracy on held-out prompts."""
+
+    task_accuracy: bool = True
+    num_prompts: int = 200
+    max_new_tokens: int = 12
+    batch_size: int = 100
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``output_dir/name`` holds metrics, plots, checkpoints, summary."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda
+    backend: str = "auto"         # fdiv_kernels token_stats backend
+    deepspeed: Optional[str] = None
+    num_threads: int = 0          # torch.set_num_threads when > 0
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+def _convert(cls, value: Any, key: str):
+    """Build dataclass ``cls`` from a mapping, checking keys and scalar types."""
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise ValueError(f"config key {key or '<root>'!r} must be a mapping, got {type(value).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in value.items():
+        path = f"{key}.{k}" if key else k
+        if k not in fields:
+            raise ValueError(f"unknown config key {path!r}; known under {key or '<root>'}: {', '.join(fields)}")
+        default = getattr(cls(), k)
+        if dataclasses.is_dataclass(default):
+            kwargs[k] = _convert(type(default), v, path)
+        else:
+            kwargs[k] = _check_scalar(path, default, v, fields[k].type)
+    return cls(**kwargs)
+
+
+def _check_scalar(path: str, default: Any, v: Any, annotation: Any):
+    optional = "Optional" in str(annotation)
+    if v is None:
+        if optional:
+            return None
+        raise ValueError(f"config key {path!r} may not be null")
+    if isinstance(default, bool) or "bool" in str(annotation):
+        if not isinstance(v, bool):
+            raise ValueError(f"config key {path!r} must be true/false, got {v!r}")
+        return v
+    if "float" in str(annotation) or isinstance(default, float):
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"config key {path!r} must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"config key {path!r} must be a number, got {v!r}")
+        return float(v)
+    if "int" in str(annotation) or isinstance(default, int):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"config key {path!r} must be an integer, got {v!r}")
+        return v
+    if "List" in str(annotation):
+        if not isinstance(v, list):
+            raise ValueError(f"config key {path!r} must be a list, got {v!r}")
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"config key {path!r} must be a string, got {v!r}")
+    return v
+
+
+def from_dict(d: Dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from a (possibly partial) nested mapping."""
+    return _convert(RunConfig, d, "")
+
+
+def to_dict(cfg: RunConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def set_dotted(d: Dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the nested mapping ``d`` in place."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() != "" else None
+
+
+def load_config(path: Optional[str], overrides: List[str] = ()) -> RunConfig:
+    """Read a YAML file (or start from the defaults when ``path`` is None) and apply overrides."""
+    d: Dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: the config must be a YAML mapping")
+    for a in overrides:
+        set_dotted(d, a)
+    return from_dict(d)
+
+
+def dump(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2)

@@ -1,0 +1,280 @@
+"""Loaders, schema checks, tokenization with prompt masking, collators and a resumable sampler.
+
+Schemas (the Hugging Face data sets the paper trains on):
+
+* SFT, UltraChat-200K: ``{"prompt": str, "prompt_id": str, "messages": [{"role", "content"}, ...]}``
+  with at least one ``assistant`` message;
+* preferences, UltraFeedback-binarized: ``{"prompt", "prompt_id", "chosen": [messages],
+  "rejected": [messages], "score_chosen": float, "score_rejected": float}``; ``chosen`` and
+  ``rejected`` end with an assistant message and share the messages before it.
+
+Files are JSON lines (``.jsonl``/``.json``, one object per line) or parquet. A malformed row
+raises :class:`DataError` naming the file and the 1-based line (row for parquet).
+
+Tokenization uses the tokenizer's chat template. Labels are the input ids on the tokens of the
+supervised assistant messages (their content and the end-of-turn token the template adds) and
+``-100`` everywhere else (prompt, template tokens, padding). SFT supervises every assistant
+turn; preference rows supervise the final assistant turn only. Sequences longer than
+``max_length`` are truncated on the right; batches are padded on the right.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validating
+# ----------------------------------------------------------------------------------------------
+
+def read_rows(path: str) -> List[Tuple[int, dict]]:
+    """``[(line_or_row_number, row_dict), ...]`` from a JSONL or parquet file.
+
+    A directory or a glob pattern (``data/train_sft-*.parquet``) reads every matching file in
+    sorted order (row numbers restart per file; errors name the file).
+    """
+    if os.path.isdir(path) or any(c in path for c in "*?["):
+        pattern = os.path.join(path, "*") if os.path.isdir(path) else path
+        files = sorted(f for f in glob.glob(pattern) if f.endswith((".jsonl", ".json", ".parquet")))
+        if not files:
+            raise DataError(f"{path}: no .jsonl/.json/.parquet files")
+        return [(f"{f}:{n}", r) for f in files for n, r in read_rows(f)]
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover - pyarrow ships with datasets
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+        return [(i + 1, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _check_messages(where: str, key: str, msgs) -> None:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {key}[{i}] must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: {key}[{i}] has unknown role {m['role']!r}")
+
+
+def validate_sft_row(where: str, row: dict) -> dict:
+    """Check an UltraChat-schema row; returns it."""
+    if "messages" not in row:
+        raise DataError(f"{where}: missing key 'messages' (UltraChat schema: prompt, prompt_id, messages)")
+    _check_messages(where, "messages", row["messages"])
+    if not any(m["role"] == "assistant" for m in row["messages"]):
+        raise DataError(f"{where}: 'messages' has no assistant message to train on")
+    if "prompt" in row and not isinstance(row["prompt"], str):
+        raise DataError(f"{where}: 'prompt' must be a string")
+    return row
+
+
+def validate_pref_row(where: str, row: dict) -> dict:
+    """Check an UltraFeedback-binarized-schema row; returns it."""
+    for k in ("chosen", "rejected"):
+        if k not in row:
+            raise DataError(f"{where}: missing key {k!r} (UltraFeedback schema: prompt, prompt_id, chosen, "
+                            "rejected, score_chosen, score_rejected)")
+        _check_messages(where, k, row[k])
+        if row[k][-1]["role"] != "assistant":
+            raise DataError(f"{where}: {k!r} must end with an assistant message")
+    if row["chosen"][:-1] != row["rejected"][:-1]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' must share the messages before the last answer")
+    for k in ("score_chosen", "score_rejected"):
+        if k in row and row[k] is not None and not isinstance(row[k], (int, float)):
+            raise DataError(f"{where}: {k!r} must be a number")
+    return row
+
+
+def _where(path: str, n) -> str:
+    return n if isinstance(n, str) else f"{path}:{n}"
+
+
+def load_sft(path: str) -> List[dict]:
+    """Validated UltraChat-schema rows of a file, directory or glob."""
+    return [validate_sft_row(_where(path, n), r) for n, r in read_rows(path)]
+
+
+def load_pref(path: str) -> List[dict]:
+    """Validated UltraFeedback-binarized-schema rows of a file, directory or glob."""
+    return [validate_pref_row(_where(path, n), r) for n, r in read_rows(path)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing with the chat template
+# ----------------------------------------------------------------------------------------------
+
+def _template(tok, messages, *, generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode_messages(tok, messages: Sequence[dict], *, max_length: int, last_turn_only: bool = False,
+                    where: str = "") -> Dict[str, List[int]]:
+    """``{"input_ids", "labels"}`` for a conversation; labels supervise assistant turns.
+
+    Each assistant message ``i`` supervises the characters between the templated text of
+    ``messages[:i]`` (with the generation prompt) and that of ``messages[:i+1]``; tokens whose
+    character offsets start in such a span get their id as label, others -100. Needs a fast
+    tokenizer (offset mapping).
+    """
+    full = _template(tok, messages, generation_prompt=False)
+    spans = []
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if last_turn_only:
+        idx = idx[-1:]
+    for i in idx:
+        start_text = _template(tok, messages[:i], generation_prompt=True) if i else ""
+        end_text = _template(tok, messages[: i + 1], generation_prompt=False)
+        if not full.startswith(end_text) or not end_text.startswith(start_text):
+            raise DataError(f"{where}: the chat template is not prefix-consistent; cannot mask the prompt")
+        spans.append((len(start_text), len(end_text)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (a, _b) in enumerate(offsets):
+        if any(s <= a < e for s, e in spans):
+            labels[j] = ids[j]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def encode_sft(tok, rows: Sequence[dict], *, max_length: int) -> List[Dict[str, List[int]]]:
+    return [encode_messages(tok, r["messages"], max_length=max_length, where=str(r.get("prompt_id", "")))
+            for r in rows]
+
+
+def encode_pref(tok, rows: Sequence[dict], *, max_length: int) -> List[Dict[str, Dict[str, List[int]]]]:
+    return [{"chosen": encode_messages(tok, r["chosen"], max_length=max_length, last_turn_only=True),
+             "rejected": encode_messages(tok, r["rejected"], max_length=max_length, last_turn_only=True)}
+            for r in rows]
+
+
+def encode_text(tok, text: str, *, seq_length: int) -> List[Dict[str, List[int]]]:
+    """Plain-text pretraining examples: the text's tokens in windows of ``seq_length`` (all supervised)."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for s in range(0, max(1, len(ids) - 1), seq_length):
+        chunk = ids[s: s + seq_length]
+        if len(chunk) > 1:
+            out.append({"input_ids": chunk, "labels": list(chunk)})
+    return out
+
+
+def prompt_text(tok, messages: Sequence[dict]) -> str:
+    """Templated prompt (every message but the last assistant answer) with the generation prompt."""
+    msgs = list(messages)
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    return _template(tok, msgs, generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collators
+# ----------------------------------------------------------------------------------------------
+
+def collate(examples: Sequence[Dict[str, List[int]]], *, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example: ``input_ids``/``labels``/``attention_mask`` ``[B, T]`` int64.
+
+    ``labels`` are NOT shifted (``labels[t]`` is the token at ``t``); -100 on padding.
+    """
+    if not examples:
+        raise ValueError("collate: empty batch")
+    t = max(len(e["input_ids"]) for e in examples)
+    b = len(examples)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_pairs(examples: Sequence[Dict[str, Dict[str, List[int]]]], *, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Preference pairs as one ``[2B, T]`` batch: rows ``0..B-1`` chosen, ``B..2B-1`` rejected."""
+    return collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id=pad_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic, resumable sampling
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EpochSampler:
+    """Indices of batch ``k`` of a shuffled, epoch-based stream, as a pure function of ``k``.
+
+    Epoch ``e`` is ``randperm(n, generator=seed + e)``; batches of ``batch_size`` are drawn in
+    order and may span epoch boundaries. The data position is just the batch counter, so a run
+    resumed at step ``k`` sees exactly the batches an uninterrupted run would.
+    """
+
+    n: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        if self.n <= 0:
+            raise ValueError("EpochSampler: the data set is empty")
+        self._cache: Dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=g)}
+        return self._cache[epoch]
+
+    def batch(self, k: int) -> List[int]:
+        out = []
+        for j in range(k * self.batch_size, (k + 1) * self.batch_size):
+            epoch, pos = divmod(j, self.n)
+            out.append(int(self._perm(epoch)[pos]))
+        return out
+
+    def batches(self, start: int) -> Iterator[List[int]]:
+        k = start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+def shard(indices: Sequence[int], *, rank: int, world_size: int) -> List[int]:
+    """The contiguous slice of a global batch that process ``rank`` handles."""
+    n = len(indices)
+    if n % world_size:
+        raise ValueError(f"global batch {n} is not divisible by the world size {world_size}")
+    per = n // world_size
+    return list(indices[rank * per: (rank + 1) * per])
+
+
+def optional_path(p: Optional[str]) -> Optional[str]:
+    return p if p else None

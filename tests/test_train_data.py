@@ -1,0 +1,157 @@
+"""Data loaders, schema errors (file + line), prompt masking, collators, sampler, synthetic tasks."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from fdiv_kernels.train import data as D
+from fdiv_kernels.train import synthetic as S
+from fdiv_kernels.train.tokenizer import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _sft(p="add 1+2", a="3"):
+    return {"prompt": p, "prompt_id": "x", "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+
+
+def _pref(p="add 1+2", c="3", r="4"):
+    u = {"role": "user", "content": p}
+    return {"prompt": p, "prompt_id": "x", "chosen": [u, {"role": "assistant", "content": c}],
+            "rejected": [u, {"role": "assistant", "content": r}], "score_chosen": 9.0, "score_rejected": 2.0}
+
+
+def test_jsonl_and_parquet_loaders_agree(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [_sft("add 1+2", "3"), _sft("sort 321", "123")]
+    jl = _write(tmp_path / "a.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "a.parquet"))
+    assert D.load_sft(jl) == D.load_sft(str(tmp_path / "a.parquet")) == rows
+    prefs = [_pref(), _pref("reverse abc", "cba", "abc")]
+    pq.write_table(pa.Table.from_pylist(prefs), str(tmp_path / "p.parquet"))
+    assert D.load_pref(str(tmp_path / "p.parquet")) == prefs
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"prompt": "x"}), "missing key 'messages'"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant message"),
+    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), "unknown role"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}]}), "string 'role' and 'content'"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_malformed_sft_rows_name_file_and_line(tmp_path, bad, needle):
+    path = _write(tmp_path / "sft.jsonl", [_sft(), "", bad])  # the bad row is on line 3
+    with pytest.raises(D.DataError) as e:
+        D.load_sft(path)
+    assert f"{path}:3:" in str(e.value) and needle in str(e.value)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda r: r.pop("rejected"), "missing key 'rejected'"),
+    (lambda r: r["rejected"][0].update(content="other prompt"), "share the messages"),
+    (lambda r: r["chosen"].pop(), "must end with an assistant message"),
+    (lambda r: r.update(score_chosen="high"), "'score_chosen' must be a number"),
+])
+def test_malformed_pref_rows_name_file_and_line(tmp_path, mutate, needle):
+    bad = json.loads(json.dumps(_pref()))  # no shared message objects
+    mutate(bad)
+    path = _write(tmp_path / "pref.jsonl", [_pref(), bad])
+    with pytest.raises(D.DataError) as e:
+        D.load_pref(path)
+    assert f"{path}:2:" in str(e.value) and needle in str(e.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(D.DataError, match="no such file"):
+        D.load_sft(str(tmp_path / "nope.jsonl"))
+
+
+def test_prompt_tokens_are_masked(tok):
+    enc = D.encode_messages(tok, _sft("add 12+5", "17")["messages"], max_length=64)
+    ids, labels = enc["input_ids"], enc["labels"]
+    text = tok.decode(ids)
+    assert text == "<s><|user|>add 12+5<|assistant|>17</s>"
+    supervised = [i for i, lab in zip(ids, labels) if lab != D.IGNORE_INDEX]
+    assert tok.decode(supervised) == "17</s>"  # answer and end-of-turn only
+    assert all(lab in (D.IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+    assert labels[: len(ids) - 3] == [D.IGNORE_INDEX] * (len(ids) - 3)
+
+
+def test_multi_turn_supervises_every_assistant_turn_and_last_only_for_pairs(tok):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "add 1+1"},
+            {"role": "assistant", "content": "2"}]
+    enc = D.encode_messages(tok, msgs, max_length=128)
+    sup = tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
+    assert sup == "yo</s>2</s>"
+    enc = D.encode_messages(tok, msgs, max_length=128, last_turn_only=True)
+    assert tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]) == "2</s>"
+
+
+def test_truncation_and_right_padding(tok):
+    long = D.encode_messages(tok, _sft("reverse abcdefghij", "jihgfedcba")["messages"], max_length=20)
+    short = D.encode_messages(tok, _sft("add 1+2", "3")["messages"], max_length=20)
+    assert len(long["input_ids"]) == 20 and len(long["labels"]) == 20
+    b = D.collate([long, short], pad_id=tok.pad_token_id)
+    n = len(short["input_ids"])
+    assert b["input_ids"].shape == (2, 20)
+    assert b["attention_mask"][1].tolist() == [1] * n + [0] * (20 - n)
+    assert (b["input_ids"][1, n:] == tok.pad_token_id).all() and (b["labels"][1, n:] == -100).all()
+    assert b["input_ids"][1, :n].tolist() == short["input_ids"]
+    pairs = D.collate_pairs(D.encode_pref(tok, [_pref(), _pref("sort 31", "13", "31")], max_length=32),
+                            pad_id=tok.pad_token_id)
+    assert pairs["input_ids"].shape[0] == 4
+    assert tok.decode([i for i, lab in zip(pairs["input_ids"][2].tolist(), pairs["labels"][2].tolist())
+                       if lab != -100]) == "4</s>"  # row B + 0 is the first pair's rejected answer
+
+
+def test_epoch_sampler_is_a_pure_function_of_the_step():
+    s1, s2 = D.EpochSampler(10, 4, seed=3), D.EpochSampler(10, 4, seed=3)
+    seq = [s1.batch(k) for k in range(5)]
+    assert [s2.batch(k) for k in reversed(range(5))][::-1] == seq
+    flat = [i for b in seq for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert D.shard([0, 1, 2, 3], rank=1, world_size=2) == [2, 3]
+    with pytest.raises(ValueError, match="divisible"):
+        D.shard([0, 1, 2], rank=0, world_size=2)
+
+
+def test_synthetic_answers_checker_and_near_misses():
+    rng = random.Random(0)
+    for task in S.TASKS:
+        for _ in range(50):
+            p = S.make_problem(task, rng)
+            assert S.check_answer(p["prompt"], p["answer"]) and S.check_answer(p["prompt"], f" {p['answer']} ")
+            assert not S.check_answer(p["prompt"], S.near_miss(p, rng))
+    assert S.solve("add 23+45") == "68" and S.solve("reverse abc") == "cba"
+    assert S.solve("sort 5391") == "1359" and S.solve("count a in abaca") == "3"
+    with pytest.raises(ValueError):
+        S.solve("what is love")
+
+
+def test_generated_dataset_has_the_schemas_and_disjoint_held_out(tmp_path):
+    paths = S.generate_dataset(str(tmp_path), n_sft=40, n_pref=20, n_eval=12, n_pretrain=10, seed=1)
+    sft, pref = D.load_sft(paths["sft_train"]), D.load_pref(paths["dpo_train"])
+    ev, ev_pref = D.load_sft(paths["eval_prompts"]), D.load_pref(paths["eval_pref"])
+    assert len(sft) == 40 and len(pref) == 20 and len(ev) == 12 and len(ev_pref) == 12
+    held = {r["prompt"] for r in ev}
+    assert not held & ({r["prompt"] for r in sft} | {r["prompt"] for r in pref})
+    for r in pref:
+        assert S.check_answer(r["prompt"], r["chosen"][-1]["content"])
+        assert not S.check_answer(r["prompt"], r["rejected"][-1]["content"])
+        assert set(r) == {"prompt", "prompt_id", "chosen", "rejected", "score_chosen", "score_rejected"}
+    assert set(sft[0]) == {"prompt", "prompt_id", "messages"}
+    assert open(paths["pretrain"]).read().startswith("Q: ")
