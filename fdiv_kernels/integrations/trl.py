@@ -58,13 +58,20 @@ def _policy(model):
 
 
 def _prepare_ref(trainer, ref_model):
+    """Freeze, patch (fused per-token log-probs) and place the reference model as TRL's DPOTrainer does."""
     ref_model.eval()
     for p in ref_model.parameters():
         p.requires_grad_(False)
     if fk_hf.is_patched(ref_model):
         fk_hf.unapply(ref_model)
     fk_hf.apply(ref_model, divergence="sft")
-    return ref_model.to(trainer.accelerator.device)
+    from trl.models import prepare_deepspeed, prepare_fsdp
+
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(ref_model, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        return prepare_fsdp(ref_model, trainer.accelerator)
+    return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
 
 def _tp_size(trainer) -> int:
