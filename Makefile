@@ -21,5 +21,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --profile cpu
+	$(BIN)/python -m bench.update_readme
+
+.PHONY: bench-gpu
+bench-gpu: $(STAMP)
+	$(BIN)/python -m bench.run --profile gpu
+	$(BIN)/python -m bench.update_readme
+
 clean:
 	rm -rf $(VENV) build *.egg-info

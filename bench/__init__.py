@@ -1,0 +1,1 @@
+"""pytest-benchmark suites for fdiv_kernels (see docs/benchmarks.md). Run with ``make bench``."""
