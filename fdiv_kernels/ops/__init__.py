@@ -11,6 +11,11 @@ try:  # C++ CPU backend: registers "cpu"; builds lazily on first use, never at i
 except Exception as _exc:  # pragma: no cover - a broken optional backend must not break the package
     import logging as _logging
     _logging.getLogger("fdiv_kernels").warning("fdiv_kernels: cpu backend not registered: %s", _exc)
+try:  # CUDA backend: registers "cuda"; needs nvcc + a GPU, checked lazily on first use
+    from . import cuda_backend  # noqa: F401
+except Exception as _exc:  # pragma: no cover
+    import logging as _logging
+    _logging.getLogger("fdiv_kernels").warning("fdiv_kernels: cuda backend not registered: %s", _exc)
 from .backends import Backend, available_backends, get_backend, register_backend
 from .token_stats import TokenStats, TokenStatsFunction, token_stats, token_stats_from_logits
 

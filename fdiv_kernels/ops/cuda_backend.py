@@ -1,0 +1,113 @@
+"""The ``"cuda"`` backend: cuBLAS GEMMs per chunk + lean CUDA epilogues (``csrc/cuda``).
+
+Same contract as :mod:`fdiv_kernels.ops.torch_chunked`. Per chunk of ``chunk_rows(V)`` token rows:
+
+* forward: ``raw = h @ W.T`` (bf16/fp16 operands with a float32 output through
+  ``torch.mm(..., out_dtype=float32)``; float32 GEMM for float32 inputs), then one CUDA block per
+  row adds the bias, applies soft-cap/temperature and runs an online log-sum-exp that also
+  yields the label log-prob and the entropy (one read of the logits);
+* backward: ``raw`` is recomputed, an elementwise kernel writes the coefficient
+  ``dL/draw`` in the weight's dtype, and ``grad_hidden = coef @ W`` and ``grad_weight += coef^T h``
+  (float32 accumulators) use that same chunk.
+
+For bf16/fp16 inputs the coefficient is rounded to the input dtype before the two backward
+GEMMs (as in Liger and Cut Cross-Entropy), so gradients agree with the float32 reference to
+bf16/fp16 precision; forward values are computed from float32 logits. float64 inputs go to the
+torch reference. The extension is built on first use (needs nvcc; see docs/building.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import native, torch_chunked
+from .backends import Backend, register_backend
+
+#: logits per chunk (rows = CHUNK_ELEMENTS // V): 2**25 float32 = 128 MiB.
+CHUNK_ELEMENTS = int(os.environ.get("FDIV_CUDA_CHUNK_ELEMENTS", 2 ** 25))
+_state = {"mixed_gemm": os.environ.get("FDIV_CUDA_MIXED_GEMM", "1") != "0"}
+
+
+def chunk_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
+    ce = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    return max(1, ce // max(1, vocab_size))
+
+
+def _call(run):
+    """``run(mixed_gemm)`` with bf16/fp16 x bf16/fp16 -> fp32 GEMMs; if torch lacks them, fall back once."""
+    try:
+        return run(_state["mixed_gemm"])
+    except RuntimeError as exc:
+        if not _state["mixed_gemm"] or "dtype" not in str(exc).lower():
+            raise
+        _state["mixed_gemm"] = False
+        native.logger.warning("fdiv_kernels: cuda backend falls back to input-dtype GEMMs: %s", exc)
+        return run(False)
+
+
+def _is_reduced(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
+            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
+    """Contract forward; returns ``(logp[N], lse[N], entropy[N] | None)`` float32."""
+    if hidden.dtype == torch.float64:
+        return torch_chunked.forward(hidden, weight, bias, labels, softcap=softcap, temperature=temperature,
+                                     return_entropy=return_entropy)
+    mod = native.load("cuda")
+    with torch.no_grad(), torch.cuda.device(hidden.device):
+        stream = torch.cuda.current_stream(hidden.device).cuda_stream
+
+        def run(mixed):
+            return mod.forward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(),
+                               0.0 if softcap is None else float(softcap), float(temperature), bool(return_entropy),
+                               chunk_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
+
+        logp, lse, ent = _call(run)
+    return logp, lse, (ent if return_entropy else None)
+
+
+def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+             lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
+             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+    """Contract backward; returns ``(grad_hidden, grad_weight, grad_bias | None)`` float32."""
+    if hidden.dtype == torch.float64:
+        return torch_chunked.backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                                      softcap=softcap, temperature=temperature)
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("grad_entropy needs the entropy saved by forward(return_entropy=True)")
+    mod = native.load("cuda")
+    with torch.no_grad(), torch.cuda.device(hidden.device):
+        stream = torch.cuda.current_stream(hidden.device).cuda_stream
+
+        def run(mixed):
+            return mod.backward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(), lse,
+                                entropy if grad_entropy is not None else None, grad_logp, grad_lse, grad_entropy,
+                                0.0 if softcap is None else float(softcap), float(temperature),
+                                chunk_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
+
+        gh, gw, gb = _call(run)
+    return gh, gw, (gb if bias is not None else None)
+
+
+def is_available():
+    """Cheap checks first (torch CUDA build, a visible GPU), then the (cached) JIT build."""
+    if torch.version.cuda is None:
+        return False, f"this torch build ({torch.__version__}) has no CUDA support"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    return native.status("cuda")
+
+
+register_backend(Backend(
+    name="cuda",
+    forward=forward,
+    backward=backward,
+    device_types=("cuda",),
+    is_available=is_available,
+    priority=15,
+))
