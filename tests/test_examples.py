@@ -54,6 +54,12 @@ def test_trl_dpo():
     assert abs(first - 25.0) < 1e-3  # IPO at pi = pi_ref: (0 - 1/(2*0.1))**2
 
 
+def test_hf_patch_memory():
+    out = _run("hf_patch_memory.py")
+    m = re.search(r"hf: loss ([\d.]+).*fused: loss ([\d.]+)", out, re.S)
+    assert m and abs(float(m.group(1)) - float(m.group(2))) < 1e-5, out
+
+
 def test_deepspeed_zero3_config_is_valid():
     cfg = json.loads((EXAMPLES / "deepspeed_zero3.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 3

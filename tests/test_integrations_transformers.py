@@ -210,3 +210,16 @@ def test_output_carries_body_fields_and_pickles():
     assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (3, 11, 32)
     back = pickle.loads(pickle.dumps(fk_hf.FDivCausalLMOutput(loss=out.loss.detach(), token_logp=out.token_logp.detach())))
     assert isinstance(back, fk_hf.FDivCausalLMOutput) and torch.equal(back.token_logp, out.token_logp)
+
+
+def test_patched_forward_never_calls_the_head_module():
+    """With labels the [B, T, V] logits are never built: the LM head module is not called at all."""
+    model = fk_hf.apply(_make("Qwen2"))
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(a[2].shape))
+    ids, mask, labels = _batch(seed=8)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert calls == []
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # without labels: the original forward, with logits
+    assert calls == [(3, 11, V)]
