@@ -46,39 +46,53 @@ except ImportError:  # pragma: no cover - older triton
 """Whether these kernels were built for the Triton interpreter (read once, at import)."""
 
 # --------------------------------------------------------------------------------------------
-# Autotune lists. H100: 228 KiB shared memory, 132 SMs; configs that do not fit for a dtype are
-# dropped by the autotuner (OutOfResources). The keys are the shapes that change the best tile
-# (H and V); N varies from step to step and is left out so training does not re-tune.
+# Autotune lists, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per input element size.
+# H100: 228 KiB shared memory, 132 SMs. Chosen from sm_90a compiles (registers/spills, see
+# docs/triton.md): 16-bit inputs use wgmma-sized tiles; exact fp32 (FMA dots) needs smaller
+# tiles to stay out of local memory. The key is (H, V) (+ dtypes, added by triton): N varies
+# from step to step and is left out so that training does not re-tune.
 # --------------------------------------------------------------------------------------------
 
-if INTERPRET:
-    FWD_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=1, num_stages=1)]
-    BWD_H_CONFIGS = FWD_CONFIGS
-    BWD_W_CONFIGS = FWD_CONFIGS
-    SPLIT_ALIGN = 32
-else:  # pragma: no cover - needs a GPU
-    FWD_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-        for (bn, bv, bh, w, s) in [
-            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4),
-            (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 64, 64, 4, 3),
-        ]
-    ]
-    BWD_H_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-        for (bn, bv, bh, w, s) in [
-            (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-            (128, 64, 64, 4, 3), (32, 128, 64, 4, 3),
-        ]
-    ]
-    BWD_W_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-        for (bn, bv, bh, w, s) in [
-            (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-            (128, 64, 64, 4, 3), (64, 256, 64, 8, 3),
-        ]
-    ]
-    SPLIT_ALIGN = 256  # every BLOCK_V divides it, so vocabulary splits never share a tile
+_FWD = {
+    2: [(128, 128, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)],
+    4: [(32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 64, 64, 4, 3)],
+}
+_BWD_H = {
+    2: [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (32, 128, 64, 4, 3)],
+    4: [(32, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 64, 4, 3)],
+}
+_BWD_W = {
+    2: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)],
+    4: [(32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 128, 32, 4, 3)],
+}
+_INTERPRETER = [(16, 32, 16, 1, 1)]  # one small config: autotuning under the interpreter is too slow
+
+
+def _config(bn: int, bv: int, bh: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
+
+
+def _configs(by_size):
+    """``(configs, prune_configs_by)`` for triton.autotune: the union of the lists, pruned at
+    launch to the list of ``h_ptr``'s element size."""
+    if INTERPRET:
+        return [_config(*c) for c in _INTERPRETER], None
+    tuples = list(dict.fromkeys(t for lst in by_size.values() for t in lst))
+
+    def prune(configs, named_args, **kwargs):
+        wanted = set(by_size.get(named_args["h_ptr"].element_size(), by_size[4]))
+        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"],
+                                       c.num_warps, c.num_stages) in wanted]
+        return kept or configs
+
+    return [_config(*t) for t in tuples], {"early_config_prune": prune}
+
+
+FWD_CONFIGS, FWD_PRUNE = _configs(_FWD)
+BWD_H_CONFIGS, BWD_H_PRUNE = _configs(_BWD_H)
+BWD_W_CONFIGS, BWD_W_PRUNE = _configs(_BWD_W)
+SPLIT_ALIGN = 32 if INTERPRET else 256
+"""Vocabulary splits of the forward are multiples of this (every BLOCK_V divides it)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +190,7 @@ def _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, W
 # Forward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=FWD_CONFIGS, key=["H", "V"])
+@triton.autotune(configs=FWD_CONFIGS, key=["H", "V"], prune_configs_by=FWD_PRUNE)
 @triton.jit
 def token_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
@@ -240,7 +254,7 @@ def token_stats_fwd_kernel(
 # Backward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V"])
+@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V"], prune_configs_by=BWD_H_PRUNE)
 @triton.jit
 def token_stats_bwd_hidden_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr,
@@ -295,7 +309,7 @@ def token_stats_bwd_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V"])
+@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V"], prune_configs_by=BWD_W_PRUNE)
 @triton.jit
 def token_stats_bwd_weight_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gw_ptr, gb_ptr,
