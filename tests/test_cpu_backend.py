@@ -208,3 +208,20 @@ def test_native_module_rejects_bad_input():
         mod.forward(h, w.double(), None, torch.zeros(4, dtype=torch.long), 0.0, 1.0, False, 8)
     with pytest.raises(RuntimeError, match="expected hidden"):
         mod.forward(h, torch.randn(10, 9), None, torch.zeros(4, dtype=torch.long), 0.0, 1.0, False, 8)
+
+
+def test_missing_compiler_falls_back_to_torch(tmp_path):
+    """Without a compiler the cpu backend reports why, and auto picks "torch" (fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import fdiv_kernels as fk\n"
+            "from fdiv_kernels.ops.backends import get_backend\n"
+            "r = fk.available_backends('cpu')['cpu']\n"
+            "assert 'no C++ compiler' in r, r\n"
+            "assert get_backend('auto', 'cpu').name == 'torch'\n"
+            "print('ok')\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,0 +1,212 @@
+"""CPU benchmark of the fused LM-head primitive: naive full logits vs the "torch" and "cpu" backends.
+
+Standalone script (not pytest). Every (shape, implementation, mode) case runs in a fresh
+subprocess, so peak memory is that case's own: peak RSS (VmHWM, reset through
+/proc/self/clear_refs after a warm-up run) minus the RSS right before the timed runs. Time is the
+median over --reps runs after one warm-up.
+
+    .venv/bin/python bench/bench_cpu_backend.py                       # shapes A and B, table to stdout
+    .venv/bin/python bench/bench_cpu_backend.py --out bench/results/$(date +%F)-cpu-backend.md
+    .venv/bin/python bench/bench_cpu_backend.py --shapes S --impls torch,cpu,cpu:4194304 --reps 2
+
+Implementations: ``naive`` (h @ W.T materialised, logsumexp/gather by eager torch autograd),
+``torch`` (fk.token_stats backend="torch"), ``cpu`` (backend="cpu"), ``cpu:<elements>`` (the cpu
+backend with FDIV_CPU_CHUNK_ELEMENTS=<elements>). Modes: ``fwd`` (no grad) and ``fwd+bwd``
+(loss = mean(-logp) + 0.01 mean(lse^2) over supervised tokens, backward to hidden and weight).
+Shapes (10% of labels ignored, fp32): A = 4096 x 1024 x 32000, B = 8192 x 256 x 32000,
+S = 1024 x 512 x 32000 (quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {"A": (4096, 1024, 32000), "B": (8192, 256, 32000), "S": (1024, 512, 32000)}
+MODES = ("fwd", "fwd+bwd")
+
+
+# ------------------------------------------------------------------------------------------------
+# child: one case
+# ------------------------------------------------------------------------------------------------
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(args) -> None:
+    import torch
+
+    import fdiv_kernels as fk
+
+    n, h, v = SHAPES[args.shape]
+    torch.manual_seed(0)
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) / h ** 0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,))
+    labels[torch.rand(n) < 0.1] = -100
+    mask = labels != -100
+    count = mask.sum()
+    impl = args.impl.split(":")[0]
+
+    def stats():
+        if impl == "naive":
+            z = hidden @ weight.T
+            lse = torch.logsumexp(z, -1)
+            logp = z.gather(1, labels.clamp(min=0)[:, None]).squeeze(1) - lse
+            return torch.where(mask, logp, 0.0), torch.where(mask, lse, 0.0)
+        out = fk.token_stats(hidden, weight, labels, backend=impl)
+        return out.logp, out.lse
+
+    def run():
+        hidden.grad = weight.grad = None
+        if args.mode == "fwd":
+            with torch.no_grad():
+                stats()
+        else:
+            logp, lse = stats()
+            loss = -logp.sum() / count + 0.01 * (lse * lse).sum() / count
+            loss.backward()
+
+    run()  # warm-up (and, for the cpu backend, the extension load)
+    hidden.grad = weight.grad = None
+    peak_ok = _reset_peak()
+    base = _rss_kib("VmRSS")
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    peak = _rss_kib("VmHWM")
+    print(json.dumps(dict(times=times, peak_extra_mib=(peak - base) / 1024, peak_reset=peak_ok,
+                          threads=torch.get_num_threads())))
+
+
+# ------------------------------------------------------------------------------------------------
+# parent: all cases, table, report
+# ------------------------------------------------------------------------------------------------
+
+def _run_case(shape, impl, mode, reps) -> dict:
+    env = dict(os.environ)
+    if impl.startswith("cpu:"):
+        env["FDIV_CPU_CHUNK_ELEMENTS"] = impl.split(":")[1]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", shape, "--impl", impl, "--mode", mode,
+           "--reps", str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {shape}/{impl}/{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> list:
+    import torch
+
+    lines = []
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    blas = [l.strip() for l in torch.__config__.show().splitlines() if "Math Kernel" in l or "OpenBLAS" in l]
+    gcc = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    lines.append(f"- CPU: {model}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}")
+    lines.append(f"- python {platform.python_version()}, torch {torch.__version__}, {blas[0] if blas else 'BLAS ?'}")
+    lines.append(f"- compiler: {gcc[0] if gcc else '?'}; OS: {platform.platform()}")
+    return lines
+
+
+def _fmt_table(rows) -> list:
+    out = ["| shape | mode | implementation | median time (s) | min (s) | time vs naive | time vs torch backend "
+           "| peak extra RSS (MiB) | memory vs naive | memory vs torch backend |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['mode']} | {r['impl']} | {r['median']:.3f} | {r['min']:.3f} | "
+                   f"{r['rel_naive_t']:.2f} | {r['rel_torch_t']:.2f} | {r['mem']:.0f} | {r['rel_naive_m']:.2f} | "
+                   f"{r['rel_torch_m']:.2f} |")
+    return out
+
+
+def _parent(args) -> None:
+    impls = args.impls.split(",")
+    shapes = args.shapes.split(",")
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load0 = os.getloadavg()
+    results = []
+    for shape in shapes:
+        for mode in MODES:
+            case = {}
+            for impl in impls:
+                r = _run_case(shape, impl, mode, args.reps)
+                case[impl] = r
+                print(f"{shape} {mode:8s} {impl:12s} median {statistics.median(r['times']):.3f} s  "
+                      f"min {min(r['times']):.3f} s  peak +{r['peak_extra_mib']:.0f} MiB  "
+                      f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+            for impl, r in case.items():
+                med = statistics.median(r["times"])
+                base_n = case.get("naive")
+                base_t = case.get("torch")
+                rel = lambda x, b, key: (x / b) if b else float("nan")  # noqa: E731
+                results.append(dict(
+                    shape=f"{shape} {SHAPES[shape]}", mode=mode, impl=impl, median=med, min=min(r["times"]),
+                    mem=r["peak_extra_mib"],
+                    rel_naive_t=rel(med, statistics.median(base_n["times"]) if base_n else 0, "t"),
+                    rel_torch_t=rel(med, statistics.median(base_t["times"]) if base_t else 0, "t"),
+                    rel_naive_m=rel(r["peak_extra_mib"], base_n["peak_extra_mib"] if base_n else 0, "m"),
+                    rel_torch_m=rel(r["peak_extra_mib"], base_t["peak_extra_mib"] if base_t else 0, "m"),
+                ))
+    load1 = os.getloadavg()
+    table = _fmt_table(results)
+    print("\n".join(table))
+    if args.out:
+        cmd = " ".join([os.path.relpath(sys.executable)] + [os.path.relpath(__file__)] + sys.argv[1:])
+        doc = [f"# CPU backend benchmark ({started:%Y-%m-%d %H:%M} UTC)", "",
+               f"Command: `{cmd}`", "",
+               *_machine(),
+               f"- load average (1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
+               f"at end {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}"
+               + (" -- other jobs shared the cores, so times are noisy" if max(load0[0], load1[0]) > 2.5 else ""),
+               "", f"fp32, 10% of labels ignored, {args.reps} timed runs after one warm-up, each case in a fresh "
+               "subprocess; peak extra RSS = VmHWM (reset after the warm-up) minus VmRSS before the timed runs. "
+               "The weight gradient (V x H fp32) is part of every fwd+bwd peak.", "",
+               *table, ""]
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(doc))
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="A,B", help="comma list of A, B, S")
+    p.add_argument("--impls", default="naive,torch,cpu", help="comma list of naive, torch, cpu, cpu:<elements>")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=None, help="write a markdown report here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    _child(args) if args.child else _parent(args)
+
+
+if __name__ == "__main__":
+    main()
