@@ -159,6 +159,10 @@ def test_clear_errors_name_the_class():
     model.lm_head.weight = torch.nn.Parameter(torch.zeros(V, 32, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="LlamaForCausalLM.*quantized"):
         fk_hf.apply(model)
+    model = _make("Llama")
+    model.lm_head.lora_A = torch.nn.ModuleDict()  # what a LoRA-wrapped head looks like
+    with pytest.raises(TypeError, match="LlamaForCausalLM.*adapter"):
+        fk_hf.apply(model)
     with pytest.raises(ValueError, match="unknown divergence"):
         fk_hf.apply(_make("Llama"), divergence="wasserstein")
 

@@ -126,6 +126,10 @@ def head_of(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if head is None:
         raise TypeError(f"{cls}: cannot patch, get_output_embeddings() found no LM head "
                         f"(is this a *ForCausalLM model?)")
+    if any(hasattr(head, a) for a in ("lora_A", "base_layer", "modules_to_save")):
+        raise TypeError(f"{cls}: cannot patch, its LM head is wrapped by an adapter ({type(head).__name__}); "
+                        f"the fused head reads the plain weight and would ignore the adapter. Keep the LM head "
+                        f"out of the adapter's target modules")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{cls}: cannot patch, its LM head {type(head).__name__} has no weight tensor")
@@ -299,6 +303,9 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
 
     weight, bias = head_of(model)
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors: gather (differentiably)
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
     if shift_labels is None:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if ref_logp is not None and ref_logp.dim() == labels.dim() and ref_logp.shape[-1] == labels.shape[-1] + 1:
@@ -324,5 +331,5 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     extras = {f.name: getattr(body_out, f.name) for f in dataclasses.fields(FDivCausalLMOutput)
               if f.name not in _OWN_FIELDS and hasattr(body_out, f.name)}
     result = FDivCausalLMOutput(loss=loss, logits=None, token_logp=out.logp, token_lse=out.lse, reward=out.reward,
-                     value_s0=out.value_s0, loss_mask=out.mask, **extras)
+                                value_s0=out.value_s0, loss_mask=out.mask, **extras)
     return result if return_dict else result.to_tuple()
