@@ -38,9 +38,14 @@ from ..dpo import dpo_loss
 from . import transformers as fk_hf
 
 try:
+    import trl as _trl
     from trl import DPOTrainer, SFTTrainer
 except ImportError as e:  # pragma: no cover - exercised only without trl
-    raise ImportError("fdiv_kernels.integrations.trl needs TRL: pip install 'fdiv-kernels[trl]'") from e
+    raise ImportError("fdiv_kernels.integrations.trl needs TRL >= 1.0: pip install 'fdiv-kernels[trl]'") from e
+
+if int(_trl.__version__.split(".")[0]) < 1:  # pragma: no cover
+    raise ImportError(f"fdiv_kernels.integrations.trl is written against TRL 1.x (tested with 1.16); found "
+                      f"{_trl.__version__}. Upgrade TRL, or use fdiv_kernels.nn / integrations.transformers directly")
 
 __all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE"]
 
