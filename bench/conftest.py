@@ -3,9 +3,10 @@
 Options:
   --bench-profile cpu|tiny   shapes of the CPU set (bench/shapes.py); the GPU set is always
                              collected, marked ``gpu``, and skipped without CUDA.
-  --bench-mem subprocess|inprocess|off
-                             how peak memory is measured for the ce/div/dpo suites (scaling is
-                             always in-process, see docs/benchmarks.md).
+  --bench-mem inprocess|subprocess|off
+                             how peak memory is measured on CPU for the ce/div/dpo suites
+                             (default inprocess; scaling is always in-process; see
+                             docs/benchmarks.md).
 
 Every case is a :class:`bench.common.Case`; results go to pytest-benchmark's JSON
 (``--benchmark-json``) with the case, peak memory, correctness check and provenance in each
@@ -32,7 +33,7 @@ def pytest_addoption(parser):
     g = parser.getgroup("fdiv bench")
     g.addoption("--bench-profile", default=os.environ.get("FDIV_BENCH_PROFILE", "cpu"),
                 choices=sorted(p for p in PROFILES if p != "gpu"), help="shapes of the CPU set")
-    g.addoption("--bench-mem", default=os.environ.get("FDIV_BENCH_MEM", "subprocess"),
+    g.addoption("--bench-mem", default=os.environ.get("FDIV_BENCH_MEM", "inprocess"),
                 choices=("subprocess", "inprocess", "off"), help="peak-memory method (CPU)")
 
 
@@ -56,11 +57,12 @@ def _cases_for(suite: str, profile: str, device: str):
         for entry in spec[suite]:
             label, n, h, v, dt = entry[:5]
             seq = entry[5] if len(entry) > 5 else 0
+            modes = entry[6] if len(entry) > 6 else spec[f"{suite}_modes"]
             extras = [{"shape_label": label}]
             if suite == "div":
                 import fdiv_kernels as fk
                 extras = [{"shape_label": label, "divergence": d} for d in fk.DIVERGENCES]
-            for mode in spec[f"{suite}_modes"]:
+            for mode in modes:
                 for extra in extras:
                     probe = Case(suite, "", mode, n, h, v, dt, device, seq, extra=extra)
                     for impl in impls_for(probe):

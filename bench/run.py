@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     rc = subprocess.call(cmd, cwd=REPO, env=env)
     print(f"bench: pytest finished in {(dt.datetime.now() - t0).total_seconds():.0f} s (rc={rc})")
     if not os.path.exists(out):
-        print(f"bench: no results written ({out}): nothing ran", file=sys.stderr)
+        print(f"bench: nothing was measured (every case skipped or deselected), so no {out}", file=sys.stderr)
         return rc or (0 if gpu else 1)
     from . import report
     report.main([out])

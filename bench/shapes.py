@@ -7,27 +7,29 @@
   paper's Gemma-2 shape (N=8192, H=2304, V=256000, bf16).
 * ``tiny``: seconds, for the smoke test and for debugging the suite.
 
-Each entry: ``(label, n_tokens, hidden, vocab, dtype)``; row suites add ``seq`` (tokens per row).
+Each entry: ``(label, n_tokens, hidden, vocab, dtype[, seq[, modes]])``: ``seq`` = tokens per row
+(row suites; 0 = flat batch), ``modes`` overrides the suite's ``<suite>_modes`` for that entry.
+``rounds``: timed rounds per case (after one warm-up / correctness call).
 """
 
 from __future__ import annotations
 
 PROFILES = {
     "cpu": {
-        "rounds": 3,
+        "rounds": 2,
         "ce": [
             ("A/4 (design A, N/4)", 1024, 1024, 32000, "fp32"),
             ("B/4 (design B, N/4)", 2048, 256, 32000, "fp32"),
-            ("A/4 bf16", 1024, 1024, 32000, "bf16"),
+            ("A/4 bf16", 1024, 1024, 32000, "bf16", 0, ("fwdbwd",)),
         ],
         "ce_modes": ("fwd", "fwdbwd"),
         "div": [("4x128 tok", 512, 256, 32000, "fp32", 128)],
         "div_modes": ("fwdbwd",),
         "dpo": [("2x2x256 tok", 1024, 256, 32000, "fp32", 256)],
         "dpo_modes": ("fwdbwd",),
-        "scaling_tokens": {"h": 64, "v": 32000, "n": (1024, 2048, 4096, 8192, 16384, 32768),
+        "scaling_tokens": {"h": 32, "v": 32000, "n": (1024, 2048, 4096, 8192, 16384, 32768),
                            "naive_max_logit_bytes": 2 << 30},
-        "scaling_vocab": {"h": 64, "n": 2048, "v": (32000, 64000, 128000, 256000),
+        "scaling_vocab": {"h": 32, "n": 2048, "v": (32000, 64000, 128000, 256000),
                           "naive_max_logit_bytes": 2 << 30},
     },
     "gpu": {
