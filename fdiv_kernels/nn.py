@@ -25,9 +25,9 @@ from torch import nn as _tnn
 
 from . import _checks
 from .divergences import get_divergence
-from .primal import get_primal
 from .dpo import DPO_KINDS, F_DIVERGENCES, DPOOutput, dpo_loss
 from .losses import FORMS, LEVELS, REDUCTIONS, VALUE_MODES, LossOutput, loss, sequence_logp
+from .primal import get_primal
 
 __all__ = ["FDivLoss", "FusedLinearFDivLoss", "FusedLinearDPOLoss", "shift_for_causal_lm"]
 
