@@ -28,6 +28,7 @@ Options (process-wide, read at each launch, so wrap the backward too)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -56,11 +57,16 @@ class TritonOptions:
     logits) instead of exact fp32 FMA dots.
     ``v_splits``: number of vocabulary splits of the forward (each token block is processed by
     that many programs, merged afterwards); ``None`` = chosen from N, V and the SM count.
+    ``deterministic``: ``True`` (default) runs two backward kernels that each own their output
+    rows (bitwise reproducible); ``False`` runs one kernel per (token, vocabulary) tile that
+    recomputes the logits once and accumulates all gradients with fp32 atomics (faster, last
+    bits vary from run to run).
     """
 
     filter_eps: Optional[float] = None
     allow_tf32: bool = False
     v_splits: Optional[int] = None
+    deterministic: bool = True
 
 
 _options = TritonOptions()
@@ -86,6 +92,8 @@ def triton_options(**changes) -> Iterator[TritonOptions]:
     eps = changes.get("filter_eps")
     if eps is not None and not (0.0 < float(eps) < 1.0):
         raise ValueError(f"filter_eps must be None or in (0, 1), got {eps}")
+    if "deterministic" in changes and not isinstance(changes["deterministic"], bool):
+        raise ValueError(f"deterministic must be a bool, got {changes['deterministic']!r}")
     splits = changes.get("v_splits")
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"v_splits must be None or a positive int, got {splits!r}")
@@ -165,6 +173,11 @@ def _scalars(softcap: Optional[float], temperature: float) -> Tuple[float, float
     return (1.0 if softcap is None else float(softcap)), 1.0 / float(temperature)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def vocab_splits(n: int, v: int, *, align: int, device: torch.device) -> Tuple[int, int]:
     """``(splits, split_size)`` of the forward: ``split_size`` a multiple of ``align``, every
     split non-empty. Default: enough programs for ~2 waves of the GPU's SMs, each split at least
@@ -172,7 +185,7 @@ def vocab_splits(n: int, v: int, *, align: int, device: torch.device) -> Tuple[i
     want = _options.v_splits
     if want is None:
         if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
             token_blocks = max(1, math.ceil(n / 64))
             want = max(1, min(math.ceil(2 * sms / token_blocks), math.ceil(v / (4 * align))))
         else:
@@ -248,8 +261,9 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
              grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
     """``(grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)`` in float32.
 
-    Deterministic (no atomics): one kernel per output. ``grad_entropy`` needs the forward's
-    ``entropy``. Honours :func:`triton_options` ``filter_eps`` and ``allow_tf32``.
+    Deterministic by default (no atomics: one kernel per output); ``grad_entropy`` needs the
+    forward's ``entropy``. Honours :func:`triton_options` ``filter_eps``, ``allow_tf32`` and
+    ``deterministic``.
     """
     if hidden.dtype == torch.float64:
         return torch_chunked.backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
@@ -280,6 +294,19 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         FILTER=eps is not None, DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
     )
     b_arg = hidden if bias_c is None else bias_c
+    if not _options.deterministic:
+        grad_h.zero_()
+        grad_w.zero_()
+        if grad_b is not None:
+            grad_b.zero_()
+
+        def grid(meta):
+            return (math.ceil(n / meta["BLOCK_N"]), math.ceil(v / meta["BLOCK_V"]))
+
+        kern.token_stats_bwd_fused_atomic_kernel[grid](
+            hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_h, grad_w, grad_h if grad_b is None else grad_b,
+            n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)
+        return grad_h, grad_w, grad_b
     kern.token_stats_bwd_hidden_kernel[lambda meta: (math.ceil(n / meta["BLOCK_N"]),)](
         hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_h,
         n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)

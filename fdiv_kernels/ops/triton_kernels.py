@@ -49,21 +49,22 @@ except ImportError:  # pragma: no cover - older triton
 # Autotune lists, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per input element size.
 # H100: 228 KiB shared memory, 132 SMs. Chosen from sm_90a compiles (registers/spills, see
 # docs/triton.md): 16-bit inputs use wgmma-sized tiles; exact fp32 (FMA dots) needs smaller
-# tiles to stay out of local memory. The key is (H, V) (+ dtypes, added by triton): N varies
-# from step to step and is left out so that training does not re-tune.
+# tiles to stay out of local memory (TF32 dots, allow_tf32, use the same 4-byte list: not tuned
+# yet). The key is (H, V, INPUT_PRECISION) (+ dtypes, added by triton): N varies from step to
+# step and is left out so that training does not re-tune.
 # --------------------------------------------------------------------------------------------
 
 _FWD = {
     2: [(128, 128, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)],
-    4: [(32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 64, 64, 4, 3)],
+    4: [(32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3)],
 }
 _BWD_H = {
     2: [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (32, 128, 64, 4, 3)],
-    4: [(32, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 64, 4, 3)],
+    4: [(32, 64, 32, 4, 3), (32, 128, 32, 4, 3)],
 }
 _BWD_W = {
     2: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)],
-    4: [(32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 128, 32, 4, 3)],
+    4: [(32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 128, 32, 4, 3)],
 }
 _INTERPRETER = [(16, 32, 16, 1, 1)]  # one small config: autotuning under the interpreter is too slow
 
@@ -190,7 +191,7 @@ def _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, W
 # Forward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=FWD_CONFIGS, key=["H", "V"], prune_configs_by=FWD_PRUNE)
+@triton.autotune(configs=FWD_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=FWD_PRUNE)
 @triton.jit
 def token_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
@@ -254,7 +255,7 @@ def token_stats_fwd_kernel(
 # Backward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V"], prune_configs_by=BWD_H_PRUNE)
+@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_H_PRUNE)
 @triton.jit
 def token_stats_bwd_hidden_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr,
@@ -309,7 +310,7 @@ def token_stats_bwd_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V"], prune_configs_by=BWD_W_PRUNE)
+@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_W_PRUNE)
 @triton.jit
 def token_stats_bwd_weight_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gw_ptr, gb_ptr,
@@ -365,3 +366,70 @@ def token_stats_bwd_weight_kernel(
         tl.debug_barrier()
     if HAS_BIAS:
         tl.store(gb_ptr + cols, gb, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, non-deterministic variant (triton_options(deterministic=False)).
+# --------------------------------------------------------------------------------------------
+
+_BWD_FUSED = {
+    2: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
+    4: [(32, 64, 32, 4, 3), (32, 128, 32, 4, 3)],
+}
+BWD_FUSED_CONFIGS, BWD_FUSED_PRUNE = _configs(_BWD_FUSED)
+
+
+@triton.autotune(configs=BWD_FUSED_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_FUSED_PRUNE,
+                 reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"])
+@triton.jit
+def token_stats_bwd_fused_atomic_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr, gw_ptr, gb_ptr,
+    N, V, H, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """All three gradients from one recomputed logit tile, accumulated with fp32 atomics.
+
+    Grid (token blocks, vocabulary blocks); program (i, j) forms dL/draw for its tile and adds
+    ``dL/draw @ W[cols]`` into ``grad_hidden[rows]``, ``dL/draw^T @ h[rows]`` into
+    ``grad_weight[cols]`` and its column sums into ``grad_bias[cols]`` with ``tl.atomic_add``
+    (outputs zeroed beforehand). One logit recompute instead of two, but the summation order,
+    and so the last bits of the result, depends on scheduling. Filtering as in the
+    deterministic kernels (the bias gradient is never filtered).
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < N
+    cmask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
+                                              WITH_ENTROPY)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                    HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    valid = rmask[:, None] & cmask[None, :]
+    is_label = (cols[None, :] == y[:, None]) & valid
+    dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
+                           HAS_SOFTCAP, WITH_ENTROPY)
+    if HAS_BIAS:
+        tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=cmask)
+    dzc = dz.to(w_ptr.dtype.element_ty)
+    if DOT_FP32:
+        dzc = dzc.to(tl.float32)
+    dzt = tl.trans(dzc)
+    for h0 in range(0, _kept_extent(H, p, y, rmask, pid_v * BLOCK_V, pid_v * BLOCK_V + BLOCK_V, filter_eps,
+                                    FILTER), BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        hk = ks[None, :] < H
+        wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
+        ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :], mask=rmask[:, None] & hk, other=0.0)
+        if DOT_FP32:
+            wt = wt.to(tl.float32)
+            ht = ht.to(tl.float32)
+        tl.atomic_add(gh_ptr + rows64[:, None] * H + ks[None, :],
+                      tl.dot(dzc, wt, input_precision=INPUT_PRECISION), mask=rmask[:, None] & hk)
+        tl.atomic_add(gw_ptr + cols64[:, None] * H + ks[None, :],
+                      tl.dot(dzt, ht, input_precision=INPUT_PRECISION), mask=cmask[:, None] & hk)
