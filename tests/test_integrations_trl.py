@@ -7,7 +7,6 @@ FDivDPOTrainer == TRL's DPOTrainer for sigmoid, ipo and JS f-DPO (same batch, an
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ datasets = pytest.importorskip("datasets")
 
 from fdiv_kernels.integrations.trl import FDivDPOTrainer, FDivSFTTrainer  # noqa: E402
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # TRL/transformers deprecations
 
 WORDS = "the cat dog sat on mat a ran fast slow big small red blue and then".split()
 
