@@ -49,10 +49,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "trl": ["trl>=0.19", "datasets", "accelerate"],
+        "trl": ["trl>=1.0", "datasets", "accelerate"],
         "deepspeed": ["deepspeed"],
         "peers": PEERS,
-        "dev": TEST + PEERS + ["triton>=3.0", "trl>=0.19", "datasets", "accelerate"],
+        "dev": TEST + PEERS + ["triton>=3.0", "trl>=1.0", "datasets", "accelerate"],
     },
     entry_points={
         "console_scripts": [
