@@ -7,6 +7,7 @@ Shapes are tiny and odd (tile edges everywhere): the interpreter is slow.
 
 import os
 
+_SET_HERE = "TRITON_INTERPRET" not in os.environ
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402
@@ -22,6 +23,15 @@ from fdiv_kernels.ops import get_backend, triton_backend  # noqa: E402
 from fdiv_kernels.ops.triton_backend import triton_options  # noqa: E402
 
 triton_backend.register()  # fdiv_kernels may have been imported before TRITON_INTERPRET was set
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_environment():
+    """Leave no TRITON_INTERPRET behind for later test modules (and their subprocesses)."""
+    yield
+    if _SET_HERE:
+        os.environ.pop("TRITON_INTERPRET", None)
+        triton_backend.register()
 
 if triton_backend.interpret_mode():
     DEVICE = "cpu"
@@ -161,11 +171,15 @@ def test_without_entropy_and_large_logits():
 
 
 def test_vocab_splits_merge():
-    """Forward over 3 vocabulary splits (merged on the host) equals the single-split forward."""
-    hidden, weight, bias, labels, coef = make_inputs(19, 17, 200, seed=5)
+    """Forward over 3 vocabulary splits (merged afterwards) equals the single-split forward."""
     assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (1, 224)
     with triton_options(v_splits=3):
         assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (3, 96)
+    align = triton_backend._kernels().SPLIT_ALIGN
+    v = 6 * align + 8  # 3 splits of 2 alignment units, the last one partial
+    hidden, weight, bias, labels, coef = make_inputs(19, 17, v, seed=5)
+    with triton_options(v_splits=3):
+        assert triton_backend.vocab_splits(19, v, align=align, device=hidden.device)[0] == 3
         split = fk.token_stats(hidden, weight, labels, bias=bias, return_entropy=True, backend="triton")
     single = fk.token_stats(hidden, weight, labels, bias=bias, return_entropy=True, backend="triton")
     ref_vals, _ = oracle(hidden, weight, bias, labels, coef)
@@ -265,7 +279,7 @@ def _filter_bound(hidden, weight, bias, labels, coef, eps):
     onehot = torch.zeros_like(p).scatter_(1, labels[valid, None], 1.0)
     droppable = (p < eps) & (onehot == 0)
     a = (dz.abs() * droppable)
-    bound_h = torch.zeros(hidden.shape, dtype=torch.float64)
+    bound_h = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
     bound_h[valid] = a @ w.abs()
     return bound_h, a.T @ h.abs()
 

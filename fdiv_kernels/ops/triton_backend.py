@@ -15,8 +15,9 @@ fp64 dot has no tensor-core path; see docs/triton.md).
 
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` (the Triton interpreter:
 slow, for tests). ``backend="auto"`` picks this backend on CUDA (priority 20) and never on CPU
-(priority -10 under the interpreter). The mode is read when the backend is registered, which
-happens at import; call :func:`register` again after changing ``TRITON_INTERPRET``.
+(priority -10 under the interpreter). The device types and priority are fixed when the backend
+is registered (at import); call :func:`register` again after changing ``TRITON_INTERPRET``.
+The kernels themselves follow the variable at each call.
 
 Options (process-wide, read at each launch, so wrap the backward too)::
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import math
 import os
@@ -118,15 +120,14 @@ _kernels_module = None
 
 
 def _kernels():
-    """Import the kernel module on first use and check it matches the current mode."""
+    """The kernel module, imported on first use and re-imported if ``TRITON_INTERPRET`` changed
+    since (``@triton.jit`` fixes interpreter vs compiled mode when the module is executed)."""
     global _kernels_module
     if _kernels_module is None:
         from . import triton_kernels
         _kernels_module = triton_kernels
     if _kernels_module.INTERPRET != interpret_mode():
-        raise RuntimeError(
-            f"the triton kernels were loaded with TRITON_INTERPRET={int(_kernels_module.INTERPRET)} but it is "
-            f"now {os.environ.get('TRITON_INTERPRET', '0')!r}; set it before the first triton call")
+        _kernels_module = importlib.reload(_kernels_module)
     return _kernels_module
 
 
