@@ -115,7 +115,8 @@ def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignore_frac=0.2, sca
 
 def assert_close(actual, expected, *, atol=ATOL, rtol=RTOL, what=""):
     assert actual is not None and expected is not None, what
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ Kernels (one job each, none materialises an ``[N, V]`` tensor):
   ``grad_hidden[rows] += dL/draw[rows, tile] @ W[tile]``.
 * :func:`token_stats_bwd_weight_kernel`: grid over vocabulary blocks, loop over token tiles:
   ``grad_weight[cols] += dL/draw[:, cols]^T @ h`` and ``grad_bias[cols] += sum_n dL/draw``.
+* :func:`token_stats_bwd_fused_atomic_kernel` (opt-in, ``deterministic=False``): grid over
+  (token, vocabulary) tiles, one logit recompute, all three gradients by fp32 atomic adds.
 
-The two backward kernels write disjoint rows of their outputs and accumulate in a fixed order,
+The two deterministic backward kernels write disjoint rows of their outputs and accumulate in a fixed order,
 so the backward is deterministic without atomics. Their fp32 accumulators live in the output
 buffers (each program owns its rows; a CTA barrier orders the read-modify-write between
 vocabulary/token tiles), because an ``[BLOCK, H]`` register accumulator does not fit for large H.
@@ -116,7 +118,8 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
     """Logit tile ``z[rows, cols] = cap(h[rows] @ W[cols]^T + b[cols]) / T`` in fp32.
 
     Out-of-range rows/columns give finite values the callers mask. The backward recovers
-    ``tanh(raw / c) = z T / c`` from ``z`` (a second tile would cost registers). ``h`` is ``[N, H]`` and ``W`` ``[V, H]``, both row-major.
+    ``tanh(raw / c) = z T / c`` from ``z`` (a second tile would cost registers). ``h`` is
+    ``[N, H]`` and ``W`` ``[V, H]``, both row-major.
     """
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
@@ -297,7 +300,8 @@ def token_stats_bwd_hidden_kernel(
             dzc = dzc.to(tl.float32)
         cols64 = cols.to(tl.int64)
         # a filtered tile runs this loop zero times (a branch around it costs registers)
-        for h0 in range(0, _kept_extent(H, p, y, rmask, v0, v0 + BLOCK_V, filter_eps, FILTER), BLOCK_H):
+        h_end = _kept_extent(H, p, y, rmask, v0, v0 + BLOCK_V, filter_eps, FILTER)
+        for h0 in range(0, h_end, BLOCK_H):
             ks = h0 + tl.arange(0, BLOCK_H)
             hk = ks[None, :] < H
             wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
@@ -353,7 +357,8 @@ def token_stats_bwd_weight_kernel(
         if DOT_FP32:
             dzt = dzt.to(tl.float32)
         rows64 = rows.to(tl.int64)
-        for h0 in range(0, _kept_extent(H, p, y, rmask, pid * BLOCK_V, pid * BLOCK_V + BLOCK_V, filter_eps, FILTER), BLOCK_H):
+        h_end = _kept_extent(H, p, y, rmask, pid * BLOCK_V, pid * BLOCK_V + BLOCK_V, filter_eps, FILTER)
+        for h0 in range(0, h_end, BLOCK_H):
             ks = h0 + tl.arange(0, BLOCK_H)
             hk = ks[None, :] < H
             ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :], mask=rmask[:, None] & hk, other=0.0)
