@@ -333,6 +333,19 @@ def test_triton_options_validation():
     assert triton_backend.get_options().filter_eps is None
 
 
+def test_backend_level_errors():
+    hidden, weight, bias, labels, coef = make_inputs(6, 8, 20, ignore_frac=0.0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        triton_backend.forward(hidden, weight.half(), None, labels)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        triton_backend.forward(hidden.int(), weight.int(), None, labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \[N\]"):
+        triton_backend.forward(hidden, weight, None, labels[:3])
+    logp, lse, _ = triton_backend.forward(hidden, weight, None, labels)
+    with pytest.raises(ValueError, match="grad_entropy was given"):
+        triton_backend.backward(hidden, weight, None, labels, lse, None, coef[0], coef[1], coef[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses, registration, availability.
 # ----------------------------------------------------------------------------------------------
