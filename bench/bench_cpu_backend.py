@@ -1,9 +1,10 @@
 """CPU benchmark of the fused LM-head primitive: naive full logits vs the "torch" and "cpu" backends.
 
 Standalone script (not pytest). Every (shape, implementation, mode) case runs in a fresh
-subprocess, so peak memory is that case's own: peak RSS (VmHWM, reset through
-/proc/self/clear_refs after a warm-up run) minus the RSS right before the timed runs. Time is the
-median over --reps runs after one warm-up.
+subprocess, so peak memory is that case's own: peak RSS during the first run (VmHWM, reset
+through /proc/self/clear_refs once the inputs exist) minus the RSS right before it, so memory that
+the allocator keeps cached from earlier runs cannot hide a peak. Time is the median over --reps
+runs after that first (warm-up) run.
 
     .venv/bin/python bench/bench_cpu_backend.py                       # shapes A and B, table to stdout
     .venv/bin/python bench/bench_cpu_backend.py --out bench/results/$(date +%F)-cpu-backend.md
@@ -88,16 +89,19 @@ def _child(args) -> None:
             loss = -logp.sum() / count + 0.01 * (lse * lse).sum() / count
             loss.backward()
 
-    run()  # warm-up (and, for the cpu backend, the extension load)
+    if impl == "cpu":
+        from fdiv_kernels.ops import native
+        native.load("cpu")  # load the extension before the memory baseline
     hidden.grad = weight.grad = None
     peak_ok = _reset_peak()
     base = _rss_kib("VmRSS")
+    run()  # first run: peak memory (nothing cached from earlier runs), and the warm-up
+    peak = _rss_kib("VmHWM")
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    peak = _rss_kib("VmHWM")
     print(json.dumps(dict(times=times, peak_extra_mib=(peak - base) / 1024, peak_reset=peak_ok,
                           threads=torch.get_num_threads())))
 
@@ -185,7 +189,7 @@ def _parent(args) -> None:
                f"at end {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}"
                + (" -- other jobs shared the cores, so times are noisy" if max(load0[0], load1[0]) > 2.5 else ""),
                "", f"fp32, 10% of labels ignored, {args.reps} timed runs after one warm-up, each case in a fresh "
-               "subprocess; peak extra RSS = VmHWM (reset after the warm-up) minus VmRSS before the timed runs. "
+               "subprocess; peak extra RSS = VmHWM during the first (warm-up) run minus VmRSS before it. "
                "The weight gradient (V x H fp32) is part of every fwd+bwd peak.", "",
                *table, ""]
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

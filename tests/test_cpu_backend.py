@@ -130,16 +130,25 @@ def test_large_logits_stay_finite():
     torch.testing.assert_close(vals[0].double(), ref[0].detach(), atol=2e-3, rtol=1e-6)
 
 
-def test_multiple_chunks(monkeypatch):
-    """Chunks of 7 rows over 50 rows (a remainder chunk too) give the single-chunk answer."""
+def test_multiple_tiles(monkeypatch):
+    """Tiles of 16 rows x 18 columns over [50, 64] logits (remainders on both axes) give the one-tile answer."""
     hidden, weight, b, labels = _inputs(50, 20, 64, torch.float32, bias=True)
     kw = dict(softcap=3.0, temperature=1.3, entropy=True)
     vals_one, grads_one = _run("cpu", hidden, weight, b, labels, **kw)
-    monkeypatch.setattr(cpu_backend, "CHUNK_ELEMENTS", 7 * 64)
-    assert cpu_backend.chunk_rows(64) == 7
+    assert cpu_backend.tile_shape(50, 64) == (50, 64)
+    monkeypatch.setattr(cpu_backend, "CHUNK_ELEMENTS", 300)
+    assert cpu_backend.tile_shape(50, 64) == (16, 18)
     vals_many, grads_many = _run("cpu", hidden, weight, b, labels, **kw)
     for a, r in zip(vals_one + grads_one, vals_many + grads_many):
         torch.testing.assert_close(a, r, **FP32_TOL)
+
+
+def test_tile_shapes():
+    ts = cpu_backend.tile_shape
+    assert ts(4096, 32000, 2 ** 22) == (2048, 2048)
+    assert ts(100, 32000, 2 ** 22) == (100, 32000)   # short input: whole rows
+    assert ts(10_000, 50, 2 ** 22) == (10_000, 50)    # narrow vocabulary: all rows at once
+    assert ts(1, 7, 1) == (1, 1)
 
 
 def test_all_rows_ignored():

@@ -8,15 +8,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fdiv_kernels CPU backend: fused LM head + log-softmax statistics (forward/backward)";
   m.def("forward", &fdivk::forward_cpu,
         "(hidden[N,H], weight[V,H], bias[V]|None, labels[N] int64, softcap (<=0: none), temperature, "
-        "return_entropy, chunk_rows) -> (logp[N], lse[N], entropy[N]|None), float32",
+        "return_entropy, chunk_elements) -> (logp[N], lse[N], entropy[N]|None), float32",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("softcap"),
-        py::arg("temperature"), py::arg("return_entropy"), py::arg("chunk_rows"));
+        py::arg("temperature"), py::arg("return_entropy"), py::arg("chunk_elements"));
   m.def("backward", &fdivk::backward_cpu,
         "(hidden, weight, bias|None, labels, lse, entropy|None, grad_logp, grad_lse, grad_entropy|None, "
-        "softcap, temperature, chunk_rows) -> (grad_hidden[N,H], grad_weight[V,H], grad_bias[V]|None), float32",
+        "softcap, temperature, chunk_elements) -> (grad_hidden[N,H], grad_weight[V,H], grad_bias[V]|None), float32",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("lse"),
         py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_lse"), py::arg("grad_entropy"),
-        py::arg("softcap"), py::arg("temperature"), py::arg("chunk_rows"));
+        py::arg("softcap"), py::arg("temperature"), py::arg("chunk_elements"));
   m.def("exp_approx", &fdivk::exp_approx, "elementwise exp approximation used by the epilogues (float32)");
   m.def("tanh_approx", &fdivk::tanh_approx, "elementwise tanh approximation used by the epilogues (float32)");
 }

@@ -1,15 +1,16 @@
-// CPU kernels of the fused LM-head primitive: per chunk of token rows, one GEMM through ATen
-// (MKL/OpenBLAS) into a reused float32 logits buffer, then a fused epilogue per row, in parallel
-// over rows with at::parallel_for. Only one chunk of logits is ever alive.
+// CPU kernels of the fused LM-head primitive. The [N, V] logits are visited in tiles of
+// [rows, cols] (a block of token rows x a slice of the vocabulary, rows * cols <= chunk_elements):
+// one GEMM per tile through ATen (MKL/OpenBLAS) into a reused float32 buffer, then a fused
+// epilogue per row segment, rows in parallel with at::parallel_for. Only one tile is ever alive.
 //
-// Forward epilogue (per row, two passes over an L2-resident row):
-//   pass 1: z = cap(raw) / T in place, m = max z
-//   pass 2: s = sum exp(z - m), t = sum exp(z - m) (z - m)
+// Forward (per row, online over the vocabulary tiles):
+//   segment: z = cap(raw) / T in place, m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)
+//   merged across tiles by rescaling to the common max; at the end
 //   lse = m + log s,  logp = z[y] - lse,  ent = log s - t / s   (= lse - sum p z, no cancellation)
-// Backward epilogue (per row, one pass, in place): with d = dz/draw = (1 - tanh^2) / T (or 1 / T)
+// Backward (per row segment, one pass, in place): with d = dz/draw = (1 - tanh^2) / T (or 1 / T)
 //   coef = d * (p (k - g) - e p (z - (lse - ent))),  coef[y] += d[y] g,   p = exp(z - lse)
-// then grad_hidden[chunk] = coef @ W and grad_weight += coef^T @ h on the same chunk, and
-// grad_bias += sum_rows coef.
+// then grad_hidden[block] += coef @ W[tile] and grad_weight[tile] += coef^T @ h[block] on the same
+// recomputed tile, and grad_bias[tile] += sum_rows coef.
 //
 // See docs/building.md for the build and the design notes.
 
@@ -26,7 +27,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 // Row epilogues are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
 // (GCC function multi-versioning), so one build runs everywhere and uses wide vectors.
@@ -103,50 +106,69 @@ struct Transform {
 // Row epilogues
 // ---------------------------------------------------------------------------------------------
 
-struct RowStats {
-  float lse, logp, ent;
+// Online softmax state of one row over the vocabulary tiles seen so far:
+// m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m).
+struct Online {
+  float m = -INFINITY, s = 0.0f, t = 0.0f;
 };
 
-FDIV_CLONES RowStats forward_row(float* __restrict z, int64_t V, int64_t y, const Transform& tf) {
+inline void merge_into(Online& acc, const Online& o) {
+  if (o.s == 0.0f) return;
+  if (acc.s == 0.0f) {
+    acc = o;
+    return;
+  }
+  const float m = acc.m > o.m ? acc.m : o.m;
+  const float ea = std::exp(acc.m - m), eo = std::exp(o.m - m);
+  acc.t = ea * (acc.t + (acc.m - m) * acc.s) + eo * (o.t + (o.m - m) * o.s);
+  acc.s = ea * acc.s + eo * o.s;
+  acc.m = m;
+}
+
+// Transforms one row segment of raw logits in place (z = cap(raw) / T) and returns its state.
+FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transform& tf) {
   float m = -INFINITY;
   if (tf.has_cap) {
     const float scale = tf.cap * tf.inv_t;
 #pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < V; ++v) {
+    for (int64_t v = 0; v < n; ++v) {
       const float zv = scale * tanh_f(z[v] * tf.inv_cap);
       z[v] = zv;
       m = zv > m ? zv : m;
     }
   } else if (tf.inv_t != 1.0f) {
 #pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < V; ++v) {
+    for (int64_t v = 0; v < n; ++v) {
       const float zv = z[v] * tf.inv_t;
       z[v] = zv;
       m = zv > m ? zv : m;
     }
   } else {
 #pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < V; ++v) m = z[v] > m ? z[v] : m;
+    for (int64_t v = 0; v < n; ++v) m = z[v] > m ? z[v] : m;
   }
   float s = 0.0f, t = 0.0f;
 #pragma omp simd reduction(+ : s, t)
-  for (int64_t v = 0; v < V; ++v) {
+  for (int64_t v = 0; v < n; ++v) {
     const float d = z[v] - m;
     const float ev = exp_f(d);
     s += ev;
     t += ev * d;
   }
-  const float log_s = std::log(s);
-  const float lse = m + log_s;
-  return RowStats{lse, z[y] - lse, log_s - t / s};
+  Online o;
+  o.m = m;
+  o.s = s;
+  o.t = t;
+  return o;
 }
 
-// Overwrites the raw logits row with dL/draw. a = k - g, e = dL/dent, mean_z = lse - ent.
-FDIV_CLONES void backward_row(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse, float g,
-                  float a, float e, float mean_z) {
+// Overwrites one row segment of raw logits with dL/draw. a = k - g, e = dL/dent,
+// mean_z = lse - ent; y = the label's column within the segment, or -1 when it lies elsewhere.
+FDIV_CLONES void backward_segment(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse,
+                                  float g, float a, float e, float mean_z) {
   // derivative of the transform at the label, before the row is overwritten
   float d_y = tf.inv_t;
-  if (tf.has_cap) {
+  if (y >= 0 && tf.has_cap) {
     const float th = tanh_f(c[y] * tf.inv_cap);
     d_y = (1.0f - th * th) * tf.inv_t;
   }
@@ -168,7 +190,7 @@ FDIV_CLONES void backward_row(float* __restrict c, int64_t V, int64_t y, const T
       c[v] = inv_t * p * (a - e * (zv - mean_z));
     }
   }
-  c[y] += d_y * g;
+  if (y >= 0) c[y] += d_y * g;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -176,7 +198,7 @@ FDIV_CLONES void backward_row(float* __restrict c, int64_t V, int64_t y, const T
 // ---------------------------------------------------------------------------------------------
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& labels, double softcap, double temperature, int64_t chunk_rows) {
+                  const at::Tensor& labels, double softcap, double temperature, int64_t chunk_elements) {
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(),
               "fdiv cpu backend: tensors must be on the CPU");
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
@@ -196,7 +218,7 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std:
                 bias->sizes());
   }
   TORCH_CHECK(temperature > 0, "fdiv cpu backend: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(chunk_rows >= 1, "fdiv cpu backend: chunk_rows must be >= 1, got ", chunk_rows);
+  TORCH_CHECK(chunk_elements >= 1, "fdiv cpu backend: chunk_elements must be >= 1, got ", chunk_elements);
   (void)softcap;
 }
 
@@ -214,14 +236,34 @@ std::optional<at::Tensor> f32_bias(const std::optional<at::Tensor>& bias) {
   return bias->to(at::kFloat).contiguous();
 }
 
-// raw logits of rows [s, s + rows) into buf[:rows] (float32)
-at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& h, const at::Tensor& w,
-                        const std::optional<at::Tensor>& b) {
-  at::Tensor out = buf.narrow(0, 0, h.size(0));
+// Tile sizes: a [rows, cols] float32 logits tile with rows * cols <= chunk_elements. Square-ish
+// tiles minimise memory traffic: every token block streams the weight (and read-modify-writes
+// grad_weight) once, every vocabulary tile streams the hidden block (and grad_hidden) once, so
+// traffic ~ N V H (1/rows + 1/cols); rows = cols = sqrt(chunk) when the problem allows.
+struct Tiling {
+  int64_t rows, cols;
+};
+
+Tiling pick_tiling(int64_t N, int64_t V, int64_t chunk_elements) {
+  int64_t side = 1;
+  while ((side * 2) * (side * 2) <= chunk_elements) side *= 2;
+  Tiling t;
+  t.rows = std::max<int64_t>(1, std::min(N, side));
+  t.cols = std::max<int64_t>(1, std::min(V, chunk_elements / t.rows));
+  // spare budget (narrow vocabulary) goes to more rows
+  t.rows = std::max<int64_t>(1, std::min(N, std::max(t.rows, chunk_elements / t.cols)));
+  return t;
+}
+
+// raw logits of one tile: h_blk [rows, H] x W[v0 : v0 + cols]^T (+ bias) into buf, as [rows, cols]
+at::Tensor tile_logits(at::Tensor& buf, const at::Tensor& h_blk, const at::Tensor& w_tile,
+                       const std::optional<at::Tensor>& b, int64_t v0) {
+  const int64_t rows = h_blk.size(0), cols = w_tile.size(0);
+  at::Tensor out = buf.narrow(0, 0, rows * cols).view({rows, cols});
   if (b.has_value()) {
-    at::addmm_out(out, *b, h, w.t());
+    at::addmm_out(out, b->narrow(0, v0, cols), h_blk, w_tile.t());
   } else {
-    at::mm_out(out, h, w.t());
+    at::mm_out(out, h_blk, w_tile.t());
   }
   return out;
 }
@@ -234,40 +276,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& hid
                                                            const std::optional<at::Tensor>& bias,
                                                            const at::Tensor& labels, double softcap,
                                                            double temperature, bool return_entropy,
-                                                           int64_t chunk_rows) {
-  check_inputs(hidden, weight, bias, labels, softcap, temperature, chunk_rows);
+                                                           int64_t chunk_elements) {
+  check_inputs(hidden, weight, bias, labels, softcap, temperature, chunk_elements);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
   at::Tensor ent = return_entropy ? at::empty({N}, f32) : at::Tensor();
   if (N == 0) return {logp, lse, ent};
 
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const bool f32_in = weight.scalar_type() == at::kFloat;
   const auto b = f32_bias(bias);
   const at::Tensor y = labels.contiguous();
   const Transform tf = make_transform(softcap, temperature);
-  const int64_t step = std::min(N, chunk_rows);
-  at::Tensor buf = at::empty({step, V}, f32);
+  const Tiling tl = pick_tiling(N, V, chunk_elements);
+  at::Tensor buf = at::empty({tl.rows * tl.cols}, f32);
+  std::vector<Online> state(tl.rows);
+  std::vector<float> z_label(tl.rows);
 
   const int64_t* yp = y.data_ptr<int64_t>();
   float* logp_p = logp.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   float* ent_p = return_entropy ? ent.data_ptr<float>() : nullptr;
 
-  for (int64_t s = 0; s < N; s += step) {
-    const int64_t rows = std::min(step, N - s);
+  for (int64_t s = 0; s < N; s += tl.rows) {
+    const int64_t rows = std::min(tl.rows, N - s);
     const at::Tensor h = hidden.narrow(0, s, rows).to(at::kFloat).contiguous();
-    at::Tensor z = chunk_logits(buf, h, w, b);
-    float* zp = z.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = s + r;
-        const RowStats st = forward_row(zp + r * V, V, yp[n], tf);
-        lse_p[n] = st.lse;
-        logp_p[n] = st.logp;
-        if (ent_p != nullptr) ent_p[n] = st.ent;
-      }
-    });
+    std::fill(state.begin(), state.end(), Online());
+    for (int64_t v0 = 0; v0 < V; v0 += tl.cols) {
+      const int64_t cols = std::min(tl.cols, V - v0);
+      const at::Tensor w_tile = f32_in ? weight.narrow(0, v0, cols) : weight.narrow(0, v0, cols).to(at::kFloat);
+      at::Tensor z = tile_logits(buf, h, w_tile, b, v0);
+      float* zp = z.data_ptr<float>();
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* row = zp + r * cols;
+          merge_into(state[r], forward_segment(row, cols, tf));
+          const int64_t yl = yp[s + r] - v0;
+          if (yl >= 0 && yl < cols) z_label[r] = row[yl];
+        }
+      });
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const Online& st = state[r];
+      const float log_s = std::log(st.s);
+      const float l = st.m + log_s;
+      lse_p[s + r] = l;
+      logp_p[s + r] = z_label[r] - l;
+      if (ent_p != nullptr) ent_p[s + r] = log_s - st.t / st.s;
+    }
   }
   return {logp, lse, ent};
 }
@@ -276,8 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
     const at::Tensor& grad_logp, const at::Tensor& grad_lse, const std::optional<at::Tensor>& grad_entropy,
-    double softcap, double temperature, int64_t chunk_rows) {
-  check_inputs(hidden, weight, bias, labels, softcap, temperature, chunk_rows);
+    double softcap, double temperature, int64_t chunk_elements) {
+  check_inputs(hidden, weight, bias, labels, softcap, temperature, chunk_elements);
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
   TORCH_CHECK(!has_e || (entropy.has_value() && entropy->defined()),
@@ -286,13 +342,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     TORCH_CHECK(t->dim() == 1 && t->size(0) == N, "fdiv cpu backend: per-row tensors must be [N], got ", t->sizes());
   }
   const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor grad_h = at::empty({N, H}, f32);
-  at::Tensor grad_w = at::zeros({V, H}, f32);
   const bool has_bias = bias.has_value() && bias->defined();
+  if (N == 0) {
+    return {at::zeros({N, H}, f32), at::zeros({V, H}, f32), has_bias ? at::zeros({V}, f32) : at::Tensor()};
+  }
+  // every element is written by the first tile that reaches it (mm_out), later tiles accumulate
+  at::Tensor grad_h = at::empty({N, H}, f32);
+  at::Tensor grad_w = at::empty({V, H}, f32);
   at::Tensor grad_b = has_bias ? at::zeros({V}, f32) : at::Tensor();
-  if (N == 0) return {grad_h, grad_w, grad_b};
 
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const bool f32_in = weight.scalar_type() == at::kFloat;
   const auto b = f32_bias(bias);
   const at::Tensor y = labels.contiguous();
   const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
@@ -305,8 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     TORCH_CHECK(e_c.numel() == N && ent_c.numel() == N, "fdiv cpu backend: entropy tensors must be [N]");
   }
   const Transform tf = make_transform(softcap, temperature);
-  const int64_t step = std::min(N, chunk_rows);
-  at::Tensor buf = at::empty({step, V}, f32);
+  const Tiling tl = pick_tiling(N, V, chunk_elements);
+  at::Tensor buf = at::empty({tl.rows * tl.cols}, f32);
 
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lse_p = lse_c.data_ptr<float>();
@@ -315,23 +374,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const float* e_p = has_e ? e_c.data_ptr<float>() : nullptr;
   const float* ent_p = has_e ? ent_c.data_ptr<float>() : nullptr;
 
-  for (int64_t s = 0; s < N; s += step) {
-    const int64_t rows = std::min(step, N - s);
+  for (int64_t s = 0; s < N; s += tl.rows) {
+    const int64_t rows = std::min(tl.rows, N - s);
     const at::Tensor h = hidden.narrow(0, s, rows).to(at::kFloat).contiguous();
-    at::Tensor coef = chunk_logits(buf, h, w, b);
-    float* cp = coef.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = s + r;
-        const float e = has_e ? e_p[n] : 0.0f;
-        const float mean_z = has_e ? lse_p[n] - ent_p[n] : 0.0f;
-        backward_row(cp + r * V, V, yp[n], tf, lse_p[n], g_p[n], k_p[n] - g_p[n], e, mean_z);
-      }
-    });
     at::Tensor gh = grad_h.narrow(0, s, rows);
-    at::mm_out(gh, coef, w);       // grad_hidden rows of this chunk
-    grad_w.addmm_(coef.t(), h);    // grad_weight += coef^T h, same chunk
-    if (has_bias) grad_b.add_(at::sum(coef, 0));
+    for (int64_t v0 = 0; v0 < V; v0 += tl.cols) {
+      const int64_t cols = std::min(tl.cols, V - v0);
+      const at::Tensor w_tile = f32_in ? weight.narrow(0, v0, cols) : weight.narrow(0, v0, cols).to(at::kFloat);
+      at::Tensor coef = tile_logits(buf, h, w_tile, b, v0);
+      float* cp = coef.data_ptr<float>();
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = s + r;
+          const int64_t yl = (yp[n] >= v0 && yp[n] < v0 + cols) ? yp[n] - v0 : -1;
+          const float e = has_e ? e_p[n] : 0.0f;
+          const float mean_z = has_e ? lse_p[n] - ent_p[n] : 0.0f;
+          backward_segment(cp + r * cols, cols, yl, tf, lse_p[n], g_p[n], k_p[n] - g_p[n], e, mean_z);
+        }
+      });
+      // both GEMMs on this recomputed tile
+      at::Tensor gw = grad_w.narrow(0, v0, cols);
+      if (v0 == 0) {
+        at::mm_out(gh, coef, w_tile);
+      } else {
+        gh.addmm_(coef, w_tile);
+      }
+      if (s == 0) {
+        at::mm_out(gw, coef.t(), h);
+      } else {
+        gw.addmm_(coef.t(), h);
+      }
+      if (has_bias) grad_b.narrow(0, v0, cols).add_(at::sum(coef, 0));
+    }
   }
   return {grad_h, grad_w, grad_b};
 }

@@ -16,12 +16,13 @@
 namespace fdivk {
 
 // hidden [N, H], weight [V, H] (same floating dtype), bias [V] or none, labels [N] int64 in [0, V).
-// softcap <= 0 means no soft-cap. chunk_rows: token rows per logits chunk (>= 1).
+// softcap <= 0 means no soft-cap. chunk_elements: float32 logits per tile (>= 1); tiles are
+// [rows, cols] blocks of tokens x vocabulary with rows * cols <= chunk_elements.
 // Returns (logp [N], lse [N], entropy [N] or an undefined tensor), float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, double softcap, double temperature, bool return_entropy,
-    int64_t chunk_rows);
+    int64_t chunk_elements);
 
 // lse/entropy: [N] float32 from forward_cpu (entropy may be absent when grad_entropy is).
 // grad_logp, grad_lse: [N]; grad_entropy: [N] or none.
@@ -31,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
     const at::Tensor& grad_logp, const at::Tensor& grad_lse,
     const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
-    int64_t chunk_rows);
+    int64_t chunk_elements);
 
 // Test hooks: the vectorisable exp / tanh approximations used by the epilogues, elementwise on
 // a float32 tensor (so tests can compare them with float64 math).

@@ -1,40 +1,48 @@
 """The ``"cpu"`` backend: the C++ extension (``csrc/cpu``), ATen GEMMs + a fused C++ epilogue.
 
 Same contract as :mod:`fdiv_kernels.ops.torch_chunked` (valid rows only, float32 outputs).
-Per chunk of ``chunk_rows(V)`` token rows it runs one GEMM into a reused float32 logits buffer
-(``hidden @ weight.T + bias``, MKL/OpenBLAS through ATen) and a fused epilogue per row,
+The ``[N, V]`` logits are visited in tiles of ``tile_shape(N, V)`` = (token rows, vocabulary
+columns) with ``rows * cols <= CHUNK_ELEMENTS``: one GEMM per tile into a reused float32 buffer
+(``hidden @ weight.T + bias``, MKL/OpenBLAS through ATen) and a fused epilogue per row segment,
 parallelised over rows with ``at::parallel_for``:
 
-* forward: soft-cap/temperature, max, ``sum exp``, label pick and entropy in two passes over the
-  row while it sits in cache;
-* backward: the logits chunk is recomputed and overwritten in place by
+* forward: soft-cap/temperature, max, ``sum exp``, label pick and entropy while the segment sits
+  in cache, merged across vocabulary tiles with an online log-sum-exp;
+* backward: the tile is recomputed and overwritten in place by
   ``dL/draw = dz/draw * (g onehot(y) + (k - g) p - e p (z - (lse - ent)))``, then both GEMMs
-  (``grad_hidden = coef @ W``, ``grad_weight += coef^T h``) use that same chunk.
+  (``grad_hidden[block] += coef @ W[tile]``, ``grad_weight[tile] += coef^T h[block]``) use it.
 
-Peak extra memory: one ``[chunk_rows, V]`` float32 buffer (plus the float32 ``grad_weight``
-accumulator, and a float32 copy of the weight for bf16/fp16 inputs). float64 inputs are handed
-to the torch reference. The extension is built on first use (see :mod:`.native`), never at import.
+Square-ish tiles (~2048 x 2048) instead of full-vocabulary row chunks cut the memory traffic: the
+``[V, H]`` weight and ``grad_weight`` are streamed once per token block instead of once per ~128
+rows. Peak extra memory: one tile buffer (16 MiB) plus the float32 ``grad_weight`` and
+``grad_hidden``. float64 inputs go to the torch reference. The extension is built on first use
+(see :mod:`.native`), never at import.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from . import native, torch_chunked
 from .backends import Backend, register_backend
 
-#: float32 logits per chunk (rows = CHUNK_ELEMENTS // V); 4 MiB stays near the last-level cache
-#: while keeping the grad_weight GEMM's inner dimension large enough (see bench/bench_cpu_backend.py).
-CHUNK_ELEMENTS = int(os.environ.get("FDIV_CPU_CHUNK_ELEMENTS", 2 ** 20))
+#: float32 logits per tile (16 MiB, as the torch backend's chunk); tiles are [rows, cols] blocks
+#: of tokens x vocabulary, about sqrt(CHUNK_ELEMENTS) on each side when the problem allows.
+CHUNK_ELEMENTS = int(os.environ.get("FDIV_CPU_CHUNK_ELEMENTS", 2 ** 22))
 
 
-def chunk_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
-    """Token rows per logits chunk: ``max(1, chunk_elements // vocab_size)``."""
+def tile_shape(num_rows: int, vocab_size: int, chunk_elements: Optional[int] = None) -> Tuple[int, int]:
+    """``(rows, cols)`` of the logits tiles the C++ code uses (mirrors ``pick_tiling`` there)."""
     ce = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    return max(1, ce // max(1, vocab_size))
+    side = 1
+    while (2 * side) ** 2 <= ce:
+        side *= 2
+    rows = max(1, min(num_rows, side))
+    cols = max(1, min(vocab_size, ce // rows))
+    return max(1, min(num_rows, max(rows, ce // cols))), cols
 
 
 def _cap(softcap: Optional[float]) -> float:
@@ -51,7 +59,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     with torch.no_grad():
         logp, lse, ent = mod.forward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(),
                                      _cap(softcap), float(temperature), bool(return_entropy),
-                                     chunk_rows(weight.shape[0]))
+                                     CHUNK_ELEMENTS)
     return logp, lse, (ent if return_entropy else None)
 
 
@@ -68,7 +76,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     with torch.no_grad():
         gh, gw, gb = mod.backward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(), lse,
                                   entropy if grad_entropy is not None else None, grad_logp, grad_lse, grad_entropy,
-                                  _cap(softcap), float(temperature), chunk_rows(weight.shape[0]))
+                                  _cap(softcap), float(temperature), CHUNK_ELEMENTS)
     return gh, gw, (gb if bias is not None else None)
 
 
