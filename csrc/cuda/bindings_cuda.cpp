@@ -11,6 +11,8 @@
 //                grad_bias += sum_rows coef, all on the same chunk.
 #include <torch/extension.h>
 
+#include <atomic>
+
 #include "launchers.h"
 
 namespace fdivk_cuda {
@@ -71,6 +73,26 @@ at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& h, const at::Tensor& 
     at::mm_out(out, h, w.t(), buf.scalar_type());  // bf16/fp16 operands, float32 output
   }
   return out;
+}
+
+// grad_w (float32 [V, H]) += c^T h with bf16/fp16 c and h. One addmm with a float32 output when
+// this torch accepts a float32 accumulator with reduced-precision operands; otherwise float32
+// GEMMs over vocabulary blocks of 8192 rows added in (bounded temporary).
+void accumulate_grad_w(at::Tensor& grad_w, const at::Tensor& c, const at::Tensor& h) {
+  static std::atomic<bool> fused_ok{true};
+  if (fused_ok.load()) {
+    try {
+      at::addmm_out(grad_w, grad_w, c.t(), h, at::kFloat);
+      return;
+    } catch (const c10::Error&) {
+      fused_ok.store(false);  // argument checks throw before any work is done
+    }
+  }
+  const int64_t V = c.size(1), block = 8192;
+  for (int64_t v0 = 0; v0 < V; v0 += block) {
+    const int64_t n = std::min(block, V - v0);
+    grad_w.narrow(0, v0, n).add_(at::mm(c.narrow(1, v0, n).t(), h, at::kFloat));
+  }
 }
 
 }  // namespace
@@ -155,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       grad_w.addmm_(c.t(), h);
     } else if (mixed_gemm) {
       at::mm_out(gh, c, weight, at::kFloat);
-      at::addmm_out(grad_w, grad_w, c.t(), h, at::kFloat);
+      accumulate_grad_w(grad_w, c, h);
     } else {  // GEMMs in the input dtype, accumulated in float32
       gh.copy_(at::mm(c, weight));
       grad_w.add_(at::mm(c.t(), h));
