@@ -4,7 +4,8 @@ Standalone script (not pytest). Every (shape, implementation, mode) case runs in
 subprocess, so peak memory is that case's own: peak RSS during the first run (VmHWM, reset
 through /proc/self/clear_refs once the inputs exist) minus the RSS right before it, so memory that
 the allocator keeps cached from earlier runs cannot hide a peak. Time is the median over --reps
-runs after that first (warm-up) run.
+runs after that first (warm-up) run; the CPU time (process_time, all threads) is reported too,
+as it is less disturbed than wall time when other jobs share the cores.
 
     .venv/bin/python bench/bench_cpu_backend.py                       # shapes A and B, table to stdout
     .venv/bin/python bench/bench_cpu_backend.py --out bench/results/$(date +%F)-cpu-backend.md
@@ -97,12 +98,13 @@ def _child(args) -> None:
     base = _rss_kib("VmRSS")
     run()  # first run: peak memory (nothing cached from earlier runs), and the warm-up
     peak = _rss_kib("VmHWM")
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(times=times, peak_extra_mib=(peak - base) / 1024, peak_reset=peak_ok,
+        cpu_times.append(time.process_time() - c0)
+    print(json.dumps(dict(times=times, cpu_times=cpu_times, peak_extra_mib=(peak - base) / 1024, peak_reset=peak_ok,
                           threads=torch.get_num_threads())))
 
 
@@ -139,11 +141,11 @@ def _machine() -> list:
 
 
 def _fmt_table(rows) -> list:
-    out = ["| shape | mode | implementation | median time (s) | min (s) | time vs naive | time vs torch backend "
-           "| peak extra RSS (MiB) | memory vs naive | memory vs torch backend |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| shape | mode | implementation | median time (s) | min (s) | CPU time (s) | time vs naive "
+           "| time vs torch backend | peak extra RSS (MiB) | memory vs naive | memory vs torch backend |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['shape']} | {r['mode']} | {r['impl']} | {r['median']:.3f} | {r['min']:.3f} | "
+        out.append(f"| {r['shape']} | {r['mode']} | {r['impl']} | {r['median']:.3f} | {r['min']:.3f} | {r['cpu']:.2f} | "
                    f"{r['rel_naive_t']:.2f} | {r['rel_torch_t']:.2f} | {r['mem']:.0f} | {r['rel_naive_m']:.2f} | "
                    f"{r['rel_torch_m']:.2f} |")
     return out
@@ -162,7 +164,7 @@ def _parent(args) -> None:
                 r = _run_case(shape, impl, mode, args.reps)
                 case[impl] = r
                 print(f"{shape} {mode:8s} {impl:12s} median {statistics.median(r['times']):.3f} s  "
-                      f"min {min(r['times']):.3f} s  peak +{r['peak_extra_mib']:.0f} MiB  "
+                      f"min {min(r['times']):.3f} s  cpu {statistics.median(r['cpu_times']):.2f} s  peak +{r['peak_extra_mib']:.0f} MiB  "
                       f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             for impl, r in case.items():
                 med = statistics.median(r["times"])
@@ -171,6 +173,7 @@ def _parent(args) -> None:
                 rel = lambda x, b, key: (x / b) if b else float("nan")  # noqa: E731
                 results.append(dict(
                     shape=f"{shape} {SHAPES[shape]}", mode=mode, impl=impl, median=med, min=min(r["times"]),
+                    cpu=statistics.median(r["cpu_times"]),
                     mem=r["peak_extra_mib"],
                     rel_naive_t=rel(med, statistics.median(base_n["times"]) if base_n else 0, "t"),
                     rel_torch_t=rel(med, statistics.median(base_t["times"]) if base_t else 0, "t"),
