@@ -12,8 +12,8 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-PANELS = ("loss", "nll", "value_s0", "align_dpo_loss", "align_accuracy", "logratio_ref", "dpo_loss", "accuracy",
-          "margin", "mix_lambda", "grad_norm", "lr", "tokens_per_s")
+PANELS = ("loss", "nll", "value_s0", "align_dpo_loss", "align_accuracy", "logratio_ref", "kl_ref_heldout", "dpo_loss",
+          "accuracy", "margin", "logp_chosen", "mix_lambda", "mix_dpo_accuracy", "grad_norm", "lr", "tokens_per_s")
 
 
 def read_metrics(path: str) -> List[dict]:

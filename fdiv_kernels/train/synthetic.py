@@ -4,10 +4,10 @@ Four tasks, each a short prompt with exactly one right answer (character-level f
 
 | task    | prompt            | answer  |
 |---------|-------------------|---------|
-| add     | ``add 13+5``      | ``18``  |
-| reverse | ``reverse hbdk``  | ``kdbh``|
-| sort    | ``sort 5391``     | ``1359``|
-| count   | ``count a in abaca`` | ``3`` |
+| add     | ``add 7+15``      | ``22``  |
+| reverse | ``reverse hbd``   | ``dbh`` |
+| sort    | ``sort 591``      | ``159`` |
+| count   | ``count a in abaa`` | ``3`` |
 
 Rows produced here:
 
@@ -39,17 +39,17 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def make_problem(task: str, rng: random.Random) -> Dict[str, str]:
     """One problem ``{"task", "prompt", "answer"}`` of the given task."""
     if task == "add":
-        a, b = rng.randint(0, 19), rng.randint(0, 19)
+        a, b = rng.randint(0, 9), rng.randint(0, 19)
         return {"task": task, "prompt": f"add {a}+{b}", "answer": str(a + b)}
     if task == "reverse":
-        s = "".join(rng.choice(_LETTERS[:12]) for _ in range(rng.randint(3, 5)))
+        s = "".join(rng.choice(_LETTERS[:8]) for _ in range(rng.randint(2, 4)))
         return {"task": task, "prompt": f"reverse {s}", "answer": s[::-1]}
     if task == "sort":
-        s = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+        s = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 4)))
         return {"task": task, "prompt": f"sort {s}", "answer": "".join(sorted(s))}
     if task == "count":
         alphabet = _LETTERS[: rng.randint(2, 3)]
-        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 6)))
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 5)))
         c = rng.choice(alphabet)
         return {"task": task, "prompt": f"count {c} in {s}", "answer": str(s.count(c))}
     raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
