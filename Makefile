@@ -30,5 +30,8 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.run --profile gpu
 	$(BIN)/python -m bench.update_readme
 
+minilab: $(STAMP)
+	$(BIN)/python examples/minilab/run.py --out docs/minilab --results docs/results.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info
