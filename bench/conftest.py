@@ -37,6 +37,19 @@ def pytest_addoption(parser):
                 choices=("subprocess", "inprocess", "off"), help="peak-memory method (CPU)")
 
 
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Collect the suites only when bench/ (or a file in it) was named on the command line, so a
+    bare ``pytest`` at the repository root does not start 10 minutes of benchmarks."""
+    named = [os.path.abspath(str(a).split("::")[0]) for a in config.invocation_params.args
+             if not str(a).startswith("-")]
+    if any(n == _BENCH_DIR or n.startswith(_BENCH_DIR + os.sep) for n in named):
+        return None
+    return True if str(collection_path).startswith(_BENCH_DIR) else None
+
+
 def pytest_collect_file(file_path, parent):
     """Collect ``bench/bench_*.py`` (pytest's default pattern is ``test_*.py``)."""
     if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
@@ -48,6 +61,7 @@ def pytest_collect_file(file_path, parent):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: the CUDA benchmark set (make bench-gpu); skipped without CUDA")
     collect.reset()
+    config._fdiv_load_start = os.getloadavg()
 
 
 def _cases_for(suite: str, profile: str, device: str):
@@ -118,3 +132,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "mem_method": config.getoption("--bench-mem"),
         "skipped": collect.SKIPPED,
     }
+    load = {"loadavg_1_5_15_at_start": [round(x, 2) for x in getattr(config, "_fdiv_load_start", ())],
+            "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]}
+    output_json["fdiv"]["provenance"].update(load)

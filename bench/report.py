@@ -78,19 +78,53 @@ def table(group: List[dict], baseline: str) -> List[str]:
         lines.append(f"| {name}: {r['label']} | {_fmt_t(r['t_min'])} | {_fmt_t(r['t_median'])} | "
                      f"{_fmt_ratio(r['t_min'], bt)} | {pm} | {_fmt_ratio(r['peak_mib'], bm)} | {r['check']} |")
     for r in (r for r in group if r["status"] == "SKIPPED"):
-        lines.append(f"| `{r['impl']}` {r.get('label', '')} | SKIPPED | | | | | {r['reason']} |")
+        lines.append(f"| `{r['impl']}` | SKIPPED | | | | | {r['reason']} |")
     return lines
+
+
+def scaling_tables(srs: List[dict]) -> List[str]:
+    """One table per sweep: a row per point, time and peak memory per implementation."""
+    out = []
+    for axis in ("tokens", "vocab"):
+        pts = [r for r in srs if r["extra"].get("axis") == axis]
+        if not pts:
+            continue
+        impls = sorted({r["impl"] for r in pts if r["status"] == "ok"})
+        skipped = sorted({(r["impl"], r["reason"]) for r in pts if r["status"] == "SKIPPED"
+                          and r["impl"] not in impls})
+        xkey = "n" if axis == "tokens" else "v"
+        fixed = f"H={pts[0]['h']}, " + (f"V={pts[0]['v']}" if axis == "tokens" else f"N={pts[0]['n']}")
+        out += [f"### fwd+bwd against {'tokens N' if axis == 'tokens' else 'vocabulary V'} ({fixed}, {pts[0]['dtype']})", "",
+                "| " + xkey.upper() + " | " + " | ".join(f"`{i}` time | `{i}` MiB" for i in impls) + " |",
+                "|---|" + "---|---|" * len(impls)]
+        for x in sorted({r[xkey] for r in pts}):
+            cells = []
+            for i in impls:
+                r = next((r for r in pts if r[xkey] == x and r["impl"] == i), None)
+                if r is None or r["status"] != "ok":
+                    cells += ["skipped", "-"]
+                else:
+                    cells += [_fmt_t(r["t_min"]), f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"]
+            out.append(f"| {x} | " + " | ".join(cells) + " |")
+        reasons = sorted({r["reason"] for r in pts if r["status"] == "SKIPPED" and r["impl"] in impls})
+        out += [""] + [f"- skipped points: {why}" for why in reasons]
+        out += [f"- `{i}`: SKIPPED, {why}" for i, why in skipped] + [""]
+    return out
 
 
 def provenance_lines(data: dict) -> List[str]:
     p = data["fdiv"]["provenance"]
     v = p["versions"]
-    out = [f"- device: **{p['device']}**; CPU: {p['cpu_model']} ({p['cpu_count']} cores, {p['torch_threads']} torch threads)",
+    out = [f"- device: **{p['device']}**" + ("" if p.get("device_type", "cpu") == "cpu" else
+                                             f"; host CPU: {p['cpu_model']} ({p['cpu_count']} cores)"),
            f"- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + (f", CUDA {p['cuda']}" if p.get("cuda") else ""),
            f"- git commit: `{p['git_commit']}`; date: {p['date_utc']}; profile: {data['fdiv']['profile']}",
            f"- command: `{p['command']}`",
            f"- memory: peak above the baseline taken right before the call ({data['fdiv']['mem_method']}); "
            f"see docs/benchmarks.md"]
+    if p.get("loadavg_1_5_15_at_start"):
+        out.append(f"- machine load average (1/5/15 min) at start {p['loadavg_1_5_15_at_start']}, at end "
+                   f"{p['loadavg_1_5_15_at_end']} (2 cores: above 2 means other processes were competing)")
     if p.get("note"):
         out.append(f"- **note:** {p['note']}")
     return out
@@ -124,7 +158,8 @@ def plot_scaling(rs: List[dict], path: str, device: str) -> Optional[str]:
             ax.set_title(f"{ylabel.split(' (')[0]} vs {axis} ({fixed}, {pts[0]['dtype'] if pts else ''})")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-    fig.suptitle(f"fdiv_kernels scaling, {device} (naive capped where its logits would not fit the shared machine)")
+    fig.suptitle(f"fdiv_kernels scaling, {device}\n(naive stops where its logits would not fit the shared machine)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -185,8 +220,11 @@ def render(data: dict, stem: str) -> str:
         lines += [f"## {SUITE_TITLES[suite]}", ""]
         if suite == "ce" and ce_png:
             lines += [f"![ce]({base}-ce.png)", ""]
-        if suite == "scaling" and sc_png:
-            lines += [f"![scaling]({base}-scaling.png)", ""]
+        if suite == "scaling":
+            if sc_png:
+                lines += [f"![scaling]({base}-scaling.png)", ""]
+            lines += scaling_tables(srs)
+            continue
         groups: Dict[tuple, List[dict]] = defaultdict(list)
         for r in srs:
             groups[_group_key(r)].append(r)

@@ -28,9 +28,9 @@ PROFILES = {
         "dpo": [("2x2x256 tok", 1024, 256, 32000, "fp32", 256)],
         "dpo_modes": ("fwdbwd",),
         "scaling_tokens": {"h": 32, "v": 32000, "n": (1024, 2048, 4096, 8192, 16384, 32768),
-                           "naive_max_logit_bytes": 2 << 30},
-        "scaling_vocab": {"h": 32, "n": 2048, "v": (32000, 64000, 128000, 256000),
-                          "naive_max_logit_bytes": 2 << 30},
+                           "naive_max_logit_bytes": 1 << 30},
+        "scaling_vocab": {"h": 32, "n": 1024, "v": (32000, 64000, 128000, 256000),
+                          "naive_max_logit_bytes": 1 << 30},
     },
     "gpu": {
         "rounds": 10,

@@ -51,7 +51,8 @@ def section(path: str, readme_dir: str) -> List[str]:
     groups: Dict[tuple, List[dict]] = defaultdict(list)
     for r in rs:
         groups[_group_key(r)].append(r)
-    for _, g in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+    for _, g in sorted(groups.items(), key=lambda kv: (kv[1][0]["dtype"] != "fp32", kv[1][0]["h"] < 1024,
+                                                       kv[1][0]["n"], kv[1][0]["v"])):
         ok = sorted((r for r in g if r["status"] == "ok"), key=lambda r: r["t_min"])
         base = next((r for r in ok if r["impl"] == "naive"), None)
         out += ["", f"Cross-entropy forward+backward, {_shape_text(ok[0] if ok else g[0])}:", "",
@@ -62,8 +63,11 @@ def section(path: str, readme_dir: str) -> List[str]:
             mr = (f"{r['peak_mib'] / base['peak_mib']:.2f}x" if base and r["peak_mib"] and base["peak_mib"] else "-")
             pm = f"{r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "-"
             out.append(f"| `{r['impl']}` | {_fmt_t(r['t_min'])} | {tr} | {pm} | {mr} |")
-        for r in (r for r in g if r["status"] == "SKIPPED"):
+        for r in (r for r in g if r["status"] == "SKIPPED" and not r["reason"].startswith("does not run on")):
             out.append(f"| `{r['impl']}` | skipped: {r['reason']} | | | |")
+    other = sorted({r["impl"] for r in rs if r["status"] == "SKIPPED" and r["reason"].startswith("does not run on")})
+    if other:
+        out += ["", f"Backends for other devices ({', '.join(f'`{i}`' for i in other)}) are listed as skipped in the full report."]
     png = path[:-5] + "-scaling.png"
     if os.path.exists(png):
         out += ["", f"![scaling with tokens and vocabulary]({os.path.relpath(png, readme_dir)})"]
