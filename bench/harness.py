@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from . import collect
-from .common import Case, clear_grads, make_inputs, peak_rss_bytes, probe_in_subprocess, reset_peak_rss, rss_bytes, MIB
+from .common import (MIB, Case, clear_grads, make_inputs, peak_rss_bytes, probe_in_subprocess, provenance,
+                     reset_peak_rss, rss_bytes)
 from .impls import get_impl, naive_ce, runner
 
 TOL = {"fp32": 1e-3, "fp64": 1e-6, "bf16": 3e-2, "fp16": 3e-2}
@@ -43,6 +44,15 @@ def _reference_loss(case_json: str) -> float:
         return float(naive_ce(x["hidden"], x["weight"], x["labels"]).detach())
     with torch.no_grad():
         return float(get_impl(c32).build(c32, x)().detach())
+
+
+@functools.lru_cache(maxsize=2)
+def _provenance(device_type: str) -> dict:
+    """Per-session provenance stamped on every row (device, CPU, versions, commit, date, command)."""
+    import os
+    import sys
+    cmd = os.environ.get("FDIV_BENCH_COMMAND", " ".join([sys.executable, "-m", "pytest", *sys.argv[1:]]))
+    return provenance(torch.device(device_type), cmd)
 
 
 def _check(case: Case, impl, out) -> dict:
@@ -85,7 +95,7 @@ def run_case(benchmark, case: Case, options: dict) -> None:
             return out
 
     info = {"case": case.to_json(), "impl_label": impl.label, "fused_backward": impl.fused_backward,
-            "shape": case.shape}
+            "shape": case.shape, "provenance": _provenance(device.type)}
     scaling = case.suite == "scaling"
     try:
         if not scaling:

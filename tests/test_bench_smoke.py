@@ -62,6 +62,7 @@ def test_one_tiny_bench_case_end_to_end(tmp_path):
         assert e["check"] == "ok" and e["rel_err"] < 1e-4, e
         assert b["stats"]["min"] > 0
         assert e["peak_mib"] > 0
+        assert e["provenance"]["git_commit"] and e["provenance"]["versions"]["torch"]
     # naive holds the [N, V] logits (2 MiB here) at least twice; fk[torch] must not be above it
     assert by["naive"]["extra_info"]["peak_mib"] >= 2 * 256 * 2048 * 4 / MIB
     prov = data["fdiv"]["provenance"]
