@@ -132,7 +132,7 @@ def _machine() -> list:
         model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    blas = [l.strip() for l in torch.__config__.show().splitlines() if "Math Kernel" in l or "OpenBLAS" in l]
+    blas = [l.strip().lstrip("- ") for l in torch.__config__.show().splitlines() if "Math Kernel" in l or "OpenBLAS" in l]
     gcc = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     lines.append(f"- CPU: {model}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}")
     lines.append(f"- python {platform.python_version()}, torch {torch.__version__}, {blas[0] if blas else 'BLAS ?'}")
