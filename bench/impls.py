@@ -148,7 +148,8 @@ def _build_cce(case, x):
 
 @functools.lru_cache(maxsize=None)
 def _liger_chunked_ce_fn():
-    """Liger's chunked torch machinery (``LigerFusedLinearDistillationBase``: chunks of rows,
+    """Liger's chunked torch machinery (``LigerFusedLinearDistillationBase``: chunks of rows (see
+    :func:`liger_chunk_rows`),
     ``torch.func.grad_and_value`` + ``torch.compile`` per chunk, gradients formed in the forward)
     reduced to its hard (cross-entropy) loss: ``weight_hard_loss=1``, ``weight_soft_loss=0``, and a
     1-wide dummy teacher so that no teacher GEMM is done. liger_kernel has no plain CE outside
@@ -184,7 +185,13 @@ def _build_liger_ce(case, x):
     fn = _liger_chunked_ce_fn()
     th = h.new_zeros(h.shape[0], 1)
     tw = w.new_zeros(1, 1)
-    return lambda: fn.apply(h, w, y, th, tw, 1024)
+    return lambda: fn.apply(h, w, y, th, tw, liger_chunk_rows(h.shape[0]))
+
+
+def liger_chunk_rows(n: int) -> int:
+    """Liger's default chunk is 1024 rows; the CPU shapes have a quarter of the design doc's
+    tokens, so use ``min(1024, n // 4)`` to keep at least 4 chunks, as at shape A (4096 tokens)."""
+    return max(1, min(1024, n // 4))
 
 
 def _build_gemm(case, x):

@@ -32,6 +32,8 @@ def rows(data: dict) -> List[dict]:
     out = []
     for b in data["benchmarks"]:
         e = b["extra_info"]
+        if "case" not in e:
+            continue  # a suite not built on bench.harness (e.g. bench_cpu_backend.py): see other_rows()
         c = e["case"]
         out.append({**c, "status": "ok", "label": e.get("impl_label", ""), "t_min": b["stats"]["min"],
                     "t_median": b["stats"]["median"], "rounds": b["stats"]["rounds"], "peak_mib": e.get("peak_mib"),
@@ -41,6 +43,18 @@ def rows(data: dict) -> List[dict]:
         out.append({**s, "status": "SKIPPED", "t_min": None, "t_median": None, "peak_mib": None,
                     "check": "", "shape": ""})
     return out
+
+
+def other_rows(data: dict) -> List[str]:
+    """Benchmarks from suites that do not use bench.harness, as a plain time table."""
+    other = [b for b in data["benchmarks"] if "case" not in b["extra_info"]]
+    if not other:
+        return []
+    lines = ["## Other benchmarks in this run", "", "| benchmark | time (min) | time (median) | rounds |", "|---|---|---|---|"]
+    for b in sorted(other, key=lambda b: b["fullname"]):
+        st = b["stats"]
+        lines.append(f"| `{b['fullname']}` | {_fmt_t(st['min'])} | {_fmt_t(st['median'])} | {st['rounds']} |")
+    return lines + [""]
 
 
 def _group_key(r: dict):
@@ -234,6 +248,7 @@ def render(data: dict, stem: str) -> str:
             if ref["extra"].get("divergence"):
                 title = f"{ref['extra']['divergence']}: " + title
             lines += [f"### {title}", ""] + table(g, BASELINE[suite]) + [""]
+    lines += other_rows(data)
     return "\n".join(lines) + "\n"
 
 
