@@ -207,6 +207,37 @@ def plot_ce(rs: List[dict], path: str, device: str) -> Optional[str]:
     return path
 
 
+def summary(rs: List[dict]) -> List[str]:
+    """Headline ratios per ce group: the best fk backend against naive, the GEMM floor and the best peer."""
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in rs:
+        if r["suite"] == "ce" and r["status"] == "ok":
+            groups[_group_key(r)].append(r)
+    out = []
+    for _, g in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        by = {r["impl"]: r for r in g}
+        fk = [r for r in g if r["impl"].startswith("fk[")]
+        peers = [r for r in g if not r["impl"].startswith("fk[") and r["impl"] not in ("gemm", "naive")]
+        if not fk or "naive" not in by:
+            continue
+        best = min(fk, key=lambda r: r["t_min"])
+        nv = by["naive"]
+        txt = (f"- {'fwd+bwd' if best['mode'] == 'fwdbwd' else 'fwd'}, {_shape_text(best)}: fastest fk backend "
+               f"`{best['impl']}` at {best['t_min'] / nv['t_min']:.2f}x naive's time")
+        if "gemm" in by:
+            txt += f", {best['t_min'] / by['gemm']['t_min']:.2f}x the GEMM floor"
+        if best["peak_mib"] and nv["peak_mib"]:
+            lean = min(fk, key=lambda r: r["peak_mib"] or float("inf"))
+            txt += f"; least memory `{lean['impl']}` at {lean['peak_mib'] / nv['peak_mib']:.2f}x naive's"
+        if peers:
+            p = min(peers, key=lambda r: r["t_min"])
+            txt += f"; fastest peer `{p['impl']}` at {p['t_min'] / nv['t_min']:.2f}x time"
+            if p["peak_mib"] and nv["peak_mib"]:
+                txt += f", {p['peak_mib'] / nv['peak_mib']:.2f}x memory"
+        out.append(txt + ".")
+    return (["## Summary", ""] + out + [""]) if out else []
+
+
 SUITE_TITLES = {
     "ce": "Cross-entropy head (the primitive): mean NLL over non-ignored tokens",
     "div": "f-divergence SFT losses (fk.loss, sequence level) vs the paper's literal forms",
@@ -225,6 +256,7 @@ def render(data: dict, stem: str) -> str:
               "(gradients of hidden/weight included in fwd+bwd). `check`: the loss agrees with a float32 "
               "reference (naive torch / fk.loss(logits=) / TRL) within tolerance; literal paper forms are only "
               "checked for finiteness. SKIPPED rows give the reason.", ""]
+    lines += summary(rs)
     ce_png = plot_ce(rs, stem + "-ce.png", device)
     sc_png = plot_scaling(rs, stem + "-scaling.png", device)
     for suite in ("ce", "div", "dpo", "scaling"):
