@@ -234,3 +234,31 @@ def test_missing_compiler_falls_back_to_torch(tmp_path):
     env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_masked_vocabulary_minus_inf_bias():
+    """-inf bias entries (masked tokens) stay out of the softmax; no NaN in values or gradients."""
+    hidden, weight, _, labels = _inputs(12, 8, 41, torch.float32, bias=False)
+    bias = torch.zeros(41)
+    bias[::3] = float("-inf")
+    bias.requires_grad_()
+    labels = (labels // 3) * 3 + 1  # labels are never masked
+    for softcap in (None, 5.0):
+        vals, grads = _run("cpu", hidden, weight, bias, labels, softcap=softcap, temperature=1.0, entropy=True)
+        assert all(torch.isfinite(t).all() for t in vals + grads)
+        assert (grads[2][::3] == 0).all()
+        h = hidden.detach().double().requires_grad_()
+        w = weight.detach().double().requires_grad_()
+        z = h @ w.T + bias.detach().double()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logsm = torch.log_softmax(z, -1)
+        p = logsm.exp()
+        ref = [logsm.gather(1, labels[:, None]).squeeze(1), torch.logsumexp(z, -1),
+               -(p * torch.where(p > 0, logsm, 0.0)).sum(-1)]
+        g = torch.Generator().manual_seed(1)
+        sum((torch.randn(r.shape, generator=g).double() * r).sum() for r in ref).backward()
+        for a, r in zip(vals, ref):
+            torch.testing.assert_close(a.double(), r.detach(), **FP32_TOL)
+        torch.testing.assert_close(grads[0].double(), h.grad, **FP32_TOL)
+        torch.testing.assert_close(grads[1].double(), w.grad, **FP32_TOL)

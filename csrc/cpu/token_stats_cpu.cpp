@@ -150,8 +150,11 @@ FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transfo
   float s = 0.0f, t = 0.0f;
 #pragma omp simd reduction(+ : s, t)
   for (int64_t v = 0; v < n; ++v) {
-    const float d = z[v] - m;
-    const float ev = exp_f(d);
+    const float d0 = z[v] - m;
+    // exp underflows below -87: 0 exactly, and the clamped d keeps -inf logits (masked tokens)
+    // from giving 0 * -inf
+    const float d = d0 < -87.0f ? -87.0f : d0;
+    const float ev = d0 < -87.0f ? 0.0f : exp_f(d);
     s += ev;
     t += ev * d;
   }
@@ -177,17 +180,19 @@ FDIV_CLONES void backward_segment(float* __restrict c, int64_t V, int64_t y, con
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
       const float th = tanh_f(c[v] * tf.inv_cap);
-      const float zv = scale * th;
-      const float p = exp_f(zv - lse);
-      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (zv - mean_z));
+      const float d0 = scale * th - lse;
+      const float d = d0 < -87.0f ? -87.0f : d0;
+      const float p = d0 < -87.0f ? 0.0f : exp_f(d);
+      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (d + lse - mean_z));
     }
   } else {
     const float inv_t = tf.inv_t;
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float zv = c[v] * inv_t;
-      const float p = exp_f(zv - lse);
-      c[v] = inv_t * p * (a - e * (zv - mean_z));
+      const float d0 = c[v] * inv_t - lse;
+      const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
+      const float p = d0 < -87.0f ? 0.0f : exp_f(d);
+      c[v] = inv_t * p * (a - e * (d + lse - mean_z));
     }
   }
   if (y >= 0) c[y] += d_y * g;

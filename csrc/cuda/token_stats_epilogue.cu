@@ -56,6 +56,7 @@ struct Online {
 };
 
 __device__ __forceinline__ void push(Online& st, float z) {
+  if (z == -INFINITY) return;  // masked token (-inf bias): adds nothing, and avoids 0 * -inf
   if (z > st.m) {
     const float a = st.m == -INFINITY ? 0.0f : expf(st.m - z);
     const float shift = st.m == -INFINITY ? 0.0f : (st.m - z) * st.s;
@@ -150,7 +151,7 @@ __global__ void backward_kernel(const TIn* logits, TOut* coef, int64_t V, int64_
       const float raw = to_f32(in[v]) + (bias != nullptr ? bias[v] : 0.0f);
       const float z = apply(tf, raw, &dz);
       const float p = expf(z - l);
-      float c = p * (a - e * (z - mean_z));
+      float c = p > 0.0f ? p * (a - e * (z - mean_z)) : 0.0f;  // z = -inf: p (z - mean_z) -> 0
       if (v == y) c += g;
       out[v] = from_f32<TOut>(c * dz);
     }
