@@ -236,13 +236,19 @@ def test_missing_compiler_falls_back_to_torch(tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_masked_vocabulary_minus_inf_bias():
+@pytest.mark.parametrize("masked", ["every third", "a whole tile"])
+def test_masked_vocabulary_minus_inf_bias(masked, monkeypatch):
     """-inf bias entries (masked tokens) stay out of the softmax; no NaN in values or gradients."""
     hidden, weight, _, labels = _inputs(12, 8, 41, torch.float32, bias=False)
     bias = torch.zeros(41)
     bias[::3] = float("-inf")
+    if masked == "a whole tile":  # tiles of 8 rows x 10 columns: the tile of columns 20..29 is all -inf
+        monkeypatch.setattr(cpu_backend, "CHUNK_ELEMENTS", 80)
+        assert cpu_backend.tile_shape(12, 41) == (8, 10)
+        bias[20:30] = float("-inf")
     bias.requires_grad_()
     labels = (labels // 3) * 3 + 1  # labels are never masked
+    labels = torch.where((labels >= 20) & (labels < 30), labels - 12, labels)
     for softcap in (None, 5.0):
         vals, grads = _run("cpu", hidden, weight, bias, labels, softcap=softcap, temperature=1.0, entropy=True)
         assert all(torch.isfinite(t).all() for t in vals + grads)

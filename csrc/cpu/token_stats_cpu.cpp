@@ -147,6 +147,12 @@ FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transfo
 #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < n; ++v) m = z[v] > m ? z[v] : m;
   }
+  if (m == -INFINITY) {  // a segment of only -inf (masked tokens) adds nothing; NaN still propagates
+    for (int64_t v = 0; v < n; ++v) {
+      if (z[v] != z[v]) return Online{z[v], z[v], z[v]};
+    }
+    return Online();
+  }
   float s = 0.0f, t = 0.0f;
 #pragma omp simd reduction(+ : s, t)
   for (int64_t v = 0; v < n; ++v) {
