@@ -11,7 +11,7 @@ from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.config import load_config
 
 TINY = {
-    "backend": "torch", "seed": 1,
+    "backend": "torch", "seed": 1, "num_threads": 1,
     "model": {"tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
     "data": {"max_length": 32, "max_eval_pairs": 8, "synthetic": {"n_sft": 24, "n_pref": 16, "n_eval": 8, "n_pretrain": 40}},
     "eval": {"num_prompts": 8, "max_new_tokens": 4},

@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from fdiv_kernels.train import data as D
 from fdiv_kernels.train import synthetic as S

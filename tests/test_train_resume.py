@@ -14,7 +14,7 @@ from fdiv_kernels.train.pipeline import run_command
 
 def _cfg(out, name):
     return from_dict({
-        "name": name, "output_dir": str(out), "backend": "torch", "progress": False, "seed": 3,
+        "name": name, "output_dir": str(out), "backend": "torch", "progress": False, "seed": 3, "num_threads": 1,
         "model": {"tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
         "data": {"max_length": 32, "max_eval_pairs": 8,
                  "synthetic": {"n_sft": 24, "n_pref": 16, "n_eval": 8, "n_pretrain": 8}},

@@ -24,7 +24,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -274,7 +274,3 @@ def shard(indices: Sequence[int], *, rank: int, world_size: int) -> List[int]:
         raise ValueError(f"global batch {n} is not divisible by the world size {world_size}")
     per = n // world_size
     return list(indices[rank * per: (rank + 1) * per])
-
-
-def optional_path(p: Optional[str]) -> Optional[str]:
-    return p if p else None

@@ -8,7 +8,6 @@ evaluate -> plots, ``summary.json``, a printed summary.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import shutil
@@ -20,7 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import RunConfig, to_dict
 from .data import collate, encode_pref, encode_sft, encode_text, load_pref, load_sft, prompt_text
-from .distributed import barrier, init_distributed, local_device
+from .distributed import barrier, broadcast_object, init_distributed, local_device
 from .evaluate import greedy_answers, task_accuracy
 from .modeling import build_tiny_model, load_model, load_tokenizer, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
@@ -94,13 +93,11 @@ def data_paths(ctx: RunContext) -> Dict[str, Optional[str]]:
         return paths
     s = d.synthetic
     out = os.path.join(ctx.run_dir, "data")
+    syn = None
     if ctx.dist.is_main:
         syn = generate_dataset(out, n_sft=s.n_sft, n_pref=s.n_pref, n_eval=s.n_eval, n_pretrain=s.n_pretrain,
                                seed=s.seed, tasks=s.tasks, pretrain_noise=s.pretrain_noise)
-    barrier()
-    syn = {k: os.path.join(out, f) for k, f in (("sft_train", "sft_train.jsonl"), ("dpo_train", "pref_train.jsonl"),
-                                                 ("eval_pref", "pref_eval.jsonl"), ("eval_prompts", "eval_prompts.jsonl"),
-                                                 ("pretrain", "pretrain.txt"))}
+    syn = broadcast_object(syn)  # the other processes wait here until the files exist
     return {k: v or syn[k] for k, v in paths.items()}
 
 
@@ -282,6 +279,14 @@ def run_command(cfg: RunConfig, command: str, *, resume: bool = False) -> Dict[s
     """Run ``sft``, ``dpo`` or ``pipeline`` with ``cfg``; returns the summary."""
     if command not in ("sft", "dpo", "pipeline"):
         raise ValueError(f"unknown command {command!r}")
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, command, resume=resume)
+    finally:
+        torch.set_num_threads(threads)  # cfg.num_threads applies to this run only
+
+
+def _run(cfg: RunConfig, command: str, *, resume: bool) -> Dict[str, Any]:
     ctx = setup(cfg, resume=resume)
     pipe = Pipeline(ctx)
     model = base_model(ctx)

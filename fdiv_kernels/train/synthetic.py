@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import random
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 TASKS = ("add", "reverse", "sort", "count")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -167,8 +167,7 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> int:
 
 
 def generate_dataset(out_dir: str, *, n_sft: int, n_pref: int, n_eval: int, n_pretrain: int,
-                     seed: int = 0, tasks: Sequence[str] = TASKS, pretrain_noise: float = 0.3,
-                     rejected_pool: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+                     seed: int = 0, tasks: Sequence[str] = TASKS, pretrain_noise: float = 0.3) -> Dict[str, str]:
     """Write the synthetic data set to ``out_dir`` and return the paths by role.
 
     Files: ``sft_train.jsonl`` (UltraChat schema), ``pref_train.jsonl`` and ``pref_eval.jsonl``
