@@ -64,6 +64,14 @@ def test_pipeline_smoke_writes_everything(tmp_path, config_file, capsys):
     assert again["task_accuracy"] == summary["task_accuracy"]
     assert all(again["phases"][p].get("skipped") for p in ("pretrain", "sft", "dpo"))
 
+    # the dpo command from a saved checkpoint (local HF dir + its tokenizer), SimPO, no reference model
+    assert main(["dpo", "--config", config_file, "--output", out, "--name", "simpo", "--no-progress",
+                 "--model", os.path.join(run, "sft", "final"), "--kind", "simpo", "--beta", "2", "--gamma", "1",
+                 "--steps", "2", "--set", "dpo.rejected=data"]) == 0
+    s2 = json.load(open(os.path.join(out, "simpo", "summary.json")))
+    assert s2["dpo_kind"] == "simpo" and set(s2["task_accuracy"]) == {"start", "dpo"}
+    assert s2["model"].endswith(os.path.join("sft", "final"))
+
 
 def test_mix_dpo_sft_logs_an_adaptive_lambda(tmp_path, config_file):
     out = str(tmp_path / "runs")

@@ -111,12 +111,12 @@ def test_micro_batches_add_up_to_the_full_batch(divergence):
     for h, r in zip(halves, (ref[:4], ref[4:])):
         loss, _ = S.sft_micro(m, h, cfg=cfg, ref_logp=r, norm=norm, backend="torch")
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     if S.sft_decomposable(cfg):
-        assert total == pytest.approx(float(full), rel=1e-9)
+        assert total == pytest.approx(float(full.detach()), rel=1e-9)
         _assert_grads_close(_grads(m), g_full)
     else:  # mean of the two micro-batch losses
-        assert math.isfinite(total) and total != pytest.approx(float(full), rel=1e-12)
+        assert math.isfinite(total) and total != pytest.approx(float(full.detach()), rel=1e-12)
 
 
 @pytest.mark.parametrize("kind,beta,gamma", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("simpo", 2.0, 1.0)])
@@ -147,7 +147,7 @@ def test_dpo_step_matches_hand_formula(kind, beta, gamma):
     _assert_grads_close(g_fused, _grads(m))
     rew_c = beta * (pc - rc) if kind != "simpo" else beta * pc
     rew_r = beta * (pr - rr) if kind != "simpo" else beta * pr
-    assert st["accuracy"][0] / st["accuracy"][1] == pytest.approx(float((rew_c > rew_r).float().mean()))
+    assert st["accuracy"][0] / st["accuracy"][1] == pytest.approx(float((rew_c > rew_r).float().mean().detach()))
 
 
 def test_dpo_sft_weight_adds_chosen_nll():
@@ -158,7 +158,7 @@ def test_dpo_sft_weight_adds_chosen_nll():
                               backend="torch")
     logp, mask, _ = _full_logp(m, batch)
     nll_chosen = -logp[:4].sum() / mask[:4].sum()
-    assert float(with_nll - base) == pytest.approx(0.5 * float(nll_chosen), rel=1e-9)
+    assert float((with_nll - base).detach()) == pytest.approx(0.5 * float(nll_chosen.detach()), rel=1e-9)
 
 
 def test_mix_dpo_lambda_halves_and_doubles():
