@@ -10,6 +10,7 @@ as it is less disturbed than wall time when other jobs share the cores.
     .venv/bin/python bench/bench_cpu_backend.py                       # shapes A and B, table to stdout
     .venv/bin/python bench/bench_cpu_backend.py --out bench/results/$(date +%F)-cpu-backend.md
     .venv/bin/python bench/bench_cpu_backend.py --shapes S --impls torch,cpu,cpu:4194304 --reps 2
+    .venv/bin/python bench/bench_cpu_backend.py --threads 1   # one core per case: steadier on a shared machine
 
 Implementations: ``naive`` (h @ W.T materialised, logsumexp/gather by eager torch autograd),
 ``torch`` (fk.token_stats backend="torch"), ``cpu`` (backend="cpu"), ``cpu:<elements>`` (the cpu
@@ -58,6 +59,9 @@ def _reset_peak() -> bool:
 
 def _child(args) -> None:
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import fdiv_kernels as fk
 
@@ -112,19 +116,21 @@ def _child(args) -> None:
 # parent: all cases, table, report
 # ------------------------------------------------------------------------------------------------
 
-def _run_case(shape, impl, mode, reps) -> dict:
+def _run_case(shape, impl, mode, reps, threads) -> dict:
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     if impl.startswith("cpu:"):
         env["FDIV_CPU_CHUNK_ELEMENTS"] = impl.split(":")[1]
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", shape, "--impl", impl, "--mode", mode,
-           "--reps", str(reps)]
+           "--reps", str(reps), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"case {shape}/{impl}/{mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> list:
+def _machine(threads: int) -> list:
     import torch
 
     lines = []
@@ -134,7 +140,7 @@ def _machine() -> list:
         model = platform.processor()
     blas = [l.strip().lstrip("- ") for l in torch.__config__.show().splitlines() if "Math Kernel" in l or "OpenBLAS" in l]
     gcc = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    lines.append(f"- CPU: {model}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}")
+    lines.append(f"- CPU: {model}, {os.cpu_count()} logical cores; torch threads per case: {threads or torch.get_num_threads()}")
     lines.append(f"- python {platform.python_version()}, torch {torch.__version__}, {blas[0] if blas else 'BLAS ?'}")
     lines.append(f"- compiler: {gcc[0] if gcc else '?'}; OS: {platform.platform()}")
     return lines
@@ -161,7 +167,7 @@ def _parent(args) -> None:
         for mode in MODES:
             case = {}
             for impl in impls:
-                r = _run_case(shape, impl, mode, args.reps)
+                r = _run_case(shape, impl, mode, args.reps, args.threads)
                 case[impl] = r
                 print(f"{shape} {mode:8s} {impl:12s} median {statistics.median(r['times']):.3f} s  "
                       f"min {min(r['times']):.3f} s  cpu {statistics.median(r['cpu_times']):.2f} s  peak +{r['peak_extra_mib']:.0f} MiB  "
@@ -187,7 +193,7 @@ def _parent(args) -> None:
         cmd = " ".join([os.path.relpath(sys.executable)] + [os.path.relpath(__file__)] + sys.argv[1:])
         doc = [f"# CPU backend benchmark ({started:%Y-%m-%d %H:%M} UTC)", "",
                f"Command: `{cmd}`", "",
-               *_machine(),
+               *_machine(args.threads),
                f"- load average (1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
                f"at end {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}"
                + (" -- other jobs shared the cores, so times are noisy" if max(load0[0], load1[0]) > 2.5 else ""),
@@ -206,6 +212,7 @@ def main() -> None:
     p.add_argument("--shapes", default="A,B", help="comma list of A, B, S")
     p.add_argument("--impls", default="naive,torch,cpu", help="comma list of naive, torch, cpu, cpu:<elements>")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per case (0: torch's default)")
     p.add_argument("--out", default=None, help="write a markdown report here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
