@@ -60,6 +60,9 @@ def test_pipeline_smoke_writes_everything(tmp_path, config_file, capsys):
     assert main(["pipeline", "--config", config_file, "--output", out, "--name", "smoke", "--no-progress",
                  "--set", "dpo.beta=0.2", "--resume"]) == 0
     assert "already finished" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["model"] for r in rows if r["phase"] == "eval"] == ["base", "sft", "dpo"]  # re-graded, not duplicated
+    assert len([r for r in rows if r["phase"] == "sft" and r["step"] > 0]) == len(sft_rows)
     again = json.load(open(os.path.join(run, "summary.json")))
     assert again["task_accuracy"] == summary["task_accuracy"]
     assert all(again["phases"][p].get("skipped") for p in ("pretrain", "sft", "dpo"))

@@ -137,6 +137,7 @@ class Pipeline:
         res = task_accuracy(model, self.ctx.tok, self.eval_rows, max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, device=self.ctx.device)
         self.accuracy[label] = res
+        self.ctx.metrics.drop(lambda r: r.get("phase") == "eval" and r.get("model") == label)  # a resumed run re-grades
         self.ctx.metrics.write({"phase": "eval", "model": label, "task_accuracy": res["accuracy"], **{
             f"task_accuracy/{k}": v for k, v in res["per_task"].items()}})
         self.ctx.log(f"[eval] task accuracy of the {label} model: {100 * res['accuracy']:.1f}% "

@@ -45,11 +45,15 @@ class MetricsLog:
 
     def truncate(self, phase: str, after_step: int) -> None:
         """Drop this phase's records past ``after_step`` (before resuming from a checkpoint)."""
+        self.drop(lambda r: r.get("phase") == phase and r.get("step", 0) > after_step)
+
+    def drop(self, predicate: Callable[[Dict[str, Any]], bool]) -> None:
+        """Rewrite the log without the records matching ``predicate`` (atomically)."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        keep = [r for r in rows if not (r.get("phase") == phase and r.get("step", 0) > after_step)]
+        keep = [r for r in rows if not predicate(r)]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
