@@ -95,8 +95,10 @@ __device__ __forceinline__ Online warp_merge(Online st) {
   return st;
 }
 
+constexpr int kFwdMaxThreads = 1024;
+
 template <typename T>
-__global__ void forward_kernel(const T* __restrict__ logits, int64_t V, int64_t ld, const float* __restrict__ bias,
+__global__ void __launch_bounds__(kFwdMaxThreads) forward_kernel(const T* __restrict__ logits, int64_t V, int64_t ld, const float* __restrict__ bias,
                                const int64_t* __restrict__ labels, Transform tf, float* __restrict__ lse,
                                float* __restrict__ logp, float* __restrict__ ent) {
   __shared__ Online partial[32];
@@ -130,7 +132,7 @@ constexpr int kBwdThreads = 256;
 constexpr int kBwdItems = 8;  // columns per thread: a block covers 2048 columns of one row
 
 template <typename TIn, typename TOut>
-__global__ void backward_kernel(const TIn* logits, TOut* coef, int64_t V, int64_t ld, const float* __restrict__ bias,
+__global__ void __launch_bounds__(kBwdThreads) backward_kernel(const TIn* logits, TOut* coef, int64_t V, int64_t ld, const float* __restrict__ bias,
                                 const int64_t* __restrict__ labels, Transform tf, const float* __restrict__ lse,
                                 const float* __restrict__ ent, const float* __restrict__ grad_logp,
                                 const float* __restrict__ grad_lse, const float* __restrict__ grad_ent) {
@@ -170,7 +172,7 @@ Transform make_transform(float softcap, float temperature) {
 template <typename T>
 int launch_forward(const void* logits, int64_t rows, int64_t V, int64_t ld, const float* bias, const int64_t* labels,
                    Transform tf, float* lse, float* logp, float* ent, cudaStream_t stream) {
-  const int threads = V >= 16384 ? 1024 : 256;
+  const int threads = V >= 16384 ? kFwdMaxThreads : 256;
   forward_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
       static_cast<const T*>(logits), V, ld, bias, labels, tf, lse, logp, ent);
   return static_cast<int>(cudaGetLastError());
