@@ -76,24 +76,30 @@ def set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_model(model: torch.nn.Module, tok, out_dir: str) -> None:
-    """Model (safetensors) + tokenizer into ``out_dir``, atomically."""
+def save_model(model: torch.nn.Module, tok, out_dir: str, *, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Model (safetensors) + tokenizer into ``out_dir``, atomically. ``state_dict``: the full
+    weights when the module's own are partitioned (DeepSpeed ZeRO-3)."""
     tmp = _atomic_dir(out_dir)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tok is not None:
         tok.save_pretrained(tmp)
     _commit_dir(tmp, out_dir)
 
 
 def save_checkpoint(phase_dir: str, *, step: int, model, tok, optimizer, scheduler,
-                    extra: Optional[Dict[str, Any]] = None, keep: int = 2) -> str:
-    """Write ``phase_dir/checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints."""
+                    extra: Optional[Dict[str, Any]] = None, keep: int = 2,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Write ``phase_dir/checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints.
+
+    ``optimizer`` may be None (DeepSpeed keeps its own optimizer checkpoint next to this one).
+    """
     final = os.path.join(phase_dir, f"checkpoint-{step}")
     tmp = _atomic_dir(final)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tok is not None:
         tok.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else {},
+             "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "extra": extra or {}}
     atomic_torch_save(state, os.path.join(tmp, STATE_FILE))
     atomic_json({"step": step, "extra": extra or {}}, os.path.join(tmp, "state.json"))

@@ -118,6 +118,17 @@ def deepspeed_initialize(module: torch.nn.Module, optimizer, scheduler, config_p
     return engine
 
 
+def deepspeed_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
+    """Full 16-bit weights of the causal LM inside a DeepSpeed engine under ZeRO-3 (a collective:
+    call on every rank; rank 0 gets the tensors), ``None`` when weights are not partitioned."""
+    if not engine.zero_optimization_partition_weights():
+        return None
+    sd = engine._zero3_consolidated_16bit_state_dict()
+    if sd is None:
+        return None
+    return {k[len("lm."):] if k.startswith("lm.") else k: v for k, v in sd.items()}
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

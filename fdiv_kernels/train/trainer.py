@@ -26,7 +26,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import OptimConfig, RunConfig
 from .data import EpochSampler, shard
-from .distributed import DistInfo, all_reduce_sum, deepspeed_initialize, no_sync, reduce_stats, wrap_ddp
+from .distributed import (DistInfo, all_reduce_sum, barrier, deepspeed_initialize, deepspeed_state_dict, no_sync,
+                          reduce_stats, wrap_ddp)
 from .modeling import BodyWithHead, gathered_head
 from .steps import Norm, Stats
 
@@ -163,11 +164,14 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *, res
 
     start = 0
     last = ckpt.latest_checkpoint(phase_dir) if resume else None
+    ds_tag = None
     if last is not None:
         ckpt.load_weights(model, last)
         st = ckpt.load_trainer_state(last)
-        opt.load_state_dict(st["optimizer"])
+        if st["optimizer"]:  # empty under DeepSpeed: its own checkpoint holds the optimizer
+            opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        ds_tag = st["extra"].get("deepspeed_tag")
         ckpt.set_rng_state(st["rng"])
         spec.load_state_dict(st["extra"].get("phase", {}))
         start = int(st["step"])
@@ -182,12 +186,31 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *, res
         engine = deepspeed_initialize(body, opt, sched, ctx.cfg.deepspeed, micro_batch_size=mb, grad_accum=n_micro,
                                       max_grad_norm=cfg.max_grad_norm)
         module = engine
+        if ds_tag is not None:
+            engine.load_checkpoint(os.path.join(phase_dir, "deepspeed"), tag=ds_tag)
     else:
         module = wrap_ddp(body, info, device)
 
     sampler = EpochSampler(spec.num_examples(), cfg.batch_size, _seed_for(ctx.cfg.seed, spec.name))
+    def evaluate() -> Dict[str, float]:
+        with gathered_head(model):  # ZeRO-3: the fused eval losses need the full LM-head weight
+            return spec.evaluate(model)
+
+    def save(step: int, final: bool) -> None:
+        sd = deepspeed_state_dict(engine) if engine is not None else None  # collective under ZeRO-3
+        extra: Dict[str, Any] = {"phase": spec.state_dict()}
+        if engine is not None:
+            extra["deepspeed_tag"] = f"step-{step}"
+            engine.save_checkpoint(os.path.join(phase_dir, "deepspeed"), tag=extra["deepspeed_tag"])
+        if info.is_main:
+            ckpt.save_checkpoint(phase_dir, step=step, model=model, tok=ctx.tok,
+                                 optimizer=opt if engine is None else None, scheduler=sched, extra=extra,
+                                 keep=cfg.keep_checkpoints, state_dict=sd)
+            if final:
+                ckpt.save_model(model, ctx.tok, os.path.join(phase_dir, "final"), state_dict=sd)
+
     if start == 0 and cfg.eval_every > 0:
-        ev = spec.evaluate(model)
+        ev = evaluate()
         if ev:
             ctx.metrics.write({"phase": spec.name, "step": 0, **ev})
 
@@ -238,7 +261,7 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *, res
         rec = {"phase": spec.name, "step": step + 1, **metrics, "grad_norm": gn, "lr": lr_now,
                "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            rec.update(spec.evaluate(model))
+            rec.update(evaluate())
         if not math.isfinite(rec.get("loss", 0.0)):
             raise FloatingPointError(f"[{spec.name}] step {step + 1}: loss is {rec['loss']}")
         if (step + 1) % max(cfg.log_every, 1) == 0 or step + 1 == cfg.steps or "align_accuracy" in rec:
@@ -248,15 +271,12 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *, res
             bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "nll", "accuracy", "align_accuracy") if k in rec})
         done = step + 1 == cfg.steps
-        if info.is_main and (done or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0)):
-            ckpt.save_checkpoint(phase_dir, step=step + 1, model=model, tok=ctx.tok, optimizer=opt, scheduler=sched,
-                                 extra={"phase": spec.state_dict()}, keep=cfg.keep_checkpoints)
+        if done or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
+            save(step + 1, final=done)
     if bar is not None:
         bar.close()
-    if info.is_main:
-        ckpt.save_model(model, ctx.tok, os.path.join(phase_dir, "final"))
-    from .distributed import barrier
-
+    if start >= cfg.steps:  # resumed after the last checkpoint but before the final model was written
+        save(cfg.steps, final=True)
     barrier()
     model.eval()
     return {"steps": cfg.steps, "resumed_from": start, "seconds": round(time.time() - t_phase, 2),
