@@ -57,7 +57,7 @@ class Lab:
 
     def base(self) -> str:
         """Pretrain the shared base once; returns its checkpoint directory."""
-        cfg = self.cfg("base", ["sft.steps=1", "dpo.steps=1", "eval.task_accuracy=false"])
+        cfg = self.cfg("base", ["sft.steps=1", "dpo.steps=1", "dpo.rejected=data", "eval.task_accuracy=false"])
         s = run_command(cfg, "pipeline")
         self.base_dir = s["checkpoints"]["pretrain"]
         self.base_model = load_model(self.base_dir)
