@@ -10,10 +10,12 @@ ahead-of-time build (FDIV_BUILD_EXT=1).
 """
 
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 
 def _ext_modules():
@@ -25,6 +27,9 @@ def _ext_modules():
 
 
 ext_modules, cmdclass = _ext_modules()
+from fdiv_build import csrc_cmdclass  # noqa: E402  (ships csrc/ inside the package for JIT builds)
+
+cmdclass = {**csrc_cmdclass(), **cmdclass}
 
 TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "mpmath>=1.3", "ninja"]
 PEERS = ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"]

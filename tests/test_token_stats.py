@@ -86,7 +86,7 @@ def test_custom_ignore_index_and_int32_labels():
 def test_chunking_never_exceeds_the_chunk_rule(monkeypatch):
     """Many small chunks give the same result, and no logits block exceeds rows_per_chunk * V."""
     hidden, weight, labels, _ = make(n=(4, 25), v=40)
-    full = fk.token_stats(hidden, weight, labels, return_entropy=True)
+    full = fk.token_stats(hidden, weight, labels, return_entropy=True, backend="torch")
     seen = []
     orig = torch_chunked._logits
 
@@ -100,7 +100,7 @@ def test_chunking_never_exceeds_the_chunk_rule(monkeypatch):
     rows = torch_chunked.rows_per_chunk(40, torch_chunked.CHUNK_ELEMENTS)
     assert rows == 7
     hidden.requires_grad_()
-    chunked = fk.token_stats(hidden, weight, labels, return_entropy=True)
+    chunked = fk.token_stats(hidden, weight, labels, return_entropy=True, backend="torch")
     chunked.logp.sum().backward()
     assert max(seen) <= rows * 40 and len(seen) > 10
     for a, b in zip(full, chunked):

@@ -54,8 +54,8 @@ def tiny_model(vocab: int, seed: int):
     return LlamaForCausalLM(cfg)
 
 
-def batches(tok, n: int, batch: int, seed: int) -> List[Dict[str, torch.Tensor]]:
-    rows = [sft_row(p) for p in problems(n, seed=seed, tasks=TASKS)]
+def batches(tok, probs, batch: int, seed: int) -> List[Dict[str, torch.Tensor]]:
+    rows = [sft_row(p) for p in probs]
     enc = encode_sft(tok, rows, max_length=96)
     rng = random.Random(seed)
     rng.shuffle(enc)
@@ -171,8 +171,11 @@ def run(out_dir: str, *, steps: int = 300, seeds=(0, 1), warm_steps: int = 150, 
     t0 = time.time()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     tok = build_char_tokenizer()
-    data = batches(tok, 2400 if not quick else 160, 16, seed=11)
-    evald = batches(tok, 128 if not quick else 32, 16, seed=12)
+    held = problems(96 if not quick else 32, seed=12, tasks=TASKS)  # distinct held-out prompts
+    train = problems(2400 if not quick else 160, seed=11, tasks=TASKS, distinct=False,
+                     exclude={p["prompt"] for p in held})
+    data = batches(tok, train, 16, seed=11)
+    evald = batches(tok, held, 16, seed=12)
     refs = {"random": tiny_model(len(tok), 0)}
     refs["warm"] = warm_up(copy.deepcopy(refs["random"]), data, warm_steps, lr)
     refs["warm, spread dV"] = copy.deepcopy(refs["warm"])
