@@ -48,6 +48,9 @@ def main(argv=None) -> int:
         cmd.append(f"--bench-profile={a.profile}")
     cmd += a.pytest_args
     env = dict(os.environ)
+    if env.pop("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench: TRITON_INTERPRET is set; unset for the benchmarks (interpreted Triton times mean nothing)",
+              file=sys.stderr)
     env["FDIV_BENCH_COMMAND"] = (f"python -m bench.run {' '.join(argv if argv is not None else sys.argv[1:])}"
                                  f"  ->  {shlex.join(cmd[1:])}")
     t0 = dt.datetime.now()
