@@ -180,6 +180,8 @@ def run(out_dir: str, *, steps: int = 300, seeds=(0, 1), warm_steps: int = 150, 
     refs["warm"] = warm_up(copy.deepcopy(refs["random"]), data, warm_steps, lr)
     refs["warm, spread dV"] = copy.deepcopy(refs["warm"])
     spread = spread_values(refs["warm, spread dV"], data)
+    refs["warm, wide spread dV"] = copy.deepcopy(refs["warm"])
+    wide = spread_values(refs["warm, wide spread dV"], data, lo=-40.0, hi=80.0)
     results = []
     for ref_name, ref in refs.items():
         ref.eval()
@@ -188,7 +190,7 @@ def run(out_dir: str, *, steps: int = 300, seeds=(0, 1), warm_steps: int = 150, 
                 r = run_one(ref, method, data, evald, steps=steps, lr=lr, seed=seed)
                 r["reference"] = ref_name
                 results.append(r)
-    report = {"steps": steps, "seeds": list(seeds), "lr": lr, "warm_steps": warm_steps, "spread_dV": spread,
+    report = {"steps": steps, "seeds": list(seeds), "lr": lr, "warm_steps": warm_steps, "spread_dV": spread, "wide_spread_dV": wide,
               "warm_heldout_nll": heldout_nll(refs["warm"], evald), "seconds": time.time() - t0, "runs": results}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stability.json"), "w") as f:
@@ -228,7 +230,8 @@ def plot(report: Dict, path: str) -> None:
 
 def table(report: Dict) -> str:
     """Markdown: per reference and method, bad steps over seeds and held-out NLL (mean +- spread)."""
-    lines = ["| reference | method | first bad step per seed | held-out NLL (finished runs) |", "|---|---|---|---|"]
+    lines = ["| reference | method | first bad step per seed | max abs(loss) | held-out NLL (finished runs) |",
+             "|---|---|---|---|---|"]
     refs = list(dict.fromkeys(r["reference"] for r in report["runs"]))
     for ref in refs:
         for m in METHODS:
@@ -236,7 +239,8 @@ def table(report: Dict) -> str:
             bad = ", ".join("stable" if r["bad_step"] is None else f"{r['bad_step']} ({r['bad_why']})" for r in rs)
             nll = [r["heldout_nll"] for r in rs if r["heldout_nll"] is not None]
             nll_s = f"{sum(nll) / len(nll):.3f} (range {min(nll):.3f}-{max(nll):.3f})" if nll else "-"
-            lines.append(f"| {ref} | {m} | {bad} | {nll_s} |")
+            peak = max((abs(v) for r in rs for v in r["losses"] if v is not None), default=float("nan"))
+            lines.append(f"| {ref} | {m} | {bad} | {peak:.3g} | {nll_s} |")
     return "\n".join(lines)
 
 
