@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import _status_kib as _rss_kib, reset_peak_rss as _reset_peak  # noqa: E402
+
 SHAPES = {"A": (4096, 1024, 32000), "B": (8192, 256, 32000), "S": (1024, 512, 32000)}
 MODES = ("fwd", "fwd+bwd")
 
@@ -39,23 +42,6 @@ MODES = ("fwd", "fwd+bwd")
 # ------------------------------------------------------------------------------------------------
 # child: one case
 # ------------------------------------------------------------------------------------------------
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def _child(args) -> None:
     import torch
