@@ -7,6 +7,8 @@ FDivDPOTrainer == TRL's DPOTrainer for sigmoid, ipo and JS f-DPO (same batch, an
 
 import copy
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -19,26 +21,14 @@ from fdiv_kernels.integrations.trl import FDivDPOTrainer, FDivSFTTrainer  # noqa
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # TRL/transformers deprecations
 
-WORDS = "the cat dog sat on mat a ran fast slow big small red blue and then".split()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import _tiny  # noqa: E402  (the examples' offline tokenizer and tiny Llama)
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+tiny_tokenizer = _tiny.tiny_tokenizer
 
 
 def tiny_llama(tok, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = _tiny.tiny_llama(tok, seed=seed)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # logits of size ~2 so that the objectives differ visibly
     return model
