@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger("fdiv_kernels")
 
-CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/bindings_cpu.cpp")
+CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/epilogue_cpu.cpp", "cpu/bindings_cpu.cpp")
 CUDA_SOURCES = ("cuda/bindings_cuda.cpp", "cuda/token_stats_epilogue.cu")
 CPU_CFLAGS = ["-O3", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
