@@ -40,12 +40,41 @@ import os
 import triton
 import triton.language as tl
 
-try:  # triton >= 3.4 reads its settings through knobs
-    from triton import knobs as _knobs
-    INTERPRET: bool = bool(_knobs.runtime.interpret)
-except ImportError:  # pragma: no cover - older triton
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton import knobs as _knobs  # triton >= 3.4 (the supported range starts at 3.6)
+
+INTERPRET: bool = bool(_knobs.runtime.interpret)
 """Whether these kernels were built for the Triton interpreter (read once, at import)."""
+
+
+def _interpreter_index_compat() -> bool:
+    """Let the interpreter of triton < 3.9 take ``range()`` bounds that are runtime values.
+
+    The interpreter turns a scalar into a one-element 1-D numpy array and converts it to a
+    Python int for ``range()`` with ``int(array)``, which NumPy >= 2.4 rejects ("only
+    0-dimensional arrays can be converted to Python scalars": every loop over H or a split
+    fails). triton 3.9 converts with ``int(array.squeeze())``; this installs that conversion
+    for older interpreters. Only under ``TRITON_INTERPRET=1``; compiled kernels are untouched.
+    Returns whether the shim was installed.
+    """
+    if not INTERPRET or tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9):
+        return False
+    from triton.runtime import interpreter
+
+    patch_lang = interpreter._patch_lang
+    if getattr(patch_lang, "_fdiv_index_compat", False):
+        return True
+
+    def _patch_lang_with_index(fn):
+        scope = patch_lang(fn)
+        scope.set_attr(tl.core.tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        return scope
+
+    _patch_lang_with_index._fdiv_index_compat = True
+    interpreter._patch_lang = _patch_lang_with_index
+    return True
+
+
+INTERPRETER_INDEX_COMPAT = _interpreter_index_compat()
 
 # --------------------------------------------------------------------------------------------
 # Autotune lists, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per input element size.
@@ -75,11 +104,21 @@ def _config(bn: int, bv: int, bh: int, warps: int, stages: int) -> triton.Config
     return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
 
 
+AUTOTUNE = os.environ.get("FDIV_TRITON_AUTOTUNE", "full")
+"""``full`` (default): every config of the lists below is tried; ``first``: only the first config
+per element size (every kernel, dtype and flag setting is still compiled, only the tile search is
+skipped; ``make gpu-check`` uses it to keep compile time in its budget). Read at import."""
+if AUTOTUNE not in ("full", "first"):
+    raise ValueError(f"FDIV_TRITON_AUTOTUNE must be 'full' or 'first', got {AUTOTUNE!r}")
+
+
 def _configs(by_size):
     """``(configs, prune_configs_by)`` for triton.autotune: the union of the lists, pruned at
     launch to the list of ``h_ptr``'s element size."""
     if INTERPRET:
         return [_config(*c) for c in _INTERPRETER], None
+    if AUTOTUNE == "first":
+        by_size = {size: lst[:1] for size, lst in by_size.items()}
     tuples = list(dict.fromkeys(t for lst in by_size.values() for t in lst))
 
     def prune(configs, named_args, **kwargs):
@@ -94,6 +133,12 @@ def _configs(by_size):
 FWD_CONFIGS, FWD_PRUNE = _configs(_FWD)
 BWD_H_CONFIGS, BWD_H_PRUNE = _configs(_BWD_H)
 BWD_W_CONFIGS, BWD_W_PRUNE = _configs(_BWD_W)
+# Autotune keys: the shape (N left out: it changes every step and training must not re-tune), the
+# dot precision, and every flag that changes the code (bias, soft-cap, entropy, filter), so that a
+# tile chosen with the flags off is never reused with them on (where it may spill). triton adds
+# the argument dtypes.
+FWD_KEY = ["H", "V", "INPUT_PRECISION", "HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY"]
+BWD_KEY = FWD_KEY + ["FILTER"]
 SPLIT_ALIGN = 32 if INTERPRET else 256
 """Vocabulary splits of the forward are multiples of this (every BLOCK_V divides it)."""
 
@@ -152,7 +197,7 @@ def _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
     dz = (k - g)[:, None] * p
     if WITH_ENTROPY:
-        dz -= e[:, None] * p * (z - mean_z[:, None])
+        dz -= e[:, None] * p * tl.where(p > 0.0, z - mean_z[:, None], 0.0)  # a -inf logit adds 0, not 0 * -inf
     dz += tl.where(is_label, g[:, None], 0.0)
     dz = dz * inv_temp
     if HAS_SOFTCAP:
@@ -194,7 +239,7 @@ def _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, W
 # Forward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=FWD_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=FWD_PRUNE)
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=FWD_PRUNE)
 @triton.jit
 def token_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
@@ -236,13 +281,16 @@ def token_stats_fwd_kernel(
                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(cmask[None, :], z, float("-inf"))
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # -inf while every logit so far is -inf (a vocabulary masked through the bias can fill
+        # a whole leading tile): shift by 0 then, so exp gives 0 instead of exp(-inf + inf) = NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         first = m == float("-inf")
-        r = tl.where(first, 0.0, tl.exp(m - m_new))
-        p = tl.exp(z - m_new[:, None])  # 0 on masked columns
+        r = tl.where(first, 0.0, tl.exp(m - m_safe))
+        p = tl.exp(z - m_safe[:, None])  # 0 on masked columns and -inf logits
         if WITH_ENTROPY:
-            dm = tl.where(first, 0.0, m - m_new)
-            pz = p * tl.where(cmask[None, :], z - m_new[:, None], 0.0)  # no 0 * -inf
+            dm = tl.where(first, 0.0, m - m_safe)
+            pz = p * tl.where(p > 0.0, z - m_safe[:, None], 0.0)  # no 0 * -inf
             a = r * (a + dm * s) + tl.sum(pz, axis=1)
         s = r * s + tl.sum(p, axis=1)
         m = m_new
@@ -258,7 +306,7 @@ def token_stats_fwd_kernel(
 # Backward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_H_PRUNE)
+@triton.autotune(configs=BWD_H_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_H_PRUNE)
 @triton.jit
 def token_stats_bwd_hidden_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr,
@@ -314,7 +362,7 @@ def token_stats_bwd_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_W_PRUNE)
+@triton.autotune(configs=BWD_W_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_W_PRUNE)
 @triton.jit
 def token_stats_bwd_weight_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gw_ptr, gb_ptr,
@@ -384,7 +432,7 @@ _BWD_FUSED = {
 BWD_FUSED_CONFIGS, BWD_FUSED_PRUNE = _configs(_BWD_FUSED)
 
 
-@triton.autotune(configs=BWD_FUSED_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_FUSED_PRUNE,
+@triton.autotune(configs=BWD_FUSED_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_FUSED_PRUNE,
                  reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"])
 @triton.jit
 def token_stats_bwd_fused_atomic_kernel(
