@@ -415,6 +415,45 @@ def test_registration_under_interpreter():
     assert get_backend("triton", "cpu").priority < 0
 
 
+def _only_config(monkeypatch, name, **knob):
+    """Run kernel ``name`` with the interpreter's tile and the given knob (STAGE / GROUP_N)."""
+    kern = triton_backend._kernels()
+    (value,) = knob.values()
+    cfg = kern._config(16, 32, 16, 1, 1, value, knob=kern.KNOBS[name])
+    monkeypatch.setattr(getattr(kern, name), "configs", [cfg])
+
+
+@pytest.mark.parametrize("stage_h,stage_w", [(1, 1), (2, 2), (4, 1)], ids=["stage1", "stage2", "stage4-1"])
+def test_staged_backward_matches_oracle(monkeypatch, stage_h, stage_w):
+    """STAGE vocabulary (token) tiles per read-modify-write of grad_hidden (grad_weight): spans that
+    end past V (N), a partial last tile, and filtering on spans; all equal the oracle."""
+    _only_config(monkeypatch, "token_stats_bwd_hidden_kernel", STAGE=stage_h)
+    _only_config(monkeypatch, "token_stats_bwd_weight_kernel", STAGE=stage_w)
+    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, scale=2.0, seed=47)  # 3 token x 4 vocab tiles
+    kw = dict(softcap=2.5, temperature=0.7)
+    _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
+    _, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
+        assert_close(a, r, what=f"{name} (STAGE {stage_h}/{stage_w}) vs float64 oracle")
+    with triton_options(filter_eps=1e-30):
+        _, filtered, _ = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
+    for a, b in zip(grads, filtered):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("group_n", [1, 2, 8])
+def test_atomic_grouped_tile_order_covers_every_tile(monkeypatch, group_n):
+    """The atomics kernel's grouped order (GROUP_N token blocks per group; 3 token blocks, so
+    GROUP_N=2 leaves a partial last group) visits every tile exactly once."""
+    _only_config(monkeypatch, "token_stats_bwd_fused_atomic_kernel", GROUP_N=group_n)
+    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, scale=2.0, seed=53)
+    with triton_options(deterministic=False):
+        _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    _, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
+        assert_close(a, r, what=f"{name} (GROUP_N {group_n}) vs float64 oracle")
+
+
 KERNEL_NAMES = ("token_stats_fwd_kernel", "token_stats_bwd_hidden_kernel", "token_stats_bwd_weight_kernel",
                 "token_stats_bwd_fused_atomic_kernel")
 
@@ -477,16 +516,18 @@ def test_autotune_key_includes_the_flags(monkeypatch, deterministic):
     two configs and a fake benchmark that prefers the first with the flags off and the second
     with them on, every kernel must pick the second in the flags-on run."""
     kern = triton_backend._kernels()
-    first, second = kern._config(16, 32, 16, 1, 1), kern._config(16, 32, 16, 2, 1)
     flag_names = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER")
-
-    def fake_bench(*args, config, **meta):
-        flags_on = any(meta.get(f) for f in flag_names)
-        return [1.0 if (config is second) == flags_on else 2.0]
-
+    first, second = {}, {}
     for name in KERNEL_NAMES:
+        first[name] = kern._config(16, 32, 16, 1, 1, 1, knob=kern.KNOBS[name])
+        second[name] = kern._config(16, 32, 16, 2, 1, 1, knob=kern.KNOBS[name])
+
+        def fake_bench(*args, config, _second=second[name], **meta):
+            flags_on = any(meta.get(f) for f in flag_names)
+            return [1.0 if (config is _second) == flags_on else 2.0]
+
         k = getattr(kern, name)
-        monkeypatch.setattr(k, "configs", [first, second])
+        monkeypatch.setattr(k, "configs", [first[name], second[name]])
         monkeypatch.setattr(k, "cache", {})
         monkeypatch.setattr(k, "_bench", fake_bench)
     used = {}
@@ -505,10 +546,10 @@ def test_autotune_key_includes_the_flags(monkeypatch, deterministic):
         off = dict(used)
         with triton_options(filter_eps=1e-30):
             run_backend("triton", hidden, weight, bias, labels, coef, softcap=3.0, entropy=True)
-    assert off and all(cfg is first for cfg in off.values()), off
+    assert off and all(cfg is first[name] for name, cfg in off.items()), off
     assert used.keys() == off.keys()
     for name, cfg in used.items():
-        assert cfg is second, f"{name}: the flags-off tile was reused with the flags on"
+        assert cfg is second[name], f"{name}: the flags-off tile was reused with the flags on"
 
 
 def test_interpreter_takes_runtime_loop_bounds():
@@ -598,13 +639,17 @@ def compile_one(kernel, cfg, dtype, flags_on):
 
 TABLES = [(K.token_stats_fwd_kernel, K._FWD), (K.token_stats_bwd_hidden_kernel, K._BWD_H),
           (K.token_stats_bwd_weight_kernel, K._BWD_W), (K.token_stats_bwd_fused_atomic_kernel, K._BWD_FUSED)]
-if os.environ.get("FDIV_TRITON_SURVEY") == "1":  # every config x dtype x flags: registers and spills
+survey = os.environ.get("FDIV_TRITON_SURVEY", "")
+if survey:  # every config x dtype x flags of the kernels named (1: all): registers and spills
     for kernel, table in TABLES:
+        name = kernel.fn.__name__
+        if survey != "1" and not any(part in name for part in survey.split(",")):
+            continue
         for size, dtype in ((2, "bf16"), (4, "fp32")):
             for t in table[size]:
                 for flags_on in (False, True):
-                    print(kernel.fn.__name__, dtype, t, "flags", flags_on,
-                          compile_one(kernel, K._config(*t), dtype, flags_on), "ok", flush=True)
+                    cfg = K._config(*t, knob=K.KNOBS[name])
+                    print(name, dtype, t, "flags", flags_on, compile_one(kernel, cfg, dtype, flags_on), "ok", flush=True)
 else:
     for kernel, _ in TABLES:
         print(kernel.fn.__name__, compile_one(kernel, kernel.configs[0], "bf16", True), "ok", flush=True)
@@ -615,11 +660,12 @@ def test_kernels_compile_for_sm90():
     """Full Triton -> PTX -> cubin pipeline for sm_90a (bundled ptxas), bf16, every flag on.
 
     ``FDIV_TRITON_SURVEY=1 pytest tests/test_triton.py -k sm90 -s`` compiles every autotune
-    config x dtype x flag setting instead and prints registers / stack (spill) bytes (~15 min)."""
+    config x dtype x flag setting instead and prints registers / stack (spill) bytes (~15 min);
+    ``FDIV_TRITON_SURVEY=bwd_hidden,bwd_weight`` only those kernels."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    survey = os.environ.get("FDIV_TRITON_SURVEY") == "1"
+    survey = bool(os.environ.get("FDIV_TRITON_SURVEY"))
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=3600 if survey else 600)
     print(res.stdout)

@@ -332,7 +332,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             if grad_b is not None:
                 grad_b.zero_()
             kern.token_stats_bwd_fused_atomic_kernel[
-                lambda meta: (math.ceil(n / meta["BLOCK_N"]), math.ceil(v / meta["BLOCK_V"]))](
+                lambda meta: (math.ceil(n / meta["BLOCK_N"]) * math.ceil(v / meta["BLOCK_V"]),)](
                 *args, grad_h, grad_w, gb_arg, *scalars, **common)
         else:
             kern.token_stats_bwd_hidden_kernel[lambda meta: (math.ceil(n / meta["BLOCK_N"]),)](
