@@ -138,3 +138,7 @@ def test_results_from_a_tiny_cpu_run_of_the_headline_benchmark(tmp_path):
     assert not gc.write_results(stem, [(failed, ok_step)], rows, env_info, "c", "d", 1.0)
     info_step = gc.Step("s", 10, 0, "proves", ["x"], gate=False)
     assert gc.write_results(stem, [(failed, info_step)], rows, env_info, "c", "d", 1.0)
+    bench_step = gc.Step("s", 10, 0, "proves", ["x"], timeout_gates=False)  # a benchmark out of time: rows judged
+    assert gc.write_results(stem, [(failed, bench_step)], rows, env_info, "c", "d", 1.0)
+    crashed = gc.Outcome("s", 10, "failed", 1.0, 1)
+    assert not gc.write_results(stem, [(crashed, bench_step)], rows, env_info, "c", "d", 1.0)

@@ -201,11 +201,15 @@ def source_digest(kind: str) -> str:
     return digest.hexdigest()
 
 
+def jit_root() -> str:
+    """Root of the JIT cache: ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "torch_extensions")
+
+
 def _build_dir(name: str, kind: str) -> str:
-    """``<root>/<environment tag>/<name>``; root ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                   "torch_extensions")
-    path = os.path.join(root, environment_tag(environment(kind)), name)
+    """``<jit_root()>/<environment tag>/<name>``."""
+    path = os.path.join(jit_root(), environment_tag(environment(kind)), name)
     os.makedirs(path, exist_ok=True)
     return path
 
