@@ -3,8 +3,7 @@
     python -m bench.headline --shape llama --rounds 3 --out results.jsonl --deadline 100
 
 Runs, for one shape of ``SHAPES`` (bf16, the GPU profile's ce shapes), the ``ce`` suite's
-implementations in the order of ``ORDER`` (the GEMM floor first, ``torch.compile`` last because it
-compiles longest): a warm-up call that is also the correctness check against float32 naive torch
+implementations in the order of ``ORDER``: a warm-up call that is also the correctness check against float32 naive torch
 (``bench.harness.check_loss``), then ``rounds`` timed calls (``torch.cuda.synchronize`` around
 each; min and median), the peak memory above the inputs of the first timed call
 (``torch.cuda.max_memory_allocated``), and for the ``fk[...]`` rows a per-kernel breakdown of one
@@ -35,7 +34,9 @@ from .shapes import PROFILES
 
 SHAPES = {"llama": PROFILES["gpu"]["ce"][0], "gemma": PROFILES["gpu"]["ce"][1],
           "tiny": PROFILES["tiny"]["ce"][0]}  # tiny: for the CPU smoke test of this module (--device cpu)
-ORDER = ("gemm", "fk[cuda]", "fk[triton]", "fk[triton-atomic]", "fk[torch]", "liger", "cce", "naive", "naive+compile")
+ORDER = ("gemm", "naive", "fk[cuda]", "fk[triton]", "fk[triton-atomic]", "liger", "cce", "fk[torch]", "naive+compile")
+"""The floor and naive first (every ratio needs them), the reference fk[torch] late, torch.compile
+last (it compiles longest, so it is the one a step deadline drops first)."""
 
 
 def kernel_breakdown(call, top: int, device: torch.device) -> List[Dict[str, object]]:

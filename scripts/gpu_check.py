@@ -24,6 +24,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -60,6 +61,8 @@ class Step:
     gate: bool = True
     needs: tuple = ()
     timeout_gates: bool = True
+    must_print: str = ""  # regex its output must contain to pass (e.g. a pytest "N passed")
+    must_not_print: str = ""  # regex that fails it (e.g. GPU tests skipped for want of a GPU)
     env: Dict[str, str] = field(default_factory=dict)
     skip_reason: str = ""
 
@@ -129,8 +132,13 @@ print(f"cuda extension {src}: {mod.__file__} in {time.perf_counter() - t0:.1f} s
 '''
 
 
+PASSED = r"\b[1-9]\d* passed"
+NO_GPU_SKIPS = r"SKIPPED .*(no CUDA device|needs a CUDA device)"
+"""A test step passes only when tests passed and none was skipped for want of a GPU."""
+
+
 def _pytest(files: List[str], workers: int) -> List[str]:
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *files]
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *files]
     if workers > 1 and _has("xdist"):
         argv += ["-n", str(workers)]
     return argv
@@ -153,10 +161,12 @@ def plan(out_stem: Path) -> List[Step]:
              "Python/torch/sources, else a build here (nvcc)", [py, "-c", EXTENSION_SCRIPT], env={"MAX_JOBS": "8"}),
         Step("triton-tests", 150, 2, "tests/test_triton.py on the compiled kernels (TRITON_INTERPRET=0, one "
              "autotune config per kernel and dtype): values and gradients vs a float64 oracle, bf16/fp16, filter, "
-             "atomics, masked vocabulary, device guard", _pytest(["tests/test_triton.py"], 8), env=triton_env),
+             "atomics, masked vocabulary, device guard", _pytest(["tests/test_triton.py"], 8), env=triton_env,
+             must_print=PASSED, must_not_print=NO_GPU_SKIPS),
         Step("cuda-tests", 60, 3, "tests/test_cuda_compile.py: backend='cuda' vs the torch reference on the GPU "
              "(fp32/bf16/fp16, odd shapes, soft-cap, entropy, bias, several chunks) and the nvcc compile checks",
-             _pytest(["tests/test_cuda_compile.py"], 4), needs=("cuda-extension",)),
+             _pytest(["tests/test_cuda_compile.py"], 4), needs=("cuda-extension",), must_print=PASSED,
+             must_not_print=NO_GPU_SKIPS),
     ]
     for shape, group in (("llama", 4), ("gemma", 5)):
         steps.append(Step(
@@ -236,12 +246,17 @@ def run_steps(steps: List[Step], log_dir: Path, echo=print) -> List[Outcome]:
                 _kill_group(proc)
             fh.close()
             wall = time.monotonic() - t0
-            if status != "timeout" and proc.returncode != 0:
-                status = "failed"
             text = log.read_text(errors="replace")
+            reason = f"killed after its budget of {s.budget_s} s" if status == "timeout" else ""
+            if status != "timeout" and proc.returncode != 0:
+                status, reason = "failed", f"exit status {proc.returncode}"
+            elif status == "passed" and s.must_print and not re.search(s.must_print, text):
+                status, reason = "failed", f"its output lacks /{s.must_print}/"
+            elif status == "passed" and s.must_not_print and re.search(s.must_not_print, text):
+                found = re.search(s.must_not_print, text).group(0)
+                status, reason = "failed", f"its output has {found[:120]!r}"
             tail = "\n".join(text.splitlines()[-25:])
-            done[s.name] = Outcome(s.name, s.budget_s, status, wall, proc.returncode, str(log), tail,
-                                   reason=f"killed after its budget of {s.budget_s} s" if status == "timeout" else "")
+            done[s.name] = Outcome(s.name, s.budget_s, status, wall, proc.returncode, str(log), tail, reason=reason)
             echo(f"gpu-check: {s.name}: {status} in {wall:.0f} s (budget {s.budget_s} s)\n" +
                  "\n".join("    " + line for line in tail.splitlines()[-12:]))
     return [done[s.name] for s in steps]

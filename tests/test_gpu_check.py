@@ -80,6 +80,12 @@ def test_a_hung_step_is_killed_at_its_budget_and_the_rest_still_run(tmp_path):
         gc.Step("after", 10, 1, "runs after it", [py, "-c", "print('after ok')"]),
         gc.Step("needs-hang", 10, 2, "needs it", [py, "-c", "print('never')"], needs=("hang",)),
         gc.Step("fails", 10, 2, "fails", [py, "-c", "raise SystemExit(3)"]),
+        gc.Step("gpu-skipped", 10, 2, "ran nothing on a GPU",
+                [py, "-c", "print('SKIPPED [3] t.py:9: no CUDA device'); print('2 passed, 3 skipped')"],
+                must_print=gc.PASSED, must_not_print=gc.NO_GPU_SKIPS),
+        gc.Step("nothing-passed", 10, 2, "ran no test", [py, "-c", "print('1 skipped in 3 s')"], must_print=gc.PASSED),
+        gc.Step("tests-passed", 10, 2, "ran tests", [py, "-c", "print('41 passed, 2 skipped in 9 s')"],
+                must_print=gc.PASSED, must_not_print=gc.NO_GPU_SKIPS),
     ]
     t0 = time.monotonic()
     got = {o.name: o for o in gc.run_steps(steps, tmp_path / "logs", echo=lambda *_: None)}
@@ -92,6 +98,8 @@ def test_a_hung_step_is_killed_at_its_budget_and_the_rest_still_run(tmp_path):
     assert got["after"].status == "passed"
     assert got["needs-hang"].status == "skipped" and "hang" in got["needs-hang"].reason
     assert got["fails"].status == "failed" and got["fails"].rc == 3
+    assert got["gpu-skipped"].status == "failed" and "no CUDA device" in got["gpu-skipped"].reason
+    assert got["nothing-passed"].status == "failed" and got["tests-passed"].status == "passed"
 
 
 def _alive(pid: int) -> bool:
