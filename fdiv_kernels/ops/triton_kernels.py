@@ -135,9 +135,21 @@ if AUTOTUNE not in ("full", "first"):
     raise ValueError(f"FDIV_TRITON_AUTOTUNE must be 'full' or 'first', got {AUTOTUNE!r}")
 
 
+def _no_timing(kernel_call, quantiles):
+    """``do_bench`` of the ``first`` mode: the pruned list holds one config, so there is nothing to
+    compare; triton < 3.9 would still time it (a dozen runs of the kernel at the full shape)."""
+    return [0.0 for _ in quantiles]
+
+
+def _tuning(by_size, knob=None) -> dict:
+    """``triton.autotune`` arguments besides the key: the union of the lists as configs, pruned
+    at launch to the list of ``h_ptr``'s element size (and no timing in ``first`` mode)."""
+    configs, prune = _configs(by_size, knob)
+    return dict(configs=configs, prune_configs_by=prune, **({"do_bench": _no_timing} if AUTOTUNE == "first" else {}))
+
+
 def _configs(by_size, knob=None):
-    """``(configs, prune_configs_by)`` for triton.autotune: the union of the lists, pruned at
-    launch to the list of ``h_ptr``'s element size."""
+    """``(configs, prune_configs_by)``: see :func:`_tuning`."""
     if INTERPRET:
         return [_config(*_INTERPRETER, knob=knob)], None
     if AUTOTUNE == "first":
@@ -154,10 +166,10 @@ def _configs(by_size, knob=None):
     return [_config(*t, knob=knob) for t in tuples], {"early_config_prune": prune}
 
 
-FWD_CONFIGS, FWD_PRUNE = _configs(_FWD)
-BWD_H_CONFIGS, BWD_H_PRUNE = _configs(_BWD_H, "STAGE")
-BWD_W_CONFIGS, BWD_W_PRUNE = _configs(_BWD_W, "STAGE")
-BWD_FUSED_CONFIGS, BWD_FUSED_PRUNE = _configs(_BWD_FUSED, "GROUP_N")
+FWD_TUNING = _tuning(_FWD)
+BWD_H_TUNING = _tuning(_BWD_H, "STAGE")
+BWD_W_TUNING = _tuning(_BWD_W, "STAGE")
+BWD_FUSED_TUNING = _tuning(_BWD_FUSED, "GROUP_N")
 # Autotune keys: the shape (N left out: it changes every step and training must not re-tune), the
 # dot precision, and every flag that changes the code (bias, soft-cap, entropy, filter), so that a
 # tile chosen with the flags off is never reused with them on (where it may spill). triton adds
@@ -292,7 +304,7 @@ def _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, W
 # Forward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=FWD_PRUNE)
+@triton.autotune(key=FWD_KEY, **FWD_TUNING)
 @triton.jit
 def token_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
@@ -389,7 +401,7 @@ def _staged_vocab_dz(h_ptr, w_ptr, b_ptr, rows, rmask, v0, y, lse, mean_z, g, k,
     return dzc, keep
 
 
-@triton.autotune(configs=BWD_H_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_H_PRUNE)
+@triton.autotune(key=BWD_KEY, **BWD_H_TUNING)
 @triton.jit
 def token_stats_bwd_hidden_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr,
@@ -461,7 +473,7 @@ def _token_tile_dz_t(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr,
     return tl.trans(dz.to(h_ptr.dtype.element_ty)), tl.sum(dz, axis=0), keep
 
 
-@triton.autotune(configs=BWD_W_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_W_PRUNE)
+@triton.autotune(key=BWD_KEY, **BWD_W_TUNING)
 @triton.jit
 def token_stats_bwd_weight_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gw_ptr, gb_ptr,
@@ -546,8 +558,7 @@ def _grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP
     return first_n + in_group % group_n, in_group // group_n
 
 
-@triton.autotune(configs=BWD_FUSED_CONFIGS, key=BWD_KEY, prune_configs_by=BWD_FUSED_PRUNE,
-                 reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"])
+@triton.autotune(key=BWD_KEY, reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"], **BWD_FUSED_TUNING)
 @triton.jit
 def token_stats_bwd_fused_atomic_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr, gw_ptr, gb_ptr,
