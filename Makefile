@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench minilab clean gpu-check gpu-wheels gpu-prebuild test-triton-versions
+.PHONY: install demo test bench minilab clean gpu-check gpu-wheels gpu-prebuild gpu-preflight test-triton-versions
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,17 @@ GPU_TORCH  ?= torch==2.11.0
 
 gpu-prebuild: .venv-gpu/.installed-stamp
 	.venv-gpu/bin/python scripts/gpu_prebuild.py
+
+# the GPU machine's Python, torch and triton (3.6, torch's pin) here, on CPU: the interpreter tests,
+# the check's own tests, the loader and the compile checks (the binding against torch 2.11's headers)
+.venv-gpu/.test-stamp: .venv-gpu/.installed-stamp
+	echo "$(GPU_TORCH)" > .venv-gpu/constraints.txt
+	.venv-gpu/bin/pip install -q -c .venv-gpu/constraints.txt numpy pytest pytest-benchmark hypothesis mpmath
+	touch $@
+
+gpu-preflight: .venv-gpu/.test-stamp
+	TRITON_INTERPRET=1 .venv-gpu/bin/python -m pytest -q tests/test_triton.py tests/test_gpu_check.py \
+	  tests/test_native.py tests/test_cuda_compile.py
 
 # the interpreter tests under triton 3.6 (the GPU machine's) besides the dev pin that `make test` uses:
 # a venv that sees .venv's packages and shadows triton
