@@ -33,6 +33,8 @@ cmdclass = {**csrc_cmdclass(), **cmdclass}
 
 TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "mpmath>=1.3", "ninja"]
 PEERS = ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"]
+# tested with 3.6 (the GPU machine's) and 3.9 (the dev pin); fdiv_kernels.ops.triton_backend.MIN_TRITON
+TRITON = "triton>=3.6"
 
 setup(
     name="fdiv-kernels",
@@ -53,11 +55,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": [TRITON],
         "trl": ["trl>=1.0", "datasets", "accelerate"],
         "deepspeed": ["deepspeed"],
         "peers": PEERS,
-        "dev": TEST + PEERS + ["triton>=3.0", "trl>=1.0", "datasets", "accelerate"],
+        "dev": TEST + PEERS + [TRITON, "trl>=1.0", "datasets", "accelerate"],
     },
     entry_points={
         "console_scripts": [
