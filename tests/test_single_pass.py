@@ -9,6 +9,7 @@ rescaling of the log-mean-exp divergences, three GEMMs per chunk, one under ``no
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -58,7 +59,9 @@ def fused_run(hidden, weight, bias, labels, backend, **kw):
 
 
 def close(a, b, rtol=1e-5, atol=1e-5):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    """Equal to ``rtol`` elementwise, ``atol`` relative to the tensor's largest entry (fp32 roundoff
+    scales with the loss: Pearson's primal form reaches losses of 1e3 here)."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, float(b.abs().max())))
 
 
 SPECS = (
@@ -78,7 +81,7 @@ def _id(kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kw", SPECS, ids=_id)
 def test_single_pass_equals_autograd_on_full_logits(backend, kw, monkeypatch):
-    hidden, weight, bias, labels, ref = make(seed=hash(_id(kw)) % 1000)
+    hidden, weight, bias, labels, ref = make(seed=zlib.crc32(_id(kw).encode()) % 1000)
     calls = []
     monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
     extra = dict(kw)
