@@ -61,7 +61,7 @@ def fused_run(hidden, weight, bias, labels, backend, **kw):
 def close(a, b, rtol=1e-5, atol=1e-5):
     """Equal to ``rtol`` elementwise, ``atol`` relative to the tensor's largest entry (fp32 roundoff
     scales with the loss: Pearson's primal form reaches losses of 1e3 here)."""
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, float(b.abs().max())))
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, float(b.detach().abs().max())))
 
 
 SPECS = (
