@@ -45,6 +45,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fdiv_kernels", "fdiv_kernels.*"]),
     include_package_data=True,
+    package_data={"fdiv_kernels.ops": ["measured_ranking.json"]},
     install_requires=[
         "torch>=2.13",
         "numpy",

@@ -34,7 +34,8 @@ from .shapes import PROFILES
 
 SHAPES = {"llama": PROFILES["gpu"]["ce"][0], "gemma": PROFILES["gpu"]["ce"][1],
           "tiny": PROFILES["tiny"]["ce"][0]}  # tiny: for the CPU smoke test of this module (--device cpu)
-ORDER = ("gemm", "naive", "fk[cuda]", "fk[triton]", "fk[triton-atomic]", "liger", "cce", "fk[torch]", "naive+compile")
+ORDER = ("gemm", "naive", "fk[cuda]", "fk[triton]", "fk[triton-flash]", "fk[triton-flash-atomic]", "liger", "cce",
+         "fk[torch]", "naive+compile")
 """The floor and naive first (every ratio needs them), the reference fk[torch] late, torch.compile
 last (it compiles longest, so it is the one a step deadline drops first)."""
 

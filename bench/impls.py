@@ -19,6 +19,7 @@ Suites and what "loss" means in each (like with like):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, List, Optional, Tuple
@@ -216,21 +217,30 @@ def _build_gemm(case, x):
     return three
 
 
-def _triton_atomic():
+@contextlib.contextmanager
+def _two_pass(deterministic: bool = True):
+    """The two-pass path (``fk.token_stats`` + recompute backward): the Triton flash kernels."""
+    from fdiv_kernels.ops.fused import two_pass
     from fdiv_kernels.ops.triton_backend import triton_options
-    return triton_options(deterministic=False)
+    with two_pass(), triton_options(deterministic=deterministic):
+        yield
 
 
 def fk_impls(device_type: str, label: str, build_for: Callable[[str], Callable]) -> List[Impl]:
-    """One ``fk[<backend>]`` per registered backend (available or with the registry's reason), plus
-    ``fk[triton-atomic]`` (the Triton backend's atomics backward) where triton runs."""
+    """One ``fk[<backend>]`` per registered backend (available or with the registry's reason: the
+    one-pass path where the backend has chunk kernels), plus where triton runs on CUDA its
+    two-pass (flash, recompute) kernels: ``fk[triton-flash]`` (deterministic backward) and
+    ``fk[triton-flash-atomic]`` (the atomics backward)."""
     out = []
     for name, status in fk_backends(device_type).items():
         available = (lambda s: (lambda d: (s == "available", s)))(status)
         out.append(Impl(f"fk[{name}]", f"{label}, backend={name!r}", available=available, build=build_for(name)))
         if name == "triton" and device_type == "cuda":
-            out.append(Impl("fk[triton-atomic]", f"{label}, backend='triton', deterministic=False (atomics)",
-                            available=available, build=build_for(name), context=_triton_atomic))
+            out.append(Impl("fk[triton-flash]", f"{label}, backend='triton', two-pass (flash kernels, deterministic)",
+                            available=available, build=build_for(name), context=_two_pass))
+            out.append(Impl("fk[triton-flash-atomic]", f"{label}, backend='triton', two-pass, atomics backward",
+                            available=available, build=build_for(name),
+                            context=functools.partial(_two_pass, deterministic=False)))
     return out
 
 

@@ -19,6 +19,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.ops import available_backends, cpu_backend, fused, torch_chunked
 
 BACKENDS = [b for b in ("torch", "cpu") if available_backends("cpu").get(b) == "available"]
+#: the triton chunk epilogues under the interpreter (slow: a representative subset of specs)
+TRITON = ["triton"] if available_backends("cpu").get("triton") == "available" else []
 NAMES = sorted(fk.DIVERGENCES)
 
 
@@ -93,6 +95,32 @@ def test_single_pass_equals_autograd_on_full_logits(backend, kw, monkeypatch):
     close(loss, want)
     for a, b in zip(grads, want_grads):
         close(a, b)
+
+
+TRITON_SPECS = [dict(divergence="sft"), dict(divergence="kl", level="sequence"), dict(divergence="js", values="free"),
+                dict(divergence="squared_hellinger"), dict(divergence="pearson", form="primal")]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", TRITON_SPECS, ids=_id)
+def test_triton_chunk_epilogues_single_pass(backend, dtype, kw, monkeypatch):
+    """The triton backend's one-pass chunks (cuBLAS-style GEMMs + Triton epilogues) under the
+    interpreter, against autograd on the same (bf16-rounded) inputs."""
+    calls = []
+    monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
+    hidden, weight, bias, labels, ref = make(seed=zlib.crc32(_id(kw).encode()) % 1000)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    extra = dict(kw) if kw.get("form") == "primal" else dict(kw, ref_logp=ref, beta=0.7)
+    h, w, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    out = fk.loss(h, w, labels, bias=b, backend=backend, softcap=6.0, temperature=0.9, **extra)
+    grads = torch.autograd.grad(out.loss, (h, w, b))
+    want, want_grads = reference(hidden.float(), weight.float(), bias, labels, softcap=6.0, temperature=0.9, **extra)
+    assert calls
+    close(out.loss, want)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-3)
+    for a, c in zip(grads, want_grads):
+        close(a.float(), c, **tol)
 
 
 def _spy(fn, calls):

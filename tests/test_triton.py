@@ -653,6 +653,23 @@ if survey:  # every config x dtype x flags of the kernels named (1: all): regist
 else:
     for kernel, _ in TABLES:
         print(kernel.fn.__name__, compile_one(kernel, kernel.configs[0], "bf16", True), "ok", flush=True)
+
+
+def compile_chunk(fn, coef_dtype):
+    """The one-pass chunk epilogues (plain @triton.jit, launched with enable_fp_fusion=False)."""
+    ints = ("ld", "ld_c", "V")
+    sig = {n: ("i64" if n in ints else "*i64" if n == "y_ptr" else ("*" + coef_dtype) if n == "c_ptr"
+               else "*fp32" if n.endswith("_ptr") else "fp32") for n in fn.arg_names}
+    consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, WITH_ENTROPY=True, BLOCK=K.CHUNK_BLOCK)
+    sig.update({n: "constexpr" for n in consts})
+    opts = backend.parse_options({"num_warps": 8, "enable_fp_fusion": False})
+    c = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=opts.__dict__)
+    assert len(c.asm["cubin"]) > 0
+    return f"shared={c.metadata.shared}"
+
+
+print("chunk_fwd_epilogue_kernel", compile_chunk(K.chunk_fwd_epilogue_kernel, "bf16"), "ok", flush=True)
+print("chunk_coef_epilogue_kernel", compile_chunk(K.chunk_coef_epilogue_kernel, "bf16"), "ok", flush=True)
 '''
 
 
@@ -672,4 +689,4 @@ def test_kernels_compile_for_sm90():
     if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("no ptxas in this triton install")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert survey or res.stdout.count(" ok") == 4, res.stdout
+    assert res.stdout.count(" ok") >= 6 if survey else res.stdout.count(" ok") == 6, res.stdout

@@ -30,8 +30,11 @@ object lives for one call and has:
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -91,13 +94,45 @@ def available_backends(device_type: str | None = None) -> Dict[str, str]:
     return out
 
 
+#: measured order of the fk backends per device name (fastest first), written by
+#: ``python -m bench.rank_backends`` from the GPU check's results in ``bench/results/``.
+MEASURED_RANKING = Path(__file__).with_name("measured_ranking.json")
+
+
+@functools.lru_cache(maxsize=None)
+def measured_ranking(device_name: str) -> Tuple[str, ...]:
+    """Backends measured on ``device_name`` (e.g. ``"NVIDIA H100 80GB HBM3"``), fastest first; ``()``
+    when nothing was measured there."""
+    try:
+        table = json.loads(MEASURED_RANKING.read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(table.get("devices", {}).get(device_name, {}).get("order", ()))
+
+
+def _device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    return ""
+
+
+def auto_order(device_type: str) -> Tuple[Backend, ...]:
+    """The ``backend="auto"`` order for ``device_type``: backends measured on this device (by
+    ``bench/results``, :data:`MEASURED_RANKING`) in their measured order, then the rest by
+    ``priority`` (set from the cost model, ``python -m bench.costmodel``: cuda > triton on GPUs;
+    cpu > torch on CPUs). The first available one wins."""
+    measured = measured_ranking(_device_name(device_type))
+    candidates = [b for b in _BACKENDS.values() if device_type in b.device_types]
+    rank = {name: i for i, name in enumerate(measured)}
+    return tuple(sorted(candidates, key=lambda b: (rank.get(b.name, len(rank)), -b.priority)))
+
+
 def get_backend(name: str, device_type: str) -> Backend:
     """Resolve a backend name ("auto" included) for tensors on ``device_type``."""
     if name == "auto":
-        candidates = sorted(
-            (b for b in _BACKENDS.values() if device_type in b.device_types),
-            key=lambda b: -b.priority,
-        )
+        candidates = auto_order(device_type)
         for b in candidates:
             if b.is_available()[0]:
                 if (device_type, b.name) not in _announced:

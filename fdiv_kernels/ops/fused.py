@@ -29,8 +29,10 @@ any gradient needed (eval, ``torch.no_grad``) only the logits GEMM runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -42,6 +44,25 @@ from .token_stats import TokenStats, token_stats, token_stats_from_logits
 
 logger = logging.getLogger("fdiv_kernels")
 _announced: set = set()
+_single_pass = [os.environ.get("FDIV_KERNELS_SINGLE_PASS", "1") != "0"]
+
+
+def single_pass_enabled() -> bool:
+    """Whether specs take the one-pass path (default; ``FDIV_KERNELS_SINGLE_PASS=0`` or
+    :func:`two_pass` turn it off, for benchmarks and debugging)."""
+    return _single_pass[0]
+
+
+@contextlib.contextmanager
+def two_pass():
+    """Within this block every loss takes the two-pass path (``fk.token_stats`` + the spec on the
+    whole batch: the backends' recompute kernels), e.g. to benchmark them."""
+    old = _single_pass[0]
+    _single_pass[0] = False
+    try:
+        yield
+    finally:
+        _single_pass[0] = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +368,7 @@ def evaluate(spec: LossSpec, *, hidden=None, weight=None, labels, logits=None, b
     else:
         wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                                   (bias is not None and bias.requires_grad))
-        if wants_grad and spec.single_pass:
+        if wants_grad and spec.single_pass and single_pass_enabled():
             backend = resolve_backend(head.backend, hidden)
             if backend.single_pass is not None:
                 shape = _flat_rows(labels)

@@ -41,6 +41,7 @@ import torch
 
 from . import torch_chunked
 from .backends import Backend, register_backend
+from .gemm_chunks import GemmChunkKernels
 
 logger = logging.getLogger("fdiv_kernels")
 
@@ -343,6 +344,63 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 # --------------------------------------------------------------------------------------------
+# One-pass chunk kernels (fdiv_kernels/ops/fused.py).
+# --------------------------------------------------------------------------------------------
+
+#: one-pass chunk budget: the float32 logits plus the 16-bit coefficient of one chunk (1 GiB).
+CHUNK_BYTES = int(os.environ.get("FDIV_TRITON_CHUNK_BYTES", 2 ** 30))
+ROW_ALIGN = 256
+
+
+def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk: ``CHUNK_BYTES // ((4 + element size) V)`` rounded down to a
+    multiple of 256 (at least 256): 1280 at V = 128256 in bf16."""
+    per_row = (4 + (torch.finfo(dtype).bits // 8 if dtype != torch.float32 else 0)) * max(1, vocab_size)
+    rows = CHUNK_BYTES // per_row
+    return max(ROW_ALIGN, rows - rows % ROW_ALIGN)
+
+
+class ChunkKernels(GemmChunkKernels):
+    """One-pass chunk kernels of the ``triton`` backend: the shared GEMM driver
+    (:mod:`fdiv_kernels.ops.gemm_chunks`, cuBLAS GEMMs) with the Triton chunk epilogues of
+    :mod:`fdiv_kernels.ops.triton_kernels` (no nvcc needed; under ``TRITON_INTERPRET=1`` on CPU
+    tensors too). The coefficient goes to a second buffer (a Triton program does not order its
+    loads before its stores to aliasing addresses)."""
+
+    coef_in_place = False
+
+    def __init__(self, weight, bias, head, *, return_entropy, need_h, need_w, need_b) -> None:
+        super().__init__(weight, bias, head, return_entropy=return_entropy, need_h=need_h, need_w=need_w,
+                         need_b=need_b)
+        self.kern = _kernels()
+        self.cap, self.inv_t = _scalars(head.softcap, head.temperature)
+
+    def _flags(self, with_entropy: bool) -> dict:
+        return dict(HAS_BIAS=self.b is not None, HAS_SOFTCAP=self.softcap is not None, WITH_ENTROPY=with_entropy,
+                    BLOCK=self.kern.CHUNK_BLOCK, num_warps=8, enable_fp_fusion=False)
+
+    def forward_epilogue(self, z, y):
+        n = z.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=z.device)
+        logp = torch.empty_like(lse)
+        ent = torch.empty_like(lse) if self.return_entropy else None
+        with _on_device(z.device):
+            self.kern.chunk_fwd_epilogue_kernel[(n,)](
+                z, z.stride(0), z if self.b is None else self.b, y, lse, logp, lse if ent is None else ent,
+                z.shape[1], self.cap, self.inv_t, **self._flags(ent is not None))
+        return logp, lse, ent
+
+    def coef_epilogue(self, z, coef, y, lse, ent, g, k, e) -> None:
+        with_ent = e is not None
+        lse_c, g_c, k_c = _f32(lse), _f32(g), _f32(k)
+        with _on_device(z.device):
+            self.kern.chunk_coef_epilogue_kernel[(z.shape[0],)](
+                z, z.stride(0), coef, coef.stride(0), z if self.b is None else self.b, y, lse_c,
+                _f32(ent) if with_ent else lse_c, g_c, k_c, _f32(e) if with_ent else g_c, z.shape[1], self.cap,
+                self.inv_t, **self._flags(with_ent))
+
+
+# --------------------------------------------------------------------------------------------
 # Registration.
 # --------------------------------------------------------------------------------------------
 
@@ -363,6 +421,9 @@ def register() -> Backend:
         device_types=_device_types(),
         is_available=is_available,
         priority=-10 if interpret_mode() else 20,
+        dtypes=SUPPORTED_DTYPES,
+        single_pass=ChunkKernels,
+        chunk_tokens=chunk_tokens,
     )
     register_backend(backend)
     return backend

@@ -609,3 +609,89 @@ def token_stats_bwd_fused_atomic_kernel(
                       tl.dot(dzc, wt, input_precision=INPUT_PRECISION), mask=rmask[:, None] & hk, sem="relaxed")
         tl.atomic_add(gw_ptr + cols64[:, None] * H + ks[None, :],
                       tl.dot(dzt, ht, input_precision=INPUT_PRECISION), mask=cmask[:, None] & hk, sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# One-pass chunk epilogues (fdiv_kernels/ops/fused.py): the GEMMs run in cuBLAS
+# (fdiv_kernels/ops/gemm_chunks.py); these read a chunk's float32 raw logits z [n, V] (row
+# stride ld), one program per row walking it in BLOCK columns. Launched without FMA contraction
+# (enable_fp_fusion=False), so both kernels compute bit-identical z from the same raw value and
+# the forward's lse bounds p = exp(z - lse) <= 1 in the coefficient.
+# --------------------------------------------------------------------------------------------
+
+CHUNK_BLOCK = 32 if INTERPRET else 2048
+"""Columns per step of the chunk epilogues' row loop."""
+
+
+@triton.jit
+def _chunk_z(z_ptr, b_ptr, row, cols, cmask, ld, softcap, inv_temp, HAS_BIAS: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr):
+    """``z = cap(raw + b) / T`` for one row's columns (``-inf`` outside ``[0, V)``)."""
+    raw = tl.load(z_ptr + row * ld + cols, mask=cmask, other=0.0)
+    if HAS_BIAS:
+        raw += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        raw = _tanh(raw / softcap) * softcap
+    return tl.where(cmask, raw * inv_temp, -float("inf"))
+
+
+@triton.jit
+def chunk_fwd_epilogue_kernel(z_ptr, ld, b_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, V, softcap, inv_temp,
+                              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    """Per row: ``lse``, ``logp = z[y] - lse`` and (``WITH_ENTROPY``) ``ent``; an online
+    log-sum-exp per lane (m, S, A as in token_stats_fwd_kernel), lanes merged at the end. A
+    masked (-inf) column adds exact zeros, whatever the running max."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(y_ptr + row)
+    m = tl.full((BLOCK,), -float("inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    a = tl.zeros((BLOCK,), tl.float32)
+    zy = tl.zeros((BLOCK,), tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        cmask = cols < V
+        z = _chunk_z(z_ptr, b_ptr, row, cols, cmask, ld, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        m_new = tl.maximum(m, z)
+        safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        r = tl.exp(m - safe)
+        p = tl.exp(z - safe)
+        if WITH_ENTROPY:
+            shift = tl.where(m == -float("inf"), 0.0, m - safe)
+            a = r * (a + shift * s) + tl.where(p > 0.0, p * (z - safe), 0.0)
+        s = r * s + p
+        m = m_new
+        zy += tl.where(cols == y, z, 0.0)
+    big_m = tl.max(m, axis=0)
+    safe_m = tl.where(big_m == -float("inf"), 0.0, big_m)
+    rr = tl.exp(m - safe_m)
+    big_s = tl.sum(rr * s, axis=0)
+    log_s = tl.log(big_s)
+    lse = safe_m + log_s
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.sum(zy, axis=0) - lse)
+    if WITH_ENTROPY:
+        shift_m = tl.where(m == -float("inf"), 0.0, m - safe_m)
+        big_a = tl.sum(rr * (a + shift_m * s), axis=0)
+        tl.store(ent_ptr + row, log_s - big_a / big_s)
+
+
+@triton.jit
+def chunk_coef_epilogue_kernel(z_ptr, ld, c_ptr, ld_c, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, V,
+                               softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                               WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: ``dL/draw`` (``_grad_raw_tile`` on a one-row tile) written in ``c_ptr``'s dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    rows = row + tl.arange(0, 1)
+    rmask = rows >= 0
+    y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
+                                              WITH_ENTROPY)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        cmask = cols < V
+        z = _chunk_z(z_ptr, b_ptr, row, cols, cmask, ld, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        z = tl.where(cmask, z, 0.0)[None, :]  # columns past V: finite (masked on store)
+        valid = cmask[None, :]
+        dz, _ = _grad_raw_tile(z, valid, (cols[None, :] == y[:, None]) & valid, lse, mean_z, g, k, e, softcap,
+                               inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
+        tl.store(c_ptr + row * ld_c + cols[None, :], dz.to(c_ptr.dtype.element_ty), mask=valid)

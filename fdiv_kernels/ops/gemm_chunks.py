@@ -1,0 +1,119 @@
+"""One-pass chunk kernels built from torch (cuBLAS) GEMMs and two epilogue kernels.
+
+The GPU backends (``cuda``: CUDA C epilogues; ``triton``: Triton epilogues) share this driver
+(the contract is in :mod:`fdiv_kernels.ops.backends`). Per chunk of ``n`` token rows:
+
+1. ``z = h W^T`` into a reused float32 buffer (bf16/fp16 operands, fp32 accumulation and output);
+2. the forward epilogue: one read of ``z`` (bias, soft-cap, temperature, online log-sum-exp,
+   label, entropy);
+3. the coefficient epilogue: one read of ``z``, one write of ``dL/draw`` in the input dtype
+   (over the same rows when the backend writes in place, else into a second buffer);
+4. ``grad_h = coef W`` and ``grad_W = beta grad_W + alpha coef^T h`` (fp32 accumulation and
+   output; ``beta = 0`` on the first chunk, so ``grad_W`` needs no zero-fill pass).
+
+Passes over a chunk's logits besides the GEMMs: two float32 reads and one 16-bit write.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` with a float32 result: bf16/fp16 operands, fp32 accumulation and output (cuBLAS)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)  # CPU twins (tests, interpreter): the same math
+
+
+def addmm_f32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float, alpha: float) -> None:
+    """``c = beta c + alpha a @ b`` in place on the float32 ``c`` (``beta = 0``: ``c`` is not read)."""
+    if a.dtype == torch.float32:
+        c.addmm_(a, b, beta=beta, alpha=alpha)
+    elif a.is_cuda:
+        torch.addmm(c, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=c)
+    else:
+        c.addmm_(a.float(), b.float(), beta=beta, alpha=alpha)
+
+
+class GemmChunkKernels:
+    """The driver; subclasses provide :meth:`forward_epilogue` and :meth:`coef_epilogue` and say
+    whether the coefficient is written over the logits' rows (``coef_in_place``)."""
+
+    dtype = torch.float32
+    coef_in_place = True
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
+                 need_h: bool, need_w: bool, need_b: bool) -> None:
+        self.w = weight.detach().contiguous()
+        self.b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.softcap, self.temperature = head.softcap, float(head.temperature)
+        self.return_entropy, self.need_h = return_entropy, need_h
+        v, h = weight.shape
+        dev = weight.device
+        self.grad_w = torch.empty((v, h), dtype=torch.float32, device=dev) if need_w else None
+        self.grad_b = torch.empty(v, dtype=torch.float32, device=dev) if need_b else None
+        self.buf = torch.empty(0, dtype=torch.float32, device=dev)
+        self.coef_buf = torch.empty(0, dtype=weight.dtype, device=dev)
+        self._written = False
+        self._n = 0
+
+    # --- what a backend provides ---
+    def forward_epilogue(self, z: torch.Tensor, y: torch.Tensor):
+        """``(logp[n], lse[n], entropy[n] | None)`` from the raw logits ``z [n, V]`` (float32)."""
+        raise NotImplementedError
+
+    def coef_epilogue(self, z, coef, y, lse, ent, g, k, e) -> None:
+        """Write ``dL/draw`` of the chunk into ``coef [n, V]`` (the input dtype)."""
+        raise NotImplementedError
+
+    # --- the driver ---
+    def _views(self, n: int):
+        """The chunk's float32 ``z [n, V]`` and its coefficient matrix: for 16-bit inputs written in
+        place the first half of each float32 row (row stride 2V), else a second buffer."""
+        v = self.w.shape[0]
+        flat = self.buf[:n * v]
+        z = flat.view(n, v)
+        if self.w.dtype == torch.float32:
+            return z, z
+        if self.coef_in_place:
+            return z, flat.view(self.w.dtype).view(n, 2 * v)[:, :v]
+        if self.coef_buf.numel() < n * v:
+            self.coef_buf = torch.empty(n * v, dtype=self.w.dtype, device=self.w.device)
+        return z, self.coef_buf[:n * v].view(n, v)
+
+    def stats(self, h: torch.Tensor, y: torch.Tensor):
+        n, v = h.shape[0], self.w.shape[0]
+        if self.buf.numel() < n * v:
+            self.buf = torch.empty(n * v, dtype=torch.float32, device=self.w.device)
+        z, _ = self._views(n)
+        mm_f32(h, self.w.t(), out=z)
+        self._n = n
+        logp, lse, ent = self.forward_epilogue(z, y.contiguous())
+        return logp, lse, (ent if self.return_entropy else None)
+
+    def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
+        z, coef = self._views(self._n)
+        self.coef_epilogue(z, coef, y.contiguous(), lse, ent if e is not None else None, g, k, e)
+        beta = beta if self._written else 0.0
+        self._written = True
+        if self.grad_w is not None:
+            addmm_f32(self.grad_w, coef.t(), h, beta=beta, alpha=alpha)
+        if self.grad_b is not None:
+            col = coef.sum(0, dtype=torch.float32)
+            if beta:
+                self.grad_b.mul_(beta).add_(col, alpha=alpha)
+            else:
+                torch.mul(col, alpha, out=self.grad_b)
+        return mm_f32(coef, self.w) if self.need_h else None
+
+    def results(self):
+        if not self._written:
+            for t in (self.grad_w, self.grad_b):
+                if t is not None:
+                    t.zero_()
+        return self.grad_w, self.grad_b
