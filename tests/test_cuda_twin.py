@@ -83,3 +83,18 @@ def test_chunk_rows_follow_the_h100_rule():
     for v in (32000, 50257, 128256, 151936, 256000):
         rows = cuda_backend.chunk_tokens(v, 4096, torch.bfloat16)
         assert rows % 256 == 0 and rows * v * 4 <= max(cuda_backend.CHUNK_BYTES, 256 * v * 4)
+
+
+def test_blocked_addmm_fallback_equals_fused(monkeypatch):
+    """Where torch rejects addmm(out_dtype=float32) for bf16 operands, blocked GEMMs give the same."""
+    from fdiv_kernels.ops import gemm_chunks
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(20, 6, generator=g).bfloat16()
+    b = torch.randn(6, 5, generator=g).bfloat16()
+    c0 = torch.randn(20, 5, generator=g)
+    monkeypatch.setattr(gemm_chunks, "_BLOCK_ROWS", 7)
+    for beta in (0.0, 0.5):
+        want = beta * c0 + 2.0 * (a.float() @ b.float())
+        c = c0.clone() if beta else torch.full_like(c0, float("nan"))  # beta = 0: c is not read
+        gemm_chunks.blocked_addmm_f32(c, a, b, beta=beta, alpha=2.0)
+        torch.testing.assert_close(c, want if beta else 2.0 * (a.float() @ b.float()))

@@ -16,9 +16,12 @@ Passes over a chunk's logits besides the GEMMs: two float32 reads and one 16-bit
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
+
+logger = logging.getLogger("fdiv_kernels")
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -30,14 +33,44 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None)
     return torch.mm(a.float(), b.float(), out=out)  # CPU twins (tests, interpreter): the same math
 
 
+_fused_addmm = [True]
+_BLOCK_ROWS = 8192
+
+
 def addmm_f32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float, alpha: float) -> None:
-    """``c = beta c + alpha a @ b`` in place on the float32 ``c`` (``beta = 0``: ``c`` is not read)."""
+    """``c = beta c + alpha a @ b`` in place on the float32 ``c`` (``beta = 0``: ``c`` is not read).
+
+    16-bit operands on CUDA: one cuBLAS call with a float32 output (``addmm(..., out_dtype=)``);
+    where this torch rejects that, float32-output GEMMs over blocks of 8192 rows of ``c``
+    (a bounded temporary), once warned."""
     if a.dtype == torch.float32:
         c.addmm_(a, b, beta=beta, alpha=alpha)
-    elif a.is_cuda:
-        torch.addmm(c, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=c)
-    else:
+        return
+    if not a.is_cuda:
         c.addmm_(a.float(), b.float(), beta=beta, alpha=alpha)
+        return
+    if _fused_addmm[0]:
+        try:
+            torch.addmm(c, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=c)
+            return
+        except (TypeError, NotImplementedError, RuntimeError) as exc:
+            if "out of memory" in str(exc).lower():
+                raise
+            _fused_addmm[0] = False
+            logger.warning("fdiv_kernels: addmm with a float32 output for %s operands is not supported here (%s); "
+                           "using blocked GEMMs", a.dtype, str(exc).splitlines()[0][:200])
+    blocked_addmm_f32(c, a, b, beta=beta, alpha=alpha)
+
+
+def blocked_addmm_f32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float, alpha: float) -> None:
+    """:func:`addmm_f32` as float32-output GEMMs over blocks of ``_BLOCK_ROWS`` rows of ``c``."""
+    for r0 in range(0, c.shape[0], _BLOCK_ROWS):
+        part = mm_f32(a[r0:r0 + _BLOCK_ROWS], b)
+        blk = c[r0:r0 + _BLOCK_ROWS]
+        if beta:
+            blk.mul_(beta).add_(part, alpha=alpha)
+        else:
+            torch.mul(part, alpha, out=blk)
 
 
 class GemmChunkKernels:
