@@ -125,11 +125,7 @@ def _build_fk_ce(backend: str):
     def build(case, x):
         import fdiv_kernels as fk
         h, w, y = x["hidden"], x["weight"], x["labels"]
-        n = _n_valid(y)
-
-        def loss():
-            return -fk.token_stats(h, w, y, backend=backend).logp.sum() / n
-        return loss
+        return lambda: fk.loss(h, w, y, backend=backend).loss  # divergence="sft": the mean NLL
     return build
 
 
@@ -250,7 +246,7 @@ GEMM_FLOOR = Impl("gemm", "bare GEMM floor (fwd: 1 matmul; fwd+bwd: 3 matmuls, n
 
 
 def ce_impls(device_type: str) -> List[Impl]:
-    out = fk_impls(device_type, "fdiv_kernels token_stats", _build_fk_ce)
+    out = fk_impls(device_type, "fk.loss fused (sft)", _build_fk_ce)
     liger_label = ("Liger LigerFusedLinearCrossEntropyLoss (Triton)" if device_type == "cuda" else
                    "Liger chunked torch (FusedLinearDistillationBase, hard loss only, compiled)")
     cce_label = "cut-cross-entropy impl='cce' (Triton)" if device_type == "cuda" else \
@@ -349,13 +345,9 @@ def div_impls(device_type: str, divergence: str) -> List[Impl]:
 def _build_fk_dpo(backend: str):
     def build(case, x):
         import fdiv_kernels as fk
-        b = x["labels"].shape[0] // 2
-        zero = torch.zeros(b, device=x["labels"].device)
-
-        def loss():
-            s = fk.sequence_logp(x["hidden"], x["weight"], x["labels"], backend=backend).sum
-            return fk.dpo_loss(s[:b], s[b:], zero, zero, beta=DPO_BETA, kind="sigmoid").loss
-        return loss
+        zero = torch.zeros(x["labels"].shape[0], device=x["labels"].device)  # reference log-probs 0
+        mod = fk.nn.FusedLinearDPOLoss(beta=DPO_BETA, kind="sigmoid", backend=backend)
+        return lambda: mod(x["hidden"], x["weight"], x["labels"], ref_logp=zero)
     return build
 
 
@@ -384,7 +376,7 @@ def _build_liger_dpo(case, x):
 
 
 def dpo_impls(device_type: str) -> List[Impl]:
-    out = fk_impls(device_type, "fk.sequence_logp + fk.dpo_loss", _build_fk_dpo)
+    out = fk_impls(device_type, "fk.nn.FusedLinearDPOLoss", _build_fk_dpo)
     out += [
         GEMM_FLOOR,
         Impl("trl", "TRL way: full logits, selective_log_softmax, sum, sigmoid loss", _needs("trl"), _build_trl_dpo),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import backends, cuda_backend, torch_chunked
+from fdiv_kernels.ops import backends, cuda_backend, gemm_chunks, torch_chunked
 
 
 class FakeEpilogues:
@@ -77,17 +77,16 @@ def test_cuda_driver_matches_autograd(twin, dtype, kw):
 
 
 def test_chunk_rows_follow_the_h100_rule():
-    assert cuda_backend.chunk_tokens(128256, 4096, torch.bfloat16) == 2048
-    assert cuda_backend.chunk_tokens(256000, 2304, torch.bfloat16) == 1024
-    assert cuda_backend.chunk_tokens(10 ** 7, 64, torch.bfloat16) == 256  # never below one GEMM tile row block
+    assert gemm_chunks.chunk_tokens(128256, 4096, torch.bfloat16) == 2048
+    assert gemm_chunks.chunk_tokens(256000, 2304, torch.bfloat16) == 1024
+    assert gemm_chunks.chunk_tokens(10 ** 7, 64, torch.bfloat16) == 256  # never below one GEMM tile row block
     for v in (32000, 50257, 128256, 151936, 256000):
-        rows = cuda_backend.chunk_tokens(v, 4096, torch.bfloat16)
-        assert rows % 256 == 0 and rows * v * 4 <= max(cuda_backend.CHUNK_BYTES, 256 * v * 4)
+        rows = gemm_chunks.chunk_tokens(v, 4096, torch.bfloat16)
+        assert rows % 256 == 0 and rows * v * 4 <= max(gemm_chunks.CHUNK_BYTES, 256 * v * 4)
 
 
 def test_blocked_addmm_fallback_equals_fused(monkeypatch):
     """Where torch rejects addmm(out_dtype=float32) for bf16 operands, blocked GEMMs give the same."""
-    from fdiv_kernels.ops import gemm_chunks
     g = torch.Generator().manual_seed(2)
     a = torch.randn(20, 6, generator=g).bfloat16()
     b = torch.randn(6, 5, generator=g).bfloat16()

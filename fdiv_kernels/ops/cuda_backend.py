@@ -25,26 +25,19 @@ import torch
 
 from . import native, torch_chunked
 from .backends import Backend, register_backend
+from . import gemm_chunks
 from .gemm_chunks import GemmChunkKernels
 
-#: chunk budget of both paths: 1 GiB. One-pass chunks hold the float32 logits (the 16-bit
-#: coefficient is written over them); two-pass chunks the float32 logits plus a 16-bit coefficient.
-CHUNK_BYTES = int(os.environ.get("FDIV_CUDA_CHUNK_BYTES", 2 ** 30))
-#: logits per two-pass chunk (``FDIV_CUDA_CHUNK_ELEMENTS`` overrides): ``CHUNK_BYTES / 6``.
-CHUNK_ELEMENTS = int(os.environ.get("FDIV_CUDA_CHUNK_ELEMENTS", CHUNK_BYTES // 6))
-ROW_ALIGN = 256
+#: logits per two-pass chunk (``FDIV_CUDA_CHUNK_ELEMENTS`` overrides): the GPU chunk budget
+#: (``gemm_chunks.CHUNK_BYTES``) over 6 bytes, float32 logits plus a 16-bit coefficient.
+CHUNK_ELEMENTS = int(os.environ.get("FDIV_CUDA_CHUNK_ELEMENTS", gemm_chunks.CHUNK_BYTES // 6))
 _state = {"mixed_gemm": os.environ.get("FDIV_CUDA_MIXED_GEMM", "1") != "0"}
-
-
-def _aligned(rows: int) -> int:
-    """Rows rounded down to a multiple of 256 (GEMM tile rows) when there are that many."""
-    return max(1, rows) if rows < ROW_ALIGN else rows - rows % ROW_ALIGN
 
 
 def chunk_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
     """Rows per two-pass chunk: ``CHUNK_ELEMENTS // V``, a multiple of 256 (1280 at V = 128256)."""
     ce = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    return _aligned(ce // max(1, vocab_size))
+    return gemm_chunks.aligned_rows(ce // max(1, vocab_size))
 
 
 def _call(run):
@@ -109,12 +102,6 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 # One-pass chunk kernels (fdiv_kernels/ops/fused.py)
 # --------------------------------------------------------------------------------------------
 
-def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk: ``CHUNK_BYTES // (4 V)`` rounded down to a multiple of 256 (at
-    least 256): 2048 at V = 128256, 1024 at V = 256000 with the default 1 GiB."""
-    return max(ROW_ALIGN, _aligned(CHUNK_BYTES // (4 * max(1, vocab_size))))
-
-
 class ChunkKernels(GemmChunkKernels):
     """One-pass chunk kernels of the ``cuda`` backend: the shared GEMM driver
     (:mod:`fdiv_kernels.ops.gemm_chunks`) with the CUDA C epilogues of ``csrc/cuda``; the
@@ -156,5 +143,5 @@ register_backend(Backend(
     priority=30,  # the cost model's first GPU backend (bench/costmodel.py); measured results override
     dtypes=(torch.float32, torch.bfloat16, torch.float16),
     single_pass=ChunkKernels,
-    chunk_tokens=chunk_tokens,
+    chunk_tokens=gemm_chunks.chunk_tokens,
 ))

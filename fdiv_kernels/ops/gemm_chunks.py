@@ -17,11 +17,30 @@ Passes over a chunk's logits besides the GEMMs: two float32 reads and one 16-bit
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
 
 logger = logging.getLogger("fdiv_kernels")
+
+#: GPU chunk budget (``FDIV_CUDA_CHUNK_BYTES``, 1 GiB): a one-pass chunk's float32 logits (the
+#: 16-bit coefficient is written over them).
+CHUNK_BYTES = int(os.environ.get("FDIV_CUDA_CHUNK_BYTES", 2 ** 30))
+ROW_ALIGN = 256
+
+
+def aligned_rows(rows: int) -> int:
+    """Rows rounded down to a multiple of 256 (GEMM tile rows) when there are that many."""
+    return max(1, rows) if rows < ROW_ALIGN else rows - rows % ROW_ALIGN
+
+
+def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk on a GPU: ``CHUNK_BYTES // (4 V)`` rounded down to a multiple of
+    256, at least 256: 2048 at V = 128256 and 1024 at V = 256000 with the default 1 GiB (about the
+    fewest rows that keep the grad_weight GEMM, which reads and writes the fp32 ``[V, H]``
+    accumulator once per chunk, compute-bound on an H100)."""
+    return max(ROW_ALIGN, aligned_rows(CHUNK_BYTES // (4 * max(1, vocab_size))))
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

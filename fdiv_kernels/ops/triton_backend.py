@@ -41,6 +41,7 @@ import torch
 
 from . import torch_chunked
 from .backends import Backend, register_backend
+from . import gemm_chunks
 from .gemm_chunks import GemmChunkKernels
 
 logger = logging.getLogger("fdiv_kernels")
@@ -347,27 +348,11 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 # One-pass chunk kernels (fdiv_kernels/ops/fused.py).
 # --------------------------------------------------------------------------------------------
 
-#: one-pass chunk budget: the float32 logits plus the 16-bit coefficient of one chunk (1 GiB).
-CHUNK_BYTES = int(os.environ.get("FDIV_TRITON_CHUNK_BYTES", 2 ** 30))
-ROW_ALIGN = 256
-
-
-def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk: ``CHUNK_BYTES // ((4 + element size) V)`` rounded down to a
-    multiple of 256 (at least 256): 1280 at V = 128256 in bf16."""
-    per_row = (4 + (torch.finfo(dtype).bits // 8 if dtype != torch.float32 else 0)) * max(1, vocab_size)
-    rows = CHUNK_BYTES // per_row
-    return max(ROW_ALIGN, rows - rows % ROW_ALIGN)
-
-
 class ChunkKernels(GemmChunkKernels):
     """One-pass chunk kernels of the ``triton`` backend: the shared GEMM driver
     (:mod:`fdiv_kernels.ops.gemm_chunks`, cuBLAS GEMMs) with the Triton chunk epilogues of
     :mod:`fdiv_kernels.ops.triton_kernels` (no nvcc needed; under ``TRITON_INTERPRET=1`` on CPU
-    tensors too). The coefficient goes to a second buffer (a Triton program does not order its
-    loads before its stores to aliasing addresses)."""
-
-    coef_in_place = False
+    tensors too). The coefficient is written over the logits' rows, as the cuda backend does."""
 
     def __init__(self, weight, bias, head, *, return_entropy, need_h, need_w, need_b) -> None:
         super().__init__(weight, bias, head, return_entropy=return_entropy, need_h=need_h, need_w=need_w,
@@ -423,7 +408,7 @@ def register() -> Backend:
         priority=-10 if interpret_mode() else 20,
         dtypes=SUPPORTED_DTYPES,
         single_pass=ChunkKernels,
-        chunk_tokens=chunk_tokens,
+        chunk_tokens=gemm_chunks.chunk_tokens,
     )
     register_backend(backend)
     return backend

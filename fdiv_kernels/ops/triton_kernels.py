@@ -680,7 +680,11 @@ def chunk_fwd_epilogue_kernel(z_ptr, ld, b_ptr, y_ptr, lse_ptr, logp_ptr, ent_pt
 def chunk_coef_epilogue_kernel(z_ptr, ld, c_ptr, ld_c, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, V,
                                softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                                WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row: ``dL/draw`` (``_grad_raw_tile`` on a one-row tile) written in ``c_ptr``'s dtype."""
+    """Per row: ``dL/draw`` (``_grad_raw_tile`` on a one-row tile) written in ``c_ptr``'s dtype,
+    which may share ``z``'s storage row by row (a 16-bit coefficient over the first half of each
+    float32 row, ``ld_c = 2 ld``): the program walks its row in order with a barrier between the
+    loads and the stores of each block, and a store of block j only reaches float32 elements below
+    ``v0 / 2 + BLOCK / 2``, loaded before that barrier (as csrc/cuda's coef_kernel)."""
     row = tl.program_id(0).to(tl.int64)
     rows = row + tl.arange(0, 1)
     rmask = rows >= 0
@@ -694,4 +698,5 @@ def chunk_coef_epilogue_kernel(z_ptr, ld, c_ptr, ld_c, b_ptr, y_ptr, lse_ptr, en
         valid = cmask[None, :]
         dz, _ = _grad_raw_tile(z, valid, (cols[None, :] == y[:, None]) & valid, lse, mean_z, g, k, e, softcap,
                                inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
+        tl.debug_barrier()  # every load of this block before any store into its bytes (in place)
         tl.store(c_ptr + row * ld_c + cols[None, :], dz.to(c_ptr.dtype.element_ty), mask=valid)
