@@ -1,7 +1,6 @@
 // Row epilogues of the CPU kernels (see epilogue_cpu.h). No torch headers here.
 #include "epilogue_cpu.h"
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 
@@ -18,10 +17,11 @@ namespace {
 // Branch-free exp / tanh that GCC auto-vectorises (omp simd); ~2 ulp for exp on [-87, 88].
 // ---------------------------------------------------------------------------------------------
 
-// std::bit_cast (not memcpy into a local): GCC vectorises loops that use it
-inline float bits_to_float(int32_t i) { return std::bit_cast<float>(i); }
+// __builtin_bit_cast (std::bit_cast without C++20; not memcpy into a local, which stops GCC from
+// vectorising the loops that use it). torch < 2.13 builds extensions as C++17.
+inline float bits_to_float(int32_t i) { return __builtin_bit_cast(float, i); }
 
-inline int32_t float_to_bits(float f) { return std::bit_cast<int32_t>(f); }
+inline int32_t float_to_bits(float f) { return __builtin_bit_cast(int32_t, f); }
 
 // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the
 // exponent bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
