@@ -2,8 +2,8 @@
 
 Install on a CPU machine (never pulls a CUDA torch):
 
-    pip install torch==2.13.0
-    pip install --no-build-isolation -e ".[dev]"
+    pip install -c constraints.txt torch
+    pip install -c constraints.txt --no-build-isolation -e ".[dev]"
 
 Native extensions are built just in time on first use (ninja); see docs/building.md for the
 ahead-of-time build (FDIV_BUILD_EXT=1).
@@ -57,7 +57,7 @@ setup(
         "trl": ["trl>=1.0", "datasets", "accelerate"],
         "deepspeed": ["deepspeed"],
         "peers": PEERS,
-        "dev": TEST + PEERS + ["triton>=3.0", "trl>=1.0", "datasets", "accelerate"],
+        "dev": TEST + PEERS + ["triton>=3.0", "trl>=1.0", "datasets", "accelerate", "deepspeed"],
     },
     entry_points={
         "console_scripts": [

@@ -113,3 +113,16 @@ def test_example_configs_parse(name):
         assert (cfg.dpo.beta, cfg.dpo.lr, cfg.dpo.batch_size) == (0.01, 5e-7, 128)
     if "simpo" in name:
         assert (cfg.dpo.kind, cfg.dpo.beta, cfg.dpo.gamma, cfg.dpo.lr) == ("simpo", 2.0, 1.0, 6e-7)
+
+
+def test_local_rank_from_the_deepspeed_launcher(monkeypatch, config_file):
+    """`deepspeed --module fdiv_kernels.train ...` passes --local_rank=N before the command, a
+    script launch after it; both are accepted and fill LOCAL_RANK."""
+    from fdiv_kernels.train.cli import build_parser
+
+    for argv in (["--local_rank=1", "sft"], ["sft", "--local_rank=1"], ["pipeline", "--local-rank", "1"]):
+        assert build_parser().parse_args(argv).local_rank == 1
+    assert getattr(build_parser().parse_args(["sft"]), "local_rank", None) is None
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["--local_rank=3", "sft", "--config", config_file, "--set", "sft.lrr=1"]) == 2  # stops at the config
+    assert os.environ["LOCAL_RANK"] == "3"

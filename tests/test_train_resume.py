@@ -8,20 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from fdiv_kernels.train import checkpoint as ckpt
-from fdiv_kernels.train.config import from_dict
 from fdiv_kernels.train.pipeline import run_command
+from train_configs import tiny_run
 
 
 def _cfg(out, name):
-    return from_dict({
-        "name": name, "output_dir": str(out), "backend": "torch", "progress": False, "seed": 3, "num_threads": 1,
-        "model": {"tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
-        "data": {"max_length": 32, "max_eval_pairs": 8,
-                 "synthetic": {"n_sft": 24, "n_pref": 16, "n_eval": 8, "n_pretrain": 8}},
-        "eval": {"task_accuracy": False},
-        "sft": {"steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "divergence": "pearson", "beta": 0.5,
-                "save_every": 3, "eval_every": 0},
-    })
+    return tiny_run(out, name, seed=3, data={"synthetic": {"n_sft": 24, "n_pref": 16, "n_eval": 8, "n_pretrain": 8}},
+                    sft={"steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "divergence": "pearson",
+                         "beta": 0.5, "save_every": 3, "eval_every": 0})
 
 
 class Crash(RuntimeError):

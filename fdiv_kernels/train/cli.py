@@ -9,13 +9,15 @@ Usage::
     fdiv-train pipeline --config cfg.yaml --resume         # continue a stopped run
     fdiv-train pipeline --config cfg.yaml --set sft.lr=5e-6 --set dpo.beta=0.01
 
-Multi-process: ``torchrun --nproc_per_node 8 -m fdiv_kernels.train pipeline --config ...`` and
-optionally ``--deepspeed examples/configs/zero3.json``. See docs/trainer.md.
+Multi-process: ``torchrun --nproc_per_node 8 -m fdiv_kernels.train pipeline --config ...`` with
+``--deepspeed examples/configs/zero3.json`` or ``--fsdp`` (or the ``deepspeed`` launcher, which
+passes ``--local_rank``). See docs/trainer.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -26,8 +28,16 @@ PHASE_FLAGS = (("lr", float, "peak learning rate"), ("steps", int, "optimizer st
                ("batch_size", int, "global batch size (sequences or pairs)"))
 
 
+def _local_rank_arg(p: argparse.ArgumentParser) -> None:
+    # the deepspeed launcher passes it before the command (--module) or after it (a script);
+    # SUPPRESS: a subcommand's default must not overwrite a value given before the command
+    p.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", default=argparse.SUPPRESS,
+                   help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdiv-train", description="Reference SFT -> DPO trainer on fdiv_kernels' fused losses.")
+    _local_rank_arg(p)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("sft", "supervised fine-tuning with an f-divergence objective"),
                         ("dpo", "DPO / IPO / SimPO preference training"),
@@ -40,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--output", help="output directory holding run directories (default runs)")
         s.add_argument("--model", help="local Hugging Face model directory (default: the tiny built-in Llama)")
         s.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoints")
-        s.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. examples/configs/zero2.json)")
+        s.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. examples/configs/zero3.json)")
+        s.add_argument("--fsdp", action="store_true", help="FSDP2 (torch fully_shard) across the processes")
+        _local_rank_arg(s)
         s.add_argument("--divergence", help="SFT divergence (fk.DIVERGENCES name or alias)")
         s.add_argument("--level", choices=("token", "sequence"), help="SFT reward level")
         s.add_argument("--mix-dpo", action="store_true", help="SFT + lambda*DPO with adaptive lambda (App. D control)")
@@ -67,6 +79,8 @@ def overrides_from_args(args: argparse.Namespace) -> List[str]:
             out.append(f"{key}={v}")
     if args.mix_dpo:
         out.append("sft.mix_dpo.enabled=true")
+    if args.fsdp:
+        out.append("fsdp.enabled=true")
     if args.no_progress:
         out.append("progress=false")
     for flag, _, _ in PHASE_FLAGS:
@@ -82,6 +96,8 @@ def overrides_from_args(args: argparse.Namespace) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "local_rank", None) is not None:  # the deepspeed launcher passes --local_rank=N
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, overrides_from_args(args))
     except (OSError, ValueError) as e:

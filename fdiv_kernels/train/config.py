@@ -172,6 +172,25 @@ class EvalConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 (torch ``fully_shard``, ``--fsdp``), an alternative to ``deepspeed``.
+
+    ``checkpoint``: ``full`` (checkpoints hold the gathered weights in safetensors and the
+    optimizer state gathered on rank 0) or ``sharded`` (every rank writes its shards with
+    ``torch.distributed.checkpoint`` to ``<phase>/fsdp/step-<k>``; ``final/`` is always full).
+    ``mixed_precision``: null (compute in the weights' dtype) or ``bfloat16``/``float16`` (the
+    forward/backward dtype; fp32 weights, optimizer and gradient reductions).
+    ``reshard_after_forward``: free each block's gathered weights after its forward (ZeRO-3-like
+    memory) or keep them for the backward (ZeRO-2-like traffic).
+    """
+
+    enabled: bool = False
+    checkpoint: str = "full"
+    mixed_precision: Optional[str] = None
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; ``output_dir/name`` holds metrics, plots, checkpoints, summary."""
 
@@ -181,6 +200,7 @@ class RunConfig:
     device: str = "auto"          # auto | cpu | cuda
     backend: str = "auto"         # fdiv_kernels token_stats backend
     deepspeed: Optional[str] = None
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     num_threads: int = 0          # torch.set_num_threads when > 0
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -33,7 +33,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "config.json", "plots", "pretrai
 
 def setup(cfg: RunConfig, *, resume: bool) -> RunContext:
     """Run directory, device, process group, seeds, tokenizer."""
-    info = init_distributed("cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
+    info = init_distributed("cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu",
+                            need_group=cfg.fsdp.enabled)
     device = local_device(cfg.device, info)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -147,28 +148,34 @@ class Pipeline:
     # -- phases -----------------------------------------------------------------------------------
     def _done(self, phase: str, model, resume: bool) -> bool:
         final = os.path.join(self.ctx.run_dir, phase, "final")
-        if resume and os.path.exists(os.path.join(final, "model.safetensors")):
-            ckpt.load_weights(model, final)
-            self.ctx.log(f"[{phase}] already finished: loaded {final}")
-            self.phases[phase] = {"skipped": True, "final": final}
-            return True
-        return False
+        if not resume or not os.path.isdir(final):
+            return False
+        why = broadcast_object(ckpt.final_problem(final, model) if self.ctx.dist.is_main else None)
+        if why is not None:
+            self.ctx.log(f"[{phase}] {final} is not a complete result ({why}); resuming the phase from its checkpoints")
+            return False
+        ckpt.load_weights(model, final)
+        self.ctx.log(f"[{phase}] already finished: loaded {final}")
+        self.phases[phase] = {"skipped": True, "final": final}
+        return True
 
-    def pretrain(self, model, *, resume: bool) -> None:
+    def pretrain(self, model, *, resume: bool):
+        """Returns the model the next phase starts from (see :func:`train_phase`)."""
         cfg, ctx = self.ctx.cfg, self.ctx
         if cfg.pretrain.steps <= 0 or self._done("pretrain", model, resume):
-            return
+            return model
         with open(self.paths["pretrain"], encoding="utf-8") as f:
             text = f.read()
         ex = encode_text(ctx.tok, text, seq_length=cfg.pretrain.seq_length)
         spec = PretrainPhase(cfg.pretrain, ex, pad_id=ctx.tok.pad_token_id, device=ctx.device, backend=cfg.backend)
         ctx.log(f"[pretrain] {len(ex)} windows of {cfg.pretrain.seq_length} tokens, {cfg.pretrain.steps} steps")
-        self.phases["pretrain"] = train_phase(ctx, spec, model, resume=resume)
+        model, self.phases["pretrain"] = train_phase(ctx, spec, model, resume=resume)
+        return model
 
-    def sft(self, model, *, resume: bool) -> None:
+    def sft(self, model, *, resume: bool):
         cfg, ctx = self.ctx.cfg, self.ctx
         if self._done("sft", model, resume):
-            return
+            return model
         start = frozen_copy(model)  # the start (base) model: reference and alignment baseline
         rows = load_sft(self.paths["sft_train"])
         ex = encode_sft(ctx.tok, rows, max_length=self.max_len)
@@ -181,14 +188,15 @@ class Pipeline:
                 f"reference={'start model' if spec.use_ref else 'none'}"
                 f"{' mix_dpo (App. D control)' if cfg.sft.mix_dpo.enabled else ''}; {len(ex)} examples, "
                 f"{cfg.sft.steps} steps x {cfg.sft.batch_size}, lr {cfg.sft.lr}")
-        self.phases["sft"] = train_phase(ctx, spec, model, resume=resume)
+        model, self.phases["sft"] = train_phase(ctx, spec, model, resume=resume)
         del start
+        return model
 
-    def dpo(self, model, *, resume: bool, base=None) -> None:
+    def dpo(self, model, *, resume: bool, base=None):
         cfg, ctx = self.ctx.cfg, self.ctx
         d = cfg.dpo
         if self._done("dpo", model, resume):
-            return
+            return model
         start = frozen_copy(model)
         if d.reference == "start":
             ref = start
@@ -209,7 +217,8 @@ class Pipeline:
                         kl_batches=self.kl_batches)
         ctx.log(f"[dpo] kind={d.kind} beta={d.beta} gamma={d.gamma} reference={d.reference} rejected={d.rejected}; "
                 f"{len(pairs)} pairs, {d.steps} steps x {d.batch_size}, lr {d.lr}")
-        self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
+        model, self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
+        return model
 
     def on_policy_rejected(self, model, rows: List[dict]) -> List[dict]:
         """Replace each pair's rejected answer by the model's own greedy answer when that is wrong
@@ -294,19 +303,19 @@ def _run(cfg: RunConfig, command: str, *, resume: bool) -> Dict[str, Any]:
     ctx.log(f"[setup] run dir {ctx.run_dir}; device {ctx.device}; {ctx.dist.world_size} process(es); "
             f"model {cfg.model.path or 'tiny Llama'} ({param_count(model) / 1e6:.2f}M parameters); backend {cfg.backend}")
     if command == "pipeline":
-        pipe.pretrain(model, resume=resume)
+        model = pipe.pretrain(model, resume=resume)
         pipe.grade("base", model)
         base = frozen_copy(model) if cfg.dpo.reference == "base" else None
-        pipe.sft(model, resume=resume)
+        model = pipe.sft(model, resume=resume)
         pipe.grade("sft", model)
-        pipe.dpo(model, resume=resume, base=base)
+        model = pipe.dpo(model, resume=resume, base=base)
         pipe.grade("dpo", model)
     elif command == "sft":
         pipe.grade("base", model)
-        pipe.sft(model, resume=resume)
+        model = pipe.sft(model, resume=resume)
         pipe.grade("sft", model)
     else:
         pipe.grade("start", model)
-        pipe.dpo(model, resume=resume)
+        model = pipe.dpo(model, resume=resume)
         pipe.grade("dpo", model)
     return pipe.finish(command, model)
