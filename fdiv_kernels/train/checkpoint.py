@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401  (re-exported: checkpoint.CheckpointError)
 from .modeling import persistent, tensor_aliases, unwrap
 
 STATE_FILE = "trainer_state.pt"
@@ -81,10 +82,6 @@ def set_rng_state(st: Dict[str, Any]) -> None:
     random.setstate((v, tuple(internal), gauss))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was not written completely, or is damaged; the message names the file."""
 
 
 CHECKSUMS = "checksums.json"

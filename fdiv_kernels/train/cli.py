@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import List, Optional
 
+from .. import __version__
 from .config import load_config
+from .errors import ConfigError, TrainingInterrupted
 
 PHASE_FLAGS = (("lr", float, "peak learning rate"), ("steps", int, "optimizer steps"),
                ("beta", float, "beta of the SFT divergence / DPO loss"),
@@ -37,6 +40,7 @@ def _local_rank_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdiv-train", description="Reference SFT -> DPO trainer on fdiv_kernels' fused losses.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _local_rank_arg(p)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("sft", "supervised fine-tuning with an f-divergence objective"),
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--output", help="output directory holding run directories (default runs)")
         s.add_argument("--model", help="local Hugging Face model directory (default: the tiny built-in Llama)")
         s.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoints")
+        s.add_argument("--overwrite", action="store_true", help="replace the run directory's previous run")
+        s.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue even though the configuration differs from the run's")
         s.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. examples/configs/zero3.json)")
         s.add_argument("--fsdp", action="store_true", help="FSDP2 (torch fully_shard) across the processes")
         _local_rank_arg(s)
@@ -88,29 +95,50 @@ def overrides_from_args(args: argparse.Namespace) -> List[str]:
         if v is None:
             continue
         if args.command == "pipeline":
-            raise SystemExit(f"fdiv-train pipeline: --{flag.replace('_', '-')} is ambiguous; use "
-                             f"--set sft.{flag}={v} or --set dpo.{flag}={v}")
+            raise ConfigError(f"pipeline: --{flag.replace('_', '-')} is ambiguous; use "
+                              f"--set sft.{flag}={v} or --set dpo.{flag}={v}")
         out.append(f"{args.command}.{flag}={v}")
     return out
 
 
+def resume_command(argv: List[str]) -> str:
+    """The command line that continues this run: the same arguments with ``--resume``."""
+    args = [a for a in argv if a != "--overwrite"]
+    return shlex.join(["fdiv-train"] + args + ([] if "--resume" in args else ["--resume"]))
+
+
+def _say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"fdiv-train: {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit codes: 0 done, 2 a configuration / data error (one line, nothing deleted or built),
+    130 interrupted (a checkpoint was saved; the line names the command that resumes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "local_rank", None) is not None:  # the deepspeed launcher passes --local_rank=N
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, overrides_from_args(args))
-    except (OSError, ValueError) as e:
-        print(f"fdiv-train: configuration error: {e}", file=sys.stderr)
+        from .pipeline import run_command  # heavy imports after argument checking
+
+        run_command(cfg, args.command, resume=args.resume, overwrite=args.overwrite,
+                    allow_config_change=args.allow_config_change)
+    except ConfigError as e:
+        _say(f"error: {e}")
         return 2
-    from .pipeline import run_command  # heavy imports after argument checking
-
-    try:
-        run_command(cfg, args.command, resume=args.resume)
+    except TrainingInterrupted as e:
+        _say(f"{e}; resume with: {resume_command([a for a in argv if not a.startswith('--local')])}")
+        return 130
+    except KeyboardInterrupt:
+        _say("aborted (a second Ctrl-C): no checkpoint saved since the last one")
+        return 130
     finally:
-        from .distributed import cleanup
+        if "torch.distributed" in sys.modules:
+            from .distributed import cleanup
 
-        cleanup()
+            cleanup()
     return 0
 
 

@@ -33,6 +33,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+def default_deepspeed_accelerator() -> None:
+    """``DS_ACCELERATOR=cpu`` when there is no CUDA device (unless set): transformers imports
+    DeepSpeed when it is installed, whose accelerator probe otherwise prints a warning to stdout."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def init_distributed(device_type: str, *, need_group: bool = False) -> DistInfo:
     """Join the process group described by ``RANK``/``WORLD_SIZE`` (torchrun, the deepspeed
     launcher); a no-op for one process unless ``need_group`` (FSDP2 needs a group even of one)."""

@@ -33,6 +33,7 @@ import torch
 
 from .config import OptimConfig, RunConfig
 from .distributed import DistInfo, no_sync, wrap_ddp
+from .errors import CheckpointError
 from .modeling import BodyWithHead, head_override, lm_head, rebuild_plain, tensor_aliases, torch_dtype, unwrap
 
 
@@ -198,8 +199,6 @@ class DeepSpeedEngine(LocalEngine):
         tag = extra.get("shard_tag", extra.get("deepspeed_tag"))
         path, _ = self.engine.load_checkpoint(os.path.join(phase_dir, self.shards), tag=tag)
         if path is None:
-            from .checkpoint import CheckpointError
-
             raise CheckpointError(f"{phase_dir}: DeepSpeed could not load its checkpoint {self.shards}/{tag}")
         self.sched.load_state_dict(state["scheduler"])
 
@@ -217,9 +216,6 @@ class DeepSpeedEngine(LocalEngine):
         plain = rebuild_plain(self.model, {k: v.to(self.dtypes[k]) for k, v in full.items()})
         self.engine = self.module = self.opt = None
         return plain
-
-
-FSDP_CHECKPOINTS = ("full", "sharded")
 
 
 class FSDPEngine(LocalEngine):

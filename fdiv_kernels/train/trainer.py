@@ -29,6 +29,8 @@ from .config import OptimConfig, RunConfig
 from .data import EpochSampler, shard
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, reduce_stats
 from .engines import engine_class, lr_lambda  # noqa: F401  (lr_lambda: re-exported)
+from .errors import TrainingInterrupted
+from .interrupt import interrupt_requested
 from .steps import Norm, Stats
 
 
@@ -133,8 +135,8 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *,
 
     The trained model is ``model`` itself (one process, DDP) or, after DeepSpeed / FSDP2, a plain
     rebuilt model holding the gathered weights (:meth:`~.engines.LocalEngine.release`).
-    Checkpoints go to ``run_dir/<phase>/checkpoint-<step>`` (every ``save_every`` steps and at
-    the end) and the result to ``run_dir/<phase>/final``. With ``resume`` the newest checkpoint
+    Checkpoints go to ``run_dir/<phase>/checkpoint-<step>`` (every ``save_every`` steps, at the
+    end, and on SIGINT / SIGTERM, after which :class:`TrainingInterrupted` is raised) and the result to ``run_dir/<phase>/final``. With ``resume`` the newest checkpoint
     that passes its checks is loaded (weights, optimizer, scheduler, RNG, phase state, step);
     damaged newer ones are reported and skipped.
     """
@@ -225,7 +227,7 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *,
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e} (step {step + 1})") from None
             metrics = reduce_stats(dict(acc), device)
-            n_tokens = all_reduce_sum([float(n_tokens)], device)[0]
+            n_tokens, stop = all_reduce_sum([float(n_tokens), float(interrupt_requested())], device)
             metrics.update(spec.after_step(metrics))
             dt = time.time() - t0
             rec = {"phase": spec.name, "step": step + 1, **metrics, "grad_norm": gn, "lr": lr_now,
@@ -241,8 +243,10 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *,
                 bar.update(1)
                 bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "nll", "accuracy", "align_accuracy") if k in rec})
             done = step + 1 == cfg.steps
-            if done or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
+            if done or stop or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
                 save(step + 1, final=done)
+            if stop and not done:  # SIGINT / SIGTERM on any process: every process stops here
+                raise TrainingInterrupted(spec.name, step + 1, os.path.join(phase_dir, f"checkpoint-{step + 1}"))
     finally:
         if bar is not None:
             bar.close()
