@@ -18,8 +18,9 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
+# --overwrite: `make demo` again replaces runs/demo (fdiv-train itself refuses to clear a run)
 demo: $(STAMP)
-	$(BIN)/fdiv-train pipeline --config examples/configs/demo.yaml
+	$(BIN)/fdiv-train pipeline --config demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

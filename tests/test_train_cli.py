@@ -47,6 +47,8 @@ def test_pipeline_smoke_writes_everything(tmp_path, config_file, capsys):
     assert all("accuracy" in r and "margin" in r for r in dpo_rows)
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert set(summary["task_accuracy"]) == {"base", "sft", "dpo"} and summary["dpo_beta"] == 0.2
+    assert all(isinstance(v, dict) for v in summary["phases"].values())  # one mapping per phase, nothing else
+    assert 0 <= summary["phases"]["dpo"]["rejected_self"] <= 16
     for f in ("pretrain.png", "sft.png", "dpo.png", "task_accuracy.png"):
         assert os.path.getsize(os.path.join(run, "plots", f)) > 1000
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,3 +128,21 @@ def test_local_rank_from_the_deepspeed_launcher(monkeypatch, config_file):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert main(["--local_rank=3", "sft", "--config", config_file, "--set", "sft.lrr=1"]) == 2  # stops at the config
     assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_demo_keeps_enough_checkpoints_for_a_value_curve():
+    """README's `fdiv-analyze values --phase-dir runs/demo/sft` needs several checkpoints per phase."""
+    cfg = load_config("demo")
+    for phase in (cfg.sft, cfg.dpo):
+        n = phase.steps // phase.save_every
+        assert n >= 4 and (phase.keep_checkpoints == 0 or phase.keep_checkpoints >= n)
+
+
+def test_named_configs_resolve_in_the_source_tree():
+    from fdiv_kernels.train.config import resolve_config, shipped_configs
+
+    assert {"demo.yaml", "zero2.json", "zero3.json"} <= set(shipped_configs())
+    assert resolve_config("demo").endswith(os.path.join("configs", "demo.yaml"))
+    assert resolve_config("zero3.json").endswith("zero3.json")
+    with pytest.raises(ValueError, match="no shipped config of that name"):
+        resolve_config("nope")

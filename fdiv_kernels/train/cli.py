@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int)
         s.add_argument("--backend", help="fdiv_kernels token_stats backend (auto, torch, ...)")
         s.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+        s.add_argument("--report-to", metavar="tensorboard,wandb",
+                       help="also log metrics to TensorBoard and/or Weights & Biases (comma-separated)")
         for flag, typ, h in PHASE_FLAGS:
             s.add_argument(f"--{flag.replace('_', '-')}", type=typ, dest=flag,
                            help=f"{h} of the phase ({name})" if name != "pipeline" else argparse.SUPPRESS)
@@ -90,6 +92,9 @@ def overrides_from_args(args: argparse.Namespace) -> List[str]:
         out.append("fsdp.enabled=true")
     if args.no_progress:
         out.append("progress=false")
+    if args.report_to is not None:
+        names = [n.strip() for n in args.report_to.split(",") if n.strip() and n.strip() != "none"]
+        out.append(f"report_to=[{', '.join(names)}]")
     for flag, _, _ in PHASE_FLAGS:
         v = getattr(args, flag)
         if v is None:

@@ -212,6 +212,7 @@ class RunConfig:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     num_threads: int = 0          # torch.set_num_threads when > 0
     progress: bool = True
+    report_to: List[str] = field(default_factory=list)   # tensorboard, wandb (reporting.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -27,6 +27,7 @@ from .evaluate import greedy_answers, task_accuracy
 from .modeling import build_tiny_model, load_model, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
 from .plots import plot_run
+from .reporting import make_reporters
 from .synthetic import check_answer, generate_dataset, solve
 from .tokenizer import build_char_tokenizer
 from .trainer import MetricsLog, RunContext, train_phase
@@ -62,8 +63,10 @@ def setup(cfg: RunConfig, info, prep: Prepared, *, overwrite: bool, config_chang
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tok = prep.tok if prep.tok is not None else build_char_tokenizer()
+    reporters = make_reporters(cfg.report_to, run_dir, to_dict(cfg)) if info.is_main else []
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, dist=info, tok=tok,
-                     metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl"), enabled=info.is_main))
+                     metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl"), enabled=info.is_main,
+                                        reporters=reporters))
     if config_changes:
         ctx.log(f"[setup] resuming with configuration changes: {'; '.join(config_changes)}")
     return ctx
@@ -230,6 +233,8 @@ class Pipeline:
         ctx.log(f"[dpo] kind={d.kind} beta={d.beta} gamma={d.gamma} reference={d.reference} rejected={d.rejected}; "
                 f"{len(pairs)} pairs, {d.steps} steps x {d.batch_size}, lr {d.lr}")
         model, self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
+        if d.rejected == "self":
+            self.phases["dpo"]["rejected_self"] = self.rejected_self
         return model
 
     def on_policy_rejected(self, model, rows: List[dict]) -> List[dict]:
@@ -250,7 +255,7 @@ class Pipeline:
             new.append(r)
         self.ctx.log(f"[dpo] on-policy rejected answers: {n_self}/{len(rows)} pairs use the start model's own "
                      "wrong greedy answer")
-        self.phases["dpo_rejected_self"] = n_self
+        self.rejected_self = n_self
         return new
 
     # -- reporting --------------------------------------------------------------------------------
@@ -332,6 +337,14 @@ def _run(cfg: RunConfig, command: str, *, resume: bool, overwrite: bool, allow_c
     if isinstance(verdict, ConfigError):
         raise verdict
     ctx = setup(cfg, info, prep, overwrite=overwrite, config_changes=verdict)
+    try:
+        return _commands(ctx, prep, command, resume=resume)
+    finally:
+        ctx.metrics.close()
+
+
+def _commands(ctx: RunContext, prep: Prepared, command: str, *, resume: bool) -> Dict[str, Any]:
+    cfg = ctx.cfg
     pipe = Pipeline(ctx, prep.rows)
     model = base_model(ctx)
     ctx.log(f"[setup] run dir {ctx.run_dir}; device {ctx.device}; {ctx.dist.world_size} process(es); "

@@ -35,16 +35,24 @@ from .steps import Norm, Stats
 
 
 class MetricsLog:
-    """Append-only JSON-lines log (written by rank 0 only)."""
+    """Append-only JSON-lines log (written by rank 0 only), mirrored to ``reporters``
+    (TensorBoard, W&B: :mod:`fdiv_kernels.train.reporting`)."""
 
-    def __init__(self, path: str, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str, enabled: bool = True, reporters: Sequence[Any] = ()):
+        self.path, self.enabled, self.reporters = path, enabled, list(reporters)
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for r in self.reporters:
+            r.write(record)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+        self.reporters = []
 
     def truncate(self, phase: str, after_step: int) -> None:
         """Drop this phase's records past ``after_step`` (before resuming from a checkpoint)."""

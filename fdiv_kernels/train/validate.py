@@ -86,6 +86,9 @@ def check_values(cfg: RunConfig, command: str, world_size: int = 1) -> None:
 
         _need(torch.cuda.is_available(), "device: cuda was asked for, but torch sees no CUDA device")
     _need(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
+    from .reporting import check_report_to
+
+    check_report_to(cfg.report_to)
     _need(not (cfg.deepspeed and cfg.fsdp.enabled), "use either deepspeed or fsdp, not both")
     _need(cfg.fsdp.checkpoint in FSDP_CHECKPOINTS,
           f"fsdp.checkpoint must be one of {', '.join(FSDP_CHECKPOINTS)}, got {cfg.fsdp.checkpoint!r}")
