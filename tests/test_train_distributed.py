@@ -85,6 +85,7 @@ def _worker(rank, world, port, out, engines):
     from fdiv_kernels.train.distributed import barrier, cleanup
 
     try:
+        _patched_model_under_fsdp(rank, out)
         run_command(_cfg(out, "ddp"), "sft")
         for engine in engines:
             cfg = _pipeline_cfg(out, engine, **_engine_settings(engine, out))
@@ -99,6 +100,35 @@ def _worker(rank, world, port, out, engines):
             run_command(cfg, "pipeline", resume=True)
     finally:
         cleanup()
+
+
+def _patched_model_under_fsdp(rank, out):
+    """fk_hf.apply on a Llama sharded with FSDP2, the LM head in its own group (so the patched
+    forward sees its DTensor weight): one step's gradients vs one process on both ranks' batches."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fdiv_kernels.integrations import transformers as fk_hf
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    ref = copy.deepcopy(model)
+    batches = [torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    fk_hf.apply(model, divergence="js", beta=0.5)
+    fk_hf.apply(ref, divergence="js", beta=0.5)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    model(input_ids=batches[rank], labels=batches[rank]).loss.backward()
+    got = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    (sum(ref(input_ids=b, labels=b).loss for b in batches) / 2).backward()  # FSDP2 averages over ranks
+    if rank == 0:
+        torch.save({"fsdp": got, "one": {n: p.grad for n, p in ref.named_parameters()}},
+                   os.path.join(out, "fsdp_patch_grads.pt"))
 
 
 def _free_port():
@@ -222,3 +252,12 @@ def test_bf16_deepspeed_resume_is_exact(two_ranks):
     a, b = _weights(straight / "dpo-final"), _weights(run / "dpo" / "final")
     assert {v.dtype for v in a.values()} == {torch.bfloat16}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transformers_patch_under_fsdp2_reduces_the_head_gradient(two_ranks):
+    """A DTensor head weight gathered with full_tensor(): without Partial("avg") grad placements each
+    rank kept its own unreduced slice of the gradient (the head trained on half the data)."""
+    g = torch.load(str(two_ranks / "fsdp_patch_grads.pt"), weights_only=True)
+    assert g["fsdp"].keys() == g["one"].keys() and "lm_head.weight" in g["fsdp"]
+    for k in g["one"]:
+        torch.testing.assert_close(g["fsdp"][k], g["one"][k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")

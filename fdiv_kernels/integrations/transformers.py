@@ -326,6 +326,18 @@ def token_head_metrics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     return mean.view(labels.shape), top1.view(labels.shape)
 
 
+def _gather_dtensor(t):
+    """The full value of an FSDP2 (DTensor) head parameter, differentiably. Its gradient is a
+    per-rank partial sum, averaged over ranks on the way back (one reduce-scatter), as FSDP2
+    averages every other gradient: ``full_tensor()``'s default would treat it as replicated and
+    keep each rank's own slice unreduced."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
 # --------------------------------------------------------------------------------------------
 # The patched forward
 # --------------------------------------------------------------------------------------------
@@ -354,8 +366,7 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
 
     weight, bias = head_of(model)
     if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors: gather (differentiably)
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+        weight, bias = _gather_dtensor(weight), _gather_dtensor(bias)
     if shift_labels is None:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if ref_logp is not None and ref_logp.dim() == labels.dim() and ref_logp.shape[-1] == labels.shape[-1] + 1:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("dpo", "DPO / IPO / SimPO preference training"),
                         ("pipeline", "[pretrain ->] SFT -> DPO from the SFT checkpoint, with evaluations")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", help="YAML config file (default: built-in defaults)")
+        s.add_argument("--config", help="YAML config file or shipped config name (demo, llama3_8b_dpo, ...)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set sft.lr=1e-4 (repeatable; values parsed as YAML)")
         s.add_argument("--name", help="run name (runs/<name>)")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace the run directory's previous run")
         s.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: continue even though the configuration differs from the run's")
-        s.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. examples/configs/zero3.json)")
+        s.add_argument("--deepspeed", help="DeepSpeed JSON config file or shipped name (zero2, zero3)")
         s.add_argument("--fsdp", action="store_true", help="FSDP2 (torch fully_shard) across the processes")
         _local_rank_arg(s)
         s.add_argument("--divergence", help="SFT divergence (fk.DIVERGENCES name or alias)")
