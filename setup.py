@@ -41,6 +41,8 @@ def _version() -> str:
 
 TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "mpmath>=1.3", "ninja"]
 PEERS = ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"]
+# tested with 3.6 (the GPU machine's) and 3.9 (the dev pin); fdiv_kernels.ops.triton_backend.MIN_TRITON
+TRITON = "triton>=3.6"
 
 LOGGING = {"tensorboard": ["tensorboard>=2.10"], "wandb": ["wandb>=0.16"]}
 
@@ -75,12 +77,12 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": [TRITON],
         "trl": ["trl>=1.0", "datasets", "accelerate"],
         "deepspeed": ["deepspeed"],
         **LOGGING,
         "peers": PEERS,
-        "dev": TEST + PEERS + LOGGING["tensorboard"] + ["triton>=3.0", "trl>=1.0", "datasets", "accelerate", "deepspeed"],
+        "dev": TEST + PEERS + LOGGING["tensorboard"] + [TRITON, "trl>=1.0", "datasets", "accelerate", "deepspeed"],
     },
     entry_points={
         "console_scripts": [

@@ -55,7 +55,8 @@ def _provenance(device_type: str) -> dict:
     return provenance(torch.device(device_type), cmd)
 
 
-def _check(case: Case, impl, out) -> dict:
+def check_loss(case: Case, impl, out) -> dict:
+    """``{"check": "ok" | "MISMATCH ..." | ...}`` plus the loss and its reference (see the module docstring)."""
     if impl.raw:
         return {"check": "n/a (GEMM floor)"}
     val = float(out.detach().float()) if isinstance(out, torch.Tensor) else float("nan")
@@ -100,7 +101,7 @@ def run_case(benchmark, case: Case, options: dict) -> None:
     try:
         if not scaling:
             out = run()
-            info.update(_check(case, impl, out))
+            info.update(check_loss(case, impl, out))
             del out
         mem = None
         if device.type == "cpu" and not scaling and options["mem"] == "subprocess":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,9 @@ class Impl:
     ``compiled``: needs a warm-up call (torch.compile) before time or memory is measured.
     ``fused_backward``: computes the gradients inside its forward (Liger's chunked losses), so
     its "fwd" time already contains the backward. ``raw``: ``build`` returns the timed call for
-    the case's mode itself (the GEMM floor)."""
+    the case's mode itself (the GEMM floor). ``context``: a context manager factory the whole
+    timed call runs in (e.g. ``triton_options(deterministic=False)``, which the backward reads
+    too)."""
 
     name: str
     label: str
@@ -48,23 +50,27 @@ class Impl:
     compiled: bool = False
     fused_backward: bool = False
     raw: bool = False
+    context: Optional[Callable[[], ContextManager]] = None
 
 
 def runner(impl: Impl, case: Case, inputs: Dict[str, torch.Tensor]) -> Callable[[], object]:
     """The call that is timed: forward only, or forward + backward (grads reset first)."""
     fn = impl.build(case, inputs)
-    if impl.raw:
-        return fn
-    if case.mode == "fwd":
-        return fn
+    if impl.raw or case.mode == "fwd":
+        call = fn
+    else:
+        def call():
+            clear_grads(inputs)
+            loss = fn()
+            loss.backward()
+            return loss
+    if impl.context is None:
+        return call
 
-    def fwdbwd():
-        clear_grads(inputs)
-        loss = fn()
-        loss.backward()
-        return loss
-
-    return fwdbwd
+    def in_context():
+        with impl.context():
+            return call()
+    return in_context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +202,10 @@ def liger_chunk_rows(n: int) -> int:
 
 def _build_gemm(case, x):
     """The floor: forward = one GEMM producing the logits; fwd+bwd = that GEMM plus the two of
-    the backward (grad_hidden = G @ W, grad_weight = G.T @ H) with a fixed logit gradient G."""
+    the backward (grad_hidden = G @ W, grad_weight = G.T @ H) with a fixed logit gradient G, all
+    of the same shape as the loss's ([N, H] x [H, V]), no epilogue. Row batches are flattened."""
     h, w = x["hidden"].detach(), x["weight"].detach()
+    h = h.reshape(-1, h.shape[-1])
     if case.mode == "fwd":
         return lambda: h @ w.T
     g = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device).normal_()
@@ -208,12 +216,31 @@ def _build_gemm(case, x):
     return three
 
 
-def ce_impls(device_type: str) -> List[Impl]:
+def _triton_atomic():
+    from fdiv_kernels.ops.triton_backend import triton_options
+    return triton_options(deterministic=False)
+
+
+def fk_impls(device_type: str, label: str, build_for: Callable[[str], Callable]) -> List[Impl]:
+    """One ``fk[<backend>]`` per registered backend (available or with the registry's reason), plus
+    ``fk[triton-atomic]`` (the Triton backend's atomics backward) where triton runs."""
     out = []
     for name, status in fk_backends(device_type).items():
-        out.append(Impl(f"fk[{name}]", f"fdiv_kernels token_stats, backend={name!r}",
-                        available=(lambda s: (lambda d: (s == "available", s)))(status),
-                        build=_build_fk_ce(name)))
+        available = (lambda s: (lambda d: (s == "available", s)))(status)
+        out.append(Impl(f"fk[{name}]", f"{label}, backend={name!r}", available=available, build=build_for(name)))
+        if name == "triton" and device_type == "cuda":
+            out.append(Impl("fk[triton-atomic]", f"{label}, backend='triton', deterministic=False (atomics)",
+                            available=available, build=build_for(name), context=_triton_atomic))
+    return out
+
+
+GEMM_FLOOR = Impl("gemm", "bare GEMM floor (fwd: 1 matmul; fwd+bwd: 3 matmuls, no epilogue)", _always, _build_gemm,
+                  raw=True)
+"""The ``gemm`` row of every suite: what "x GEMM floor" in the reports divides by."""
+
+
+def ce_impls(device_type: str) -> List[Impl]:
+    out = fk_impls(device_type, "fdiv_kernels token_stats", _build_fk_ce)
     liger_label = ("Liger LigerFusedLinearCrossEntropyLoss (Triton)" if device_type == "cuda" else
                    "Liger chunked torch (FusedLinearDistillationBase, hard loss only, compiled)")
     cce_label = "cut-cross-entropy impl='cce' (Triton)" if device_type == "cuda" else \
@@ -224,7 +251,7 @@ def ce_impls(device_type: str) -> List[Impl]:
         Impl("liger", liger_label, _needs("liger_kernel"), _build_liger_ce, compiled=device_type != "cuda",
              fused_backward=device_type != "cuda"),
         Impl("cce", cce_label, _needs("cut_cross_entropy"), _build_cce, compiled=device_type != "cuda"),
-        Impl("gemm", "bare GEMM floor (fwd: 1 matmul; fwd+bwd: 3 matmuls)", _always, _build_gemm, raw=True),
+        GEMM_FLOOR,
     ]
     return out
 
@@ -295,15 +322,12 @@ def _build_paper_div(case, x):
 
 
 def div_impls(device_type: str, divergence: str) -> List[Impl]:
-    out = []
-    for name, status in fk_backends(device_type).items():
-        out.append(Impl(f"fk[{name}]", f"fk.loss fused, backend={name!r}",
-                        available=(lambda s: (lambda d: (s == "available", s)))(status),
-                        build=_build_fk_div(name)))
+    out = fk_impls(device_type, "fk.loss fused", _build_fk_div)
     fn, why = paper_form_for(divergence)
     out += [
         Impl("fk(logits)", "fk.loss(logits=h @ W.T): same math, unfused", _always, _build_fk_div_logits),
         Impl("paper", why, (lambda d: (fn is not None, why)), _build_paper_div),
+        GEMM_FLOOR,
     ]
     return out
 
@@ -350,12 +374,9 @@ def _build_liger_dpo(case, x):
 
 
 def dpo_impls(device_type: str) -> List[Impl]:
-    out = []
-    for name, status in fk_backends(device_type).items():
-        out.append(Impl(f"fk[{name}]", f"fk.sequence_logp + fk.dpo_loss, backend={name!r}",
-                        available=(lambda s: (lambda d: (s == "available", s)))(status),
-                        build=_build_fk_dpo(name)))
+    out = fk_impls(device_type, "fk.sequence_logp + fk.dpo_loss", _build_fk_dpo)
     out += [
+        GEMM_FLOOR,
         Impl("trl", "TRL way: full logits, selective_log_softmax, sum, sigmoid loss", _needs("trl"), _build_trl_dpo),
         Impl("liger", "Liger LigerFusedLinearDPOLoss (chunked torch, compiled)", _needs("liger_kernel"),
              _build_liger_dpo, compiled=True, fused_backward=True),

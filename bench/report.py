@@ -4,8 +4,9 @@
 
 Writes ``<stem>.md`` and ``<stem>-ce.png``, ``<stem>-scaling.png`` beside the JSON. Times are
 the *minimum* over the rounds (the least disturbed by other processes on a shared machine) and
-the median; ratios are against the naive eager baseline measured in the same process (the
-same pytest run), never across runs.
+the median; ratios are against the naive eager baseline and against the bare GEMM floor (the
+``gemm`` row: the same shape's 1 or 3 GEMMs without an epilogue) measured in the same process
+(the same pytest run), never across runs.
 """
 
 from __future__ import annotations
@@ -79,20 +80,27 @@ def _shape_text(r: dict) -> str:
     return f"{lab + ': ' if lab else ''}{rows_}, H={r['h']}, V={r['v']}, {r['dtype']}"
 
 
+FLOOR = "gemm"
+"""The bare GEMM floor row (bench.impls.GEMM_FLOOR): the "x GEMM floor" column divides by its time."""
+
+
 def table(group: List[dict], baseline: str) -> List[str]:
     base = next((r for r in group if r["impl"] == baseline and r["status"] == "ok"), None)
+    floor = next((r for r in group if r["impl"] == FLOOR and r["status"] == "ok"), None)
     bt = base["t_min"] if base else None
     bm = base["peak_mib"] if base else None
-    lines = ["| implementation | time (min) | time (median) | time / " + baseline + " | peak MiB | mem / " + baseline +
-             " | check |", "|---|---|---|---|---|---|---|"]
+    ft = floor["t_min"] if floor else None
+    lines = ["| implementation | time (min) | time (median) | time / " + baseline + " | x GEMM floor | peak MiB | mem / "
+             + baseline + " | check |", "|---|---|---|---|---|---|---|---|"]
     ok = sorted((r for r in group if r["status"] == "ok"), key=lambda r: r["t_min"])
     for r in ok:
         name = f"`{r['impl']}`" + (" (grads in fwd)" if r.get("fused_backward") and r["mode"] == "fwd" else "")
         pm = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         lines.append(f"| {name}: {r['label']} | {_fmt_t(r['t_min'])} | {_fmt_t(r['t_median'])} | "
-                     f"{_fmt_ratio(r['t_min'], bt)} | {pm} | {_fmt_ratio(r['peak_mib'], bm)} | {r['check']} |")
+                     f"{_fmt_ratio(r['t_min'], bt)} | {_fmt_ratio(r['t_min'], ft)} | {pm} | "
+                     f"{_fmt_ratio(r['peak_mib'], bm)} | {r['check']} |")
     for r in (r for r in group if r["status"] == "SKIPPED"):
-        lines.append(f"| `{r['impl']}` | SKIPPED | | | | | {r['reason']} |")
+        lines.append(f"| `{r['impl']}` | SKIPPED | | | | | | {r['reason']} |")
     return lines
 
 
@@ -217,15 +225,15 @@ def summary(rs: List[dict]) -> List[str]:
     for _, g in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         by = {r["impl"]: r for r in g}
         fk = [r for r in g if r["impl"].startswith("fk[")]
-        peers = [r for r in g if not r["impl"].startswith("fk[") and r["impl"] not in ("gemm", "naive")]
+        peers = [r for r in g if not r["impl"].startswith("fk[") and r["impl"] not in (FLOOR, "naive")]
         if not fk or "naive" not in by:
             continue
         best = min(fk, key=lambda r: r["t_min"])
         nv = by["naive"]
         txt = (f"- {'fwd+bwd' if best['mode'] == 'fwdbwd' else 'fwd'}, {_shape_text(best)}: fastest fk backend "
                f"`{best['impl']}` at {best['t_min'] / nv['t_min']:.2f}x naive's time")
-        if "gemm" in by:
-            txt += f", {best['t_min'] / by['gemm']['t_min']:.2f}x the GEMM floor"
+        if FLOOR in by:
+            txt += f", {best['t_min'] / by[FLOOR]['t_min']:.2f}x the GEMM floor"
         if best["peak_mib"] and nv["peak_mib"]:
             lean = min(fk, key=lambda r: r["peak_mib"] or float("inf"))
             txt += f"; least memory `{lean['impl']}` at {lean['peak_mib'] / nv['peak_mib']:.2f}x naive's"

@@ -6,6 +6,7 @@ message that names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,6 +17,15 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {sorted(choices)}")
+
+
+def check_beta(beta: float) -> None:
+    try:
+        ok = math.isfinite(float(beta)) and float(beta) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:

@@ -68,6 +68,39 @@ def f_divergence_score(logratio: torch.Tensor, f_divergence: str = "reverse_kl",
     return s
 
 
+def check_options(*, kind: str, beta: float, label_smoothing: float, f_divergence: str) -> None:
+    """Validate DPO options (one place for :func:`dpo_loss`, the DPO spec and module)."""
+    _checks.check_choice("kind", kind, DPO_KINDS)
+    _checks.check_choice("f_divergence", f_divergence, F_DIVERGENCES)
+    if f_divergence != "reverse_kl" and kind == "simpo":
+        raise ValueError("f_divergence applies to reference-based kinds (sigmoid, robust, hinge, ipo), not simpo")
+    _checks.check_beta(beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def pair_losses(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor], rr: Optional[torch.Tensor], *,
+                kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+                f_divergence: str = "reverse_kl", f_alpha: float = 1.0) -> torch.Tensor:
+    """Per-pair losses ``[B]`` of the module table (inputs already validated; ``rc``/``rr`` unused by simpo)."""
+    eps = label_smoothing
+    if kind == "simpo":
+        logits = beta * (pc - pr) - gamma
+        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    if f_divergence == "reverse_kl":
+        h = (pc - pr) - (rc - rr)
+    else:
+        h = (f_divergence_score(pc - rc, f_divergence, f_alpha)
+             - f_divergence_score(pr - rr, f_divergence, f_alpha)).to(pc.dtype)
+    if kind == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    if kind == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if kind == "hinge":
+        return torch.relu(1 - beta * h)
+    return (h - 1 / (2 * beta)) ** 2  # ipo
+
+
 @dataclass
 class DPOOutput:
     """``loss``: mean over pairs. ``losses``: ``[B]``. ``chosen_rewards``/``rejected_rewards``:
@@ -98,14 +131,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         f_divergence: ``reverse_kl`` (standard DPO), ``forward_kl``, ``js`` or ``alpha`` (with
             ``f_alpha``): TRL's f-DPO scores, evaluated stably (module docstring).
     """
-    _checks.check_choice("kind", kind, DPO_KINDS)
-    _checks.check_choice("f_divergence", f_divergence, F_DIVERGENCES)
-    if f_divergence != "reverse_kl" and kind == "simpo":
-        raise ValueError("f_divergence applies to reference-based kinds (sigmoid, robust, hinge, ipo), not simpo")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_options(kind=kind, beta=beta, label_smoothing=label_smoothing, f_divergence=f_divergence)
     for name, t in (("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected)):
         _checks.check_floating(name, t)
     if policy_chosen.shape != policy_rejected.shape:
@@ -120,28 +146,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                 raise ValueError(f"{name} must have shape {tuple(policy_chosen.shape)}, got {tuple(t.shape)}")
     _checks.check_same_device(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
                               ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-    eps = label_smoothing
-    pc, pr = policy_chosen.float() if policy_chosen.dtype != torch.float64 else policy_chosen, \
-        policy_rejected.float() if policy_rejected.dtype != torch.float64 else policy_rejected
+    pc = policy_chosen if policy_chosen.dtype == torch.float64 else policy_chosen.float()
+    pr = policy_rejected if policy_rejected.dtype == torch.float64 else policy_rejected.float()
+    rc = None if kind == "simpo" else ref_chosen.to(pc.dtype)
+    rr = None if kind == "simpo" else ref_rejected.to(pc.dtype)
+    losses = pair_losses(pc, pr, rc, rr, kind=kind, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                         f_divergence=f_divergence, f_alpha=f_alpha)
     if kind == "simpo":
-        logits = beta * (pc - pr) - gamma
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
         chosen_r, rejected_r = beta * pc.detach(), beta * pr.detach()
     else:
-        rc, rr = ref_chosen.to(pc.dtype), ref_rejected.to(pc.dtype)
-        if f_divergence == "reverse_kl":
-            h = (pc - pr) - (rc - rr)
-        else:
-            h = (f_divergence_score(pc - rc, f_divergence, f_alpha)
-                 - f_divergence_score(pr - rr, f_divergence, f_alpha)).to(pc.dtype)
-        if kind == "sigmoid":
-            losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-        elif kind == "robust":
-            losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-        elif kind == "hinge":
-            losses = torch.relu(1 - beta * h)
-        else:  # ipo
-            losses = (h - 1 / (2 * beta)) ** 2
         chosen_r, rejected_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()
     return DPOOutput(
         loss=losses.mean() if losses.numel() else losses.sum(),

@@ -23,21 +23,22 @@ Conventions (derivations in ``docs/math.md``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _checks
-from .divergences import Divergence, get_divergence
+from .divergences import Divergence
 from .ops import token_stats, token_stats_from_logits
-from .primal import PrimalLoss, get_primal
+from .ops.fused import evaluate
+from .primal import PrimalLoss
+from .specs import LEVELS, REDUCTIONS, VALUE_MODES, FDivSpec, HeadSpec, LossSpec, PrimalSpec, Rows
 
-LEVELS = ("token", "sequence")
-REDUCTIONS = ("mean", "sum", "none")
-VALUE_MODES = ("drop", "detach", "free")
 FORMS = ("variational", "primal")
+
+__all__ = ["FORMS", "LEVELS", "REDUCTIONS", "VALUE_MODES", "LossOutput", "SequenceLogp", "loss", "loss_from_spec",
+           "sequence_logp", "make_spec"]
 
 
 @dataclass
@@ -53,6 +54,9 @@ class LossOutput:
         num_tokens: number of supervised tokens (a 0-dim tensor).
         divergence: the registry entry used (a :class:`PrimalLoss` for ``form="primal"``).
         entropy: ``[..., T]`` per-token entropy of the policy when ``return_entropy=True``.
+
+    ``logp``, ``lse``, ``entropy``, ``reward`` and ``value_s0`` are differentiable: using them in
+    another loss adds their gradients (computed by the backend's recompute kernels).
     """
 
     loss: torch.Tensor
@@ -75,6 +79,15 @@ class SequenceLogp(NamedTuple):
 
 
 def _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature, return_entropy=False):
+    _check_inputs(hidden, weight, labels, logits, bias, softcap, temperature)
+    if logits is not None:
+        return token_stats_from_logits(logits, labels, ignore_index=ignore_index, return_entropy=return_entropy)
+    return token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
+                       temperature=temperature, return_entropy=return_entropy, backend=backend)
+
+
+def _check_inputs(hidden, weight, labels, logits, bias, softcap, temperature) -> None:
+    """Either ``logits`` or ``(hidden, weight)``, with labels; the head checks of :func:`token_stats`."""
     if logits is not None:
         if hidden is not None or weight is not None:
             raise ValueError("pass either logits= or (hidden, weight), not both")
@@ -82,30 +95,29 @@ def _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap,
             raise ValueError("labels are required")
         if softcap is not None or temperature != 1.0 or bias is not None:
             raise ValueError("softcap, temperature and bias apply to (hidden, weight) only; apply them to the logits yourself")
-        return token_stats_from_logits(logits, labels, ignore_index=ignore_index, return_entropy=return_entropy)
+        return
     if hidden is None or weight is None or labels is None:
         raise ValueError("loss() needs (hidden, weight, labels) or (logits=..., labels=...)")
-    return token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                       temperature=temperature, return_entropy=return_entropy, backend=backend)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() == 1 else t.reshape(-1, t.shape[-1])
 
 
-def _first_last_next(mask2: torch.Tensor):
-    """Indices of each row's first and last supervised position and, per position, the next one."""
-    b, t = mask2.shape
-    pos = torch.arange(t, device=mask2.device).expand(b, t)
-    big = torch.full_like(pos, t)
-    first = torch.where(mask2, pos, big).min(dim=1).values.clamp(max=t - 1)
-    last = torch.where(mask2, pos, torch.full_like(pos, -1)).max(dim=1).values.clamp(min=0)
-    # next supervised position strictly after each t (t itself when none): reverse cummin
-    cand = torch.where(mask2, pos, big)
-    shifted = torch.cat([cand[:, 1:], big[:, :1]], dim=1)
-    nxt = torch.flip(torch.cummin(torch.flip(shifted, [1]), dim=1).values, [1])
-    nxt = torch.where(nxt >= t, pos, nxt)
-    return first, last, nxt
+def make_spec(*, divergence="sft", beta=1.0, level="token", reduction="mean", length_normalize=False,
+              values="drop", z_loss=0.0, form="variational", alpha=1.5, ref_logp_given=False) -> LossSpec:
+    """The validated spec of :func:`loss`'s options (one place for every caller)."""
+    _checks.check_choice("form", form, FORMS)
+    if form == "primal":
+        _checks.check_choice("level", level, LEVELS)
+        _checks.check_choice("values", values, VALUE_MODES)
+        _checks.check_beta(beta)
+        if level != "token" or ref_logp_given or values != "drop" or beta != 1.0:
+            raise ValueError("form='primal' is a per-token loss of log p_y alone: use level='token', no ref_logp, "
+                             "values='drop', beta=1")
+        return PrimalSpec(divergence, alpha=alpha, z_loss=z_loss, reduction=reduction)
+    return FDivSpec(divergence, beta=beta, level=level, values=values, z_loss=z_loss,
+                    length_normalize=length_normalize, reduction=reduction)
 
 
 def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -141,125 +153,61 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
     Returns:
         :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
         ``F.cross_entropy(logits, labels, ignore_index=ignore_index)``.
+
+    When gradients are needed, the loss and its gradients come from one pass over the logits
+    (3 GEMMs, :mod:`fdiv_kernels.ops.fused`); under ``torch.no_grad`` only the logits GEMM runs.
     """
-    _checks.check_choice("form", form, FORMS)
-    div = get_primal(divergence) if form == "primal" else get_divergence(divergence)
-    _checks.check_choice("level", level, LEVELS)
-    _checks.check_choice("reduction", reduction, REDUCTIONS)
-    _checks.check_choice("values", values, VALUE_MODES)
-    if not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if reduction == "none" and (values == "free" or z_loss > 0):
-        raise ValueError("values='free' and z_loss add batch-level terms; use reduction='mean' or 'sum' with them")
-    if length_normalize and level != "sequence":
-        raise ValueError("length_normalize=True applies to level='sequence' only")
-    if form == "primal":
-        if level != "token" or ref_logp is not None or values != "drop" or beta != 1.0:
-            raise ValueError("form='primal' is a per-token loss of log p_y alone: use level='token', no ref_logp, "
-                             "values='drop', beta=1")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+    spec = make_spec(divergence=divergence, beta=beta, level=level, reduction=reduction,
+                     length_normalize=length_normalize, values=values, z_loss=z_loss, form=form, alpha=alpha,
+                     ref_logp_given=ref_logp is not None)
+    return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
+                          head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
+                          return_entropy=return_entropy)
 
-    stats = _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature, return_entropy)
-    logp, lse = stats.logp, stats.lse
+
+def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                   labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
+                   ref_logp: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   head: HeadSpec = HeadSpec(), ignore_index: int = -100,
+                   return_entropy: bool = False) -> LossOutput:
+    """:func:`loss` for an already built spec (:class:`~fdiv_kernels.specs.FDivSpec` or
+    :class:`~fdiv_kernels.specs.PrimalSpec`); what ``fk.nn``, the integrations and the trainer call."""
+    _check_inputs(hidden, weight, labels, logits, bias, head.softcap, head.temperature)
+    if logits is None:
+        _checks.check_head(hidden, weight, labels, bias, ignore_index, head.softcap, head.temperature)
     mask = labels != ignore_index
-    m2, logp2, lse2 = _rows(mask), _rows(logp), _rows(lse)
-    zero = logp2.new_zeros(())
+    m2 = _rows(mask)
+    cdt = torch.float64 if (logits if logits is not None else hidden).dtype == torch.float64 else torch.float32
+    ref_tok, ref_seq = _reference(ref_logp, labels, getattr(spec, "level", "token"), m2, cdt)
+    ev = evaluate(spec, hidden=hidden, weight=weight, labels=labels, logits=logits, bias=bias, ref_tok=ref_tok,
+                  ref_seq=ref_seq, head=head, ignore_index=ignore_index, return_entropy=return_entropy)
+    logp, lse = ev.stats.logp, ev.stats.lse
+    rows = Rows(_rows(logp), _rows(lse), m2, ref_tok, ref_seq)
+    u, _, v_s0 = spec.rewards(rows)
     row_shape = labels.shape[:-1] if labels.dim() > 1 else ()
-
-    if form == "primal":
-        per = torch.where(m2, div(logp2, alpha), zero)
-        total = per.sum()
-        out_loss = per if reduction == "none" else (total if reduction == "sum" else total / m2.sum().clamp(min=1))
-        if z_loss > 0:
-            out_loss = out_loss + z_loss * _reduce_plain(torch.where(m2, lse2 * lse2, zero), m2, reduction)
-        first = _first_last_next(m2)[0]
-        v0 = torch.where(m2.any(dim=1), lse2.gather(1, first[:, None]).squeeze(1), zero)
-        return LossOutput(loss=out_loss.reshape(labels.shape) if reduction == "none" else out_loss, logp=logp,
-                          lse=lse, reward=logp, value_s0=v0.reshape(row_shape), mask=mask, num_tokens=mask.sum(),
-                          divergence=div, entropy=stats.entropy)
-
-    ref_tok, ref_seq = _reference(ref_logp, labels, level, logp2, m2)
-    logratio = torch.where(m2, logp2 - ref_tok, zero)
-    first, last, nxt = _first_last_next(m2)
-    row_valid = m2.any(dim=1)
-    v_s0 = torch.where(row_valid, lse2.gather(1, first[:, None]).squeeze(1), zero)
-
-    vmode_lse = lse2 if values == "free" else lse2.detach()
-    if level == "token":
-        dv = torch.where(m2, vmode_lse - vmode_lse.gather(1, nxt), zero)
-        u = beta * logratio + (dv if values != "drop" else 0.0)
-        u = torch.where(m2, u, zero)
-        weight_mask = m2
-    else:
-        count = m2.sum(dim=1)
-        s = logratio.sum(dim=1)
-        if length_normalize:
-            s = s / count.clamp(min=1)
-        if ref_seq is not None:
-            s = s - ref_seq
-        u = beta * s
-        if values != "drop":
-            dv = vmode_lse.gather(1, first[:, None]).squeeze(1) - vmode_lse.gather(1, last[:, None]).squeeze(1)
-            u = u + dv
-        u = torch.where(row_valid, u, zero)
-        weight_mask = row_valid
-
-    out_loss = _reduce(div, u, weight_mask, reduction)
-    if values == "free":  # the paper's -V(s0) term of J, with gradient
-        out_loss = out_loss + _reduce_plain(v_s0, row_valid, reduction)
-    if z_loss > 0:
-        out_loss = out_loss + z_loss * _reduce_plain(torch.where(m2, lse2 * lse2, zero), m2, reduction)
-
-    reward = u.reshape(labels.shape) if level == "token" else u.reshape(row_shape)
-    return LossOutput(
-        loss=out_loss if reduction != "none" else out_loss.reshape(reward.shape),
-        logp=logp, lse=lse, reward=reward, value_s0=v_s0.reshape(row_shape), mask=mask,
-        num_tokens=mask.sum(), divergence=div, entropy=stats.entropy,
-    )
+    token_level = u.shape == m2.shape
+    reward = u.reshape(labels.shape) if token_level else u.reshape(row_shape)
+    out_loss = ev.loss
+    if spec.reduction == "none":
+        out_loss = out_loss.reshape(labels.shape) if out_loss.shape == m2.shape else out_loss.reshape(row_shape)
+    return LossOutput(loss=out_loss, logp=logp, lse=lse, reward=reward, value_s0=v_s0.reshape(row_shape), mask=mask,
+                      num_tokens=mask.sum(), divergence=spec.divergence, entropy=ev.stats.entropy)
 
 
-def _reference(ref_logp, labels, level, logp2, m2):
-    """Per-token reference log-probs ``[R, T]`` (masked) and/or per-row ones ``[R]``."""
-    zero = logp2.new_zeros(())
+def _reference(ref_logp, labels, level, m2, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token reference log-probs ``[R, T]`` (masked; a 0-d zero when absent) and/or per-row ``[R]``."""
+    zero = torch.zeros((), dtype=dtype, device=labels.device)
     if ref_logp is None:
         return zero, None
     _checks.check_floating("ref_logp", ref_logp)
     _checks.check_same_device(ref_logp=ref_logp, labels=labels)
     if tuple(ref_logp.shape) == tuple(labels.shape):
-        return torch.where(m2, _rows(ref_logp).to(logp2.dtype), zero), None
+        return torch.where(m2, _rows(ref_logp).to(dtype), zero), None
     row_shape = tuple(labels.shape[:-1]) if labels.dim() > 1 else ()
     if level == "sequence" and tuple(ref_logp.shape) == row_shape:
-        return zero, ref_logp.reshape(-1).to(logp2.dtype)
+        return zero, ref_logp.reshape(-1).to(dtype)
     expect = f"{tuple(labels.shape)}" + (f" or per-row {row_shape}" if level == "sequence" else "")
     raise ValueError(f"ref_logp must have shape {expect}, got {tuple(ref_logp.shape)}")
-
-
-def _reduce(div: Divergence, u: torch.Tensor, w: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce ``-phi(u)`` over the positions where ``w`` is True (see module docstring)."""
-    zero = u.new_zeros(())
-    n = w.sum()
-    if div.aggregate == "mean":
-        per = torch.where(w, -div.objective(u), zero)
-        if reduction == "none":
-            return per
-        total = per.sum()
-        return total if reduction == "sum" else total / n.clamp(min=1)
-    log_psi = div.neg_log_psi(u)
-    if reduction == "none":
-        return torch.where(w, torch.exp(log_psi) - div.psi_offset, zero)
-    masked = torch.where(w, log_psi, torch.full_like(log_psi, -torch.inf))
-    if not bool(w.any()):
-        return (u * 0).sum()  # no supervised position: 0 with a zero gradient, never -inf/NaN
-    lse = torch.logsumexp(masked.reshape(-1), dim=0)
-    return lse if reduction == "sum" else lse - torch.log(n.to(u.dtype))
-
-
-def _reduce_plain(x: torch.Tensor, w: torch.Tensor, reduction: str) -> torch.Tensor:
-    total = torch.where(w, x, x.new_zeros(())).sum()
-    return total if reduction == "sum" else total / w.sum().clamp(min=1)
 
 
 def sequence_logp(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,

@@ -25,8 +25,10 @@ from torch import nn as _tnn
 
 from . import _checks
 from .divergences import get_divergence
-from .dpo import DPO_KINDS, F_DIVERGENCES, DPOOutput, dpo_loss
+from .dpo import DPOOutput, dpo_loss
 from .losses import FORMS, LEVELS, REDUCTIONS, VALUE_MODES, LossOutput, loss, sequence_logp
+from .ops.fused import evaluate
+from .specs import DPOSpec, HeadSpec, Rows
 from .primal import get_primal
 
 __all__ = ["FDivLoss", "FusedLinearFDivLoss", "FusedLinearDPOLoss", "shift_for_causal_lm"]
@@ -195,16 +197,12 @@ class FusedLinearDPOLoss(_tnn.Module):
                  shift_labels: bool = False, f_divergence: str = "reverse_kl", f_alpha: float = 1.0,
                  softcap: Optional[float] = None, temperature: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
-        _checks.check_choice("kind", kind, DPO_KINDS)
-        _checks.check_choice("f_divergence", f_divergence, F_DIVERGENCES)
-        if not (math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        _checks.check_scalars(softcap, temperature)
+        self.spec = DPOSpec(kind=kind, beta=float(beta), label_smoothing=float(label_smoothing), gamma=float(gamma),
+                            f_divergence=f_divergence, f_alpha=float(f_alpha), length_normalize=length_normalize)
+        self.head = HeadSpec(softcap, temperature, backend)
         self.beta, self.kind, self.label_smoothing, self.gamma = float(beta), kind, float(label_smoothing), float(gamma)
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
-        self.length_normalize = (kind in ("ipo", "simpo")) if length_normalize is None else bool(length_normalize)
+        self.length_normalize = self.spec.length_normalize
         self.softcap, self.temperature, self.backend = softcap, float(temperature), backend
         self.f_divergence, self.f_alpha = f_divergence, float(f_alpha)
 
@@ -227,9 +225,30 @@ class FusedLinearDPOLoss(_tnn.Module):
                 ref_logp: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
                 ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[HeadLike] = None,
                 ref_bias: Optional[torch.Tensor] = None, return_output: bool = False) -> Union[torch.Tensor, DPOOutput]:
-        pol = self.sequence_logps(hidden, weight, labels, bias=bias)
-        pc, pr = pol.chunk(2, dim=0)
-        rc = rr = None
+        w, b = _split_head(weight, bias)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must have shape [2B, T, H], got {tuple(hidden.shape)}")
+        if hidden.shape[0] % 2 != 0:
+            raise ValueError(f"hidden's first dim must be 2B (chosen rows then rejected rows), got {hidden.shape[0]}")
+        ref = self._reference(hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias)
+        if self.shift_labels:
+            hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+        _checks.check_head(hidden, w, labels, b, self.ignore_index, self.softcap, self.temperature)
+        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ref_seq = None if ref is None else ref.to(cdt)
+        zero = torch.zeros((), dtype=cdt, device=labels.device)
+        ev = evaluate(self.spec, hidden=hidden, weight=w, labels=labels, bias=b, ref_tok=zero, ref_seq=ref_seq,
+                      head=self.head, ignore_index=self.ignore_index, return_entropy=False)
+        rows = Rows(ev.stats.logp, ev.stats.lse, labels != self.ignore_index, zero, ref_seq)
+        pc, pr = self.spec.sequence_logps(rows).chunk(2, dim=0)
+        rc, rr = (None, None) if ref_seq is None else ref_seq.chunk(2, dim=0)
+        out = dpo_loss(pc, pr, rc, rr, beta=self.beta, kind=self.kind, label_smoothing=self.label_smoothing,
+                       gamma=self.gamma, f_divergence=self.f_divergence, f_alpha=self.f_alpha)
+        out.loss = ev.loss  # the same number, with the single-pass gradients
+        return out if return_output else out.loss
+
+    def _reference(self, hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias):
+        """``[2B]`` reference sequence log-probs (chosen then rejected), or None for simpo."""
         if ref_logp is not None and ref_hidden is not None:
             raise ValueError("pass either ref_logp or ref_hidden, not both")
         if ref_hidden is not None:
@@ -237,23 +256,20 @@ class FusedLinearDPOLoss(_tnn.Module):
                 raise ValueError(f"ref_hidden must have hidden's shape [2B, T, *] = {tuple(hidden.shape[:-1])}, "
                                  f"got {tuple(ref_hidden.shape)}")
             with torch.no_grad():
-                ref = self.sequence_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
-                                          bias=ref_bias if ref_weight is not None else bias)
-            rc, rr = ref.chunk(2, dim=0)
-        elif isinstance(ref_logp, (tuple, list)):
+                return self.sequence_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
+                                           bias=ref_bias if ref_weight is not None else bias)
+        if isinstance(ref_logp, (tuple, list)):
             if len(ref_logp) != 2:
                 raise ValueError("ref_logp as a sequence must be (ref_chosen, ref_rejected)")
-            rc, rr = ref_logp
-        elif ref_logp is not None:
-            if tuple(ref_logp.shape) != tuple(pol.shape):
-                raise ValueError(f"ref_logp must have shape [2B] = {tuple(pol.shape)} (chosen then rejected), "
+            return torch.cat([ref_logp[0].reshape(-1), ref_logp[1].reshape(-1)])
+        if ref_logp is not None:
+            if tuple(ref_logp.shape) != (hidden.shape[0],):
+                raise ValueError(f"ref_logp must have shape [2B] = ({hidden.shape[0]},) (chosen then rejected), "
                                  f"got {tuple(ref_logp.shape)}")
-            rc, rr = ref_logp.chunk(2, dim=0)
-        elif self.kind != "simpo":
+            return ref_logp
+        if self.spec.needs_reference:
             raise ValueError(f"kind={self.kind!r} needs a reference: pass ref_logp=... or ref_hidden=...")
-        out = dpo_loss(pc, pr, rc, rr, beta=self.beta, kind=self.kind, label_smoothing=self.label_smoothing,
-                       gamma=self.gamma, f_divergence=self.f_divergence, f_alpha=self.f_alpha)
-        return out if return_output else out.loss
+        return None
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, kind={self.kind!r}, label_smoothing={self.label_smoothing}, gamma={self.gamma}, "

@@ -51,13 +51,15 @@ def test_one_tiny_bench_case_end_to_end(tmp_path):
     out = tmp_path / "tiny.json"
     cmd = [sys.executable, "-m", "pytest", "bench/bench_ce.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
            "--bench-profile=tiny", "--bench-mem=inprocess", "-m", "not gpu",
-           "-k", "fwdbwd and (naive- or fk[torch] or fk[triton])", f"--benchmark-json={out}"]
+           "-k", "fwdbwd and (naive- or fk[torch] or fk[triton] or gemm)", f"--benchmark-json={out}"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as `make bench` runs: no interpreter
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     by = {b["extra_info"]["case"]["impl"]: b for b in data["benchmarks"]}
-    assert {"naive", "fk[torch]"} <= set(by), sorted(by)
+    assert {"naive", "fk[torch]", "gemm"} <= set(by), sorted(by)
+    floor = by.pop("gemm")
+    assert floor["extra_info"]["check"] == "n/a (GEMM floor)" and floor["stats"]["min"] > 0
     for b in by.values():
         e = b["extra_info"]
         assert e["check"] == "ok" and e["rel_err"] < 1e-4, e
@@ -77,3 +79,8 @@ def test_one_tiny_bench_case_end_to_end(tmp_path):
     from bench import report
     md = report.render(report.load(str(out)), str(tmp_path / "tiny"))
     assert "`naive`" in md and "`fk[torch]`" in md and "git commit" in md
+    # the "x GEMM floor" column: fk[torch]'s time over the bare 3 GEMMs of the same run
+    assert "| x GEMM floor |" in md
+    ratio = by["fk[torch]"]["stats"]["min"] / floor["stats"]["min"]
+    row = next(line for line in md.splitlines() if line.startswith("| `fk[torch]`"))
+    assert row.split("|")[5].strip() == f"{ratio:.2f}", row

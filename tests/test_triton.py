@@ -10,8 +10,10 @@ import os
 _SET_HERE = "TRITON_INTERPRET" not in os.environ
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -72,7 +74,7 @@ def oracle(hidden, weight, bias, labels, coef, *, softcap=None, temperature=1.0,
     logq = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     logp = logq.gather(1, labels[valid, None]).squeeze(1)
-    ent = -(logq.exp() * logq).sum(-1)
+    ent = -(logq.exp() * torch.where(torch.isfinite(logq), logq, 0.0)).sum(-1)  # 0 log 0 = 0 (masked columns)
     cg, ck, ce = (c[valid].to(dtype) for c in coef)
     (cg * logp + ck * lse + ce * ent).sum().backward()
     grads = (h.grad, w.grad, None if b is None else b.grad)
@@ -213,6 +215,37 @@ def test_float64_falls_back_to_reference():
     for a, r in zip(vals + grads, ref_vals + ref_grads):
         assert a.dtype == torch.float64
         assert_close(a, r, atol=1e-12, rtol=1e-10)
+
+
+def _masked_vocab_inputs():
+    """Columns masked with a -inf bias: the whole leading tile of each of 2 vocabulary splits
+    (interpreter: BLOCK_V = SPLIT_ALIGN = 32, V = 133 gives splits [0, 96) and [96, 133)) and a
+    few scattered columns; no label on a masked column."""
+    hidden, weight, bias, labels, coef = make_inputs(21, 12, 133, seed=31)
+    masked = torch.zeros(133, dtype=torch.bool)
+    masked[:32] = True
+    masked[96:128] = True
+    masked[[40, 41, 77, 131]] = True
+    bias[masked.to(bias.device)] = float("-inf")
+    keep = (~masked).nonzero().squeeze(1).to(labels.device)
+    labels = torch.where(labels == IGNORE, labels, keep[labels.clamp(min=0) % keep.numel()])
+    return hidden, weight, bias, labels, coef, masked
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["1split", "2splits"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_masked_vocabulary_leading_tile_of_a_split(splits, deterministic):
+    """A -inf bias masking the first tile of a split left the running max at -inf and gave NaN
+    (exp(-inf - -inf)); -inf logits must add exact zeros to values and gradients."""
+    hidden, weight, bias, labels, coef, masked = _masked_vocab_inputs()
+    with triton_options(v_splits=splits, deterministic=deterministic):
+        vals, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    for name, a, r in zip(("logp", "lse", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
+                          vals + grads, ref_vals + ref_grads):
+        assert torch.isfinite(a).all(), f"{name} has NaN/inf"
+        assert_close(a, r, what=f"{name} vs float64 oracle")
+    assert torch.all(grads[1][masked] == 0) and torch.all(grads[2][masked] == 0)
 
 
 @pytest.mark.parametrize("opt", OPTIONS[1:3], ids=["bias", "bias-softcap-temp"])
@@ -382,6 +415,170 @@ def test_registration_under_interpreter():
     assert get_backend("triton", "cpu").priority < 0
 
 
+def _only_config(monkeypatch, name, **knob):
+    """Run kernel ``name`` with the interpreter's tile and the given knob (STAGE / GROUP_N)."""
+    kern = triton_backend._kernels()
+    (value,) = knob.values()
+    cfg = kern._config(16, 32, 16, 1, 1, value, knob=kern.KNOBS[name])
+    monkeypatch.setattr(getattr(kern, name), "configs", [cfg])
+
+
+@pytest.mark.parametrize("stage_h,stage_w", [(1, 1), (2, 2), (4, 1)], ids=["stage1", "stage2", "stage4-1"])
+def test_staged_backward_matches_oracle(monkeypatch, stage_h, stage_w):
+    """STAGE vocabulary (token) tiles per read-modify-write of grad_hidden (grad_weight): spans that
+    end past V (N), a partial last tile, and filtering on spans; all equal the oracle."""
+    _only_config(monkeypatch, "token_stats_bwd_hidden_kernel", STAGE=stage_h)
+    _only_config(monkeypatch, "token_stats_bwd_weight_kernel", STAGE=stage_w)
+    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, scale=2.0, seed=47)  # 3 token x 4 vocab tiles
+    kw = dict(softcap=2.5, temperature=0.7)
+    _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
+    _, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
+        assert_close(a, r, what=f"{name} (STAGE {stage_h}/{stage_w}) vs float64 oracle")
+    with triton_options(filter_eps=1e-30):
+        _, filtered, _ = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
+    for a, b in zip(grads, filtered):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("group_n", [1, 2, 8])
+def test_atomic_grouped_tile_order_covers_every_tile(monkeypatch, group_n):
+    """The atomics kernel's grouped order (GROUP_N token blocks per group; 3 token blocks, so
+    GROUP_N=2 leaves a partial last group) visits every tile exactly once."""
+    _only_config(monkeypatch, "token_stats_bwd_fused_atomic_kernel", GROUP_N=group_n)
+    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, scale=2.0, seed=53)
+    with triton_options(deterministic=False):
+        _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    _, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
+        assert_close(a, r, what=f"{name} (GROUP_N {group_n}) vs float64 oracle")
+
+
+KERNEL_NAMES = ("token_stats_fwd_kernel", "token_stats_bwd_hidden_kernel", "token_stats_bwd_weight_kernel",
+                "token_stats_bwd_fused_atomic_kernel")
+
+
+def _spy_kernels(monkeypatch, wrap):
+    """Replace the kernel module the backend launches from by a copy whose kernels are wrapped:
+    ``wrap(name, launch)`` returns the callable that ``kernel[grid]`` gives."""
+    real = triton_backend._kernels()
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(real, name)
+
+        def __getitem__(self, grid):
+            return wrap(self.name, self.kernel[grid])
+
+    proxy = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("__")})
+    for name in KERNEL_NAMES:
+        setattr(proxy, name, Spy(name))
+    monkeypatch.setattr(triton_backend, "_kernels", lambda: proxy)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_kernels_launch_on_the_tensors_device(monkeypatch, deterministic):
+    """Every launch happens inside the device guard for the tensors' device (triton launches on
+    the current device, which need not hold the tensors)."""
+    guard = torch.cuda.device if torch.cuda.is_available() else None
+    assert isinstance(triton_backend._on_device(torch.device("cuda", 1)), torch.cuda.device)
+    assert triton_backend._on_device(torch.device("cuda", 1)).idx == 1
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(device)
+        with (guard(device) if guard and device.type == "cuda" else contextlib.nullcontext()):
+            yield
+        active.pop()
+
+    def wrap(name, launch):
+        def run(*args, **kwargs):
+            launches.append((name, list(active)))
+            return launch(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(triton_backend, "_on_device", recording_guard)
+    _spy_kernels(monkeypatch, wrap)
+    hidden, weight, bias, labels, coef = make_inputs(9, 8, 40, seed=37)
+    with triton_options(deterministic=deterministic):
+        run_backend("triton", hidden, weight, bias, labels, coef)
+    names = {name for name, _ in launches}
+    assert names == ({"token_stats_fwd_kernel", "token_stats_bwd_hidden_kernel", "token_stats_bwd_weight_kernel"}
+                     if deterministic else {"token_stats_fwd_kernel", "token_stats_bwd_fused_atomic_kernel"})
+    for name, devices in launches:
+        assert devices == [hidden.device], f"{name} launched outside the device guard: {devices}"
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_autotune_key_includes_the_flags(monkeypatch, deterministic):
+    """A tile tuned with bias/soft-cap/entropy/filter off must not be reused with them on: with
+    two configs and a fake benchmark that prefers the first with the flags off and the second
+    with them on, every kernel must pick the second in the flags-on run."""
+    kern = triton_backend._kernels()
+    flag_names = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER")
+    first, second = {}, {}
+    for name in KERNEL_NAMES:
+        first[name] = kern._config(16, 32, 16, 1, 1, 1, knob=kern.KNOBS[name])
+        second[name] = kern._config(16, 32, 16, 2, 1, 1, knob=kern.KNOBS[name])
+
+        def fake_bench(*args, config, _second=second[name], **meta):
+            flags_on = any(meta.get(f) for f in flag_names)
+            return [1.0 if (config is _second) == flags_on else 2.0]
+
+        k = getattr(kern, name)
+        monkeypatch.setattr(k, "configs", [first[name], second[name]])
+        monkeypatch.setattr(k, "cache", {})
+        monkeypatch.setattr(k, "_bench", fake_bench)
+    used = {}
+
+    def wrap(name, launch):
+        def run(*args, **kwargs):
+            out = launch(*args, **kwargs)
+            used[name] = getattr(kern, name).best_config
+            return out
+        return run
+
+    _spy_kernels(monkeypatch, wrap)
+    hidden, weight, bias, labels, coef = make_inputs(9, 8, 40, seed=41)
+    with triton_options(deterministic=deterministic):
+        run_backend("triton", hidden, weight, None, labels, coef, entropy=False)
+        off = dict(used)
+        with triton_options(filter_eps=1e-30):
+            run_backend("triton", hidden, weight, bias, labels, coef, softcap=3.0, entropy=True)
+    assert off and all(cfg is first[name] for name, cfg in off.items()), off
+    assert used.keys() == off.keys()
+    for name, cfg in used.items():
+        assert cfg is second[name], f"{name}: the flags-off tile was reused with the flags on"
+
+
+def test_interpreter_takes_runtime_loop_bounds():
+    """triton < 3.9's interpreter converts range() bounds with int(1-element array), which NumPy
+    >= 2.4 rejects; triton_kernels installs 3.9's conversion. Loops bounded by a program id (2
+    vocabulary splits) and by a reduction (the filter) must run. The whole module is also run
+    under triton 3.6 (``make test-triton-versions``)."""
+    if DEVICE != "cpu":
+        pytest.skip("interpreter-only check")
+    import triton
+    kern = triton_backend._kernels()
+    assert kern.INTERPRETER_INDEX_COMPAT == (triton_backend._version_tuple(triton.__version__)[:2] < (3, 9))
+    hidden, weight, bias, labels, coef = make_inputs(19, 17, 6 * kern.SPLIT_ALIGN + 8, seed=43)
+    with triton_options(v_splits=2, filter_eps=1e-30):
+        vals, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    for a, r in zip(vals + grads, ref_vals + ref_grads):
+        assert_close(a, r)
+
+
+def test_triton_older_than_supported_is_reported(monkeypatch):
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    ok, reason = triton_backend.is_available()
+    assert not ok and "older than the supported 3.6" in reason
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert triton_backend.is_available()[0] or DEVICE == "cuda"
+
+
 def test_import_without_triton_reports_reason():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -442,13 +639,17 @@ def compile_one(kernel, cfg, dtype, flags_on):
 
 TABLES = [(K.token_stats_fwd_kernel, K._FWD), (K.token_stats_bwd_hidden_kernel, K._BWD_H),
           (K.token_stats_bwd_weight_kernel, K._BWD_W), (K.token_stats_bwd_fused_atomic_kernel, K._BWD_FUSED)]
-if os.environ.get("FDIV_TRITON_SURVEY") == "1":  # every config x dtype x flags: registers and spills
+survey = os.environ.get("FDIV_TRITON_SURVEY", "")
+if survey:  # every config x dtype x flags of the kernels named (1: all): registers and spills
     for kernel, table in TABLES:
+        name = kernel.fn.__name__
+        if survey != "1" and not any(part in name for part in survey.split(",")):
+            continue
         for size, dtype in ((2, "bf16"), (4, "fp32")):
             for t in table[size]:
                 for flags_on in (False, True):
-                    print(kernel.fn.__name__, dtype, t, "flags", flags_on,
-                          compile_one(kernel, K._config(*t), dtype, flags_on), "ok", flush=True)
+                    cfg = K._config(*t, knob=K.KNOBS[name])
+                    print(name, dtype, t, "flags", flags_on, compile_one(kernel, cfg, dtype, flags_on), "ok", flush=True)
 else:
     for kernel, _ in TABLES:
         print(kernel.fn.__name__, compile_one(kernel, kernel.configs[0], "bf16", True), "ok", flush=True)
@@ -459,11 +660,12 @@ def test_kernels_compile_for_sm90():
     """Full Triton -> PTX -> cubin pipeline for sm_90a (bundled ptxas), bf16, every flag on.
 
     ``FDIV_TRITON_SURVEY=1 pytest tests/test_triton.py -k sm90 -s`` compiles every autotune
-    config x dtype x flag setting instead and prints registers / stack (spill) bytes (~15 min)."""
+    config x dtype x flag setting instead and prints registers / stack (spill) bytes (~15 min);
+    ``FDIV_TRITON_SURVEY=bwd_hidden,bwd_weight`` only those kernels."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    survey = os.environ.get("FDIV_TRITON_SURVEY") == "1"
+    survey = bool(os.environ.get("FDIV_TRITON_SURVEY"))
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=3600 if survey else 600)
     print(res.stdout)

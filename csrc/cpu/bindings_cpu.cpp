@@ -17,6 +17,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("lse"),
         py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_lse"), py::arg("grad_entropy"),
         py::arg("softcap"), py::arg("temperature"), py::arg("chunk_elements"));
+  m.def("chunk_stats", &fdivk::chunk_stats_cpu,
+        "one-pass chunk: (hidden[n,H] f32, weight[V,H] f32, bias|None, labels[n] int64, buf f32 >= n*V, softcap, "
+        "temperature, return_entropy, tile_cols) -> (logp[n], lse[n], entropy[n]|None); z kept in buf",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("buf"), py::arg("softcap"),
+        py::arg("temperature"), py::arg("return_entropy"), py::arg("tile_cols"));
+  m.def("chunk_grads", &fdivk::chunk_grads_cpu,
+        "one-pass chunk: (hidden, weight, labels, buf, lse, entropy|None, grad_logp, grad_lse, grad_entropy|None, "
+        "softcap, temperature, grad_weight|None, grad_bias|None, alpha, beta, need_grad_hidden, tile_cols) -> "
+        "grad_hidden[n,H]|None; grad_weight/grad_bias updated in place",
+        py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("buf"), py::arg("lse"), py::arg("entropy"),
+        py::arg("grad_logp"), py::arg("grad_lse"), py::arg("grad_entropy"), py::arg("softcap"),
+        py::arg("temperature"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("alpha"), py::arg("beta"),
+        py::arg("need_grad_hidden"), py::arg("tile_cols"));
   m.def("exp_approx", &fdivk::exp_approx, "elementwise exp approximation used by the epilogues (float32)");
   m.def("tanh_approx", &fdivk::tanh_approx, "elementwise tanh approximation used by the epilogues (float32)");
 }

@@ -15,6 +15,7 @@
 // See docs/building.md for the build and the design notes.
 
 #include "token_stats_cpu.h"
+#include "epilogue_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
@@ -31,178 +32,8 @@
 #include <cstring>
 #include <vector>
 
-// Row epilogues are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
-// (GCC function multi-versioning), so one build runs everywhere and uses wide vectors.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FDIV_NO_CLONES)
-#define FDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FDIV_CLONES
-#endif
-
 namespace fdivk {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Branch-free exp / tanh that GCC auto-vectorises (omp simd); ~2 ulp for exp on [-87, 88].
-// ---------------------------------------------------------------------------------------------
-
-inline float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-
-inline int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
-
-// Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the
-// exponent bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
-inline float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float kn = x * 1.44269504088896341f + magic;
-  const float n = kn - magic;
-  const int32_t ni = float_to_bits(kn) - float_to_bits(magic);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float((ni + 127) << 23);
-}
-
-// Cephes tanhf: odd polynomial for |x| < 0.625, (1 - e) / (1 + e) with e = exp(-2|x|) above.
-inline float tanh_f(float x) {
-  const float ax = x < 0.0f ? -x : x;
-  const float s = x * x;
-  float small = -5.70498872745e-3f;
-  small = small * s + 2.06390887954e-2f;
-  small = small * s - 5.37397155531e-2f;
-  small = small * s + 1.33314422036e-1f;
-  small = small * s - 3.33332819422e-1f;
-  small = small * s * x + x;
-  const float e = exp_f(-2.0f * ax);
-  float big = (1.0f - e) / (1.0f + e);
-  big = x < 0.0f ? -big : big;
-  return ax < 0.625f ? small : big;
-}
-
-struct Transform {
-  bool has_cap;
-  float cap;      // c
-  float inv_cap;  // 1 / c
-  float inv_t;    // 1 / T
-};
-
-// ---------------------------------------------------------------------------------------------
-// Row epilogues
-// ---------------------------------------------------------------------------------------------
-
-// Online softmax state of one row over the vocabulary tiles seen so far:
-// m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m).
-struct Online {
-  float m = -INFINITY, s = 0.0f, t = 0.0f;
-};
-
-inline void merge_into(Online& acc, const Online& o) {
-  if (o.s == 0.0f) return;
-  if (acc.s == 0.0f) {
-    acc = o;
-    return;
-  }
-  const float m = acc.m > o.m ? acc.m : o.m;
-  const float ea = std::exp(acc.m - m), eo = std::exp(o.m - m);
-  acc.t = ea * (acc.t + (acc.m - m) * acc.s) + eo * (o.t + (o.m - m) * o.s);
-  acc.s = ea * acc.s + eo * o.s;
-  acc.m = m;
-}
-
-// Transforms one row segment of raw logits in place (z = cap(raw) / T) and returns its state.
-FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transform& tf) {
-  float m = -INFINITY;
-  if (tf.has_cap) {
-    const float scale = tf.cap * tf.inv_t;
-#pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < n; ++v) {
-      const float zv = scale * tanh_f(z[v] * tf.inv_cap);
-      z[v] = zv;
-      m = zv > m ? zv : m;
-    }
-  } else if (tf.inv_t != 1.0f) {
-#pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < n; ++v) {
-      const float zv = z[v] * tf.inv_t;
-      z[v] = zv;
-      m = zv > m ? zv : m;
-    }
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < n; ++v) m = z[v] > m ? z[v] : m;
-  }
-  if (m == -INFINITY) {  // a segment of only -inf (masked tokens) adds nothing; NaN still propagates
-    for (int64_t v = 0; v < n; ++v) {
-      if (z[v] != z[v]) return Online{z[v], z[v], z[v]};
-    }
-    return Online();
-  }
-  float s = 0.0f, t = 0.0f;
-#pragma omp simd reduction(+ : s, t)
-  for (int64_t v = 0; v < n; ++v) {
-    const float d0 = z[v] - m;
-    // exp underflows below -87: 0 exactly, and the clamped d keeps -inf logits (masked tokens)
-    // from giving 0 * -inf
-    const float d = d0 < -87.0f ? -87.0f : d0;
-    const float ev = d0 < -87.0f ? 0.0f : exp_f(d);
-    s += ev;
-    t += ev * d;
-  }
-  Online o;
-  o.m = m;
-  o.s = s;
-  o.t = t;
-  return o;
-}
-
-// Overwrites one row segment of raw logits with dL/draw. a = k - g, e = dL/dent,
-// mean_z = lse - ent; y = the label's column within the segment, or -1 when it lies elsewhere.
-FDIV_CLONES void backward_segment(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse,
-                                  float g, float a, float e, float mean_z) {
-  // derivative of the transform at the label, before the row is overwritten
-  float d_y = tf.inv_t;
-  if (y >= 0 && tf.has_cap) {
-    const float th = tanh_f(c[y] * tf.inv_cap);
-    d_y = (1.0f - th * th) * tf.inv_t;
-  }
-  if (tf.has_cap) {
-    const float scale = tf.cap * tf.inv_t;
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      const float th = tanh_f(c[v] * tf.inv_cap);
-      const float d0 = scale * th - lse;
-      const float d = d0 < -87.0f ? -87.0f : d0;
-      const float p = d0 < -87.0f ? 0.0f : exp_f(d);
-      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (d + lse - mean_z));
-    }
-  } else {
-    const float inv_t = tf.inv_t;
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      const float d0 = c[v] * inv_t - lse;
-      const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
-      const float p = d0 < -87.0f ? 0.0f : exp_f(d);
-      c[v] = inv_t * p * (a - e * (d + lse - mean_z));
-    }
-  }
-  if (y >= 0) c[y] += d_y * g;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Input checks and helpers
@@ -421,6 +252,164 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   return {grad_h, grad_w, grad_b};
 }
 
+// -------------------------------------------------------------------------------------------------
+// One-pass chunk kernels (fdiv_kernels/ops/fused.py): the chunk's z stays in `buf` between the calls.
+
+namespace {
+
+void check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& buf,
+                 double temperature, int64_t tile_cols) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu() && buf.device().is_cpu(),
+              "fdiv cpu backend: tensors must be on the CPU");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && buf.scalar_type() == at::kFloat,
+              "fdiv cpu chunk kernels: hidden, weight and buf must be float32");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1) && hidden.is_contiguous() &&
+                  weight.is_contiguous(),
+              "fdiv cpu chunk kernels: expected contiguous hidden [n, H] and weight [V, H], got ", hidden.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0) && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              "fdiv cpu chunk kernels: labels must be contiguous int64 [n]");
+  TORCH_CHECK(buf.is_contiguous() && buf.numel() >= hidden.size(0) * weight.size(0),
+              "fdiv cpu chunk kernels: buf must be contiguous with at least n * V elements");
+  TORCH_CHECK(weight.size(0) > 0, "fdiv cpu backend: the vocabulary is empty");
+  TORCH_CHECK(temperature > 0, "fdiv cpu backend: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(tile_cols >= 1, "fdiv cpu chunk kernels: tile_cols must be >= 1");
+}
+
+// The chunk's z is stored tile-major: tile t (vocabulary columns [t * tile_cols, ...)) is a
+// contiguous [n, cols] block at offset t * n * tile_cols, so every GEMM reads and writes
+// contiguous matrices and a tile is still in cache when the next step uses it.
+at::Tensor chunk_tile(at::Tensor& buf, int64_t n, int64_t v0, int64_t cols, int64_t tile_cols) {
+  return buf.narrow(0, (v0 / tile_cols) * n * tile_cols, n * cols).view({n, cols});
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                                               const std::optional<at::Tensor>& bias,
+                                                               const at::Tensor& labels, at::Tensor& buf,
+                                                               double softcap, double temperature,
+                                                               bool return_entropy, int64_t tile_cols) {
+  check_chunk(hidden, weight, labels, buf, temperature, tile_cols);
+  const int64_t n = hidden.size(0), V = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32), lse = at::empty({n}, f32);
+  at::Tensor ent = return_entropy ? at::empty({n}, f32) : at::Tensor();
+  if (n == 0) return {logp, lse, ent};
+  const auto b = f32_bias(bias);
+  const Transform tf = make_transform(softcap, temperature);
+  std::vector<Online> state(n);
+  std::vector<float> z_label(n);
+  const int64_t* yp = labels.data_ptr<int64_t>();
+  for (int64_t v0 = 0; v0 < V; v0 += tile_cols) {
+    const int64_t cols = std::min(tile_cols, V - v0);
+    at::Tensor tile = chunk_tile(buf, n, v0, cols, tile_cols);
+    if (b.has_value()) {
+      at::addmm_out(tile, b->narrow(0, v0, cols), hidden, weight.narrow(0, v0, cols).t());
+    } else {
+      at::mm_out(tile, hidden, weight.narrow(0, v0, cols).t());
+    }
+    float* zp = tile.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = zp + r * cols;
+        merge_into(state[r], forward_segment(row, cols, tf));  // stores z = cap(raw) / T in place
+        const int64_t yl = yp[r] - v0;
+        if (yl >= 0 && yl < cols) z_label[r] = row[yl];
+      }
+    });
+  }
+  float* logp_p = logp.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  float* ent_p = return_entropy ? ent.data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < n; ++r) {
+    const Online& st = state[r];
+    const float log_s = std::log(st.s);
+    const float l = st.m + log_s;
+    lse_p[r] = l;
+    logp_p[r] = z_label[r] - l;
+    if (ent_p != nullptr) ent_p[r] = log_s - st.t / st.s;
+  }
+  return {logp, lse, ent};
+}
+
+at::Tensor chunk_grads_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                           at::Tensor& buf, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                           const at::Tensor& grad_logp, const at::Tensor& grad_lse,
+                           const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
+                           const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias,
+                           double alpha, double beta, bool need_grad_hidden, int64_t tile_cols) {
+  check_chunk(hidden, weight, labels, buf, temperature, tile_cols);
+  const int64_t n = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
+  TORCH_CHECK(!has_e || (entropy.has_value() && entropy->defined()),
+              "fdiv cpu backend: grad_entropy needs the forward's entropy");
+  for (const at::Tensor* t : {&lse, &grad_logp, &grad_lse}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "fdiv cpu chunk kernels: per-row tensors must be contiguous float32 [n], got ", t->sizes());
+  }
+  const bool has_w = grad_weight.has_value() && grad_weight->defined();
+  const bool has_b = grad_bias.has_value() && grad_bias->defined();
+  if (has_w) {
+    TORCH_CHECK(grad_weight->sizes() == weight.sizes() && grad_weight->scalar_type() == at::kFloat &&
+                    grad_weight->is_contiguous(),
+                "fdiv cpu chunk kernels: grad_weight must be contiguous float32 [V, H]");
+  }
+  if (has_b) {
+    TORCH_CHECK(grad_bias->dim() == 1 && grad_bias->size(0) == V && grad_bias->scalar_type() == at::kFloat,
+                "fdiv cpu chunk kernels: grad_bias must be float32 [V]");
+  }
+  at::Tensor grad_h = need_grad_hidden ? at::empty({n, H}, hidden.options()) : at::Tensor();
+  if (n == 0) {
+    if (need_grad_hidden) grad_h.zero_();
+    return grad_h;
+  }
+  const at::Tensor e_c = has_e ? grad_entropy->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor ent_c = has_e ? entropy->to(at::kFloat).contiguous() : at::Tensor();
+  const Transform tf = make_transform(softcap, temperature);
+  const int64_t* yp = labels.data_ptr<int64_t>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* g_p = grad_logp.data_ptr<float>();
+  const float* k_p = grad_lse.data_ptr<float>();
+  const float* e_p = has_e ? e_c.data_ptr<float>() : nullptr;
+  const float* ent_p = has_e ? ent_c.data_ptr<float>() : nullptr;
+  for (int64_t v0 = 0; v0 < V; v0 += tile_cols) {
+    const int64_t cols = std::min(tile_cols, V - v0);
+    const at::Tensor coef = chunk_tile(buf, n, v0, cols, tile_cols);  // z, overwritten in place
+    float* zp = coef.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t yl = (yp[r] >= v0 && yp[r] < v0 + cols) ? yp[r] - v0 : -1;
+        const float e = has_e ? e_p[r] : 0.0f;
+        const float mean_z = has_e ? lse_p[r] - ent_p[r] : 0.0f;
+        coef_segment(zp + r * cols, cols, yl, tf, lse_p[r], g_p[r], k_p[r] - g_p[r], e, mean_z);
+      }
+    });
+    const at::Tensor w_tile = weight.narrow(0, v0, cols);
+    if (need_grad_hidden) {
+      if (v0 == 0) {
+        at::mm_out(grad_h, coef, w_tile);
+      } else {
+        grad_h.addmm_(coef, w_tile);
+      }
+    }
+    if (has_w) {
+      at::Tensor gw = grad_weight->narrow(0, v0, cols);
+      at::addmm_out(gw, gw, coef.t(), hidden, beta, alpha);  // beta = 0: gw is not read
+    }
+    if (has_b) {
+      at::Tensor gb = grad_bias->narrow(0, v0, cols);
+      if (beta == 0.0) {
+        gb.copy_(at::sum(coef, 0)).mul_(alpha);
+      } else {
+        gb.mul_(beta).add_(at::sum(coef, 0), alpha);
+      }
+    }
+  }
+  return grad_h;
+}
+
 at::Tensor exp_approx(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "exp_approx: expected a float32 CPU tensor");
   at::Tensor in = x.contiguous();
@@ -428,8 +417,7 @@ at::Tensor exp_approx(const at::Tensor& x) {
   const float* ip = in.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t n = in.numel();
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) op[i] = exp_f(ip[i]);
+  exp_array(ip, op, n);
   return out;
 }
 
@@ -440,8 +428,7 @@ at::Tensor tanh_approx(const at::Tensor& x) {
   const float* ip = in.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t n = in.numel();
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) op[i] = tanh_f(ip[i]);
+  tanh_array(ip, op, n);
   return out;
 }
 

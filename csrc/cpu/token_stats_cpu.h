@@ -34,6 +34,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
     int64_t chunk_elements);
 
+// One-pass chunk kernels (float32 hidden/weight; reduced dtypes are converted in Python). The
+// chunk's logits live in `buf` (contiguous float32, >= n * V elements) between the two calls.
+// chunk_stats: z = cap(h W^T + b) / T into buf (tiles of tile_cols vocabulary columns, each reduced
+//   while hot), returns (logp [n], lse [n], entropy [n] or undefined).
+// chunk_grads: dL/draw from buf in place, then per tile grad_hidden (+)= coef W[tile] and
+//   grad_weight[tile] = beta grad_weight[tile] + alpha coef^T h (beta = 0: not read), grad_bias
+//   likewise. Returns grad_hidden [n, H] float32 (undefined unless need_grad_hidden).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, at::Tensor& buf, double softcap, double temperature, bool return_entropy,
+    int64_t tile_cols);
+at::Tensor chunk_grads_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                           at::Tensor& buf, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                           const at::Tensor& grad_logp, const at::Tensor& grad_lse,
+                           const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
+                           const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias,
+                           double alpha, double beta, bool need_grad_hidden, int64_t tile_cols);
+
 // Test hooks: the vectorisable exp / tanh approximations used by the epilogues, elementwise on
 // a float32 tensor (so tests can compare them with float64 math).
 at::Tensor exp_approx(const at::Tensor& x);

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <string>
 
 #include "launchers.h"
 
@@ -84,8 +85,12 @@ void accumulate_grad_w(at::Tensor& grad_w, const at::Tensor& c, const at::Tensor
     try {
       at::addmm_out(grad_w, grad_w, c.t(), h, at::kFloat);
       return;
-    } catch (const c10::Error&) {
-      fused_ok.store(false);  // argument checks throw before any work is done
+    } catch (const c10::Error& err) {
+      // only the rejection of a float32 output for 16-bit operands (argument checks throw before
+      // any work): out of memory or anything else is not ours to hide
+      const std::string msg = err.what_without_backtrace();
+      if (msg.find("dtype") == std::string::npos) throw;
+      fused_ok.store(false);
     }
   }
   const int64_t V = c.size(1), block = 8192;
@@ -187,6 +192,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   return {grad_h, grad_w, grad_b};
 }
 
+// ---------------------------------------------------------------------------------------------
+// One-pass chunk epilogues (the GEMMs run in torch, see fdiv_kernels/ops/cuda_backend.py)
+
+// (logp, lse, entropy|undefined) of a chunk whose raw logits h W^T are the float32 view `z`
+// [n, V] (row stride z.stride(0)); bias is added and the soft-cap/temperature applied here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward_epilogue(const at::Tensor& z,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      const at::Tensor& labels, double softcap,
+                                                                      double temperature, bool return_entropy,
+                                                                      int64_t stream) {
+  TORCH_CHECK(z.is_cuda() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.stride(1) == 1,
+              "fdiv cuda chunk: z must be a float32 CUDA matrix with unit column stride");
+  TORCH_CHECK(labels.is_cuda() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+                  labels.size(0) == z.size(0) && labels.is_contiguous(),
+              "fdiv cuda chunk: labels must be contiguous int64 [n]");
+  const int64_t n = z.size(0), V = z.size(1);
+  const auto f32 = z.options();
+  at::Tensor logp = at::empty({n}, f32), lse = at::empty({n}, f32);
+  at::Tensor ent = return_entropy ? at::empty({n}, f32) : at::Tensor();
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? f32_vec(*bias) : at::Tensor();
+  check_launch(fdiv_cuda_forward_epilogue(z.data_ptr(), FDIV_F32, n, V, z.stride(0), opt_ptr(b),
+                                          labels.data_ptr<int64_t>(), static_cast<float>(softcap),
+                                          static_cast<float>(temperature), lse.data_ptr<float>(),
+                                          logp.data_ptr<float>(), return_entropy ? ent.data_ptr<float>() : nullptr,
+                                          reinterpret_cast<void*>(stream)),
+               "chunk forward epilogue");
+  return {logp, lse, ent};
+}
+
+// Writes coef = dL/draw of the chunk into `coef` [n, V] (float32/bf16/fp16, unit column stride),
+// which may share z's storage row by row (see launchers.h).
+void chunk_coef_epilogue(const at::Tensor& z, at::Tensor& coef, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                         const at::Tensor& grad_logp, const at::Tensor& grad_lse,
+                         const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
+                         int64_t stream) {
+  TORCH_CHECK(z.is_cuda() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.stride(1) == 1,
+              "fdiv cuda chunk: z must be a float32 CUDA matrix with unit column stride");
+  TORCH_CHECK(coef.is_cuda() && coef.dim() == 2 && coef.sizes() == z.sizes() && coef.stride(1) == 1,
+              "fdiv cuda chunk: coef must match z's shape with unit column stride");
+  const int64_t n = z.size(0), V = z.size(1);
+  const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
+  TORCH_CHECK(!has_e || (entropy.has_value() && entropy->defined()), "fdiv cuda chunk: grad_entropy needs entropy");
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? f32_vec(*bias) : at::Tensor();
+  const at::Tensor lse_c = f32_vec(lse), g_c = f32_vec(grad_logp), k_c = f32_vec(grad_lse);
+  const at::Tensor e_c = has_e ? f32_vec(*grad_entropy) : at::Tensor();
+  const at::Tensor ent_c = has_e ? f32_vec(*entropy) : at::Tensor();
+  for (const at::Tensor* t : {&lse_c, &g_c, &k_c}) {
+    TORCH_CHECK(t->numel() == n && t->device() == z.device(), "fdiv cuda chunk: per-row tensors must be [n] on z's device");
+  }
+  check_launch(fdiv_cuda_coef_epilogue(z.data_ptr<float>(), z.stride(0), coef.data_ptr(), dtype_code(coef.scalar_type()),
+                                       coef.stride(0), n, V, opt_ptr(b), labels.data_ptr<int64_t>(),
+                                       static_cast<float>(softcap), static_cast<float>(temperature),
+                                       lse_c.data_ptr<float>(), has_e ? ent_c.data_ptr<float>() : nullptr,
+                                       g_c.data_ptr<float>(), k_c.data_ptr<float>(),
+                                       has_e ? e_c.data_ptr<float>() : nullptr, reinterpret_cast<void*>(stream)),
+               "chunk coefficient epilogue");
+}
+
 }  // namespace fdivk_cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -196,6 +260,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "chunk_rows, mixed_gemm, stream) -> (logp[N], lse[N], entropy[N]|None), float32",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("softcap"),
         py::arg("temperature"), py::arg("return_entropy"), py::arg("chunk_rows"), py::arg("mixed_gemm"),
+        py::arg("stream"));
+  m.def("chunk_forward_epilogue", &fdivk_cuda::chunk_forward_epilogue,
+        "one-pass chunk: (z[n,V] float32 raw logits view, bias|None, labels[n] int64, softcap, temperature, "
+        "return_entropy, stream) -> (logp[n], lse[n], entropy[n]|None)",
+        py::arg("z"), py::arg("bias"), py::arg("labels"), py::arg("softcap"), py::arg("temperature"),
+        py::arg("return_entropy"), py::arg("stream"));
+  m.def("chunk_coef_epilogue", &fdivk_cuda::chunk_coef_epilogue,
+        "one-pass chunk: (z, coef (may share z's rows), bias|None, labels, lse, entropy|None, grad_logp, grad_lse, "
+        "grad_entropy|None, softcap, temperature, stream): coef = dL/draw",
+        py::arg("z"), py::arg("coef"), py::arg("bias"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
+        py::arg("grad_logp"), py::arg("grad_lse"), py::arg("grad_entropy"), py::arg("softcap"), py::arg("temperature"),
         py::arg("stream"));
   m.def("backward", &fdivk_cuda::backward_cuda,
         "(hidden, weight, bias|None, labels, lse, entropy|None, grad_logp, grad_lse, grad_entropy|None, softcap, "

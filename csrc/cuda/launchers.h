@@ -34,6 +34,14 @@ int fdiv_cuda_backward_epilogue(const void* logits, int logits_dtype, void* coef
                                 float temperature, const float* lse, const float* ent, const float* grad_logp,
                                 const float* grad_lse, const float* grad_ent, void* stream);
 
+// One-pass coefficient (fdiv_kernels/ops/fused.py): `z` is float32 raw logits h W^T (row stride
+// ld_in); coef (coef_dtype, row stride ld_out) may share z's storage row by row, e.g. a bf16 coef
+// with ld_out = 2 * ld_in written over the first half of each float32 row. One block per row.
+int fdiv_cuda_coef_epilogue(const float* z, int64_t ld_in, void* coef, int coef_dtype, int64_t ld_out, int64_t rows,
+                            int64_t V, const float* bias, const int64_t* labels, float softcap, float temperature,
+                            const float* lse, const float* ent, const float* grad_logp, const float* grad_lse,
+                            const float* grad_ent, void* stream);
+
 const char* fdiv_cuda_error_string(int err);
 
 #ifdef __cplusplus

@@ -39,15 +39,21 @@ struct Transform {
   float cap, inv_cap, inv_t;
 };
 
-// z and dz/draw of one raw logit (bias already added)
+// z and dz/draw of one raw logit (bias already added). Explicitly rounded products (__fmul_rn:
+// never contracted into an FMA with what follows), so every kernel that recomputes z from the
+// same raw value gets the same bits: the forward's lse bounds p = exp(z - lse) <= 1 exactly.
 __device__ __forceinline__ float apply(const Transform& tf, float raw, float* dz) {
   if (tf.has_cap) {
-    const float th = tanhf(raw * tf.inv_cap);
+    const float th = tanhf(__fmul_rn(raw, tf.inv_cap));
     if (dz != nullptr) *dz = (1.0f - th * th) * tf.inv_t;
-    return tf.cap * th * tf.inv_t;
+    return __fmul_rn(__fmul_rn(tf.cap, th), tf.inv_t);
   }
   if (dz != nullptr) *dz = tf.inv_t;
-  return raw * tf.inv_t;
+  return __fmul_rn(raw, tf.inv_t);
+}
+
+__device__ __forceinline__ float add_bias(float raw, const float* bias, int64_t v) {
+  return bias != nullptr ? __fadd_rn(raw, bias[v]) : raw;
 }
 
 // Online softmax state: m = running max, s = sum exp(z - m), t = sum exp(z - m) (z - m).
@@ -106,8 +112,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) forward_kernel(const T* __rest
   const T* z_row = logits + row * ld;
   Online st{-INFINITY, 0.0f, 0.0f};
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    const float raw = to_f32(z_row[v]) + (bias != nullptr ? bias[v] : 0.0f);
-    push(st, apply(tf, raw, nullptr));
+    push(st, apply(tf, add_bias(to_f32(z_row[v]), bias, v), nullptr));
   }
   st = warp_merge(st);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -118,7 +123,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) forward_kernel(const T* __rest
     st = warp_merge(st);
     if (lane == 0) {
       const int64_t y = labels[row];
-      const float raw_y = to_f32(z_row[y]) + (bias != nullptr ? bias[y] : 0.0f);
+      const float raw_y = add_bias(to_f32(z_row[y]), bias, y);
       const float log_s = logf(st.s);
       const float l = st.m + log_s;
       lse[row] = l;
@@ -150,12 +155,60 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const TIn* logits
     const int64_t v = base + static_cast<int64_t>(i) * kBwdThreads;
     if (v < V) {
       float dz;
-      const float raw = to_f32(in[v]) + (bias != nullptr ? bias[v] : 0.0f);
-      const float z = apply(tf, raw, &dz);
+      const float z = apply(tf, add_bias(to_f32(in[v]), bias, v), &dz);
       const float p = expf(z - l);
       float c = p > 0.0f ? p * (a - e * (z - mean_z)) : 0.0f;  // z = -inf: p (z - mean_z) -> 0
       if (v == y) c += g;
       out[v] = from_f32<TOut>(c * dz);
+    }
+  }
+}
+
+// One-pass coefficient (fdiv_kernels/ops/fused.py): z holds raw = h W^T in float32 (row stride
+// ld_in); coef = dz/draw * (g onehot(y) + (k - g) p - e p (z - (lse - ent))) is written as TOut
+// with row stride ld_out, and may share z's storage row by row (coef row r starting at z row r's
+// first byte, ld_out = ld_in * 4 / sizeof(TOut)). One block walks its row in order: each tile of
+// kBwdThreads * kBwdItems columns is read into registers, then a barrier, then written. A write of
+// tile j (bytes [2 b_j, 2 b_j + 2 T) for 16-bit TOut) only reaches float32 elements below
+// b_j / 2 + T / 2, which were read before this tile's barrier (tile 0: by this tile), and never
+// the bytes [4 b_{j+1}, ...) that tile j + 1 reads.
+template <typename TOut>
+__global__ void __launch_bounds__(kBwdThreads) coef_kernel(const float* z, int64_t ld_in, TOut* coef, int64_t ld_out,
+                                                           int64_t V, const float* __restrict__ bias,
+                                                           const int64_t* __restrict__ labels, Transform tf,
+                                                           const float* __restrict__ lse, const float* __restrict__ ent,
+                                                           const float* __restrict__ grad_logp,
+                                                           const float* __restrict__ grad_lse,
+                                                           const float* __restrict__ grad_ent) {
+  const int64_t row = blockIdx.x;
+  const int64_t y = labels[row];
+  const float l = lse[row], g = grad_logp[row];
+  const float a = grad_lse[row] - g;
+  const float e = grad_ent != nullptr ? grad_ent[row] : 0.0f;
+  const float mean_z = grad_ent != nullptr ? l - ent[row] : 0.0f;
+  const float* in = z + row * ld_in;
+  TOut* out = coef + row * ld_out;
+  constexpr int64_t kTile = static_cast<int64_t>(kBwdThreads) * kBwdItems;
+  for (int64_t base = 0; base < V; base += kTile) {
+    float c[kBwdItems];
+#pragma unroll
+    for (int i = 0; i < kBwdItems; ++i) {
+      const int64_t v = base + static_cast<int64_t>(i) * kBwdThreads + threadIdx.x;
+      c[i] = 0.0f;
+      if (v < V) {
+        float dz;
+        const float zv = apply(tf, add_bias(in[v], bias, v), &dz);
+        const float p = expf(zv - l);
+        float ci = p > 0.0f ? p * (a - e * (zv - mean_z)) : 0.0f;  // z = -inf: p (z - mean_z) -> 0
+        if (v == y) ci += g;
+        c[i] = ci * dz;
+      }
+    }
+    __syncthreads();  // every read of this tile before any write into its bytes
+#pragma unroll
+    for (int i = 0; i < kBwdItems; ++i) {
+      const int64_t v = base + static_cast<int64_t>(i) * kBwdThreads + threadIdx.x;
+      if (v < V) out[v] = from_f32<TOut>(c[i]);
     }
   }
 }
@@ -257,6 +310,36 @@ extern "C" int fdiv_cuda_backward_epilogue(const void* logits, int logits_dtype,
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
+}
+
+extern "C" int fdiv_cuda_coef_epilogue(const float* z, int64_t ld_in, void* coef, int coef_dtype, int64_t ld_out,
+                                       int64_t rows, int64_t V, const float* bias, const int64_t* labels, float softcap,
+                                       float temperature, const float* lse, const float* ent, const float* grad_logp,
+                                       const float* grad_lse, const float* grad_ent, void* stream) {
+  if (bad_shape(rows, V, ld_in) || ld_out < V || !(temperature > 0.0f)) return static_cast<int>(cudaErrorInvalidValue);
+  if (grad_ent != nullptr && ent == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0) return 0;
+  const Transform tf = make_transform(softcap, temperature);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(rows);
+  switch (coef_dtype) {
+    case FDIV_F32:
+      coef_kernel<float><<<grid, kBwdThreads, 0, s>>>(z, ld_in, static_cast<float*>(coef), ld_out, V, bias, labels, tf,
+                                                      lse, ent, grad_logp, grad_lse, grad_ent);
+      break;
+    case FDIV_BF16:
+      coef_kernel<__nv_bfloat16><<<grid, kBwdThreads, 0, s>>>(z, ld_in, static_cast<__nv_bfloat16*>(coef), ld_out, V,
+                                                              bias, labels, tf, lse, ent, grad_logp, grad_lse,
+                                                              grad_ent);
+      break;
+    case FDIV_F16:
+      coef_kernel<__half><<<grid, kBwdThreads, 0, s>>>(z, ld_in, static_cast<__half*>(coef), ld_out, V, bias, labels, tf,
+                                                       lse, ent, grad_logp, grad_lse, grad_ent);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 extern "C" const char* fdiv_cuda_error_string(int err) {

@@ -13,13 +13,28 @@ Outputs are float32 (float64 when the inputs are float64). The math every backen
 is written out in ``docs/math.md`` ("The primitive"). Backends register themselves with
 :func:`register_backend`; ``auto`` takes the available backend with the highest priority for
 the tensors' device type.
+
+Backends with one-pass kernels (used by :mod:`fdiv_kernels.ops.fused`) also provide
+``single_pass(weight, bias, head, *, return_entropy, need_h, need_w, need_b) -> ChunkKernels``
+and ``chunk_tokens(V, H, dtype) -> int`` (supervised tokens per chunk). A ``ChunkKernels``
+object lives for one call and has:
+
+* ``dtype``: its compute dtype (float32, or float64 for float64 inputs);
+* ``stats(h[n, H], y[n]) -> (logp[n], lse[n], entropy[n] | None)``: one logits GEMM; the chunk's
+  logits stay in the object for the next call;
+* ``grads(h, y, lse, entropy, g, k, e | None, *, alpha, beta) -> grad_h[n, H] | None``: the
+  coefficient from the kept logits, ``grad_h = coef W`` and ``grad_W = beta grad_W + alpha coef^T h``
+  (``grad_b`` likewise; the first write ignores ``beta``);
+* ``results() -> (grad_W[V, H] | None, grad_b[V] | None)`` (zeros when nothing was written).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
 
 logger = logging.getLogger("fdiv_kernels")
 
@@ -31,6 +46,8 @@ class Backend:
     ``device_types``: the ``torch.device.type`` values it accepts ("cpu", "cuda").
     ``is_available``: returns ``(ok, reason)``; it may be slow the first time (JIT build) and
     should cache its answer. ``priority``: larger wins under ``backend="auto"``.
+    ``dtypes``: input dtypes it computes itself; others go to the ``"torch"`` reference.
+    ``single_pass`` / ``chunk_tokens``: the one-pass chunk kernels (module docstring), or None.
     """
 
     name: str
@@ -39,6 +56,9 @@ class Backend:
     device_types: Tuple[str, ...]
     is_available: Callable[[], Tuple[bool, str]]
     priority: int = 0
+    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    single_pass: Optional[Callable] = None
+    chunk_tokens: Optional[Callable[[int, int, torch.dtype], int]] = None
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -93,4 +113,13 @@ def get_backend(name: str, device_type: str) -> Backend:
     ok, reason = b.is_available()
     if not ok:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    return b
+
+
+def resolve_backend(name: str, hidden: torch.Tensor) -> Backend:
+    """The backend that runs ``hidden``'s device and dtype: ``name`` (or ``auto``'s choice), or the
+    ``"torch"`` reference for a dtype the chosen backend does not compute (float64 on native ones)."""
+    b = get_backend(name, hidden.device.type)
+    if hidden.dtype not in b.dtypes:
+        return _BACKENDS["torch"]
     return b

@@ -80,6 +80,73 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return gh, gw, (gb if bias is not None else None)
 
 
+#: one-pass chunks: float32 logits kept per chunk (128 MiB) and vocabulary columns per tile
+#: (each tile is reduced while it is in cache; ~4 MiB per tile).
+SINGLE_PASS_ELEMENTS = 2 ** 25
+TILE_ELEMENTS = 2 ** 25
+
+
+def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk: ``SINGLE_PASS_ELEMENTS // V`` rounded down to a multiple of 64."""
+    n = max(1, SINGLE_PASS_ELEMENTS // max(1, vocab_size))
+    return n if n < 64 else n - n % 64
+
+
+class ChunkKernels:
+    """One-pass chunk kernels of the ``cpu`` backend (contract in :mod:`fdiv_kernels.ops.backends`).
+
+    The C++ ``chunk_stats`` keeps the chunk's ``z = cap(h W^T + b) / T`` in a reused float32
+    buffer; ``chunk_grads`` turns it into ``dL/draw`` in place and runs both gradient GEMMs tile by
+    tile. bf16/fp16 inputs are converted to float32 once per call (weight) and once per chunk
+    (hidden rows).
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
+                 need_h: bool, need_w: bool, need_b: bool) -> None:
+        self.mod = native.load("cpu")
+        self.w = weight.detach().to(torch.float32).contiguous()
+        self.b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.cap, self.temperature, self.return_entropy = _cap(head.softcap), float(head.temperature), return_entropy
+        self.need_h = need_h
+        v, h = weight.shape
+        self.grad_w = torch.empty((v, h), dtype=torch.float32) if need_w else None
+        self.grad_b = torch.empty(v, dtype=torch.float32) if need_b else None
+        self.buf = torch.empty(0, dtype=torch.float32)
+        self._written = False
+        self._h = None
+
+    def _tile_cols(self, n: int) -> int:
+        return max(64, TILE_ELEMENTS // max(1, n))
+
+    def stats(self, h: torch.Tensor, y: torch.Tensor):
+        h32 = h.detach().to(torch.float32).contiguous()
+        n = h32.shape[0]
+        if self.buf.numel() < n * self.w.shape[0]:
+            self.buf = torch.empty(n * self.w.shape[0], dtype=torch.float32)
+        self._h = h32
+        logp, lse, ent = self.mod.chunk_stats(h32, self.w, self.b, y.contiguous(), self.buf, self.cap,
+                                              self.temperature, self.return_entropy, self._tile_cols(n))
+        return logp, lse, (ent if self.return_entropy else None)
+
+    def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
+        h32, self._h = self._h, None
+        beta = beta if self._written else 0.0
+        self._written = True
+        f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+        return self.mod.chunk_grads(h32, self.w, y.contiguous(), self.buf, f32(lse), f32(ent) if e is not None else None,
+                                    f32(g), f32(k), f32(e), self.cap, self.temperature, self.grad_w, self.grad_b,
+                                    float(alpha), float(beta), self.need_h, self._tile_cols(h32.shape[0]))
+
+    def results(self):
+        if not self._written:
+            for t in (self.grad_w, self.grad_b):
+                if t is not None:
+                    t.zero_()
+        return self.grad_w, self.grad_b
+
+
 register_backend(Backend(
     name="cpu",
     forward=forward,
@@ -87,4 +154,7 @@ register_backend(Backend(
     device_types=("cpu",),
     is_available=lambda: native.status("cpu"),
     priority=10,
+    dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    single_pass=ChunkKernels,
+    chunk_tokens=chunk_tokens,
 ))

@@ -12,25 +12,43 @@ on first use and caching it in torch's extension directory (``$TORCH_EXTENSIONS_
 ``~/.cache/torch_extensions``), so later processes only load the cached library. Failures are
 cached too and reported by :func:`status` as ``(False, reason)``. ``FDIV_KERNELS_JIT=0``
 disables just-in-time builds (only an AOT module is used). Nothing is built at import time.
+
+Where a module comes from, in this order:
+
+1. a **prebuilt** module in ``$FDIV_KERNELS_PREBUILT`` (default ``fdiv_kernels/_prebuilt``,
+   git-ignored; made by ``make gpu-prebuild`` for the GPU machine, see docs/gpu.md), used only
+   when its ``manifest.json`` names this Python (major.minor), this torch version and the
+   digest of the current sources and flags; anything else is logged and skipped;
+2. the ahead-of-time module installed with ``FDIV_BUILD_EXT=1`` (``fdiv_kernels._C_*``);
+3. a just-in-time build, cached per environment: ``<root>/<environment tag>/<name>``, the tag
+   naming Python, torch, its CUDA and the compilers (:func:`environment_tag`), so that two
+   environments sharing one ``$TORCH_EXTENSIONS_DIR`` never rebuild over each other's cache.
+
 Build instructions: ``docs/building.md``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from types import ModuleType
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger("fdiv_kernels")
 
-CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/bindings_cpu.cpp")
+CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/epilogue_cpu.cpp", "cpu/bindings_cpu.cpp")
 CUDA_SOURCES = ("cuda/bindings_cuda.cpp", "cuda/token_stats_epilogue.cu")
 CPU_CFLAGS = ["-O3", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
@@ -81,8 +99,28 @@ def jit_enabled() -> bool:
     return os.environ.get("FDIV_KERNELS_JIT", "1") != "0"
 
 
-def _toolchain_problem(kind: str) -> Optional[str]:
-    """Why a JIT build cannot even start (missing compiler/ninja/CUDA), or None."""
+def cuda_home_from_nvcc() -> Optional[str]:
+    """The CUDA toolkit root that the ``nvcc`` on PATH runs from (its ``--dryrun`` prints it).
+
+    torch guesses the root from nvcc's own path, which is wrong when ``nvcc`` is a wrapper
+    script (``/usr/local/bin/nvcc`` exec'ing ``/usr/local/cuda-13.0/bin/nvcc``: the link then
+    finds no ``libcudart``). Scripts set ``CUDA_HOME`` to this before torch's cpp_extension is
+    imported; None without nvcc."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(found.group(1).strip()) if found else os.path.dirname(os.path.dirname(nvcc))
+
+
+def _toolchain_problem(kind: str, *, need_device: bool = True) -> Optional[str]:
+    """Why a build cannot even start (missing compiler/ninja/CUDA), or None. ``need_device=False``:
+    a compile-only build (``make gpu-prebuild``), no GPU needed."""
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
@@ -95,24 +133,184 @@ def _toolchain_problem(kind: str) -> Optional[str]:
 
         if torch.version.cuda is None:
             return f"this torch build ({torch.__version__}) has no CUDA support"
-        if not torch.cuda.is_available():
+        if need_device and not torch.cuda.is_available():
             return "no CUDA device is visible"
         if cpp_extension.CUDA_HOME is None:
             return "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
     return None
 
 
-def _build_dir(name: str) -> str:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not root:
-        import torch
+# --------------------------------------------------------------------------------------------
+# Environments: what a compiled module depends on.
+# --------------------------------------------------------------------------------------------
 
-        tag = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
-        root = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
-                            f"py{sys.version_info.major}{sys.version_info.minor}_{tag}")
-    path = os.path.join(root, name)
+@lru_cache(maxsize=None)
+def _tool_version(cmd: Tuple[str, ...], pattern: str) -> str:
+    """First match of ``pattern`` in the output of ``cmd`` (e.g. the compiler's version), or "none"."""
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    found = re.search(pattern, out.stdout + out.stderr)
+    return found.group(1) if found else "unknown"
+
+
+def _compilers(kind: str) -> str:
+    """The host compiler (and nvcc for "cuda") as ``gcc12.2.0`` / ``nvcc13.0`` words."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    family = "clang" if path and "clang" in os.path.basename(os.path.realpath(path)) else "gcc"
+    words = [family + (_tool_version((path, "-dumpfullversion", "-dumpversion"), r"(\d+(?:\.\d+)*)")
+                       if path else "none")]
+    if kind == "cuda":
+        from torch.utils import cpp_extension
+
+        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+        words.append("nvcc" + (_tool_version((nvcc, "--version"), r"release (\d+\.\d+)") if nvcc else "none"))
+    return "-".join(words)
+
+
+def environment(kind: str) -> Dict[str, str]:
+    """What a module of ``kind`` built here is tied to: Python, torch (and its CUDA), compilers."""
+    import torch
+
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "none",
+        "compilers": _compilers(kind),
+    }
+
+
+def environment_tag(env: Dict[str, str]) -> str:
+    """File-name-safe key of an :func:`environment`, e.g. ``py3.11-torch2.13.0+cpu-cudanone-gcc12.2.0``."""
+    raw = f"py{env['python']}-torch{env['torch']}-cuda{env['torch_cuda']}-{env['compilers']}"
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", raw)
+
+
+def source_digest(kind: str) -> str:
+    """sha256 over the sources of ``kind`` (and the headers beside them) and the build flags."""
+    root = csrc_dir()
+    files = sorted({root / s for s in _SPECS[kind]["sources"]}
+                   | {p for s in _SPECS[kind]["sources"] for p in (root / s).parent.glob("*.h*")})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    flags = CPU_CFLAGS + CPU_LDFLAGS if kind == "cpu" else CUDA_CFLAGS + NVCC_FLAGS
+    digest.update(" ".join(flags).encode())
+    return digest.hexdigest()
+
+
+def jit_root() -> str:
+    """Root of the JIT cache: ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "torch_extensions")
+
+
+def _build_dir(name: str, kind: str) -> str:
+    """``<jit_root()>/<environment tag>/<name>``."""
+    path = os.path.join(jit_root(), environment_tag(environment(kind)), name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Prebuilt modules (make gpu-prebuild).
+# --------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def prebuilt_dir() -> Path:
+    """``$FDIV_KERNELS_PREBUILT`` or ``fdiv_kernels/_prebuilt`` (git-ignored)."""
+    env = os.environ.get("FDIV_KERNELS_PREBUILT")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "_prebuilt"
+
+
+def prebuilt_mismatch(kind: str, manifest: Dict[str, str], *, python: Optional[str] = None,
+                      torch_version: Optional[str] = None) -> Optional[str]:
+    """Why a prebuilt module with ``manifest`` must not be loaded here (None: it may). The
+    environment defaults to this one; pass ``python``/``torch_version`` to check for another."""
+    if python is None or torch_version is None:
+        import torch
+
+        python = python or f"{sys.version_info.major}.{sys.version_info.minor}"
+        torch_version = torch_version or torch.__version__
+    problems = []
+    if manifest.get("python") != python:
+        problems.append(f"built for Python {manifest.get('python')}, this is {python}")
+    if manifest.get("torch") != torch_version:
+        problems.append(f"built for torch {manifest.get('torch')}, this is {torch_version}")
+    if manifest.get("sources") != source_digest(kind):
+        problems.append("built from other sources or flags (csrc/ changed since)")
+    return "; ".join(problems) or None
+
+
+def read_prebuilt(kind: str) -> Tuple[Optional[Path], Optional[Dict[str, str]]]:
+    """``(library path, manifest)`` of the prebuilt module of ``kind``, or ``(None, None)``."""
+    folder = prebuilt_dir() / kind
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None, None
+    lib = folder / manifest.get("library", "")
+    return (lib if lib.is_file() else None), manifest
+
+
+def _import_prebuilt(kind: str) -> Optional[ModuleType]:
+    lib, manifest = read_prebuilt(kind)
+    if manifest is None:
+        return None
+    where = prebuilt_dir() / kind
+    why = "its library is missing" if lib is None else prebuilt_mismatch(kind, manifest)
+    if why:
+        logger.warning("fdiv_kernels: not using the prebuilt %s extension in %s: %s", kind, where, why)
+        return None
+    import torch  # noqa: F401  (the module links against torch's libraries)
+
+    name = _SPECS[kind]["jit"]
+    try:
+        spec = importlib.util.spec_from_file_location(name, str(lib))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except ImportError as exc:
+        logger.warning("fdiv_kernels: the prebuilt %s extension %s does not load (%s)", kind, lib, exc)
+        return None
+    logger.info("fdiv_kernels: %s extension: prebuilt %s", kind, lib)
+    return mod
+
+
+def prebuild(kind: str, out_root: Optional[Path] = None, *, build_root: Optional[Path] = None) -> Path:
+    """Compile ``kind`` here (no GPU needed) into ``<out_root>/<kind>/`` with a manifest that
+    :func:`load` checks; returns the library path. Build files go to
+    ``<build_root>/<environment tag>/<name>`` (default root ``build/prebuild`` in the source tree);
+    only the library and the manifest are kept in ``out_root`` (default :func:`prebuilt_dir`)."""
+    from torch.utils import cpp_extension
+
+    problem = _toolchain_problem(kind, need_device=False)
+    if problem:
+        raise NativeBuildError(problem)
+    spec = _SPECS[kind]
+    out = Path(out_root or prebuilt_dir()) / kind
+    # same layout as the JIT cache (<root>/<tag>/<name>): build_root=$TORCH_EXTENSIONS_DIR reuses a JIT build
+    build = Path(build_root or csrc_dir().parent / "build" / "prebuild") / environment_tag(environment(kind)) / spec["jit"]
+    build.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cpp_extension.load(**_load_kwargs(kind, str(build)))
+    seconds = time.perf_counter() - t0
+    libs = sorted(build.glob(spec["jit"] + "*.so"))
+    if not libs:
+        raise NativeBuildError(f"the build in {build} left no {spec['jit']}*.so")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / libs[-1].name
+    shutil.copy2(libs[-1], target)
+    manifest = {**environment(kind), "kind": kind, "library": target.name, "sources": source_digest(kind),
+                "flags": (" ".join(CPU_CFLAGS + CPU_LDFLAGS) if kind == "cpu" else
+                          f"cxx {' '.join(CUDA_CFLAGS)}; nvcc {' '.join(NVCC_FLAGS)}"),
+                "build_seconds": round(seconds, 1),
+                "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return target
 
 
 def _looks_cached(build_dir: str, srcs: List[str]) -> bool:
@@ -123,6 +321,18 @@ def _looks_cached(build_dir: str, srcs: List[str]) -> bool:
     return max(p.stat().st_mtime for p in libs) >= newest_src
 
 
+def _load_kwargs(kind: str, build_dir: str) -> dict:
+    """Arguments of ``torch.utils.cpp_extension.load`` for ``kind`` (JIT build and prebuild)."""
+    kwargs = dict(name=_SPECS[kind]["jit"], sources=sources(kind), build_directory=build_dir, verbose=False,
+                  extra_include_paths=[str(csrc_dir())])
+    # copies: cpp_extension.load appends torch's libraries to the lists it is given
+    if kind == "cpu":
+        kwargs.update(extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS))
+    else:
+        kwargs.update(extra_cflags=list(CUDA_CFLAGS), extra_cuda_cflags=list(NVCC_FLAGS), with_cuda=True)
+    return kwargs
+
+
 def _jit_build(kind: str) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -131,7 +341,7 @@ def _jit_build(kind: str) -> ModuleType:
         raise NativeBuildError(problem)
     spec = _SPECS[kind]
     srcs = sources(kind)
-    build_dir = _build_dir(spec["jit"])
+    build_dir = _build_dir(spec["jit"], kind)
     cached = _looks_cached(build_dir, srcs)
     if not cached:
         msg = (f"fdiv_kernels: compiling the {'C++' if kind == 'cpu' else 'CUDA'} extension "
@@ -139,12 +349,7 @@ def _jit_build(kind: str) -> ModuleType:
         print(msg, file=sys.stderr, flush=True)
         logger.info(msg)
     t0 = time.perf_counter()
-    kwargs = dict(name=spec["jit"], sources=srcs, build_directory=build_dir, verbose=False,
-                  extra_include_paths=[str(csrc_dir())])
-    if kind == "cpu":
-        kwargs.update(extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS)
-    else:
-        kwargs.update(extra_cflags=CUDA_CFLAGS, extra_cuda_cflags=NVCC_FLAGS, with_cuda=True)
+    kwargs = _load_kwargs(kind, build_dir)
     try:
         mod = cpp_extension.load(**kwargs)
     except Exception as exc:  # compiler errors come as RuntimeError/CalledProcessError
@@ -186,7 +391,7 @@ def load(kind: str) -> ModuleType:
         if kind in _failures:
             raise NativeBuildError(_failures[kind])
         try:
-            mod = _import_aot(kind)
+            mod = _import_prebuilt(kind) or _import_aot(kind)
             if mod is None:
                 if not jit_enabled():
                     raise NativeBuildError(

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _checks
-from .backends import get_backend
+from .backends import resolve_backend
 
 
 class TokenStats(NamedTuple):
@@ -39,7 +39,7 @@ class TokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, temperature, return_entropy, backend_name):
-        backend = get_backend(backend_name, hidden.device.type)
+        backend = resolve_backend(backend_name, hidden)
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
         valid = y != ignore_index

@@ -44,6 +44,11 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
     z = h @ w.T
     if b is not None:
         z = z + b
+    return transform(z, softcap, temperature)
+
+
+def transform(z: torch.Tensor, softcap: Optional[float], temperature: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(cap(raw) / T, tanh(raw / cap) or None)`` of raw logits (with the bias added)."""
     t = None
     if softcap is not None:
         t = torch.tanh(z / softcap)
@@ -66,12 +71,39 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     for s in range(0, n, step):
         e = min(n, s + step)
         z, _ = _logits(hidden[s:e].to(cdt), w, b, softcap, temperature)
-        lse_c = torch.logsumexp(z, dim=-1)
-        lse[s:e] = lse_c
-        logp[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse_c
+        logp[s:e], lse[s:e], ent_c = _stats(z, labels[s:e], return_entropy)
         if ent is not None:
-            p = torch.exp(z - lse_c[:, None])
-            ent[s:e] = lse_c - (p * z).sum(-1)
+            ent[s:e] = ent_c
+    return logp, lse, ent
+
+
+def _coef(z: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
+          entropy: Optional[torch.Tensor], g: torch.Tensor, k: torch.Tensor, e: Optional[torch.Tensor],
+          temperature: float) -> torch.Tensor:
+    """``dL/draw [n, V]`` of one chunk from its logits ``z`` (and ``t = tanh(raw / cap)``)."""
+    cdt = z.dtype
+    lse_c = lse[:, None].to(cdt)
+    p = torch.exp(z - lse_c)
+    g = g[:, None].to(cdt)
+    coef = (k[:, None].to(cdt) - g) * p
+    if e is not None:
+        mean_z = lse_c - entropy[:, None].to(cdt)
+        coef = coef - e[:, None].to(cdt) * p * (z - mean_z)
+    coef.scatter_add_(1, labels[:, None], g)
+    if temperature != 1.0:
+        coef = coef / temperature
+    if t is not None:
+        coef = coef * (1 - t * t)
+    return coef
+
+
+def _stats(z: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(1, labels[:, None]).squeeze(1) - lse
+    ent = None
+    if return_entropy:
+        p = torch.exp(z - lse[:, None])
+        ent = lse - (p * z).sum(-1)
     return logp, lse, ent
 
 
@@ -90,23 +122,63 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         e = min(n, s + step)
         h = hidden[s:e].to(cdt)
         z, t = _logits(h, w, b, softcap, temperature)
-        lse_c = lse[s:e, None].to(cdt)
-        p = torch.exp(z - lse_c)
-        g = grad_logp[s:e, None].to(cdt)
-        coef = (grad_lse[s:e, None].to(cdt) - g) * p
-        if grad_entropy is not None:
-            mean_z = lse_c - entropy[s:e, None].to(cdt)
-            coef = coef - grad_entropy[s:e, None].to(cdt) * p * (z - mean_z)
-        coef.scatter_add_(1, labels[s:e, None], g)
-        if temperature != 1.0:
-            coef = coef / temperature
-        if t is not None:
-            coef = coef * (1 - t * t)
+        coef = _coef(z, t, labels[s:e], lse[s:e], None if entropy is None else entropy[s:e], grad_logp[s:e],
+                     grad_lse[s:e], None if grad_entropy is None else grad_entropy[s:e], temperature)
         grad_h[s:e] = coef @ w
         grad_w.addmm_(coef.T, h)
         if grad_b is not None:
             grad_b += coef.sum(0)
     return grad_h, grad_w, grad_b
+
+
+class ChunkKernels:
+    """One-pass chunk kernels of the torch backend (the reference twin of the native ones; see
+    :mod:`fdiv_kernels.ops.backends`): the chunk's fp32 logits are kept between ``stats`` and
+    ``grads``."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
+                 need_h: bool, need_w: bool, need_b: bool) -> None:
+        self.dtype = compute_dtype(weight.dtype)
+        self.w = weight.to(self.dtype)
+        self.b = None if bias is None else bias.to(self.dtype)
+        self.softcap, self.temperature, self.return_entropy = head.softcap, head.temperature, return_entropy
+        self.need_h = need_h
+        self.grad_w = torch.empty(weight.shape, dtype=self.dtype, device=weight.device) if need_w else None
+        self.grad_b = torch.empty(bias.shape, dtype=self.dtype, device=bias.device) if need_b else None
+        self._written = False
+        self._kept = None
+
+    def stats(self, h: torch.Tensor, y: torch.Tensor):
+        z, t = _logits(h.to(self.dtype), self.w, self.b, self.softcap, self.temperature)
+        self._kept = (z, t)
+        return _stats(z, y, self.return_entropy)
+
+    def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
+        z, t = self._kept
+        self._kept = None
+        coef = _coef(z, t, y, lse, ent, g, k, e, self.temperature)
+        beta = beta if self._written else 0.0
+        self._written = True
+        if self.grad_w is not None:
+            self.grad_w.addmm_(coef.T, h.to(self.dtype), beta=beta, alpha=alpha)
+        if self.grad_b is not None:
+            if beta:
+                self.grad_b.mul_(beta).add_(coef.sum(0), alpha=alpha)
+            else:
+                torch.mul(coef.sum(0), alpha, out=self.grad_b)
+        return coef @ self.w if self.need_h else None
+
+    def results(self):
+        if not self._written:
+            for t in (self.grad_w, self.grad_b):
+                if t is not None:
+                    t.zero_()
+        return self.grad_w, self.grad_b
+
+
+def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk: the same ``CHUNK_ELEMENTS`` logits as the two-pass chunks."""
+    return rows_per_chunk(vocab_size)
 
 
 register_backend(Backend(
@@ -116,4 +188,6 @@ register_backend(Backend(
     device_types=("cpu", "cuda"),
     is_available=lambda: (True, ""),
     priority=0,
+    single_pass=ChunkKernels,
+    chunk_tokens=chunk_tokens,
 ))

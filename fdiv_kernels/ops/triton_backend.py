@@ -131,12 +131,30 @@ def _kernels():
     return _kernels_module
 
 
+#: Oldest triton release the kernels are tested with (3.6: the GPU machine's; newest tested: 3.9).
+#: setup.py's ``triton`` extra requires the same.
+MIN_TRITON = (3, 6)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def is_available() -> Tuple[bool, str]:
-    """``(ok, reason)``: triton importable, and a CUDA device or the interpreter."""
+    """``(ok, reason)``: triton importable and >= :data:`MIN_TRITON`, and a CUDA device or the
+    interpreter."""
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # pragma: no cover - depends on the install
         return False, f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'fdiv-kernels[triton]'"
+    found = _version_tuple(getattr(triton, "__version__", "0"))
+    if found[:2] < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return False, f"triton {triton.__version__} is older than the supported {need} (pip install 'triton>={need}')"
     if interpret_mode():
         return True, ""
     if not torch.cuda.is_available():
@@ -195,6 +213,12 @@ def vocab_splits(n: int, v: int, *, align: int, device: torch.device) -> Tuple[i
     return math.ceil(v / split_size), split_size
 
 
+def _on_device(device: torch.device):
+    """Context for a launch: the tensors' GPU made current (triton launches on the current
+    device, which need not hold the tensors), as the CUDA backend does; nothing on CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
@@ -228,12 +252,13 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     def grid(meta):
         return (math.ceil(n / meta["BLOCK_N"]), splits)
 
-    kern.token_stats_fwd_kernel[grid](
-        hidden, weight, hidden if bias_c is None else bias_c, labels, m, s, a, zy,
-        n, v, h, split_size, cap, inv_t,
-        HAS_BIAS=bias_c is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=bool(return_entropy),
-        DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
-    )
+    with _on_device(dev):
+        kern.token_stats_fwd_kernel[grid](
+            hidden, weight, hidden if bias_c is None else bias_c, labels, m, s, a, zy,
+            n, v, h, split_size, cap, inv_t,
+            HAS_BIAS=bias_c is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=bool(return_entropy),
+            DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
+        )
     return merge_splits(m, s, zy, a if return_entropy else None)
 
 
@@ -252,7 +277,9 @@ def merge_splits(m: torch.Tensor, s: torch.Tensor, zy: torch.Tensor, a: Optional
     logp = zy.sum(0) - lse
     ent = None
     if a is not None:
-        big_a = (r * (a + (m - big_m) * s)).sum(0)
+        # a split whose logits are all -inf (masked vocabulary) has m = -inf, S = A = 0: it adds 0
+        shift = torch.where(s > 0, (m - big_m) * s, torch.zeros_like(s))
+        big_a = (r * (a + shift)).sum(0)
         ent = log_s - big_a / big_s
     return logp, lse, ent
 
@@ -295,25 +322,23 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         FILTER=eps is not None, DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
     )
     b_arg = hidden if bias_c is None else bias_c
-    if not _options.deterministic:
-        grad_h.zero_()
-        grad_w.zero_()
-        if grad_b is not None:
-            grad_b.zero_()
-
-        def grid(meta):
-            return (math.ceil(n / meta["BLOCK_N"]), math.ceil(v / meta["BLOCK_V"]))
-
-        kern.token_stats_bwd_fused_atomic_kernel[grid](
-            hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_h, grad_w, grad_h if grad_b is None else grad_b,
-            n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)
-        return grad_h, grad_w, grad_b
-    kern.token_stats_bwd_hidden_kernel[lambda meta: (math.ceil(n / meta["BLOCK_N"]),)](
-        hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_h,
-        n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)
-    kern.token_stats_bwd_weight_kernel[lambda meta: (math.ceil(v / meta["BLOCK_V"]),)](
-        hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e, grad_w, grad_h if grad_b is None else grad_b,
-        n, v, h, cap, inv_t, 0.0 if eps is None else float(eps), **common)
+    args = (hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e)
+    scalars = (n, v, h, cap, inv_t, 0.0 if eps is None else float(eps))
+    gb_arg = grad_h if grad_b is None else grad_b
+    with _on_device(dev):
+        if not _options.deterministic:
+            grad_h.zero_()
+            grad_w.zero_()
+            if grad_b is not None:
+                grad_b.zero_()
+            kern.token_stats_bwd_fused_atomic_kernel[
+                lambda meta: (math.ceil(n / meta["BLOCK_N"]) * math.ceil(v / meta["BLOCK_V"]),)](
+                *args, grad_h, grad_w, gb_arg, *scalars, **common)
+        else:
+            kern.token_stats_bwd_hidden_kernel[lambda meta: (math.ceil(n / meta["BLOCK_N"]),)](
+                *args, grad_h, *scalars, **common)
+            kern.token_stats_bwd_weight_kernel[lambda meta: (math.ceil(v / meta["BLOCK_V"]),)](
+                *args, grad_w, gb_arg, *scalars, **common)
     return grad_h, grad_w, grad_b
 
 

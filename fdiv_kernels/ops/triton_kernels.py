@@ -40,20 +40,51 @@ import os
 import triton
 import triton.language as tl
 
-try:  # triton >= 3.4 reads its settings through knobs
-    from triton import knobs as _knobs
-    INTERPRET: bool = bool(_knobs.runtime.interpret)
-except ImportError:  # pragma: no cover - older triton
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton import knobs as _knobs  # triton >= 3.4 (the supported range starts at 3.6)
+
+INTERPRET: bool = bool(_knobs.runtime.interpret)
 """Whether these kernels were built for the Triton interpreter (read once, at import)."""
 
+
+def _interpreter_index_compat() -> bool:
+    """Let the interpreter of triton < 3.9 take ``range()`` bounds that are runtime values.
+
+    The interpreter turns a scalar into a one-element 1-D numpy array and converts it to a
+    Python int for ``range()`` with ``int(array)``, which NumPy >= 2.4 rejects ("only
+    0-dimensional arrays can be converted to Python scalars": every loop over H or a split
+    fails). triton 3.9 converts with ``int(array.squeeze())``; this installs that conversion
+    for older interpreters. Only under ``TRITON_INTERPRET=1``; compiled kernels are untouched.
+    Returns whether the shim was installed.
+    """
+    if not INTERPRET or tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9):
+        return False
+    from triton.runtime import interpreter
+
+    patch_lang = interpreter._patch_lang
+    if getattr(patch_lang, "_fdiv_index_compat", False):
+        return True
+
+    def _patch_lang_with_index(fn):
+        scope = patch_lang(fn)
+        scope.set_attr(tl.core.tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        return scope
+
+    _patch_lang_with_index._fdiv_index_compat = True
+    interpreter._patch_lang = _patch_lang_with_index
+    return True
+
+
+INTERPRETER_INDEX_COMPAT = _interpreter_index_compat()
+
 # --------------------------------------------------------------------------------------------
-# Autotune lists, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per input element size.
-# H100: 228 KiB shared memory, 132 SMs. Chosen from sm_90a compiles (registers/spills, see
-# docs/triton.md): 16-bit inputs use wgmma-sized tiles; exact fp32 (FMA dots) needs smaller
-# tiles to stay out of local memory (TF32 dots, allow_tf32, use the same 4-byte list: not tuned
-# yet). The key is (H, V, INPUT_PRECISION) (+ dtypes, added by triton): N varies from step to
-# step and is left out so that training does not re-tune.
+# Autotune lists, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages[, knob]) per input element
+# size; the optional 6th entry is the kernel's KNOB (default 1): STAGE for the deterministic
+# backward kernels (sub-tiles per read-modify-write of the output), GROUP_N for the atomics
+# kernel (token blocks per group of the tile order). H100: 228 KiB shared memory, 132 SMs.
+# Chosen from sm_90a compiles (registers/spills, see docs/triton.md): 16-bit inputs use
+# wgmma-sized tiles; exact fp32 (FMA dots) needs smaller tiles to stay out of local memory (TF32
+# dots, allow_tf32, use the same 4-byte list: not tuned yet). The first entry of each list is
+# what FDIV_TRITON_AUTOTUNE=first uses (and what tests/test_triton.py compiles for sm_90a).
 # --------------------------------------------------------------------------------------------
 
 _FWD = {
@@ -61,39 +92,90 @@ _FWD = {
     4: [(32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3)],
 }
 _BWD_H = {
-    2: [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (32, 128, 64, 4, 3)],
-    4: [(32, 64, 32, 4, 3), (32, 128, 32, 4, 3)],
+    2: [(64, 128, 64, 8, 3, 2), (64, 64, 64, 8, 3, 4), (64, 128, 64, 8, 3, 1), (64, 128, 64, 4, 3, 1),
+        (128, 128, 64, 8, 3, 1), (64, 64, 64, 4, 4, 1), (32, 128, 64, 4, 3, 1)],
+    4: [(32, 64, 32, 4, 3, 1), (32, 128, 32, 4, 3, 1), (32, 64, 32, 4, 3, 2)],
 }
 _BWD_W = {
-    2: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3)],
-    4: [(32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 128, 32, 4, 3)],
+    2: [(64, 64, 64, 8, 3, 2), (64, 128, 64, 8, 3, 2), (64, 128, 64, 8, 3, 1), (64, 64, 64, 4, 4, 1),
+        (128, 64, 64, 4, 3, 1)],
+    4: [(32, 64, 32, 4, 3, 1), (64, 32, 32, 4, 3, 1), (32, 128, 32, 4, 3, 1)],
 }
-_INTERPRETER = [(16, 32, 16, 1, 1)]  # one small config: autotuning under the interpreter is too slow
+_BWD_FUSED = {
+    2: [(64, 128, 64, 8, 3, 8), (64, 64, 64, 4, 3, 8), (128, 128, 64, 8, 3, 8), (128, 64, 64, 4, 3, 8),
+        (64, 128, 64, 8, 3, 16)],
+    4: [(32, 64, 32, 4, 3, 8), (32, 128, 32, 4, 3, 8)],
+}
+KNOBS = {"token_stats_fwd_kernel": None, "token_stats_bwd_hidden_kernel": "STAGE",
+         "token_stats_bwd_weight_kernel": "STAGE", "token_stats_bwd_fused_atomic_kernel": "GROUP_N"}
+"""The 6th entry of each kernel's tuples (None: the kernel has no knob)."""
+# one small config per kernel: autotuning under the interpreter is too slow; STAGE 2 so that the
+# interpreter tests run the staged path (tests/test_triton.py also runs STAGE 1 and 4)
+_INTERPRETER = (16, 32, 16, 1, 1, 2)
 
 
-def _config(bn: int, bv: int, bh: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
+def _config(bn: int, bv: int, bh: int, warps: int, stages: int, knob_value: int = 1,
+            knob: str | None = None) -> triton.Config:
+    meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}
+    if knob:
+        meta[knob] = knob_value
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def _configs(by_size):
-    """``(configs, prune_configs_by)`` for triton.autotune: the union of the lists, pruned at
-    launch to the list of ``h_ptr``'s element size."""
+def _entry(t: tuple) -> tuple:
+    """A list entry with its knob made explicit (6 values)."""
+    return tuple(t) + (1,) * (6 - len(t))
+
+
+AUTOTUNE = os.environ.get("FDIV_TRITON_AUTOTUNE", "full")
+"""``full`` (default): every config of the lists below is tried; ``first``: only the first config
+per element size (every kernel, dtype and flag setting is still compiled, only the tile search is
+skipped; ``make gpu-check`` uses it to keep compile time in its budget). Read at import."""
+if AUTOTUNE not in ("full", "first"):
+    raise ValueError(f"FDIV_TRITON_AUTOTUNE must be 'full' or 'first', got {AUTOTUNE!r}")
+
+
+def _no_timing(kernel_call, quantiles):
+    """``do_bench`` of the ``first`` mode: the pruned list holds one config, so there is nothing to
+    compare; triton < 3.9 would still time it (a dozen runs of the kernel at the full shape)."""
+    return [0.0 for _ in quantiles]
+
+
+def _tuning(by_size, knob=None) -> dict:
+    """``triton.autotune`` arguments besides the key: the union of the lists as configs, pruned
+    at launch to the list of ``h_ptr``'s element size (and no timing in ``first`` mode)."""
+    configs, prune = _configs(by_size, knob)
+    return dict(configs=configs, prune_configs_by=prune, **({"do_bench": _no_timing} if AUTOTUNE == "first" else {}))
+
+
+def _configs(by_size, knob=None):
+    """``(configs, prune_configs_by)``: see :func:`_tuning`."""
     if INTERPRET:
-        return [_config(*c) for c in _INTERPRETER], None
+        return [_config(*_INTERPRETER, knob=knob)], None
+    if AUTOTUNE == "first":
+        by_size = {size: lst[:1] for size, lst in by_size.items()}
+    by_size = {size: [_entry(t) for t in lst] for size, lst in by_size.items()}
     tuples = list(dict.fromkeys(t for lst in by_size.values() for t in lst))
 
     def prune(configs, named_args, **kwargs):
         wanted = set(by_size.get(named_args["h_ptr"].element_size(), by_size[4]))
-        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"],
-                                       c.num_warps, c.num_stages) in wanted]
+        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"], c.num_warps,
+                                       c.num_stages, c.kwargs.get(knob, 1) if knob else 1) in wanted]
         return kept or configs
 
-    return [_config(*t) for t in tuples], {"early_config_prune": prune}
+    return [_config(*t, knob=knob) for t in tuples], {"early_config_prune": prune}
 
 
-FWD_CONFIGS, FWD_PRUNE = _configs(_FWD)
-BWD_H_CONFIGS, BWD_H_PRUNE = _configs(_BWD_H)
-BWD_W_CONFIGS, BWD_W_PRUNE = _configs(_BWD_W)
+FWD_TUNING = _tuning(_FWD)
+BWD_H_TUNING = _tuning(_BWD_H, "STAGE")
+BWD_W_TUNING = _tuning(_BWD_W, "STAGE")
+BWD_FUSED_TUNING = _tuning(_BWD_FUSED, "GROUP_N")
+# Autotune keys: the shape (N left out: it changes every step and training must not re-tune), the
+# dot precision, and every flag that changes the code (bias, soft-cap, entropy, filter), so that a
+# tile chosen with the flags off is never reused with them on (where it may spill). triton adds
+# the argument dtypes.
+FWD_KEY = ["H", "V", "INPUT_PRECISION", "HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY"]
+BWD_KEY = FWD_KEY + ["FILTER"]
 SPLIT_ALIGN = 32 if INTERPRET else 256
 """Vocabulary splits of the forward are multiples of this (every BLOCK_V divides it)."""
 
@@ -152,7 +234,7 @@ def _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
     dz = (k - g)[:, None] * p
     if WITH_ENTROPY:
-        dz -= e[:, None] * p * (z - mean_z[:, None])
+        dz -= e[:, None] * p * tl.where(p > 0.0, z - mean_z[:, None], 0.0)  # a -inf logit adds 0, not 0 * -inf
     dz += tl.where(is_label, g[:, None], 0.0)
     dz = dz * inv_temp
     if HAS_SOFTCAP:
@@ -162,14 +244,42 @@ def _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
 
 
 @triton.jit
-def _kept_extent(H, p, y, rmask, col_lo, col_hi, filter_eps, FILTER: tl.constexpr):
-    """Gradient filtering: H, or 0 when the tile is skipped: max(p) < filter_eps and no row's
-    label y lies in [col_lo, col_hi). (A per-row range test: reducing the 2-D label mask
-    instead costs registers and spills.)"""
+def _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, col_lo, y, lse, mean_z, g, k, e, N, V, H, softcap, inv_temp,
+             filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+             FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``(dL/draw, keep)`` of the tile rows x ``[col_lo, col_lo + BLOCK_V)``: the logit tile
+    recomputed, the fp32 gradient (0 outside [0, N) x [0, V)), and for the filter ``keep`` = 1
+    unless max p < filter_eps and no row's label y lies in the tile (always 1 without FILTER).
+    The label test is per row (a range test: reducing the 2-D label mask costs spills)."""
+    cols = col_lo + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
+                    HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    valid = rmask[:, None] & cmask[None, :]
+    is_label = (cols[None, :] == y[:, None]) & valid
+    dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp, HAS_SOFTCAP, WITH_ENTROPY)
     if FILTER:
         mass = tl.max(tl.max(p, axis=1), axis=0)
-        has_label = tl.max(((y >= col_lo) & (y < col_hi) & rmask).to(tl.int32), axis=0)
-        return tl.where((mass >= filter_eps) | (has_label > 0), H, 0)
+        has_label = tl.max(((y >= col_lo) & (y < col_lo + BLOCK_V) & rmask).to(tl.int32), axis=0)
+        keep = ((mass >= filter_eps) | (has_label > 0)).to(tl.int32)
+    else:
+        keep = 1
+    return dz, keep
+
+
+@triton.jit
+def _cat_cols(a, b):
+    """``[R, C]`` and ``[R, C]`` -> ``[R, 2C]``, a's columns first (join, then interleave back)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _extent(H, keep, FILTER: tl.constexpr):
+    """Loop end over H for the gradient GEMM: H, or 0 for a filtered (skipped) span. (A zero-trip
+    loop instead of a branch around it: the branch costs registers.)"""
+    if FILTER:
+        return tl.where(keep > 0, H, 0)
     else:
         return H
 
@@ -194,7 +304,7 @@ def _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, W
 # Forward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=FWD_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=FWD_PRUNE)
+@triton.autotune(key=FWD_KEY, **FWD_TUNING)
 @triton.jit
 def token_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
@@ -236,13 +346,16 @@ def token_stats_fwd_kernel(
                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(cmask[None, :], z, float("-inf"))
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # -inf while every logit so far is -inf (a vocabulary masked through the bias can fill
+        # a whole leading tile): shift by 0 then, so exp gives 0 instead of exp(-inf + inf) = NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         first = m == float("-inf")
-        r = tl.where(first, 0.0, tl.exp(m - m_new))
-        p = tl.exp(z - m_new[:, None])  # 0 on masked columns
+        r = tl.where(first, 0.0, tl.exp(m - m_safe))
+        p = tl.exp(z - m_safe[:, None])  # 0 on masked columns and -inf logits
         if WITH_ENTROPY:
-            dm = tl.where(first, 0.0, m - m_new)
-            pz = p * tl.where(cmask[None, :], z - m_new[:, None], 0.0)  # no 0 * -inf
+            dm = tl.where(first, 0.0, m - m_safe)
+            pz = p * tl.where(p > 0.0, z - m_safe[:, None], 0.0)  # no 0 * -inf
             a = r * (a + dm * s) + tl.sum(pz, axis=1)
         s = r * s + tl.sum(p, axis=1)
         m = m_new
@@ -258,23 +371,57 @@ def token_stats_fwd_kernel(
 # Backward.
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=BWD_H_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_H_PRUNE)
+@triton.jit
+def _staged_vocab_dz(h_ptr, w_ptr, b_ptr, rows, rmask, v0, y, lse, mean_z, g, k, e, N, V, H, softcap, inv_temp,
+                     filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                     FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, STAGE: tl.constexpr):
+    """dL/draw of rows x ``[v0, v0 + STAGE * BLOCK_V)`` in the weight's dtype (STAGE = 1, 2 or 4
+    vocabulary tiles side by side, each recomputed on its own, so the fp32 logit accumulator stays
+    one tile) and whether the span is kept by the filter."""
+    dz, keep = _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, v0, y, lse, mean_z, g, k, e, N, V, H, softcap,
+                        inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                        INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    dzc = dz.to(w_ptr.dtype.element_ty)
+    if STAGE >= 2:
+        dz1, keep1 = _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, v0 + BLOCK_V, y, lse, mean_z, g, k, e, N, V, H,
+                              softcap, inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                              INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        dzc = _cat_cols(dzc, dz1.to(w_ptr.dtype.element_ty))
+        keep = keep | keep1
+    if STAGE >= 4:
+        dz2, keep2 = _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, v0 + 2 * BLOCK_V, y, lse, mean_z, g, k, e, N, V, H,
+                              softcap, inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                              INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        dz3, keep3 = _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, v0 + 3 * BLOCK_V, y, lse, mean_z, g, k, e, N, V, H,
+                              softcap, inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                              INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        dzc = _cat_cols(dzc, _cat_cols(dz2.to(w_ptr.dtype.element_ty), dz3.to(w_ptr.dtype.element_ty)))
+        keep = keep | keep2 | keep3
+    return dzc, keep
+
+
+@triton.autotune(key=BWD_KEY, **BWD_H_TUNING)
 @triton.jit
 def token_stats_bwd_hidden_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr,
     N, V, H, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, STAGE: tl.constexpr,
 ):
     """``grad_hidden[rows, :] = sum_v dL/draw[rows, v] W[v, :]`` for one token block.
 
-    Loops over vocabulary tiles: recomputes the logit tile, forms dL/draw in registers (see
-    :func:`_grad_raw_tile`), casts it to the input dtype (as the forward GEMM's operands) and
-    adds ``dL/draw_tile @ W[tile, h-chunk]`` into the fp32 output rows, which this program
-    alone owns (zeroed first; a CTA barrier separates tiles). With ``FILTER``, tiles where
-    ``max p < filter_eps`` and no label falls skip the second GEMM.
+    Loops over spans of ``STAGE`` vocabulary tiles: recomputes each tile's logits, forms dL/draw
+    in registers (see :func:`_grad_raw_tile`), casts it to the input dtype (as the forward GEMM's
+    operands), puts the span's tiles side by side (``[BLOCK_N, STAGE * BLOCK_V]``) and adds
+    ``dL/draw_span @ W[span, h-chunk]`` into the fp32 output rows, which this program alone owns
+    (zeroed first; a CTA barrier separates spans). The output is read and written once per span,
+    not once per tile: STAGE times less of that traffic, at the cost of holding STAGE tiles of
+    dL/draw (16-bit) at once. With ``FILTER``, a span where ``max p < filter_eps`` and no label
+    falls skips the gradient GEMM.
     """
+    tl.static_assert((STAGE == 1) | (STAGE == 2) | (STAGE == 4), "bwd_hidden: STAGE must be 1, 2 or 4")
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -286,22 +433,16 @@ def token_stats_bwd_hidden_kernel(
     tl.debug_barrier()
     y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
                                               WITH_ENTROPY)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
-                        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        valid = rmask[:, None] & cmask[None, :]
-        is_label = (cols[None, :] == y[:, None]) & valid
-        dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
-                               HAS_SOFTCAP, WITH_ENTROPY)
-        dzc = dz.to(w_ptr.dtype.element_ty)
+    for v0 in range(0, V, STAGE * BLOCK_V):
+        dzc, keep = _staged_vocab_dz(h_ptr, w_ptr, b_ptr, rows, rmask, v0, y, lse, mean_z, g, k, e, N, V, H,
+                                     softcap, inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER,
+                                     DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, STAGE)
         if DOT_FP32:
             dzc = dzc.to(tl.float32)
+        cols = v0 + tl.arange(0, STAGE * BLOCK_V)
+        cmask = cols < V
         cols64 = cols.to(tl.int64)
-        # a filtered tile runs this loop zero times (a branch around it costs registers)
-        h_end = _kept_extent(H, p, y, rmask, v0, v0 + BLOCK_V, filter_eps, FILTER)
-        for h0 in range(0, h_end, BLOCK_H):
+        for h0 in range(0, _extent(H, keep, FILTER), BLOCK_H):
             ks = h0 + tl.arange(0, BLOCK_H)
             hk = ks[None, :] < H
             wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
@@ -314,24 +455,46 @@ def token_stats_bwd_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=BWD_W_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_W_PRUNE)
+@triton.jit
+def _token_tile_dz_t(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, n0, col_lo, N, V, H,
+                     softcap, inv_temp, filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     WITH_ENTROPY: tl.constexpr, FILTER: tl.constexpr, DOT_FP32: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """For token rows ``[n0, n0 + BLOCK_N)`` and this program's columns: dL/draw transposed in the
+    input dtype (``[BLOCK_V, BLOCK_N]``), its column sums in fp32 (for the bias) and the filter's keep."""
+    rows = n0 + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
+                                              WITH_ENTROPY)
+    dz, keep = _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, col_lo, y, lse, mean_z, g, k, e, N, V, H, softcap,
+                        inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                        INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    return tl.trans(dz.to(h_ptr.dtype.element_ty)), tl.sum(dz, axis=0), keep
+
+
+@triton.autotune(key=BWD_KEY, **BWD_W_TUNING)
 @triton.jit
 def token_stats_bwd_weight_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gw_ptr, gb_ptr,
     N, V, H, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, STAGE: tl.constexpr,
 ):
     """``grad_weight[cols, :] = sum_n dL/draw[n, cols] h[n, :]`` (and ``grad_bias[cols]``).
 
-    Grid over vocabulary blocks, loop over token tiles: recomputes the logit tile, forms
-    dL/draw, adds ``dL/draw_tile^T @ h[tile, h-chunk]`` into the fp32 output rows this program
-    alone owns, and sums ``dL/draw`` over tokens in registers for the bias (unfiltered: the
-    bias gradient is exact even with ``FILTER``).
+    Grid over vocabulary blocks, loop over spans of ``STAGE`` (1 or 2) token tiles: recomputes each
+    tile's logits, forms dL/draw, puts the span's transposed tiles side by side
+    (``[BLOCK_V, STAGE * BLOCK_N]``) and adds ``dL/draw_span^T @ h[span, h-chunk]`` into the fp32
+    output rows this program alone owns (one read-modify-write per span, not per tile), and sums
+    ``dL/draw`` over tokens in registers for the bias (unfiltered: the bias gradient is exact
+    even with ``FILTER``).
     """
+    tl.static_assert((STAGE == 1) | (STAGE == 2), "bwd_weight: STAGE must be 1 or 2")
     pid = tl.program_id(0)
-    cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_lo = pid * BLOCK_V
+    cols = col_lo + tl.arange(0, BLOCK_V)
     cmask = cols < V
     cols64 = cols.to(tl.int64)
     for h0 in range(0, H, BLOCK_H):
@@ -340,25 +503,26 @@ def token_stats_bwd_weight_kernel(
                  mask=cmask[:, None] & (ks[None, :] < H))
     tl.debug_barrier()
     gb = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
-                                                  WITH_ENTROPY)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
-                        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        valid = rmask[:, None] & cmask[None, :]
-        is_label = (cols[None, :] == y[:, None]) & valid
-        dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
-                               HAS_SOFTCAP, WITH_ENTROPY)
-        if HAS_BIAS:
-            gb += tl.sum(dz, axis=0)
-        dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
+    for n0 in range(0, N, STAGE * BLOCK_N):
+        dzt, col_sum, keep = _token_tile_dz_t(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, n0,
+                                              col_lo, N, V, H, softcap, inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP,
+                                              WITH_ENTROPY, FILTER, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V,
+                                              BLOCK_H)
+        gb += col_sum
+        if STAGE >= 2:
+            dzt1, col_sum1, keep1 = _token_tile_dz_t(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
+                                                     n0 + BLOCK_N, col_lo, N, V, H, softcap, inv_temp, filter_eps,
+                                                     HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                                                     INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            dzt = _cat_cols(dzt, dzt1)
+            gb += col_sum1
+            keep = keep | keep1
         if DOT_FP32:
             dzt = dzt.to(tl.float32)
+        rows = n0 + tl.arange(0, STAGE * BLOCK_N)
+        rmask = rows < N
         rows64 = rows.to(tl.int64)
-        h_end = _kept_extent(H, p, y, rmask, pid * BLOCK_V, pid * BLOCK_V + BLOCK_V, filter_eps, FILTER)
-        for h0 in range(0, h_end, BLOCK_H):
+        for h0 in range(0, _extent(H, keep, FILTER), BLOCK_H):
             ks = h0 + tl.arange(0, BLOCK_H)
             hk = ks[None, :] < H
             ht = tl.load(h_ptr + rows64[:, None] * H + ks[None, :], mask=rmask[:, None] & hk, other=0.0)
@@ -377,56 +541,63 @@ def token_stats_bwd_weight_kernel(
 # Backward, non-deterministic variant (triton_options(deterministic=False)).
 # --------------------------------------------------------------------------------------------
 
-_BWD_FUSED = {
-    2: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
-    4: [(32, 64, 32, 4, 3), (32, 128, 32, 4, 3)],
-}
-BWD_FUSED_CONFIGS, BWD_FUSED_PRUNE = _configs(_BWD_FUSED)
+@triton.jit
+def _grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """``(token block, vocabulary block)`` of program ``pid`` in grouped order: consecutive
+    programs walk GROUP_N token blocks for one vocabulary block, then the next vocabulary block,
+    so the programs running at once cover about GROUP_N token blocks x (programs / GROUP_N)
+    vocabulary blocks: their h and W tiles are shared through L2, and no output row block is the
+    target of every running program's atomics (in row-major order all of them add into the same
+    few grad_weight rows at once)."""
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    blocks_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * blocks_v
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(blocks_n - first_n, GROUP_N)
+    in_group = pid % per_group
+    return first_n + in_group % group_n, in_group // group_n
 
 
-@triton.autotune(configs=BWD_FUSED_CONFIGS, key=["H", "V", "INPUT_PRECISION"], prune_configs_by=BWD_FUSED_PRUNE,
-                 reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"])
+@triton.autotune(key=BWD_KEY, reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"], **BWD_FUSED_TUNING)
 @triton.jit
 def token_stats_bwd_fused_atomic_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr, gh_ptr, gw_ptr, gb_ptr,
     N, V, H, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """All three gradients from one recomputed logit tile, accumulated with fp32 atomics.
 
-    Grid (token blocks, vocabulary blocks); program (i, j) forms dL/draw for its tile and adds
-    ``dL/draw @ W[cols]`` into ``grad_hidden[rows]``, ``dL/draw^T @ h[rows]`` into
-    ``grad_weight[cols]`` and its column sums into ``grad_bias[cols]`` with ``tl.atomic_add``
-    (outputs zeroed beforehand). One logit recompute instead of two, but the summation order,
-    and so the last bits of the result, depends on scheduling. Filtering as in the
-    deterministic kernels (the bias gradient is never filtered).
+    1-D grid over all (token block, vocabulary block) tiles in grouped order
+    (:func:`_grouped_tile`); a program forms dL/draw for its tile and adds ``dL/draw @ W[cols]``
+    into ``grad_hidden[rows]``, ``dL/draw^T @ h[rows]`` into ``grad_weight[cols]`` and its
+    column sums into ``grad_bias[cols]`` with relaxed ``tl.atomic_add`` (outputs zeroed
+    beforehand; the adds need atomicity, not ordering, so ``sem="relaxed"`` instead of the default
+    acq_rel). One logit recompute instead of two, but the summation order, and so the last bits
+    of the result, depends on scheduling. Filtering as in the deterministic kernels (the bias
+    gradient is never filtered).
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_lo = pid_v * BLOCK_V
+    cols = col_lo + tl.arange(0, BLOCK_V)
     rmask = rows < N
     cmask = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     y, lse, mean_z, g, k, e = _load_row_grads(rows, rmask, y_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, e_ptr,
                                               WITH_ENTROPY)
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, softcap, inv_temp,
-                    HAS_BIAS, HAS_SOFTCAP, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    valid = rmask[:, None] & cmask[None, :]
-    is_label = (cols[None, :] == y[:, None]) & valid
-    dz, p = _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
-                           HAS_SOFTCAP, WITH_ENTROPY)
+    dz, keep = _dz_tile(h_ptr, w_ptr, b_ptr, rows, rmask, col_lo, y, lse, mean_z, g, k, e, N, V, H, softcap,
+                        inv_temp, filter_eps, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY, FILTER, DOT_FP32,
+                        INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     if HAS_BIAS:
-        tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=cmask)
+        tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=cmask, sem="relaxed")
     dzc = dz.to(w_ptr.dtype.element_ty)
     if DOT_FP32:
         dzc = dzc.to(tl.float32)
     dzt = tl.trans(dzc)
-    for h0 in range(0, _kept_extent(H, p, y, rmask, pid_v * BLOCK_V, pid_v * BLOCK_V + BLOCK_V, filter_eps,
-                                    FILTER), BLOCK_H):
+    for h0 in range(0, _extent(H, keep, FILTER), BLOCK_H):
         ks = h0 + tl.arange(0, BLOCK_H)
         hk = ks[None, :] < H
         wt = tl.load(w_ptr + cols64[:, None] * H + ks[None, :], mask=cmask[:, None] & hk, other=0.0)
@@ -435,6 +606,6 @@ def token_stats_bwd_fused_atomic_kernel(
             wt = wt.to(tl.float32)
             ht = ht.to(tl.float32)
         tl.atomic_add(gh_ptr + rows64[:, None] * H + ks[None, :],
-                      tl.dot(dzc, wt, input_precision=INPUT_PRECISION), mask=rmask[:, None] & hk)
+                      tl.dot(dzc, wt, input_precision=INPUT_PRECISION), mask=rmask[:, None] & hk, sem="relaxed")
         tl.atomic_add(gw_ptr + cols64[:, None] * H + ks[None, :],
-                      tl.dot(dzt, ht, input_precision=INPUT_PRECISION), mask=cmask[:, None] & hk)
+                      tl.dot(dzt, ht, input_precision=INPUT_PRECISION), mask=cmask[:, None] & hk, sem="relaxed")

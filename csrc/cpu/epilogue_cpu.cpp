@@ -1,0 +1,192 @@
+// Row epilogues of the CPU kernels (see epilogue_cpu.h). No torch headers here.
+#include "epilogue_cpu.h"
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FDIV_NO_CLONES)
+#define FDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FDIV_CLONES
+#endif
+
+namespace fdivk {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Branch-free exp / tanh that GCC auto-vectorises (omp simd); ~2 ulp for exp on [-87, 88].
+// ---------------------------------------------------------------------------------------------
+
+// std::bit_cast (not memcpy into a local): GCC vectorises loops that use it
+inline float bits_to_float(int32_t i) { return std::bit_cast<float>(i); }
+
+inline int32_t float_to_bits(float f) { return std::bit_cast<int32_t>(f); }
+
+// Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the
+// exponent bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
+inline float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float kn = x * 1.44269504088896341f + magic;
+  const float n = kn - magic;
+  const int32_t ni = float_to_bits(kn) - float_to_bits(magic);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((ni + 127) << 23);
+}
+
+// Cephes tanhf: odd polynomial for |x| < 0.625, (1 - e) / (1 + e) with e = exp(-2|x|) above.
+inline float tanh_f(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float s = x * x;
+  float small = -5.70498872745e-3f;
+  small = small * s + 2.06390887954e-2f;
+  small = small * s - 5.37397155531e-2f;
+  small = small * s + 1.33314422036e-1f;
+  small = small * s - 3.33332819422e-1f;
+  small = small * s * x + x;
+  const float e = exp_f(-2.0f * ax);
+  float big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+}  // namespace
+
+// Transforms one row segment of raw logits in place (z = cap(raw) / T) and returns its state.
+FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transform& tf) {
+  float m = -INFINITY;
+  if (tf.has_cap) {
+    const float scale = tf.cap * tf.inv_t;
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < n; ++v) {
+      const float zv = scale * tanh_f(z[v] * tf.inv_cap);
+      z[v] = zv;
+      m = zv > m ? zv : m;
+    }
+  } else if (tf.inv_t != 1.0f) {
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < n; ++v) {
+      const float zv = z[v] * tf.inv_t;
+      z[v] = zv;
+      m = zv > m ? zv : m;
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < n; ++v) m = z[v] > m ? z[v] : m;
+  }
+  if (m == -INFINITY) {  // a segment of only -inf (masked tokens) adds nothing; NaN still propagates
+    for (int64_t v = 0; v < n; ++v) {
+      if (z[v] != z[v]) return Online{z[v], z[v], z[v]};
+    }
+    return Online();
+  }
+  float s = 0.0f, t = 0.0f;
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t v = 0; v < n; ++v) {
+    const float d0 = z[v] - m;
+    // exp underflows below -87: 0 exactly, and the clamped d keeps -inf logits (masked tokens)
+    // from giving 0 * -inf
+    const float d = d0 < -87.0f ? -87.0f : d0;
+    const float e_ev = exp_f(d);  // unconditional: vectorises (no trap)
+      const float ev = d0 < -87.0f ? 0.0f : e_ev;
+    s += ev;
+    t += ev * d;
+  }
+  Online o;
+  o.m = m;
+  o.s = s;
+  o.t = t;
+  return o;
+}
+
+// Overwrites one row segment of raw logits with dL/draw. a = k - g, e = dL/dent,
+// mean_z = lse - ent; y = the label's column within the segment, or -1 when it lies elsewhere.
+FDIV_CLONES void backward_segment(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse,
+                                  float g, float a, float e, float mean_z) {
+  // derivative of the transform at the label, before the row is overwritten
+  float d_y = tf.inv_t;
+  if (y >= 0 && tf.has_cap) {
+    const float th = tanh_f(c[y] * tf.inv_cap);
+    d_y = (1.0f - th * th) * tf.inv_t;
+  }
+  if (tf.has_cap) {
+    const float scale = tf.cap * tf.inv_t;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float th = tanh_f(c[v] * tf.inv_cap);
+      const float d0 = scale * th - lse;
+      const float d = d0 < -87.0f ? -87.0f : d0;
+      const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
+      const float p = d0 < -87.0f ? 0.0f : e_p;
+      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (d + lse - mean_z));
+    }
+  } else {
+    const float inv_t = tf.inv_t;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float d0 = c[v] * inv_t - lse;
+      const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
+      const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
+      const float p = d0 < -87.0f ? 0.0f : e_p;
+      c[v] = inv_t * p * (a - e * (d + lse - mean_z));
+    }
+  }
+  if (y >= 0) c[y] += d_y * g;
+}
+
+// One-pass variant: the row segment holds z = cap(raw) / T as stored by forward_segment (the
+// very values the forward reduced, so p = exp(z - lse) <= 1 exactly); overwrites it with dL/draw.
+// inv_scale = T / c recovers tanh(raw / c) = z T / c for the soft-cap derivative.
+FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse, float g,
+                              float a, float e, float mean_z) {
+  const float inv_scale = tf.has_cap ? 1.0f / (tf.cap * tf.inv_t) : 0.0f;
+  float d_y = tf.inv_t;
+  if (y >= 0 && tf.has_cap) {
+    const float th = c[y] * inv_scale;
+    d_y = (1.0f - th * th) * tf.inv_t;
+  }
+  if (tf.has_cap) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float z = c[v];
+      const float d0 = z - lse;
+      const float e_p = exp_f(d0);  // unconditional: vectorises (no trap)
+      const float p = d0 < -87.0f ? 0.0f : e_p;
+      const float th = z * inv_scale;
+      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (z - mean_z));
+    }
+  } else {
+    const float inv_t = tf.inv_t;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float d0 = c[v] - lse;
+      const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
+      const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
+      const float p = d0 < -87.0f ? 0.0f : e_p;
+      c[v] = inv_t * p * (a - e * (d + lse - mean_z));
+    }
+  }
+  if (y >= 0) c[y] += d_y * g;
+}
+
+FDIV_CLONES void exp_array(const float* __restrict x, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_f(x[i]);
+}
+
+FDIV_CLONES void tanh_array(const float* __restrict x, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = tanh_f(x[i]);
+}
+
+}  // namespace fdivk

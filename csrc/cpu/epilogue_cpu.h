@@ -1,0 +1,57 @@
+// Row epilogues of the CPU kernels: the per-row work on one segment of a logits tile, in plain C++
+// (no torch headers: this translation unit is only loops, which GCC vectorises; kept apart from the
+// ATen driver in token_stats_cpu.cpp, whose code stopped GCC from vectorising them).
+//
+// Every segment function is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
+// time (GCC function multi-versioning), so one build runs everywhere and uses wide vectors.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace fdivk {
+
+struct Transform {
+  bool has_cap;
+  float cap;      // c
+  float inv_cap;  // 1 / c
+  float inv_t;    // 1 / T
+};
+
+// Online softmax state of one row over the vocabulary tiles seen so far:
+// m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m).
+struct Online {
+  float m = -INFINITY, s = 0.0f, t = 0.0f;
+};
+
+inline void merge_into(Online& acc, const Online& o) {
+  if (o.s == 0.0f) return;
+  if (acc.s == 0.0f) {
+    acc = o;
+    return;
+  }
+  const float m = acc.m > o.m ? acc.m : o.m;
+  const float ea = std::exp(acc.m - m), eo = std::exp(o.m - m);
+  acc.t = ea * (acc.t + (acc.m - m) * acc.s) + eo * (o.t + (o.m - m) * o.s);
+  acc.s = ea * acc.s + eo * o.s;
+  acc.m = m;
+}
+
+// Transforms one row segment of raw logits in place (z = cap(raw) / T) and returns its state
+// (m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)). A segment of only -inf adds nothing.
+Online forward_segment(float* z, int64_t n, const Transform& tf);
+
+// Two-pass backward: overwrites one row segment of *raw* logits with dL/draw (recomputing z).
+// a = k - g, e = dL/dent, mean_z = lse - ent; y = the label's column in the segment, or -1.
+void backward_segment(float* c, int64_t V, int64_t y, const Transform& tf, float lse, float g, float a, float e,
+                      float mean_z);
+
+// One-pass: the segment holds z as stored by forward_segment; overwrites it with dL/draw.
+void coef_segment(float* c, int64_t V, int64_t y, const Transform& tf, float lse, float g, float a, float e,
+                  float mean_z);
+
+// Test hooks: the vectorisable exp / tanh approximations used above, elementwise.
+void exp_array(const float* x, float* out, int64_t n);
+void tanh_array(const float* x, float* out, int64_t n);
+
+}  // namespace fdivk

@@ -1,0 +1,374 @@
+"""Loss specs: every loss of the package as a function of complete rows' per-token statistics.
+
+A spec is a frozen, validated description of one loss (the f-divergence SFT objectives of
+:func:`fdiv_kernels.loss`, the primal per-token losses, the DPO family). It is the one object
+the API, the ``nn`` modules, the integrations and the trainer hand to the kernels. Given one
+*chunk* of complete rows (their ``logp``, ``lse``, supervision mask and reference log-probs,
+see :class:`Rows`) a spec returns that chunk's contribution to the loss (:meth:`terms`), and the
+whole-batch loss is put together by :meth:`finish`:
+
+    loss = finish(sum_c linear_c, logsumexp_c lme_c)
+
+* ``linear``: terms that add over chunks (means divide by the batch's token/row/pair count,
+  which :meth:`normalizers` reads off the labels before the first GEMM);
+* ``lme``: the log-sum-exp of the log-mean-exp divergences (KL, squared Hellinger), combined
+  across chunks exactly by a running max (see :mod:`fdiv_kernels.ops.fused`).
+
+The per-token coefficients ``g = dL/dlogp`` and ``k = dL/dlse`` that the fused kernels need are
+the autograd gradients of a chunk's terms: the math is written once, here and in the registry
+(:mod:`fdiv_kernels.divergences`, :mod:`fdiv_kernels.primal`, :mod:`fdiv_kernels.dpo`), and the
+whole-batch path (logits given, ``reduction="none"``, or no gradient needed) calls the same
+:meth:`terms` on the whole batch. Conventions and derivations: ``docs/math.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from . import _checks
+from .divergences import Divergence, get_divergence
+from .dpo import check_options as check_dpo_options, pair_losses
+from .primal import PrimalLoss, get_primal
+
+LEVELS = ("token", "sequence")
+REDUCTIONS = ("mean", "sum", "none")
+VALUE_MODES = ("drop", "detach", "free")
+
+
+class Rows(NamedTuple):
+    """Statistics of a set of complete rows, ``[r, T]`` each (0 at unsupervised positions).
+
+    ``ref_tok``: per-token reference log-probs ``[r, T]`` (0 where unsupervised) or a 0-d zero;
+    ``ref_seq``: per-row reference log-probs ``[r]`` or ``None``.
+    """
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    mask: torch.Tensor
+    ref_tok: torch.Tensor
+    ref_seq: Optional[torch.Tensor]
+
+    def select(self, rows: torch.Tensor) -> "Rows":
+        """The same statistics for the rows ``rows`` (an index tensor)."""
+        pick = lambda t: t if t is None or t.dim() == 0 else t.index_select(0, rows)  # noqa: E731
+        return Rows(*(pick(t) for t in self))
+
+
+class Norms(NamedTuple):
+    """Batch-level counts a mean divides by (0-d tensors): supervised tokens, rows with one, pairs."""
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    pairs: int = 0
+
+
+class Terms(NamedTuple):
+    """A chunk's contribution: ``linear`` (0-d) and, for log-mean-exp losses, ``lme`` (0-d, may be -inf)."""
+
+    linear: torch.Tensor
+    lme: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How logits are formed from the LM head: ``z = cap(h W^T + b) / temperature`` with the
+    soft-cap ``cap(x) = softcap * tanh(x / softcap)`` (``None``: none), and which backend runs it."""
+
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _checks.check_scalars(self.softcap, self.temperature)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.softcap is not None:
+            object.__setattr__(self, "softcap", float(self.softcap))
+
+
+def normalizers(mask2: torch.Tensor, pairs: int = 0) -> Norms:
+    return Norms(mask2.sum(), mask2.any(dim=1).sum(), pairs)
+
+
+def first_last_next(mask2: torch.Tensor):
+    """Indices of each row's first and last supervised position and, per position, the next one."""
+    b, t = mask2.shape
+    pos = torch.arange(t, device=mask2.device).expand(b, t)
+    big = torch.full_like(pos, t)
+    first = torch.where(mask2, pos, big).min(dim=1).values.clamp(max=t - 1)
+    last = torch.where(mask2, pos, torch.full_like(pos, -1)).max(dim=1).values.clamp(min=0)
+    # next supervised position strictly after each t (t itself when none): reverse cummin
+    cand = torch.where(mask2, pos, big)
+    shifted = torch.cat([cand[:, 1:], big[:, :1]], dim=1)
+    nxt = torch.flip(torch.cummin(torch.flip(shifted, [1]), dim=1).values, [1])
+    nxt = torch.where(nxt >= t, pos, nxt)
+    return first, last, nxt
+
+
+def value_s0(rows: Rows) -> torch.Tensor:
+    """``[r]`` lse at each row's first supervised position (0 for rows with none)."""
+    first = first_last_next(rows.mask)[0]
+    return torch.where(rows.mask.any(dim=1), rows.lse.gather(1, first[:, None]).squeeze(1), rows.lse.new_zeros(()))
+
+
+def _masked_logsumexp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(x[w])`` (``-inf`` with a zero gradient when ``w`` is all False); no host sync."""
+    has = w.any()
+    fill = torch.where(has, x.new_full((), -math.inf), x.new_zeros(()))
+    lse = torch.logsumexp(torch.where(w, x, fill).reshape(-1), dim=0)
+    return torch.where(has, lse, x.new_full((), -math.inf))
+
+
+def _mean_or_sum(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    return total if reduction == "sum" else total / count.clamp(min=1)
+
+
+def _finish_lme(linear: torch.Tensor, lme: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``linear + lme (- log n)``; 0 with a zero gradient when nothing is supervised (``lme = -inf``)."""
+    has = torch.isfinite(lme)
+    safe = torch.where(has, lme, lme.new_zeros(()))
+    if reduction == "mean":
+        safe = safe - torch.log(count.clamp(min=1).to(lme.dtype))
+    return linear + torch.where(has, safe, lme.new_zeros(()))
+
+
+# ---------------------------------------------------------------------------------------------
+# f-divergence SFT objectives (the paper's variational form)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FDivSpec:
+    """The variational f-divergence SFT loss of :func:`fdiv_kernels.loss` (validated on creation).
+
+    ``divergence`` is a registry entry or a name/alias; the other fields are the arguments of
+    :func:`fdiv_kernels.loss` of the same names.
+    """
+
+    divergence: Union[str, Divergence] = "sft"
+    beta: float = 1.0
+    level: str = "token"
+    values: str = "drop"
+    z_loss: float = 0.0
+    length_normalize: bool = False
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        object.__setattr__(self, "divergence", get_divergence(self.divergence))
+        _checks.check_choice("level", self.level, LEVELS)
+        _checks.check_choice("reduction", self.reduction, REDUCTIONS)
+        _checks.check_choice("values", self.values, VALUE_MODES)
+        _checks.check_beta(self.beta)
+        if not (math.isfinite(self.z_loss) and self.z_loss >= 0):
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
+        if self.reduction == "none" and (self.values == "free" or self.z_loss > 0):
+            raise ValueError("values='free' and z_loss add batch-level terms; use reduction='mean' or 'sum' with them")
+        if self.length_normalize and self.level != "sequence":
+            raise ValueError("length_normalize=True applies to level='sequence' only")
+
+    # --- what the fused kernels need to know ---
+    @property
+    def token_local(self) -> bool:
+        """True when a token's terms depend on that token alone (chunks may split rows anywhere)."""
+        return self.level == "token" and self.values == "drop"
+
+    @property
+    def uses_lme(self) -> bool:
+        return self.divergence.aggregate == "logmeanexp" and self.reduction != "none"
+
+    @property
+    def single_pass(self) -> bool:
+        """Whether the one-pass fused path applies: a log-mean-exp loss mixed with linear terms
+        (``values="free"``/``z_loss``) and ``reduction="none"`` need the two-pass path."""
+        if self.reduction == "none":
+            return False
+        return not (self.uses_lme and (self.values == "free" or self.z_loss > 0))
+
+    def row_groups(self, num_rows: int) -> Optional[torch.Tensor]:
+        """Rows that must share a chunk (``None``: any complete rows)."""
+        return None
+
+    def normalizers(self, mask2: torch.Tensor) -> Norms:
+        return normalizers(mask2)
+
+    # --- the math ---
+    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u, weight_mask, value_s0)``: the implicit reward (``[r, T]`` at token level, ``[r]`` at
+        sequence level), where it counts, and ``V(s0)`` per row (see ``docs/math.md`` section 2)."""
+        m2, lse2 = rows.mask, rows.lse
+        zero = rows.logp.new_zeros(())
+        logratio = torch.where(m2, rows.logp - rows.ref_tok, zero)
+        first, last, nxt = first_last_next(m2)
+        row_valid = m2.any(dim=1)
+        v_s0 = torch.where(row_valid, lse2.gather(1, first[:, None]).squeeze(1), zero)
+        vm = lse2 if self.values == "free" else lse2.detach()
+        if self.level == "token":
+            u = self.beta * logratio
+            if self.values != "drop":
+                u = u + torch.where(m2, vm - vm.gather(1, nxt), zero)
+            return torch.where(m2, u, zero), m2, v_s0
+        s = logratio.sum(dim=1)
+        if self.length_normalize:
+            s = s / m2.sum(dim=1).clamp(min=1)
+        if rows.ref_seq is not None:
+            s = s - rows.ref_seq
+        u = self.beta * s
+        if self.values != "drop":
+            u = u + vm.gather(1, first[:, None]).squeeze(1) - vm.gather(1, last[:, None]).squeeze(1)
+        return torch.where(row_valid, u, zero), row_valid, v_s0
+
+    def terms(self, rows: Rows, norms: Norms) -> Terms:
+        """This chunk's ``linear`` terms and (KL, squared Hellinger) its log-sum-exp ``lme``."""
+        u, w, v_s0 = self.rewards(rows)
+        n_w = norms.tokens if self.level == "token" else norms.rows
+        div, red = self.divergence, self.reduction
+        zero = u.new_zeros(())
+        linear, lme = zero, None
+        if div.aggregate == "mean":
+            linear = _mean_or_sum(torch.where(w, -div.objective(u), zero).sum(), n_w, red)
+        else:
+            lme = _masked_logsumexp(div.neg_log_psi(u), w)
+        if self.values == "free":  # the paper's -V(s0) term of J, with gradient
+            linear = linear + _mean_or_sum(torch.where(rows.mask.any(dim=1), v_s0, zero).sum(), norms.rows, red)
+        if self.z_loss > 0:
+            linear = linear + self.z_loss * _mean_or_sum(
+                torch.where(rows.mask, rows.lse * rows.lse, zero).sum(), norms.tokens, red)
+        return Terms(linear, lme)
+
+    def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
+        if terms.lme is None:
+            return terms.linear
+        n_w = norms.tokens if self.level == "token" else norms.rows
+        return _finish_lme(terms.linear, terms.lme, n_w, self.reduction)
+
+    def per_element(self, rows: Rows) -> torch.Tensor:
+        """``reduction="none"``: ``-phi(u)`` (``psi - offset`` for log-mean-exp divergences) per
+        token / row, 0 where nothing is supervised."""
+        u, w, _ = self.rewards(rows)
+        div = self.divergence
+        zero = u.new_zeros(())
+        if div.aggregate == "mean":
+            return torch.where(w, -div.objective(u), zero)
+        return torch.where(w, torch.exp(div.neg_log_psi(u)) - div.psi_offset, zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# Primal per-token losses D_f(onehot(y) || p)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrimalSpec:
+    """The primal per-token loss of ``fk.loss(..., form="primal")`` (see :mod:`fdiv_kernels.primal`)."""
+
+    divergence: Union[str, PrimalLoss] = "kl"
+    alpha: float = 1.5
+    z_loss: float = 0.0
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        if not isinstance(self.divergence, PrimalLoss):
+            object.__setattr__(self, "divergence", get_primal(self.divergence))
+        _checks.check_choice("reduction", self.reduction, REDUCTIONS)
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
+        if not (math.isfinite(self.z_loss) and self.z_loss >= 0):
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
+
+    token_local = True
+    uses_lme = False
+
+    @property
+    def single_pass(self) -> bool:
+        return self.reduction != "none"
+
+    def row_groups(self, num_rows: int) -> Optional[torch.Tensor]:
+        return None
+
+    def normalizers(self, mask2: torch.Tensor) -> Norms:
+        return normalizers(mask2)
+
+    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return rows.logp, rows.mask, value_s0(rows)
+
+    def per_element(self, rows: Rows) -> torch.Tensor:
+        return torch.where(rows.mask, self.divergence(rows.logp, self.alpha), rows.logp.new_zeros(()))
+
+    def terms(self, rows: Rows, norms: Norms) -> Terms:
+        zero = rows.logp.new_zeros(())
+        linear = _mean_or_sum(self.per_element(rows).sum(), norms.tokens, self.reduction)
+        if self.z_loss > 0:
+            linear = linear + self.z_loss * _mean_or_sum(
+                torch.where(rows.mask, rows.lse * rows.lse, zero).sum(), norms.tokens, self.reduction)
+        return Terms(linear)
+
+    def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
+        return terms.linear
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO family on the sequence log-probs of (chosen, rejected) row pairs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DPOSpec:
+    """A DPO-family loss on ``2B`` rows (``0..B-1`` chosen, ``B..2B-1`` rejected), mean over pairs.
+
+    Fields as in :func:`fdiv_kernels.dpo_loss`; ``length_normalize`` uses mean instead of summed
+    sequence log-probs (``None``: True for ipo and simpo, as TRL does). The reference is per row
+    (``Rows.ref_seq``, same layout and normalisation); ``simpo`` needs none.
+    """
+
+    kind: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 1.0
+    length_normalize: Optional[bool] = None
+
+    def __post_init__(self):
+        check_dpo_options(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing,
+                          f_divergence=self.f_divergence)
+        if self.length_normalize is None:
+            object.__setattr__(self, "length_normalize", self.kind in ("ipo", "simpo"))
+
+    token_local = False
+    uses_lme = False
+    single_pass = True
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind != "simpo"
+
+    def row_groups(self, num_rows: int) -> torch.Tensor:
+        """Pair ``i`` is rows ``i`` and ``i + B``: they share a chunk."""
+        if num_rows % 2:
+            raise ValueError(f"a DPO batch has 2B rows (chosen then rejected), got {num_rows}")
+        return torch.arange(num_rows) % (num_rows // 2)
+
+    def normalizers(self, mask2: torch.Tensor) -> Norms:
+        return normalizers(mask2, pairs=mask2.shape[0] // 2)
+
+    def sequence_logps(self, rows: Rows) -> torch.Tensor:
+        """``[r]`` summed (or, with ``length_normalize``, mean) log-probs of each row."""
+        s = torch.where(rows.mask, rows.logp, rows.logp.new_zeros(())).sum(dim=1)
+        return s / rows.mask.sum(dim=1).clamp(min=1) if self.length_normalize else s
+
+    def pair_losses(self, rows: Rows) -> torch.Tensor:
+        """``[pairs]`` losses of rows laid out as ``(chosen_0, rejected_0, chosen_1, ...)``."""
+        s = self.sequence_logps(rows).view(-1, 2)
+        ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
+        return pair_losses(s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
+                           kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma,
+                           f_divergence=self.f_divergence, f_alpha=self.f_alpha)
+
+    def terms(self, rows: Rows, norms: Norms) -> Terms:
+        return Terms(self.pair_losses(rows).sum() / max(1, norms.pairs))
+
+    def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
+        return terms.linear
+
+
+LossSpec = Union[FDivSpec, PrimalSpec, DPOSpec]

@@ -1,0 +1,277 @@
+"""The single-pass fused loss (fdiv_kernels/ops/fused.py) against plain torch autograd on full logits.
+
+Every spec (divergence x level x values mode x z_loss x reduction, primal forms, DPO kinds) on
+every backend with chunk kernels: values and gradients equal the float32 autograd reference,
+gradcheck in float64, chunk boundaries (rows split, DPO pairs kept whole), the running-max
+rescaling of the log-mean-exp divergences, three GEMMs per chunk, one under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fdiv_kernels as fk
+from fdiv_kernels.ops import available_backends, cpu_backend, fused, torch_chunked
+
+BACKENDS = [b for b in ("torch", "cpu") if available_backends("cpu").get(b) == "available"]
+NAMES = sorted(fk.DIVERGENCES)
+
+
+def make(rows=3, t=9, h=16, v=37, seed=0, dtype=torch.float32, ref_scale=2.0, spread=0.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, t, h, generator=g, dtype=dtype)
+    weight = torch.randn(v, h, generator=g, dtype=dtype) * 0.5
+    bias = torch.randn(v, generator=g, dtype=dtype) * 0.1
+    labels = torch.randint(0, v, (rows, t), generator=g)
+    labels[0, :3] = -100
+    labels[-1, -2:] = -100
+    ref = -torch.rand(rows, t, generator=g, dtype=dtype) * ref_scale
+    if spread:  # rows far apart in reward: the log-mean-exp's running max moves between chunks
+        ref = ref + spread * torch.arange(rows, dtype=dtype)[:, None] * (-1) ** torch.arange(rows)[:, None]
+    return hidden, weight, bias, labels, ref
+
+
+def reference(hidden, weight, bias, labels, **kw):
+    """The same loss from full logits with plain torch autograd (no fused kernels)."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = bias.detach().clone().requires_grad_()
+    softcap, temperature = kw.pop("softcap", None), kw.pop("temperature", 1.0)
+    z = h @ w.T + b
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    out = fk.loss(logits=z / temperature, labels=labels, **kw)
+    loss = out.loss if out.loss.dim() == 0 else out.loss.sum()
+    return loss, torch.autograd.grad(loss, (h, w, b))
+
+
+def fused_run(hidden, weight, bias, labels, backend, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = bias.detach().clone().requires_grad_()
+    out = fk.loss(h, w, labels, bias=b, backend=backend, **kw)
+    return out.loss, torch.autograd.grad(out.loss, (h, w, b)), out
+
+
+def close(a, b, rtol=1e-5, atol=1e-5):
+    """Equal to ``rtol`` elementwise, ``atol`` relative to the tensor's largest entry (fp32 roundoff
+    scales with the loss: Pearson's primal form reaches losses of 1e3 here)."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, float(b.detach().abs().max())))
+
+
+SPECS = (
+    [dict(divergence=d, level=lv, values=vm) for d in NAMES for lv in ("token", "sequence")
+     for vm in ("drop", "detach", "free") if not (fk.DIVERGENCES[d].aggregate == "logmeanexp" and vm == "free")]
+    + [dict(divergence="js", z_loss=0.01), dict(divergence="pearson", level="sequence", length_normalize=True),
+       dict(divergence="kl", reduction="sum"), dict(divergence="reverse_kl", level="sequence", reduction="sum"),
+       dict(divergence="tv", values="free", z_loss=0.1)]
+    + [dict(divergence=d, form="primal") for d in ("kl", "tv", "pearson", "squared_hellinger", "js", "alpha")]
+)
+
+
+def _id(kw):
+    return "-".join(f"{v}" for v in kw.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", SPECS, ids=_id)
+def test_single_pass_equals_autograd_on_full_logits(backend, kw, monkeypatch):
+    hidden, weight, bias, labels, ref = make(seed=zlib.crc32(_id(kw).encode()) % 1000)
+    calls = []
+    monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
+    extra = dict(kw)
+    if kw.get("form") != "primal":
+        extra.update(ref_logp=ref, beta=0.7)
+    loss, grads, _ = fused_run(hidden, weight, bias, labels, backend, softcap=6.0, temperature=0.9, **extra)
+    want, want_grads = reference(hidden, weight, bias, labels, softcap=6.0, temperature=0.9, **extra)
+    assert calls, "the single-pass path was not taken"
+    close(loss, want)
+    for a, b in zip(grads, want_grads):
+        close(a, b)
+
+
+def _spy(fn, calls):
+    def wrapped(*args):
+        calls.append(args[-1])
+        return fn(*args)
+    return wrapped
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gradcheck_float64_through_chunks(name, level, monkeypatch):
+    """float64 goes to the torch backend's chunk kernels; tiny chunks put every boundary in play."""
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 4 * 7)  # 4 tokens per chunk at V=7
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 5), generator=g)
+    labels[0, 0] = -100
+    ref = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 3
+    values = "drop" if fk.DIVERGENCES[name].aggregate == "logmeanexp" else "free"
+
+    def f(h, w):
+        return fk.loss(h, w, labels, divergence=name, ref_logp=ref, beta=0.7, level=level, values=values,
+                       z_loss=0.01 if values == "free" else 0.0, backend="torch").loss
+
+    assert torch.autograd.gradcheck(f, (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["kl", "squared_hellinger"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_log_mean_exp_rescaling_across_chunks(backend, name, level, monkeypatch):
+    """Rows 40 nats apart in reward, one or two rows per chunk: the running max moves up and
+    down, and the result equals the whole-batch log-mean-exp."""
+    _tiny_chunks(monkeypatch, tokens=7)
+    hidden, weight, bias, labels, ref = make(rows=6, spread=40.0, seed=5)
+    loss, grads, _ = fused_run(hidden, weight, bias, labels, backend, divergence=name, level=level, ref_logp=ref,
+                               beta=1.0)
+    want, want_grads = reference(hidden, weight, bias, labels, divergence=name, level=level, ref_logp=ref, beta=1.0)
+    assert torch.isfinite(loss)
+    close(loss, want)
+    for a, b in zip(grads, want_grads):
+        close(a, b)
+
+
+def _tiny_chunks(monkeypatch, tokens):
+    monkeypatch.setattr(torch_chunked, "chunk_tokens", lambda v, h, dt: tokens)
+    monkeypatch.setattr(cpu_backend, "chunk_tokens", lambda v, h, dt: tokens)
+    for name in ("torch", "cpu"):
+        b = fk.ops.backends._BACKENDS.get(name)
+        if b is not None:
+            monkeypatch.setitem(fk.ops.backends._BACKENDS, name,
+                                fk.ops.backends.Backend(**{**b.__dict__, "chunk_tokens": lambda v, h, dt: tokens}))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 1000])
+def test_chunk_plans(tokens):
+    mask = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    tok_spec = fk.specs.FDivSpec("js")
+    plan = fused.plan_chunks(tok_spec, mask, tokens)
+    assert plan.num_tokens == 8 and sum(c.tok1 - c.tok0 for c in plan.chunks) == 8
+    assert all(c.tok1 - c.tok0 <= tokens for c in plan.chunks)
+    seq = fused.plan_chunks(fk.specs.FDivSpec("js", level="sequence"), mask, tokens)
+    want = {1: None, 2: None, 5: [(0, 2), (2, 4)], 1000: [(0, 4)]}[tokens]  # rows of 3, 0, 4, 1 tokens
+    assert (seq if seq is None else [(c.row0, c.row1) for c in seq.chunks]) == want
+    dpo = fused.plan_chunks(fk.specs.DPOSpec(), mask, max(tokens, 7))  # pairs (0, 2): 7 tokens, (1, 3): 1
+    assert dpo.order.tolist() == [0, 2, 1, 3]  # the rows of a pair adjacent
+    assert [(c.row0, c.row1) for c in dpo.chunks] == ([(0, 2), (2, 4)] if tokens < 8 else [(0, 4)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_longer_than_a_chunk_take_the_two_pass_path(backend, monkeypatch):
+    _tiny_chunks(monkeypatch, tokens=3)
+    hidden, weight, bias, labels, ref = make()
+    loss, grads, _ = fused_run(hidden, weight, bias, labels, backend, divergence="pearson", level="sequence",
+                               ref_logp=ref, beta=0.5)
+    want, want_grads = reference(hidden, weight, bias, labels, divergence="pearson", level="sequence", ref_logp=ref,
+                                 beta=0.5)
+    close(loss, want)
+    for a, b in zip(grads, want_grads):
+        close(a, b)
+
+
+class _CountGemms(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_three_gemms_per_chunk_and_one_without_grad(monkeypatch):
+    """torch backend: a forward + backward is exactly 3 GEMMs per chunk; under no_grad, 1."""
+    _tiny_chunks(monkeypatch, tokens=8)
+    hidden, weight, bias, labels, ref = make(rows=4, t=8)
+    chunks = math.ceil(int((labels != -100).sum()) / 8)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with _CountGemms() as cg:
+        out = fk.loss(h, w, labels, divergence="js", ref_logp=ref, beta=0.3, backend="torch")
+        out.loss.backward()
+    assert cg.count == 3 * chunks
+    with torch.no_grad(), _CountGemms() as cg:
+        fk.loss(h, w, labels, divergence="js", ref_logp=ref, beta=0.3, backend="torch")
+    rows = torch_chunked.rows_per_chunk(weight.shape[0])
+    assert cg.count == math.ceil(int((labels != -100).sum()) / rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_used_outside_the_loss_get_their_gradients(backend):
+    """logp/lse/reward of the output feed another term: its gradient is added by the recompute kernels."""
+    hidden, weight, bias, labels, ref = make(seed=7)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    out = fk.loss(h, w, labels, bias=b, divergence="js", ref_logp=ref, beta=0.5, backend=backend)
+    total = out.loss + 0.3 * out.lse.square().sum() - 0.1 * out.reward.sum()
+    grads = torch.autograd.grad(total, (h, w, b))
+    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    ref_out = fk.loss(logits=h2 @ w2.T + b2, labels=labels, divergence="js", ref_logp=ref, beta=0.5)
+    want = ref_out.loss + 0.3 * ref_out.lse.square().sum() - 0.1 * ref_out.reward.sum()
+    for a, c in zip(grads, torch.autograd.grad(want, (h2, w2, b2))):
+        close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_grad_output_and_frozen_inputs(backend):
+    hidden, weight, bias, labels, ref = make(seed=8)
+    h, w = hidden.clone().requires_grad_(), weight.clone()  # frozen head
+    out = fk.loss(h, w, labels, divergence="kl", ref_logp=ref, beta=0.5, backend=backend)
+    (g,) = torch.autograd.grad(out.loss * 2.5, (h,))
+    h2 = hidden.clone().requires_grad_()
+    want = fk.loss(logits=h2 @ weight.T, labels=labels, divergence="kl", ref_logp=ref, beta=0.5).loss
+    (g2,) = torch.autograd.grad(want * 2.5, (h2,))
+    close(g, g2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_and_bf16(backend):
+    hidden, weight, bias, labels, ref = make(seed=9)
+    h = hidden.clone().requires_grad_()
+    out = fk.loss(h, weight, torch.full_like(labels, -100), divergence="kl", backend=backend)
+    (g,) = torch.autograd.grad(out.loss, (h,))
+    assert out.loss.item() == 0.0 and (g == 0).all()
+    hb, wb = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    out = fk.loss(hb, wb, labels, divergence="js", ref_logp=ref, beta=0.5, backend=backend)
+    gh, gw = torch.autograd.grad(out.loss, (hb, wb))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    want, want_grads = reference(hb.float(), wb.float(), torch.zeros(weight.shape[0]), labels, divergence="js",
+                                 ref_logp=ref, beta=0.5)
+    close(out.loss, want, rtol=1e-4, atol=1e-4)
+    close(gh.float(), want_grads[0], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "robust", "hinge"])
+def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatch):
+    _tiny_chunks(monkeypatch, tokens=9)  # one pair per chunk
+    g = torch.Generator().manual_seed(11)
+    b, t, hdim, v = 3, 6, 8, 29
+    hidden = torch.randn(2 * b, t, hdim, generator=g)
+    weight = torch.randn(v, hdim, generator=g) * 0.5
+    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    labels[:, :2] = -100
+    ref = -torch.rand(2 * b, generator=g) * 10
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, kind=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    calls = []
+    monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
+    out = mod(h, w, labels, ref_logp=None if kind == "simpo" else ref, return_output=True)
+    grads = torch.autograd.grad(out.loss, (h, w))
+    assert calls
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    s = fk.sequence_logp(logits=h2 @ w2.T, labels=labels)
+    seq = s.mean if mod.length_normalize else s.sum
+    want = fk.dpo_loss(seq[:b], seq[b:], None if kind == "simpo" else ref[:b], None if kind == "simpo" else ref[b:],
+                       beta=0.2, kind=kind, label_smoothing=0.1 if kind == "sigmoid" else 0)
+    close(out.loss, want.loss)
+    close(out.losses, want.losses)
+    for a, c in zip(grads, torch.autograd.grad(want.loss, (h2, w2))):
+        close(a, c)
