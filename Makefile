@@ -6,17 +6,21 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test bench minilab clean gpu-check gpu-wheels gpu-prebuild gpu-preflight test-triton-versions
 
-$(STAMP): setup.py
+PIP    := $(BIN)/pip install -q -c constraints.txt
+
+# deepspeed (in .[dev]) builds from source against the installed torch: --no-build-isolation
+$(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(PIP) torch
+	$(PIP) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# --overwrite: `make demo` again replaces runs/demo (fdiv-train itself refuses to clear a run)
 demo: $(STAMP)
-	$(BIN)/fdiv-train pipeline --config examples/configs/demo.yaml
+	$(BIN)/fdiv-train pipeline --config demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

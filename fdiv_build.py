@@ -5,7 +5,8 @@
   build of torch are present, unless ``FDIV_BUILD_CUDA=0``), built with ninja, with the same
   sources and flags as the just-in-time build in ``fdiv_kernels/ops/native.py``.
 * :func:`csrc_cmdclass`: a ``build_py`` that copies ``csrc/`` into the package as
-  ``fdiv_kernels/_csrc`` so that wheels can still build just in time. Imports no torch.
+  ``fdiv_kernels/_csrc`` so that wheels can still build just in time, and ``examples/configs``
+  as ``fdiv_kernels/train/configs`` (the trainer's named configs). Imports no torch.
 """
 
 from __future__ import annotations
@@ -30,19 +31,26 @@ def _native_spec():
     return mod
 
 
+#: (source folder, folder inside the package, suffixes) copied into every build as package data:
+#: the C++/CUDA sources (JIT builds from a wheel) and the trainer's named configs (``--config demo``)
+PACKAGE_DATA = ((CSRC, os.path.join("fdiv_kernels", "_csrc"), SOURCE_SUFFIXES),
+                (os.path.join("examples", "configs"), os.path.join("fdiv_kernels", "train", "configs"),
+                 (".yaml", ".yml", ".json")))
+
+
 class BuildPyWithCsrc(_build_py):
-    """``build_py`` that also ships the C++/CUDA sources as package data (``fdiv_kernels/_csrc``)."""
+    """``build_py`` that also ships :data:`PACKAGE_DATA` (``fdiv_kernels/_csrc``, ``fdiv_kernels/train/configs``)."""
 
     def run(self):
         super().run()
-        src_root = os.path.join(HERE, CSRC)
-        dst_root = os.path.join(self.build_lib, "fdiv_kernels", "_csrc")
-        for dirpath, _, files in os.walk(src_root):
-            for f in files:
-                if f.endswith(SOURCE_SUFFIXES):
-                    rel = os.path.relpath(os.path.join(dirpath, f), src_root)
-                    os.makedirs(os.path.dirname(os.path.join(dst_root, rel)), exist_ok=True)
-                    shutil.copy2(os.path.join(dirpath, f), os.path.join(dst_root, rel))
+        for src, dst, suffixes in PACKAGE_DATA:
+            src_root, dst_root = os.path.join(HERE, src), os.path.join(self.build_lib, dst)
+            for dirpath, _, files in os.walk(src_root):
+                for f in files:
+                    if f.endswith(suffixes):
+                        rel = os.path.relpath(os.path.join(dirpath, f), src_root)
+                        os.makedirs(os.path.dirname(os.path.join(dst_root, rel)), exist_ok=True)
+                        shutil.copy2(os.path.join(dirpath, f), os.path.join(dst_root, rel))
 
 
 def csrc_cmdclass() -> dict:

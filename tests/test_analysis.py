@@ -101,3 +101,57 @@ def test_values_cli_over_checkpoints(tiny, tmp_path):
     assert [r["step"] for r in res] == [10, 20]
     assert res[0]["mean"] != res[1]["mean"]
     assert os.path.getsize(out / "value_s0.png") > 1000
+
+
+def test_rank_labels_are_unique(tmp_path):
+    from fdiv_kernels.analysis.cli import model_labels
+    from fdiv_kernels.train.errors import ConfigError
+
+    a, b, c = (str(tmp_path / r / "sft" / "final") for r in ("run_a", "run_b", "run_c"))
+    assert model_labels([a, b, c]) == [(os.path.join(r, "sft", "final"), p)
+                                       for r, p in (("run_a", a), ("run_b", b), ("run_c", c))]
+    assert model_labels(["base=" + a, b]) == [("base", a), ("final", b)]
+    assert model_labels([a]) == [("final", a)]
+    with pytest.raises(ConfigError, match="two models labelled 'x'"):
+        model_labels(["x=" + a, "x=" + b])
+    with pytest.raises(ConfigError, match="'outcome' is the label"):
+        model_labels(["outcome=" + a])
+
+
+def test_rank_cli_keeps_models_that_share_a_directory_name_apart(tiny, tmp_path, capsys):
+    """Three runs' `.../sft/final` are three entries (they used to collapse into one 'final')."""
+    model, tok = tiny
+    paths = []
+    for i, r in enumerate(("a", "b", "c")):
+        d = tmp_path / "runs" / r / "sft" / "final"
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5 + i)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        paths.append(str(d))
+    data = tmp_path / "traj.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "<s><|user|>q<|assistant|>", "response": resp, "score": s})
+                              for resp, s in (("ab\ncd\ne", 1.0), ("xy\nz", 0.0), ("q\nrs\nt\nu", 0.5))) + "\n")
+    assert analyze_main(["rank", "--data", str(data)] + sum((["--model", p] for p in paths), [])) == 0
+    table = json.loads(capsys.readouterr().out)  # stdout is the JSON table and nothing else
+    assert set(table) == {"a/sft/final", "b/sft/final", "c/sft/final", "outcome"}
+    assert analyze_main(["rank", "--data", str(data), "--model", paths[0], "--model", "/nope"]) == 2
+    assert "'/nope' is not a directory" in capsys.readouterr().err
+
+
+def test_analyze_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert analyze_main(["values", "--phase-dir", str(tmp_path), "--eval", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fdiv-analyze: error: --phase-dir") and "\n" not in err
+
+
+def test_docstring_example_paths_are_what_a_demo_run_writes():
+    """The CLI docstring names only run paths the pipeline writes (runs/demo/base never existed)."""
+    import re
+
+    from fdiv_kernels.analysis import cli
+
+    named = set(re.findall(r"runs/demo/([\w/.]+)", cli.__doc__))
+    writes = {"sft", "analysis", "pretrain/final", "sft/final", "dpo/final", "data/pref_eval.jsonl",
+              "data/eval_prompts.jsonl"}
+    assert named and named <= writes, named - writes

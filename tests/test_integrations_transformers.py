@@ -227,3 +227,26 @@ def test_patched_forward_never_calls_the_head_module():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)  # without labels: the original forward, with logits
     assert calls == [(3, 11, V)]
+
+
+@pytest.mark.parametrize("softcap,temperature,bias", [(None, 1.0, False), (3.0, 0.7, True)])
+def test_token_head_metrics_equal_full_logits(softcap, temperature, bias):
+    """Mean logit over the vocabulary and label==argmax, tiled (3 row x 4 vocab tiles), vs float64 logits."""
+    from fdiv_kernels.integrations.transformers import token_head_metrics
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(29, 8, generator=g)
+    b = torch.randn(29, generator=g) if bias else None
+    z = h.double() @ w.double().T + (b.double() if bias else 0)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    y = z.argmax(-1)
+    y[0, 1] = (y[0, 1] + 1) % 29  # a wrong label
+    y[1, 3] = -100
+    mean, top1 = token_head_metrics(h, w, y, bias=b, softcap=softcap, temperature=temperature, vocab_chunk=8,
+                                    row_chunk=4)
+    keep = y != -100
+    torch.testing.assert_close(mean[keep].double(), z.mean(-1)[keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(top1, (z.argmax(-1) == y) & keep) and not top1[0, 1] and top1.sum() == keep.sum() - 1
+    assert mean[1, 3] == 0

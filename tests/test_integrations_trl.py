@@ -134,6 +134,14 @@ def test_dpo_equals_trl(tmp_path, loss_type, f_div):
     a = theirs.compute_loss(theirs.model, dict(batch))
     b = ours.compute_loss(ours.model, dict(batch))
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)
+    # every metric TRL's DPOTrainer logs, equal on the same batch
+    mt, mo = theirs._metrics["train"], ours._metrics["train"]
+    assert set(mt) <= set(mo), set(mt) - set(mo)
+    for k in mt:
+        assert mo[k] == pytest.approx(mt[k], rel=1e-5, abs=1e-6), (k, mo[k], mt[k])
+    assert {"entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(mt)
+    theirs._metrics["train"].clear()
+    ours._metrics["train"].clear()
     theirs.train()
     ours.train()
     la, lb = _losses(theirs), _losses(ours)

@@ -47,6 +47,8 @@ def test_pipeline_smoke_writes_everything(tmp_path, config_file, capsys):
     assert all("accuracy" in r and "margin" in r for r in dpo_rows)
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert set(summary["task_accuracy"]) == {"base", "sft", "dpo"} and summary["dpo_beta"] == 0.2
+    assert all(isinstance(v, dict) for v in summary["phases"].values())  # one mapping per phase, nothing else
+    assert 0 <= summary["phases"]["dpo"]["rejected_self"] <= 16
     for f in ("pretrain.png", "sft.png", "dpo.png", "task_accuracy.png"):
         assert os.path.getsize(os.path.join(run, "plots", f)) > 1000
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,8 +96,8 @@ def test_mix_dpo_sft_logs_an_adaptive_lambda(tmp_path, config_file):
 def test_config_errors_and_flag_mapping(tmp_path, config_file, capsys):
     assert main(["sft", "--config", config_file, "--set", "sft.lrr=1"]) == 2
     assert "unknown config key 'sft.lrr'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="ambiguous"):
-        main(["pipeline", "--config", config_file, "--lr", "1e-4"])
+    assert main(["pipeline", "--config", config_file, "--lr", "1e-4"]) == 2
+    assert "--lr is ambiguous; use --set sft.lr=0.0001 or --set dpo.lr=0.0001" in capsys.readouterr().err
     from fdiv_kernels.train.cli import build_parser, overrides_from_args
 
     args = build_parser().parse_args(["dpo", "--lr", "5e-7", "--beta", "0.01", "--kind", "ipo", "--steps", "7"])
@@ -113,3 +115,34 @@ def test_example_configs_parse(name):
         assert (cfg.dpo.beta, cfg.dpo.lr, cfg.dpo.batch_size) == (0.01, 5e-7, 128)
     if "simpo" in name:
         assert (cfg.dpo.kind, cfg.dpo.beta, cfg.dpo.gamma, cfg.dpo.lr) == ("simpo", 2.0, 1.0, 6e-7)
+
+
+def test_local_rank_from_the_deepspeed_launcher(monkeypatch, config_file):
+    """`deepspeed --module fdiv_kernels.train ...` passes --local_rank=N before the command, a
+    script launch after it; both are accepted and fill LOCAL_RANK."""
+    from fdiv_kernels.train.cli import build_parser
+
+    for argv in (["--local_rank=1", "sft"], ["sft", "--local_rank=1"], ["pipeline", "--local-rank", "1"]):
+        assert build_parser().parse_args(argv).local_rank == 1
+    assert getattr(build_parser().parse_args(["sft"]), "local_rank", None) is None
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["--local_rank=3", "sft", "--config", config_file, "--set", "sft.lrr=1"]) == 2  # stops at the config
+    assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_demo_keeps_enough_checkpoints_for_a_value_curve():
+    """README's `fdiv-analyze values --phase-dir runs/demo/sft` needs several checkpoints per phase."""
+    cfg = load_config("demo")
+    for phase in (cfg.sft, cfg.dpo):
+        n = phase.steps // phase.save_every
+        assert n >= 4 and (phase.keep_checkpoints == 0 or phase.keep_checkpoints >= n)
+
+
+def test_named_configs_resolve_in_the_source_tree():
+    from fdiv_kernels.train.config import resolve_config, shipped_configs
+
+    assert {"demo.yaml", "zero2.json", "zero3.json"} <= set(shipped_configs())
+    assert resolve_config("demo").endswith(os.path.join("configs", "demo.yaml"))
+    assert resolve_config("zero3.json").endswith("zero3.json")
+    with pytest.raises(ValueError, match="no shipped config of that name"):
+        resolve_config("nope")

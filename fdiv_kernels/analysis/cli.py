@@ -3,11 +3,14 @@
     fdiv-analyze values --phase-dir runs/demo/sft --eval data/eval.jsonl [--out runs/demo/analysis]
         V(s0) (lse at the first response position) of held-out prompts for every checkpoint:
         JSON + PNG curve.
-    fdiv-analyze rank --model A --model B --data trajectories.jsonl [--separator "\\n"]
+    fdiv-analyze rank --model runs/a/sft/final --model base=runs/demo/pretrain/final --data traj.jsonl
         Values at segment boundaries of each response, per model; Kendall tau between models'
         value rankings and with the outcome ranking (rows: {"prompt", "response", "score"}).
-    fdiv-analyze align --model runs/demo/sft/final --ref runs/demo/base --pairs data/pref_eval.jsonl
+        Models are labelled NAME (NAME=PATH) or by their path relative to the paths' common root.
+    fdiv-analyze align --model runs/demo/dpo/final --ref runs/demo/sft/final --pairs runs/demo/data/pref_eval.jsonl
         The implicit-reward alignment metric: DPO loss / accuracy of a model against a reference.
+
+Exit codes: 0 done, 2 a bad argument or input file (one line).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
+
+from .. import __version__
+from ..train.errors import ConfigError, DataError
 
 
 def _prompts_from(path: str, tok) -> List[str]:
@@ -32,7 +38,8 @@ def cmd_values(args) -> dict:
 
     ckpts = list_checkpoints(args.phase_dir)
     if not ckpts:
-        raise SystemExit(f"fdiv-analyze: no checkpoint-<step> directories under {args.phase_dir}")
+        raise ConfigError(f"--phase-dir {args.phase_dir}: no checkpoint-<step> directories (a phase of a run, "
+                          "e.g. runs/demo/sft)")
     prompts = _prompts_from(args.eval, load_tokenizer(ckpts[0]))[: args.limit]
     rows = value_s0_curve(args.phase_dir, prompts, backend=args.backend)
     out = args.out or os.path.join(args.phase_dir, "analysis")
@@ -60,22 +67,71 @@ def cmd_values(args) -> dict:
     return {"rows": rows, "out": out}
 
 
+def model_labels(specs: List[str]) -> List[Tuple[str, str]]:
+    """``[(label, path)]`` for ``--model`` arguments, every label unique.
+
+    ``NAME=PATH`` is labelled ``NAME``; a bare path by its path relative to the common root of
+    the bare paths (``runs/a/sft/final`` and ``runs/b/sft/final`` -> ``a/sft/final``,
+    ``b/sft/final``; a single path by its last component).
+    """
+    named, bare = [], []
+    for spec in specs:
+        if "=" in spec and not os.path.exists(spec):
+            name, path = spec.split("=", 1)
+            if not name or not path:
+                raise ConfigError(f"--model {spec!r}: expected NAME=PATH or PATH")
+            named.append((name, path))
+        else:
+            bare.append(spec)
+    out = list(named)
+    if bare:
+        full = [os.path.abspath(p) for p in bare]
+        root = os.path.commonpath(full) if len(full) > 1 else os.path.dirname(full[0])
+        for p, fp in zip(bare, full):
+            rel = os.path.relpath(fp, root)
+            out.append((rel if rel != "." else os.path.basename(fp), p))
+    seen: Dict[str, str] = {}
+    for label, path in out:
+        if label == "outcome":
+            raise ConfigError("--model: 'outcome' is the label of the data's scores; name the model otherwise")
+        if label in seen:
+            raise ConfigError(f"--model: two models labelled {label!r} ({seen[label]} and {path}); "
+                              "use NAME=PATH to label them")
+        seen[label] = path
+    return out
+
+
+def _trajectories(path: str) -> List[dict]:
+    from ..train.data import read_rows
+
+    rows = []
+    for where, r in read_rows(path):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("response"), str):
+            loc = where if isinstance(where, str) else f"{path}:{where}"
+            raise DataError(f"{loc}: rows need string 'prompt' and 'response' (and a numeric 'score')")
+        rows.append(r)
+    return rows
+
+
 def cmd_rank(args) -> dict:
     from ..train.modeling import load_model, load_tokenizer
+    from ..train.validate import check_model_dir
     from .ranking import rank_agreement
     from .values import segment_values
 
-    with open(args.data) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    labels = model_labels(args.model)
+    for label, path in labels:
+        check_model_dir(path, f"--model {label}")
+    rows = _trajectories(args.data)
     values = {}
-    for path in args.model:
+    for label, path in labels:
         model, tok = load_model(path), load_tokenizer(path)
         vals = []
         for r in rows:
             _, v = segment_values(model, tok, r["prompt"], r["response"], separator=args.separator,
                                   backend=args.backend)
             vals.extend(float(x) for x in v)
-        values[os.path.basename(os.path.normpath(path))] = vals
+        values[label] = vals
     if all("score" in r for r in rows):
         # every segment of a response inherits the response's outcome
         n_seg = [len([s for s in r["response"].split(args.separator) if s]) for r in rows]
@@ -89,9 +145,12 @@ def cmd_align(args) -> dict:
     from ..train.data import encode_pref, load_pref
     from ..train.evaluate import AlignmentEval
     from ..train.modeling import load_model, load_tokenizer
+    from ..train.validate import check_model_dir
 
     import torch
 
+    check_model_dir(args.model, "--model")
+    check_model_dir(args.ref, "--ref")
     tok = load_tokenizer(args.model)
     pairs = encode_pref(tok, load_pref(args.pairs), max_length=args.max_length)
     ev = AlignmentEval(load_model(args.ref), pairs, pad_id=tok.pad_token_id, beta=args.beta,
@@ -103,6 +162,7 @@ def cmd_align(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdiv-analyze", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("values", help="V(s0) curve over a phase's checkpoints")
     v.add_argument("--phase-dir", required=True)
@@ -110,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=64)
     v.add_argument("--out")
     r = sub.add_parser("rank", help="Kendall tau of value rankings across models and with outcomes")
-    r.add_argument("--model", action="append", required=True)
+    r.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a model directory, optionally labelled NAME (repeatable)")
     r.add_argument("--data", required=True, help='JSONL rows {"prompt", "response", "score"}')
     r.add_argument("--separator", default="\n")
     a = sub.add_parser("align", help="implicit-reward alignment metric (DPO loss/accuracy vs a reference)")
@@ -127,7 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    {"values": cmd_values, "rank": cmd_rank, "align": cmd_align}[args.command](args)
+    from ..train.distributed import default_deepspeed_accelerator
+
+    default_deepspeed_accelerator()  # stdout carries the JSON results only
+    try:
+        {"values": cmd_values, "rank": cmd_rank, "align": cmd_align}[args.command](args)
+    except ConfigError as e:  # DataError included
+        print(f"fdiv-analyze: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,8 +8,9 @@ DeepSpeed that the model's top-level forward/backward uses the head weight
 the logit tiles and its gradient is reduce-scattered as usual.
 
 ``deepspeed`` is imported lazily, only when a parameter carries ZeRO-3 metadata (``ds_id``).
-Nothing here has been run against a real DeepSpeed engine in this repository's tests (DeepSpeed
-is not installed on the CI machine); the branches are unit-tested with fake parameters.
+:func:`gathered` runs against real ZeRO-3 engines in the reference trainer's tests (2 gloo ranks,
+``tests/test_train_distributed.py``); :func:`register_external` (used by the transformers patch)
+is unit-tested with fake parameters.
 """
 
 from __future__ import annotations

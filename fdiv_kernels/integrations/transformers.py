@@ -50,10 +50,11 @@ from ..primal import get_primal
 from . import deepspeed as _ds
 
 __all__ = ["FDivCausalLMOutput", "PatchConfig", "apply", "unapply", "patched", "is_patched", "patch_config",
-           "head_of", "body_of", "logit_transform"]
+           "head_of", "body_of", "logit_transform", "token_head_metrics"]
 
 _ATTR = "_fdiv_patch"
-_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict")
+_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict",
+                     "return_token_metrics")
 
 
 @dataclasses.dataclass
@@ -63,7 +64,10 @@ class FDivCausalLMOutput(CausalLMOutputWithPast):
     ``token_logp``, ``token_lse``, ``loss_mask``: ``[B, T-1]`` (``[B, T]`` with ``shift_labels``),
     log-prob of each next-token label, log-sum-exp of its logits (the value V(s)), supervised
     positions. ``reward``: implicit reward (per token, or ``[B]`` at sequence level).
-    ``value_s0``: ``[B]`` lse at each row's first supervised position.
+    ``value_s0``: ``[B]`` lse at each row's first supervised position. With
+    ``return_token_metrics=True`` (what TRL's DPOTrainer logs): ``token_entropy`` (from the same
+    fused pass), ``token_mean_logit`` (mean logit over the vocabulary) and ``token_is_top1``
+    (the label is the argmax), all ``[B, T-1]`` and detached (:func:`token_head_metrics`).
     """
 
     token_logp: Optional[torch.Tensor] = None
@@ -71,6 +75,9 @@ class FDivCausalLMOutput(CausalLMOutputWithPast):
     reward: Optional[torch.Tensor] = None
     value_s0: Optional[torch.Tensor] = None
     loss_mask: Optional[torch.Tensor] = None
+    token_entropy: Optional[torch.Tensor] = None
+    token_mean_logit: Optional[torch.Tensor] = None
+    token_is_top1: Optional[torch.Tensor] = None
 
 
 # fields this patch fills itself; the others (cache, hidden_states, attentions) come from the body
@@ -277,6 +284,61 @@ def patched(model, **options):
 
 
 # --------------------------------------------------------------------------------------------
+# Token metrics (TRL's logits/*, mean_token_accuracy) without [N, V] logits
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def token_head_metrics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                       bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, temperature: float = 1.0,
+                       ignore_index: int = -100, vocab_chunk: int = 8192,
+                       row_chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the mean logit over the vocabulary and whether the label is the argmax
+    (``argmax z == label``, ties to the lowest index as ``torch.argmax``), ``[...]`` fp32 / bool,
+    0 / False where ``labels == ignore_index``. ``z = cap(hidden W^T + b) / temperature`` as in
+    :func:`fdiv_kernels.loss`, formed in ``[row_chunk, vocab_chunk]`` tiles of the supervised rows
+    only: one extra no-grad pass over the head, never the ``[N, V]`` logits.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    mean = torch.zeros(y.shape, dtype=torch.float32, device=h.device)
+    top1 = torch.zeros(y.shape, dtype=torch.bool, device=h.device)
+    rows = (y != ignore_index).nonzero().squeeze(1)
+    v = weight.shape[0]
+    for r0 in range(0, rows.numel(), row_chunk):
+        idx = rows[r0: r0 + row_chunk]
+        hr = h[idx]
+        best = torch.full((idx.numel(),), -math.inf, device=h.device)
+        arg = torch.zeros(idx.numel(), dtype=torch.long, device=h.device)
+        total = torch.zeros(idx.numel(), dtype=torch.float32, device=h.device)
+        for v0 in range(0, v, vocab_chunk):
+            z = (hr @ weight[v0: v0 + vocab_chunk].T).float()
+            if bias is not None:
+                z = z + bias[v0: v0 + vocab_chunk].float()
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            z = z / temperature
+            total += z.sum(-1)
+            m, a = z.max(-1)
+            better = m > best  # strict: an earlier chunk keeps a tie, as argmax does
+            best, arg = torch.where(better, m, best), torch.where(better, a + v0, arg)
+        mean[idx] = total / v
+        top1[idx] = arg == y[idx]
+    return mean.view(labels.shape), top1.view(labels.shape)
+
+
+def _gather_dtensor(t):
+    """The full value of an FSDP2 (DTensor) head parameter, differentiably. Its gradient is a
+    per-rank partial sum, averaged over ranks on the way back (one reduce-scatter), as FSDP2
+    averages every other gradient: ``full_tensor()``'s default would treat it as replicated and
+    keep each rank's own slice unreduced."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
+# --------------------------------------------------------------------------------------------
 # The patched forward
 # --------------------------------------------------------------------------------------------
 
@@ -304,8 +366,7 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
 
     weight, bias = head_of(model)
     if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors: gather (differentiably)
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+        weight, bias = _gather_dtensor(weight), _gather_dtensor(bias)
     if shift_labels is None:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if ref_logp is not None and ref_logp.dim() == labels.dim() and ref_logp.shape[-1] == labels.shape[-1] + 1:
@@ -320,16 +381,24 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     with _ds.gathered(weight, bias):
         if hidden.dtype != weight.dtype:  # e.g. fp32 norm output with a bf16 head under autocast
             hidden = hidden.to(weight.dtype)
+        metrics = bool(call.get("return_token_metrics"))
         out = fused_loss(hidden, weight, labels, bias=bias, divergence=cfg.divergence, ref_logp=ref_logp,
                          beta=cfg.beta, level=cfg.level, ignore_index=cfg.ignore_index,
                          reduction="sum" if as_sum else "mean", backend=cfg.backend,
                          length_normalize=cfg.length_normalize, values=cfg.values, z_loss=cfg.z_loss,
-                         softcap=cfg.softcap, temperature=cfg.temperature, form=cfg.form, alpha=cfg.alpha)
+                         softcap=cfg.softcap, temperature=cfg.temperature, form=cfg.form, alpha=cfg.alpha,
+                         return_entropy=metrics)
+        extra_metrics = {}
+        if metrics:
+            mean_logit, is_top1 = token_head_metrics(hidden, weight, labels, bias=bias, softcap=cfg.softcap,
+                                                     temperature=cfg.temperature, ignore_index=cfg.ignore_index)
+            extra_metrics = {"token_entropy": out.entropy.detach(), "token_mean_logit": mean_logit,
+                             "token_is_top1": is_top1}
     loss = out.loss
     if as_sum:
         loss = loss / torch.as_tensor(num_items, device=loss.device).to(loss.dtype)
     extras = {f.name: getattr(body_out, f.name) for f in dataclasses.fields(FDivCausalLMOutput)
               if f.name not in _OWN_FIELDS and hasattr(body_out, f.name)}
     result = FDivCausalLMOutput(loss=loss, logits=None, token_logp=out.logp, token_lse=out.lse, reward=out.reward,
-                                value_s0=out.value_s0, loss_mask=out.mask, **extras)
+                                value_s0=out.value_s0, loss_mask=out.mask, **extra_metrics, **extras)
     return result if return_dict else result.to_tuple()

@@ -23,8 +23,11 @@ logging and checkpointing, and only replace ``compute_loss``:
   ``use_weighting``; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
 
 Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)); DPO
-``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
-``logps/chosen``, ``logps/rejected`` (TRL's names).
+what TRL's ``DPOTrainer`` logs, by its names and formulas: ``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``entropy``
+(from the fused pass), ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and
+``mean_token_accuracy`` (one extra no-grad tiled pass over the head,
+:func:`fdiv_kernels.integrations.transformers.token_head_metrics`).
 """
 
 from __future__ import annotations
@@ -160,19 +163,34 @@ class FDivDPOTrainer(DPOTrainer):
         if self.ref_model is not None:
             fk_hf.apply(self.accelerator.unwrap_model(self.ref_model), divergence="sft")
 
-    def _sequence_logps(self, model, model_kwargs, labels, mean: bool) -> torch.Tensor:
-        out = model(**model_kwargs, labels=labels)
+    def _sequence_logps(self, model, model_kwargs, labels, *, outputs: bool = False):
+        """Per-row sums of the completion tokens' log-probs (fused head), and the model output."""
+        out = model(**model_kwargs, labels=labels, return_token_metrics=outputs)
         s = out.token_logp.sum(-1)
-        return s / out.loss_mask.sum(-1).clamp(min=1) if mean else s
+        return (s, out) if outputs else s
 
-    def _reference_logps(self, model, model_kwargs, labels, inputs, mean: bool):
+    def _log_token_metrics(self, mode: str, out, attention_mask: torch.Tensor) -> None:
+        """TRL's ``entropy``, ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and
+        ``mean_token_accuracy``, computed as TRL's DPOTrainer does (token-weighted over ranks)."""
+        gather = self.accelerator.gather_for_metrics
+        mask = out.loss_mask
+        m = self._metrics[mode]
+        n = gather(mask.sum()).sum()
+        m["entropy"].append((gather((out.token_entropy * mask).sum()).sum() / n).item() if n > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // _tp_size(self)
+        m["num_tokens"] = [self._total_train_tokens]
+        for name, logits, msk in zip(("chosen", "rejected"), out.token_mean_logit.chunk(2), mask.chunk(2)):
+            tot, cnt = gather(logits[msk].sum()).sum().item(), gather(msk.sum()).sum().item()
+            m[f"logits/{name}"].append(tot / cnt if cnt > 0 else 0.0)
+        top1, msk = out.token_is_top1.chunk(2)[0], mask.chunk(2)[0]
+        correct, total = gather((top1 & msk).sum()).sum(), gather(msk.sum()).sum()
+        m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+
+    def _reference_logps(self, model, model_kwargs, labels, inputs):
+        """The reference's per-row sums (precomputed, a reference model, or the PEFT base)."""
         if self.precompute_ref_logps:
-            rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]  # sums over the completion
-            if mean:
-                n = inputs["completion_mask"].sum(-1).clamp(min=1)
-                nc, nr = n.chunk(2)
-                rc, rr = rc / nc, rr / nr
-            return rc, rr
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]  # sums over the completion
         ctx = contextlib.nullcontext()
         ref_model = self.ref_model
         if ref_model is None:  # PEFT: the policy with its adapter disabled is the reference
@@ -182,7 +200,7 @@ class FDivDPOTrainer(DPOTrainer):
             ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
             ref_model = model
         with torch.no_grad(), ctx:
-            ref = self._sequence_logps(ref_model, model_kwargs, labels, mean)
+            ref = self._sequence_logps(ref_model, model_kwargs, labels)
         return ref.chunk(2)
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -191,20 +209,29 @@ class FDivDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        mean = self.fk_kind == "ipo"  # TRL's IPO averages the log-ratios over completion tokens
-        pc, pr = self._sequence_logps(model, model_kwargs, labels, mean).chunk(2)
-        rc, rr = self._reference_logps(model, model_kwargs, labels, inputs, mean)
+        pol, out = self._sequence_logps(model, model_kwargs, labels, outputs=True)
+        self._log_token_metrics(mode, out, inputs["attention_mask"])
+        pc, pr = pol.chunk(2)
+        rc, rr = (r.to(pc.dtype) for r in self._reference_logps(model, model_kwargs, labels, inputs))
+        lc, lr = pc, pr
+        if self.fk_kind == "ipo":  # TRL's IPO averages the log-ratios over the completion tokens
+            nc, nr = out.loss_mask.sum(-1).clamp(min=1).to(pc.dtype).chunk(2)
+            lc, lr, rc_l, rr_l = pc / nc, pr / nr, rc / nc, rr / nr
+        else:
+            rc_l, rr_l = rc, rr
         eps = self.label_smoothing if self.fk_kind == "robust" else 0.0
-        out = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), beta=self.beta, kind=self.fk_kind, label_smoothing=eps,
+        res = dpo_loss(lc, lr, rc_l, rr_l, beta=self.beta, kind=self.fk_kind, label_smoothing=eps,
                        f_divergence=self.fk_f_divergence, f_alpha=float(self.args.f_alpha_divergence_coef))
+        # TRL's reward metrics: beta * (summed) log-ratios, whatever the loss type
+        chosen_r, rejected_r = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
         m = self._metrics[mode]
         gather = self.accelerator.gather
-        m["rewards/chosen"].append(gather(out.chosen_rewards).mean().item())
-        m["rewards/rejected"].append(gather(out.rejected_rewards).mean().item())
-        m["rewards/accuracies"].append(gather((out.chosen_rewards > out.rejected_rewards).float()).mean().item())
-        m["rewards/margins"].append(gather(out.chosen_rewards - out.rejected_rewards).mean().item())
+        m["rewards/chosen"].append(gather(chosen_r).mean().item())
+        m["rewards/rejected"].append(gather(rejected_r).mean().item())
+        m["rewards/accuracies"].append(gather((chosen_r > rejected_r).float()).mean().item())
+        m["rewards/margins"].append(gather(chosen_r - rejected_r).mean().item())
         m["logps/chosen"].append(gather(pc.detach()).mean().item())
         m["logps/rejected"].append(gather(pr.detach()).mean().item())
         if return_outputs:
-            return out.loss, {"chosen_logps": pc.detach(), "rejected_logps": pr.detach()}
-        return out.loss
+            return res.loss, {"chosen_logps": pc.detach(), "rejected_logps": pr.detach()}
+        return res.loss

@@ -3,7 +3,8 @@
 Modules: ``config`` (YAML + overrides), ``data`` (loaders, masking, collators, sampler),
 ``synthetic`` (checkable tasks), ``tokenizer`` (local char tokenizer), ``modeling`` (tiny Llama,
 HF loading, hidden-state / LM-head helpers), ``steps`` (losses of one micro-batch), ``phases``,
-``trainer`` (the loop), ``checkpoint``, ``evaluate``, ``plots``, ``distributed``, ``pipeline``, ``cli``.
+``trainer`` (the loop), ``engines`` (one process / DDP, DeepSpeed, FSDP2), ``checkpoint``, ``evaluate``,
+``plots``, ``distributed``, ``pipeline``, ``cli``.
 """
 
 from .cli import main

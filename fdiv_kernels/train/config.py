@@ -7,17 +7,26 @@ A config file mirrors :class:`RunConfig` (see ``docs/trainer.md`` for every key)
     sft: {steps: 200, lr: 1e-3, divergence: js, beta: 0.5}
 
 Overrides use dotted keys with YAML values: ``--set sft.lr=1e-4 --set dpo.kind=ipo``. Unknown
-keys and wrongly typed values raise ``ValueError`` naming the key.
+keys, wrongly typed values and broken YAML raise :class:`~fdiv_kernels.train.errors.ConfigError`
+(a ``ValueError``) naming the key or the file position; the values themselves are checked by
+:mod:`fdiv_kernels.train.validate` before a run starts.
+
+Named configs: every file of ``examples/configs`` ships inside the package
+(``fdiv_kernels/train/configs``), so ``--config demo`` and ``--deepspeed zero3`` work from an
+installed wheel (:func:`resolve_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import yaml
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -172,6 +181,25 @@ class EvalConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 (torch ``fully_shard``, ``--fsdp``), an alternative to ``deepspeed``.
+
+    ``checkpoint``: ``full`` (checkpoints hold the gathered weights in safetensors and the
+    optimizer state gathered on rank 0) or ``sharded`` (every rank writes its shards with
+    ``torch.distributed.checkpoint`` to ``<phase>/fsdp/step-<k>``; ``final/`` is always full).
+    ``mixed_precision``: null (compute in the weights' dtype) or ``bfloat16``/``float16`` (the
+    forward/backward dtype; fp32 weights, optimizer and gradient reductions).
+    ``reshard_after_forward``: free each block's gathered weights after its forward (ZeRO-3-like
+    memory) or keep them for the backward (ZeRO-2-like traffic).
+    """
+
+    enabled: bool = False
+    checkpoint: str = "full"
+    mixed_precision: Optional[str] = None
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; ``output_dir/name`` holds metrics, plots, checkpoints, summary."""
 
@@ -181,8 +209,10 @@ class RunConfig:
     device: str = "auto"          # auto | cpu | cuda
     backend: str = "auto"         # fdiv_kernels token_stats backend
     deepspeed: Optional[str] = None
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     num_threads: int = 0          # torch.set_num_threads when > 0
     progress: bool = True
+    report_to: List[str] = field(default_factory=list)   # tensorboard, wandb (reporting.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -196,13 +226,13 @@ def _convert(cls, value: Any, key: str):
     if value is None:
         return cls()
     if not isinstance(value, dict):
-        raise ValueError(f"config key {key or '<root>'!r} must be a mapping, got {type(value).__name__}")
+        raise ConfigError(f"config key {key or '<root>'!r} must be a mapping, got {type(value).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in value.items():
         path = f"{key}.{k}" if key else k
         if k not in fields:
-            raise ValueError(f"unknown config key {path!r}; known under {key or '<root>'}: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key {path!r}; known under {key or '<root>'}: {', '.join(fields)}")
         default = getattr(cls(), k)
         if dataclasses.is_dataclass(default):
             kwargs[k] = _convert(type(default), v, path)
@@ -216,30 +246,30 @@ def _check_scalar(path: str, default: Any, v: Any, annotation: Any):
     if v is None:
         if optional:
             return None
-        raise ValueError(f"config key {path!r} may not be null")
+        raise ConfigError(f"config key {path!r} may not be null")
     if isinstance(default, bool) or "bool" in str(annotation):
         if not isinstance(v, bool):
-            raise ValueError(f"config key {path!r} must be true/false, got {v!r}")
+            raise ConfigError(f"config key {path!r} must be true/false, got {v!r}")
         return v
     if "float" in str(annotation) or isinstance(default, float):
         if isinstance(v, str):
             try:
                 v = float(v)
             except ValueError:
-                raise ValueError(f"config key {path!r} must be a number, got {v!r}") from None
+                raise ConfigError(f"config key {path!r} must be a number, got {v!r}") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"config key {path!r} must be a number, got {v!r}")
+            raise ConfigError(f"config key {path!r} must be a number, got {v!r}")
         return float(v)
     if "int" in str(annotation) or isinstance(default, int):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"config key {path!r} must be an integer, got {v!r}")
+            raise ConfigError(f"config key {path!r} must be an integer, got {v!r}")
         return v
     if "List" in str(annotation):
         if not isinstance(v, list):
-            raise ValueError(f"config key {path!r} must be a list, got {v!r}")
+            raise ConfigError(f"config key {path!r} must be a list, got {v!r}")
         return v
     if not isinstance(v, str):
-        raise ValueError(f"config key {path!r} must be a string, got {v!r}")
+        raise ConfigError(f"config key {path!r} must be a string, got {v!r}")
     return v
 
 
@@ -255,29 +285,76 @@ def to_dict(cfg: RunConfig) -> Dict[str, Any]:
 def set_dotted(d: Dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to the nested mapping ``d`` in place."""
     if "=" not in assignment:
-        raise ValueError(f"--set expects key=value, got {assignment!r}")
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ValueError(f"--set expects key=value, got {assignment!r}")
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: {p!r} is not a section")
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() != "" else None
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def shipped_config_dirs() -> List[str]:
+    """Where named configs live: the package (wheels) and a source checkout's ``examples/configs``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.join(here, "configs"), os.path.normpath(os.path.join(here, "..", "..", "examples", "configs"))]
+
+
+def shipped_configs() -> List[str]:
+    """Names of the shipped configs (``demo.yaml``, ``zero3.json``, ...)."""
+    return sorted({f for d in shipped_config_dirs() if os.path.isdir(d) for f in os.listdir(d)
+                   if f.endswith(CONFIG_SUFFIXES)})
+
+
+def resolve_config(path_or_name: str, *, what: str = "config") -> str:
+    """An existing file path as is; otherwise a shipped config by name (``demo``, ``demo.yaml``,
+    ``zero3``). :class:`ConfigError` when neither exists."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    if os.sep not in path_or_name and "/" not in path_or_name:
+        for d in shipped_config_dirs():
+            for suffix in ("",) + CONFIG_SUFFIXES:
+                cand = os.path.join(d, path_or_name + suffix)
+                if os.path.isfile(cand):
+                    return cand
+    raise ConfigError(f"{what} {path_or_name!r}: no such file, and no shipped config of that name "
+                      f"(shipped: {', '.join(os.path.splitext(n)[0] for n in shipped_configs()) or 'none'})")
+
+
+def read_yaml(path: str) -> Any:
+    """The YAML document at ``path``; :class:`ConfigError` (``file:line:column: problem``) if broken."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+
+
 def load_config(path: Optional[str], overrides: List[str] = ()) -> RunConfig:
-    """Read a YAML file (or start from the defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML file or shipped config (defaults when ``path`` is None) and apply overrides."""
     d: Dict[str, Any] = {}
     if path:
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
+        path = resolve_config(path)
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: the config must be a YAML mapping")
+            raise ConfigError(f"{path}: the config must be a YAML mapping")
     for a in overrides:
-        set_dotted(d, a)
+        try:
+            set_dotted(d, a)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {a}: invalid YAML value ({' '.join(str(e).split())})") from None
     return from_dict(d)
 
 

@@ -28,11 +28,9 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
+from .errors import DataError  # noqa: F401  (a ConfigError: fdiv-train exits 2)
+
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file and line."""
 
 
 # ----------------------------------------------------------------------------------------------

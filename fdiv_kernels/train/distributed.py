@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -32,14 +33,33 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group described by ``RANK``/``WORLD_SIZE`` (torchrun); no-op for one process."""
+def default_deepspeed_accelerator() -> None:
+    """``DS_ACCELERATOR=cpu`` when there is no CUDA device (unless set): transformers imports
+    DeepSpeed when it is installed, whose accelerator probe otherwise prints a warning to stdout."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def init_distributed(device_type: str, *, need_group: bool = False) -> DistInfo:
+    """Join the process group described by ``RANK``/``WORLD_SIZE`` (torchrun, the deepspeed
+    launcher); a no-op for one process unless ``need_group`` (FSDP2 needs a group even of one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (need_group and not dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")))
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        if world <= 1 and "MASTER_ADDR" not in os.environ:  # a one-process group for FSDP2
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -103,12 +123,17 @@ def deepspeed_initialize(module: torch.nn.Module, optimizer, scheduler, config_p
     """
     try:
         import deepspeed  # lazy: optional dependency
+        import deepspeed.ops
     except ImportError as e:
         raise RuntimeError("--deepspeed needs the deepspeed package: pip install 'fdiv-kernels[deepspeed]'") from e
-    import json
+    from .engines import read_deepspeed_config
 
-    with open(config_path, encoding="utf-8") as f:
-        ds_cfg = json.load(f)
+    # The CPU accelerator JIT-builds its shared-memory all-reduce (2-3 min) at the first
+    # initialize; only inference uses it, training all-reduces through torch.distributed.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed still calls the torch.distributed names that torch 2.13 deprecates, on every collective
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    ds_cfg = read_deepspeed_config(config_path)
     ds_cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     ds_cfg["gradient_accumulation_steps"] = grad_accum
     ds_cfg.pop("train_batch_size", None)

@@ -84,12 +84,12 @@ class AlignmentEval:
 
     @torch.no_grad()
     def __call__(self, model) -> Dict[str, float]:
-        m = unwrap(model)
+        m = unwrap(model)  # train/eval mode; the forward runs through ``model`` (an FSDP2 root needs it)
         was = m.training
         m.eval()
         losses, accs, margins = [], [], []
         for b, r in zip(self.batches, self.refs):
-            out = dpo_from_logps(pair_logps(m, b, backend=self.backend), r, kind="sigmoid", beta=self.beta)
+            out = dpo_from_logps(pair_logps(model, b, backend=self.backend), r, kind="sigmoid", beta=self.beta)
             losses.append(out.losses)
             accs.append((out.chosen_rewards > out.rejected_rewards).float())
             margins.append(out.chosen_rewards - out.rejected_rewards)

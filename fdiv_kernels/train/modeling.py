@@ -5,8 +5,9 @@ that let the trainer call the fused loss without ever forming ``[B, T, V]`` logi
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -89,12 +90,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+_HEAD_OVERRIDE = "_fdiv_full_head"
+
+
 def lm_head(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
-    """``(weight [V, H], bias [V] | None, softcap | None)`` of the output layer."""
+    """``(weight [V, H], bias [V] | None, softcap | None)`` of the output layer.
+
+    Inside :func:`head_override` (an engine gathering a sharded head, FSDP2) the gathered
+    full tensors are returned instead of the module's own parameters.
+    """
     m = unwrap(model)
     head = m.get_output_embeddings()
     cap = getattr(m.config, "final_logit_softcapping", None)
+    override = m.__dict__.get(_HEAD_OVERRIDE)
+    if override is not None:
+        return override[0], override[1], cap
     return head.weight, getattr(head, "bias", None), cap
+
+
+@contextlib.contextmanager
+def head_override(model: torch.nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Make :func:`lm_head` return ``(weight, bias)`` for ``model`` inside the block."""
+    m = unwrap(model)
+    m.__dict__[_HEAD_OVERRIDE] = (weight, bias)
+    try:
+        yield
+    finally:
+        m.__dict__.pop(_HEAD_OVERRIDE, None)
 
 
 class BodyWithHead(torch.nn.Module):
@@ -119,19 +141,63 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return decoder(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-@contextlib.contextmanager
-def gathered_head(model: torch.nn.Module):
-    """Under DeepSpeed ZeRO-3, gather the LM-head weight for the fused loss; a no-op otherwise."""
-    weight, bias, _ = lm_head(model)
-    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-        import deepspeed  # lazy: optional dependency
-
-        params = [p for p in (weight, bias) if p is not None]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
 def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in unwrap(model).parameters())
+
+
+def tensor_aliases(model: torch.nn.Module, *, buffers: bool = True) -> List[Tuple[List[str], torch.Tensor]]:
+    """``[(names, tensor)]`` of the causal LM's parameters (and buffers), tied ones grouped.
+
+    A tied input/output embedding is one entry with two names, so a state dict or a checkpoint
+    can be checked, and a model rebuilt, with the tie intact.
+    """
+    m = unwrap(model)
+    groups: Dict[int, Tuple[List[str], torch.Tensor]] = {}
+    items = list(m.named_parameters(remove_duplicate=False))
+    if buffers:
+        items += list(m.named_buffers(remove_duplicate=False))
+    for name, t in items:
+        groups.setdefault(id(t), ([], t))[0].append(name)
+    return list(groups.values())
+
+
+def persistent(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` (a parameter or buffer path of the causal LM) is part of its state dict."""
+    mod_path, _, leaf = name.rpartition(".")
+    mod = unwrap(model).get_submodule(mod_path)
+    return leaf in mod._parameters or leaf not in mod._non_persistent_buffers_set
+
+
+def rebuild_plain(model: torch.nn.Module, full: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh, plain instance of the causal LM inside ``model`` holding the tensors ``full``.
+
+    ``full`` maps one name of every parameter and buffer group (:func:`tensor_aliases`) to its
+    full (unsharded) value. The instance is built on the meta device (no initialisation cost)
+    and every tensor is assigned, ties included: what a phase trained under ZeRO-3 or FSDP2
+    hands to the next phase, free of the engine's partitioned parameters and hooks.
+    """
+    m = unwrap(model)
+    with torch.device("meta"):
+        fresh = type(m)(m.config)
+    fresh.generation_config = copy.deepcopy(getattr(m, "generation_config", None))
+    for names, t in tensor_aliases(m):
+        value = next((full[n] for n in names if n in full), None)
+        if value is None:
+            raise RuntimeError(f"rebuild_plain: no value for {names[0]}")
+        is_param = isinstance(t, torch.nn.Parameter)
+        new = torch.nn.Parameter(value, requires_grad=t.requires_grad) if is_param else value
+        for name in names:
+            mod_path, _, leaf = name.rpartition(".")
+            mod = fresh.get_submodule(mod_path)
+            if is_param:
+                mod._parameters[leaf] = new
+            else:
+                mod._buffers[leaf] = new
+    left = [n for n, t in list(fresh.named_parameters()) + list(fresh.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"rebuild_plain: {type(m).__name__} has tensors the source model lacks: {left[:5]}")
+    flag = "is_activation_checkpointing" if hasattr(type(m), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(m, flag, False):
+        fresh.gradient_checkpointing_enable()
+    fresh.train(m.training)
+    return fresh

@@ -8,6 +8,7 @@ evaluate -> plots, ``summary.json``, a printed summary.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import shutil
@@ -18,22 +19,23 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RunConfig, to_dict
+from .errors import ConfigError
+from .interrupt import graceful_stop
 from .data import collate, encode_pref, encode_sft, encode_text, load_pref, load_sft, prompt_text
-from .distributed import barrier, broadcast_object, init_distributed, local_device
+from .distributed import barrier, broadcast_object, default_deepspeed_accelerator, init_distributed, local_device
 from .evaluate import greedy_answers, task_accuracy
-from .modeling import build_tiny_model, load_model, load_tokenizer, param_count
+from .modeling import build_tiny_model, load_model, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
 from .plots import plot_run
+from .reporting import make_reporters
 from .synthetic import check_answer, generate_dataset, solve
 from .tokenizer import build_char_tokenizer
 from .trainer import MetricsLog, RunContext, train_phase
+from .validate import RUN_OUTPUTS, Prepared, check_run_dir, existing_run, preflight
 
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "config.json", "plots", "pretrain", "sft", "dpo", "data")
-
-
-def setup(cfg: RunConfig, *, resume: bool) -> RunContext:
-    """Run directory, device, process group, seeds, tokenizer."""
-    info = init_distributed("cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
+def setup(cfg: RunConfig, info, prep: Prepared, *, overwrite: bool, config_changes: List[str]) -> RunContext:
+    """Run directory (cleared only with ``overwrite``), device, seeds, tokenizer. Runs after
+    :func:`~fdiv_kernels.train.validate.preflight`: nothing here should fail on user input."""
     device = local_device(cfg.device, info)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -45,7 +47,7 @@ def setup(cfg: RunConfig, *, resume: bool) -> RunContext:
         pass
     run_dir = os.path.join(cfg.output_dir, cfg.name)
     if info.is_main:
-        if not resume and os.path.isdir(run_dir):
+        if overwrite or not existing_run(run_dir):  # a refused directory never gets here (preflight)
             for name in RUN_OUTPUTS:
                 p = os.path.join(run_dir, name)
                 if os.path.isdir(p):
@@ -54,12 +56,20 @@ def setup(cfg: RunConfig, *, resume: bool) -> RunContext:
                     os.remove(p)
         os.makedirs(run_dir, exist_ok=True)
         ckpt.atomic_json(to_dict(cfg), os.path.join(run_dir, "config.json"))
+        if config_changes:  # accepted with --allow-config-change: keep a record of them
+            with open(os.path.join(run_dir, "config-history.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": config_changes}) + "\n")
     barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path) if cfg.model.path else build_char_tokenizer()
-    return RunContext(cfg=cfg, run_dir=run_dir, device=device, dist=info, tok=tok,
-                      metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl"), enabled=info.is_main))
+    tok = prep.tok if prep.tok is not None else build_char_tokenizer()
+    reporters = make_reporters(cfg.report_to, run_dir, to_dict(cfg)) if info.is_main else []
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, dist=info, tok=tok,
+                     metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl"), enabled=info.is_main,
+                                        reporters=reporters))
+    if config_changes:
+        ctx.log(f"[setup] resuming with configuration changes: {'; '.join(config_changes)}")
+    return ctx
 
 
 def base_model(ctx: RunContext) -> torch.nn.Module:
@@ -101,7 +111,8 @@ def data_paths(ctx: RunContext) -> Dict[str, Optional[str]]:
     return {k: v or syn[k] for k, v in paths.items()}
 
 
-def _checkable(rows: List[dict]) -> bool:
+def checkable(rows: List[dict]) -> bool:
+    """Whether the first rows' prompts are synthetic tasks (their answers can be graded)."""
     try:
         for r in rows[:20]:
             solve(r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else "")
@@ -113,21 +124,26 @@ def _checkable(rows: List[dict]) -> bool:
 class Pipeline:
     """Loads data once and runs the phases a command asks for."""
 
-    def __init__(self, ctx: RunContext):
+    def __init__(self, ctx: RunContext, rows: Optional[Dict[str, List[dict]]] = None):
         self.ctx = ctx
+        self._rows = dict(rows or {})  # validated by preflight: not read twice
         cfg = ctx.cfg
         self.paths = data_paths(ctx)
         self.max_len = cfg.data.max_length
         self.t0 = time.time()
         self.accuracy: Dict[str, Any] = {}
         self.phases: Dict[str, Any] = {}
-        self.eval_rows = load_sft(self.paths["eval_prompts"])[: cfg.eval.num_prompts]
-        self.can_grade = cfg.eval.task_accuracy and _checkable(self.eval_rows)
-        eval_pref_rows = load_pref(self.paths["eval_pref"])[: cfg.data.max_eval_pairs]
+        self.eval_rows = self._load(load_sft, self.paths["eval_prompts"])[: cfg.eval.num_prompts]
+        self.can_grade = cfg.eval.task_accuracy and checkable(self.eval_rows)
+        eval_pref_rows = self._load(load_pref, self.paths["eval_pref"])[: cfg.data.max_eval_pairs]
         self.eval_pairs = encode_pref(ctx.tok, eval_pref_rows, max_length=self.max_len)
         held = encode_sft(ctx.tok, self.eval_rows[:128], max_length=self.max_len)
         self.kl_batches = [{k: v.to(ctx.device) for k, v in collate(held[s: s + 64], pad_id=ctx.tok.pad_token_id).items()}
                            for s in range(0, len(held), 64)]
+
+    def _load(self, loader, path: str) -> List[dict]:
+        rows = self._rows.get(path)
+        return list(rows) if rows is not None else loader(path)
 
     # -- evaluation -----------------------------------------------------------------------------
     def grade(self, label: str, model) -> None:
@@ -147,48 +163,55 @@ class Pipeline:
     # -- phases -----------------------------------------------------------------------------------
     def _done(self, phase: str, model, resume: bool) -> bool:
         final = os.path.join(self.ctx.run_dir, phase, "final")
-        if resume and os.path.exists(os.path.join(final, "model.safetensors")):
-            ckpt.load_weights(model, final)
-            self.ctx.log(f"[{phase}] already finished: loaded {final}")
-            self.phases[phase] = {"skipped": True, "final": final}
-            return True
-        return False
+        if not resume or not os.path.isdir(final):
+            return False
+        why = broadcast_object(ckpt.final_problem(final, model) if self.ctx.dist.is_main else None)
+        if why is not None:
+            self.ctx.log(f"[{phase}] {final} is not a complete result ({why}); resuming the phase from its checkpoints")
+            return False
+        ckpt.load_weights(model, final)
+        self.ctx.log(f"[{phase}] already finished: loaded {final}")
+        self.phases[phase] = {"skipped": True, "final": final}
+        return True
 
-    def pretrain(self, model, *, resume: bool) -> None:
+    def pretrain(self, model, *, resume: bool):
+        """Returns the model the next phase starts from (see :func:`train_phase`)."""
         cfg, ctx = self.ctx.cfg, self.ctx
         if cfg.pretrain.steps <= 0 or self._done("pretrain", model, resume):
-            return
+            return model
         with open(self.paths["pretrain"], encoding="utf-8") as f:
             text = f.read()
         ex = encode_text(ctx.tok, text, seq_length=cfg.pretrain.seq_length)
         spec = PretrainPhase(cfg.pretrain, ex, pad_id=ctx.tok.pad_token_id, device=ctx.device, backend=cfg.backend)
         ctx.log(f"[pretrain] {len(ex)} windows of {cfg.pretrain.seq_length} tokens, {cfg.pretrain.steps} steps")
-        self.phases["pretrain"] = train_phase(ctx, spec, model, resume=resume)
+        model, self.phases["pretrain"] = train_phase(ctx, spec, model, resume=resume)
+        return model
 
-    def sft(self, model, *, resume: bool) -> None:
+    def sft(self, model, *, resume: bool):
         cfg, ctx = self.ctx.cfg, self.ctx
         if self._done("sft", model, resume):
-            return
+            return model
         start = frozen_copy(model)  # the start (base) model: reference and alignment baseline
-        rows = load_sft(self.paths["sft_train"])
+        rows = self._load(load_sft, self.paths["sft_train"])
         ex = encode_sft(ctx.tok, rows, max_length=self.max_len)
         pairs = None
         if cfg.sft.mix_dpo.enabled:
-            pairs = encode_pref(ctx.tok, load_pref(self.paths["dpo_train"]), max_length=self.max_len)
+            pairs = encode_pref(ctx.tok, self._load(load_pref, self.paths["dpo_train"]), max_length=self.max_len)
         spec = SFTPhase(cfg.sft, ex, pad_id=ctx.tok.pad_token_id, device=ctx.device, backend=cfg.backend, ref_model=start,
                         pairs=pairs, eval_pairs=self.eval_pairs, kl_batches=self.kl_batches, align_beta=cfg.dpo.beta)
         ctx.log(f"[sft] divergence={cfg.sft.divergence} beta={cfg.sft.beta} level={cfg.sft.level} "
                 f"reference={'start model' if spec.use_ref else 'none'}"
                 f"{' mix_dpo (App. D control)' if cfg.sft.mix_dpo.enabled else ''}; {len(ex)} examples, "
                 f"{cfg.sft.steps} steps x {cfg.sft.batch_size}, lr {cfg.sft.lr}")
-        self.phases["sft"] = train_phase(ctx, spec, model, resume=resume)
+        model, self.phases["sft"] = train_phase(ctx, spec, model, resume=resume)
         del start
+        return model
 
-    def dpo(self, model, *, resume: bool, base=None) -> None:
+    def dpo(self, model, *, resume: bool, base=None):
         cfg, ctx = self.ctx.cfg, self.ctx
         d = cfg.dpo
         if self._done("dpo", model, resume):
-            return
+            return model
         start = frozen_copy(model)
         if d.reference == "start":
             ref = start
@@ -198,7 +221,7 @@ class Pipeline:
             ref = base
         else:
             ref = frozen_copy(load_model(d.reference, dtype=cfg.model.dtype).to(ctx.device))
-        rows = load_pref(self.paths["dpo_train"])
+        rows = self._load(load_pref, self.paths["dpo_train"])
         if d.rejected == "self":
             rows = self.on_policy_rejected(start, rows)
         elif d.rejected != "data":
@@ -209,12 +232,15 @@ class Pipeline:
                         kl_batches=self.kl_batches)
         ctx.log(f"[dpo] kind={d.kind} beta={d.beta} gamma={d.gamma} reference={d.reference} rejected={d.rejected}; "
                 f"{len(pairs)} pairs, {d.steps} steps x {d.batch_size}, lr {d.lr}")
-        self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
+        model, self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
+        if d.rejected == "self":
+            self.phases["dpo"]["rejected_self"] = self.rejected_self
+        return model
 
     def on_policy_rejected(self, model, rows: List[dict]) -> List[dict]:
         """Replace each pair's rejected answer by the model's own greedy answer when that is wrong
         (a realistic mistake); keep the data's rejected answer where the model is right."""
-        if not _checkable([{"messages": r["chosen"]} for r in rows]):
+        if not checkable([{"messages": r["chosen"]} for r in rows]):
             raise ValueError("dpo.rejected=self needs synthetic (automatically checkable) prompts")
         e = self.ctx.cfg.eval
         prompts = [prompt_text(self.ctx.tok, r["chosen"]) for r in rows]
@@ -229,7 +255,7 @@ class Pipeline:
             new.append(r)
         self.ctx.log(f"[dpo] on-policy rejected answers: {n_self}/{len(rows)} pairs use the start model's own "
                      "wrong greedy answer")
-        self.phases["dpo_rejected_self"] = n_self
+        self.rejected_self = n_self
         return new
 
     # -- reporting --------------------------------------------------------------------------------
@@ -276,37 +302,67 @@ def format_summary(s: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_command(cfg: RunConfig, command: str, *, resume: bool = False) -> Dict[str, Any]:
-    """Run ``sft``, ``dpo`` or ``pipeline`` with ``cfg``; returns the summary."""
+def run_command(cfg: RunConfig, command: str, *, resume: bool = False, overwrite: bool = False,
+                allow_config_change: bool = False) -> Dict[str, Any]:
+    """Run ``sft``, ``dpo`` or ``pipeline`` with ``cfg``; returns the summary.
+
+    Everything is validated first (:func:`~fdiv_kernels.train.validate.preflight`): a bad value,
+    path or data file raises a :class:`~fdiv_kernels.train.errors.ConfigError` before any model
+    is built or any file deleted. A run directory that holds a run is replaced only with
+    ``overwrite``; ``resume`` continues it (and refuses a changed configuration unless
+    ``allow_config_change``).
+    """
     if command not in ("sft", "dpo", "pipeline"):
-        raise ValueError(f"unknown command {command!r}")
+        raise ConfigError(f"unknown command {command!r}; use sft, dpo or pipeline")
     threads = torch.get_num_threads()
     try:
-        return _run(cfg, command, resume=resume)
+        with graceful_stop():  # Ctrl-C: finish the step, save a checkpoint, raise TrainingInterrupted
+            return _run(cfg, command, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     finally:
         torch.set_num_threads(threads)  # cfg.num_threads applies to this run only
 
 
-def _run(cfg: RunConfig, command: str, *, resume: bool) -> Dict[str, Any]:
-    ctx = setup(cfg, resume=resume)
-    pipe = Pipeline(ctx)
+def _run(cfg: RunConfig, command: str, *, resume: bool, overwrite: bool, allow_config_change: bool) -> Dict[str, Any]:
+    default_deepspeed_accelerator()
+    info = init_distributed("cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu",
+                            need_group=cfg.fsdp.enabled)
+    prep = preflight(cfg, command, world_size=info.world_size, check_dir=False)
+    verdict = None
+    if info.is_main:  # one process judges the run directory, while no process has touched it
+        try:
+            verdict = check_run_dir(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+        except ConfigError as err:
+            verdict = err
+    verdict = broadcast_object(verdict)
+    if isinstance(verdict, ConfigError):
+        raise verdict
+    ctx = setup(cfg, info, prep, overwrite=overwrite, config_changes=verdict)
+    try:
+        return _commands(ctx, prep, command, resume=resume)
+    finally:
+        ctx.metrics.close()
+
+
+def _commands(ctx: RunContext, prep: Prepared, command: str, *, resume: bool) -> Dict[str, Any]:
+    cfg = ctx.cfg
+    pipe = Pipeline(ctx, prep.rows)
     model = base_model(ctx)
     ctx.log(f"[setup] run dir {ctx.run_dir}; device {ctx.device}; {ctx.dist.world_size} process(es); "
             f"model {cfg.model.path or 'tiny Llama'} ({param_count(model) / 1e6:.2f}M parameters); backend {cfg.backend}")
     if command == "pipeline":
-        pipe.pretrain(model, resume=resume)
+        model = pipe.pretrain(model, resume=resume)
         pipe.grade("base", model)
         base = frozen_copy(model) if cfg.dpo.reference == "base" else None
-        pipe.sft(model, resume=resume)
+        model = pipe.sft(model, resume=resume)
         pipe.grade("sft", model)
-        pipe.dpo(model, resume=resume, base=base)
+        model = pipe.dpo(model, resume=resume, base=base)
         pipe.grade("dpo", model)
     elif command == "sft":
         pipe.grade("base", model)
-        pipe.sft(model, resume=resume)
+        model = pipe.sft(model, resume=resume)
         pipe.grade("sft", model)
     else:
         pipe.grade("start", model)
-        pipe.dpo(model, resume=resume)
+        model = pipe.dpo(model, resume=resume)
         pipe.grade("dpo", model)
     return pipe.finish(command, model)

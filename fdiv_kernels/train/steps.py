@@ -57,6 +57,8 @@ def shifted(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 def _head_inputs(model, batch):
     h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
     w, b, cap = lm_head(model)
+    if w.dtype != h.dtype:  # FSDP2 mixed precision: a gathered fp32 head, a bf16 body
+        w, b = w.to(h.dtype), (b.to(h.dtype) if b is not None else None)
     return h, w, b, cap
 
 
