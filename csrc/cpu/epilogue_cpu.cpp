@@ -62,8 +62,11 @@ inline float tanh_f(float x) {
 
 }  // namespace
 
-// Transforms one row segment of raw logits in place (z = cap(raw) / T) and returns its state.
-FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transform& tf) {
+// z = cap(raw) / T in place over one row segment; returns max z. The one definition of the
+// transform: the forward and the two-pass backward both call it, so the backward's z has the
+// forward's bits exactly (p = exp(z - lse) <= 1). Not inlined: a caller's expression must not be
+// contracted with it (GCC fuses `raw * inv_t - lse` into one FMA, whose rounding differs).
+FDIV_CLONES __attribute__((noinline)) float transform_segment(float* __restrict z, int64_t n, const Transform& tf) {
   float m = -INFINITY;
   if (tf.has_cap) {
     const float scale = tf.cap * tf.inv_t;
@@ -84,6 +87,12 @@ FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transfo
 #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < n; ++v) m = z[v] > m ? z[v] : m;
   }
+  return m;
+}
+
+// Transforms one row segment of raw logits in place (z = cap(raw) / T) and returns its state.
+FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transform& tf) {
+  const float m = transform_segment(z, n, tf);
   if (m == -INFINITY) {  // a segment of only -inf (masked tokens) adds nothing; NaN still propagates
     for (int64_t v = 0; v < n; ++v) {
       if (z[v] != z[v]) return Online{z[v], z[v], z[v]};
@@ -111,37 +120,12 @@ FDIV_CLONES Online forward_segment(float* __restrict z, int64_t n, const Transfo
 
 // Overwrites one row segment of raw logits with dL/draw. a = k - g, e = dL/dent,
 // mean_z = lse - ent; y = the label's column within the segment, or -1 when it lies elsewhere.
+// z is recomputed by the forward's own transform (same bits), then treated as the one-pass
+// coefficient does.
 FDIV_CLONES void backward_segment(float* __restrict c, int64_t V, int64_t y, const Transform& tf, float lse,
                                   float g, float a, float e, float mean_z) {
-  // derivative of the transform at the label, before the row is overwritten
-  float d_y = tf.inv_t;
-  if (y >= 0 && tf.has_cap) {
-    const float th = tanh_f(c[y] * tf.inv_cap);
-    d_y = (1.0f - th * th) * tf.inv_t;
-  }
-  if (tf.has_cap) {
-    const float scale = tf.cap * tf.inv_t;
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      const float th = tanh_f(c[v] * tf.inv_cap);
-      const float d0 = scale * th - lse;
-      const float d = d0 < -87.0f ? -87.0f : d0;
-      const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
-      const float p = d0 < -87.0f ? 0.0f : e_p;
-      c[v] = (1.0f - th * th) * tf.inv_t * p * (a - e * (d + lse - mean_z));
-    }
-  } else {
-    const float inv_t = tf.inv_t;
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      const float d0 = c[v] * inv_t - lse;
-      const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
-      const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
-      const float p = d0 < -87.0f ? 0.0f : e_p;
-      c[v] = inv_t * p * (a - e * (d + lse - mean_z));
-    }
-  }
-  if (y >= 0) c[y] += d_y * g;
+  transform_segment(c, V, tf);
+  coef_segment(c, V, y, tf, lse, g, a, e, mean_z);
 }
 
 // One-pass variant: the row segment holds z = cap(raw) / T as stored by forward_segment (the
@@ -159,7 +143,7 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
       const float z = c[v];
-      const float d0 = z - lse;
+      const float d0 = fminf(z - lse, 0.0f);  // p <= 1
       const float e_p = exp_f(d0);  // unconditional: vectorises (no trap)
       const float p = d0 < -87.0f ? 0.0f : e_p;
       const float th = z * inv_scale;
@@ -169,7 +153,7 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
     const float inv_t = tf.inv_t;
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float d0 = c[v] - lse;
+      const float d0 = fminf(c[v] - lse, 0.0f);  // p <= 1
       const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
       const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
       const float p = d0 < -87.0f ? 0.0f : e_p;

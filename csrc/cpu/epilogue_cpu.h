@@ -41,7 +41,12 @@ inline void merge_into(Online& acc, const Online& o) {
 // (m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)). A segment of only -inf adds nothing.
 Online forward_segment(float* z, int64_t n, const Transform& tf);
 
-// Two-pass backward: overwrites one row segment of *raw* logits with dL/draw (recomputing z).
+// z = cap(raw) / T in place; returns max z (-inf for a segment of only -inf). The one
+// definition of the transform, shared by the forward and the two-pass backward (same bits).
+float transform_segment(float* z, int64_t n, const Transform& tf);
+
+// Two-pass backward: overwrites one row segment of *raw* logits with dL/draw (recomputing z with
+// transform_segment, exactly as the forward did, so p = exp(z - lse) <= 1).
 // a = k - g, e = dL/dent, mean_z = lse - ent; y = the label's column in the segment, or -1.
 void backward_segment(float* c, int64_t V, int64_t y, const Transform& tf, float lse, float g, float a, float e,
                       float mean_z);

@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const TIn* logits
     if (v < V) {
       float dz;
       const float z = apply(tf, add_bias(to_f32(in[v]), bias, v), &dz);
-      const float p = expf(z - l);
+      const float p = expf(fminf(z - l, 0.0f));  // p <= 1 (a guard: z has the forward's bits)
       float c = p > 0.0f ? p * (a - e * (z - mean_z)) : 0.0f;  // z = -inf: p (z - mean_z) -> 0
       if (v == y) c += g;
       out[v] = from_f32<TOut>(c * dz);
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kBwdThreads) coef_kernel(const float* z, int64
       if (v < V) {
         float dz;
         const float zv = apply(tf, add_bias(in[v], bias, v), &dz);
-        const float p = expf(zv - l);
+        const float p = expf(fminf(zv - l, 0.0f));  // p <= 1 (a guard: z has the forward's bits)
         float ci = p > 0.0f ? p * (a - e * (zv - mean_z)) : 0.0f;  // z = -inf: p (z - mean_z) -> 0
         if (v == y) ci += g;
         c[i] = ci * dz;

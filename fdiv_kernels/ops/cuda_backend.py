@@ -12,7 +12,8 @@ Same contract as :mod:`fdiv_kernels.ops.torch_chunked`. Per chunk of ``chunk_row
 
 For bf16/fp16 inputs the coefficient is rounded to the input dtype before the two backward
 GEMMs (as in Liger and Cut Cross-Entropy), so gradients agree with the float32 reference to
-bf16/fp16 precision; forward values are computed from float32 logits. float64 inputs go to the
+bf16/fp16 precision; for fp16 it is first scaled by a power of two into fp16's range
+(:mod:`.lowp`). Forward values are computed from float32 logits. float64 inputs go to the
 torch reference. The extension is built on first use (needs nvcc; see docs/building.md).
 """
 
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import native, torch_chunked
+from . import lowp, native, torch_chunked
 from .backends import Backend, register_backend
 from . import gemm_chunks
 from .gemm_chunks import GemmChunkKernels
@@ -87,6 +88,11 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     mod = native.load("cuda")
     with torch.no_grad(), torch.cuda.device(hidden.device):
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
+        # float16: the coefficient is scaled into fp16's range and the fp32 outputs back (ops/lowp.py)
+        scale = lowp.fp16_coef_scale(hidden.dtype, grad_logp, grad_lse, grad_entropy, entropy, temperature)
+        if scale is not None:
+            grad_logp, grad_lse = grad_logp * scale, grad_lse * scale
+            grad_entropy = None if grad_entropy is None else grad_entropy * scale
 
         def run(mixed):
             return mod.backward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(), lse,
@@ -95,6 +101,10 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                 chunk_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
 
         gh, gw, gb = _call(run)
+        if scale is not None:
+            for t in (gh, gw, gb):
+                if t is not None:
+                    t.div_(scale)
     return gh, gw, (gb if bias is not None else None)
 
 

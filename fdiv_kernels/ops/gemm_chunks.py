@@ -11,7 +11,8 @@ The GPU backends (``cuda``: CUDA C epilogues; ``triton``: Triton epilogues) shar
 4. ``grad_h = coef W`` and ``grad_W = beta grad_W + alpha coef^T h`` (fp32 accumulation and
    output; ``beta = 0`` on the first chunk, so ``grad_W`` needs no zero-fill pass).
 
-Passes over a chunk's logits besides the GEMMs: two float32 reads and one 16-bit write.
+Passes over a chunk's logits besides the GEMMs: two float32 reads and one 16-bit write. A
+float16 coefficient is scaled into fp16's range first (:mod:`.lowp`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 from typing import Optional
 
 import torch
+
+from . import lowp
 
 logger = logging.getLogger("fdiv_kernels")
 
@@ -150,9 +153,19 @@ class GemmChunkKernels:
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         z, coef = self._views(self._n)
+        # float16: the coefficient is scaled into fp16's range by a power of two s and the fp32
+        # GEMM outputs by 1/s (exact; :mod:`.lowp`); one host read per chunk, fp16 inputs only
+        unscale = 1.0
+        scale = lowp.fp16_coef_scale(self.w.dtype, g, k, e, ent, self.temperature)
+        if scale is not None:
+            s = float(scale)
+            if s != 1.0:
+                g, k, e = g * s, k * s, (None if e is None else e * s)
+                unscale = 1.0 / s
         self.coef_epilogue(z, coef, y.contiguous(), lse, ent if e is not None else None, g, k, e)
         beta = beta if self._written else 0.0
         self._written = True
+        alpha = alpha * unscale
         if self.grad_w is not None:
             addmm_f32(self.grad_w, coef.t(), h, beta=beta, alpha=alpha)
         if self.grad_b is not None:
@@ -161,7 +174,10 @@ class GemmChunkKernels:
                 self.grad_b.mul_(beta).add_(col, alpha=alpha)
             else:
                 torch.mul(col, alpha, out=self.grad_b)
-        return mm_f32(coef, self.w) if self.need_h else None
+        if not self.need_h:
+            return None
+        gh = mm_f32(coef, self.w)
+        return gh if unscale == 1.0 else gh.mul_(unscale)
 
     def results(self):
         if not self._written:

@@ -13,7 +13,9 @@ Math (per row n, with z = cap(h W^T + b) / T, cap(x) = c*tanh(x/c) when a soft-c
     ent[n]  = lse[n] - sum_v p[n, v] z[n, v],  p = softmax(z)
     dL/dz   = g * onehot(y) + (k - g) * p - e * p * (z - (lse - ent))
 
-with g = dL/dlogp, k = dL/dlse, e = dL/dent. Computation is in float32 (float64 for float64
+with g = dL/dlogp, k = dL/dlse, e = dL/dent; a logit of -inf (masked token) has p = 0 and adds
+exact zeros (``p * z`` and ``p * (z - mean)`` are taken as 0 there, not ``0 * -inf``). The
+temperature is applied as a multiplication by ``1 / T`` (rounded), as in the native backends. Computation is in float32 (float64 for float64
 inputs); low-precision inputs are upcast chunk by chunk.
 """
 
@@ -54,7 +56,7 @@ def transform(z: torch.Tensor, softcap: Optional[float], temperature: float) -> 
         t = torch.tanh(z / softcap)
         z = t * softcap
     if temperature != 1.0:
-        z = z / temperature
+        z = z * (1.0 / temperature)  # times the rounded 1/T, as every native backend: the same z bits
     return z, t
 
 
@@ -88,10 +90,11 @@ def _coef(z: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor, lse:
     coef = (k[:, None].to(cdt) - g) * p
     if e is not None:
         mean_z = lse_c - entropy[:, None].to(cdt)
-        coef = coef - e[:, None].to(cdt) * p * (z - mean_z)
+        # a masked logit (z = -inf, p = 0) adds 0, not 0 * -inf
+        coef = coef - e[:, None].to(cdt) * p * torch.where(p > 0, z - mean_z, torch.zeros((), dtype=cdt, device=z.device))
     coef.scatter_add_(1, labels[:, None], g)
     if temperature != 1.0:
-        coef = coef / temperature
+        coef = coef * (1.0 / temperature)
     if t is not None:
         coef = coef * (1 - t * t)
     return coef
@@ -100,11 +103,20 @@ def _coef(z: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor, lse:
 def _stats(z: torch.Tensor, labels: torch.Tensor, return_entropy: bool):
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, labels[:, None]).squeeze(1) - lse
-    ent = None
-    if return_entropy:
-        p = torch.exp(z - lse[:, None])
-        ent = lse - (p * z).sum(-1)
-    return logp, lse, ent
+    return logp, lse, (entropy(z) if return_entropy else None)
+
+
+def entropy(z: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(z)`` over the last dim as the native backends compute it:
+    ``log S - A / S`` with ``S = sum e^d``, ``A = sum e^d d``, ``d = z - max z`` (exact shifts), not
+    ``lse - sum p z``, whose two terms of size ``|z|`` cancel to an absolute error of ``eps |z|``.
+    A masked logit (``z = -inf``) adds exact zeros; differentiable (the shift is a constant)."""
+    m = z.detach().amax(dim=-1, keepdim=True)
+    d = z - torch.where(torch.isfinite(m), m, torch.zeros((), dtype=z.dtype, device=z.device))
+    e = torch.exp(d)
+    big_s = e.sum(-1)
+    big_a = (e * torch.where(e > 0, d, torch.zeros((), dtype=z.dtype, device=z.device))).sum(-1)
+    return torch.log(big_s) - big_a / big_s
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,

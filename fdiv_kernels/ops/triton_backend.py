@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from . import torch_chunked
+from . import lowp, torch_chunked
 from .backends import Backend, register_backend
 from . import gemm_chunks
 from .gemm_chunks import GemmChunkKernels
@@ -272,7 +272,9 @@ def merge_splits(m: torch.Tensor, s: torch.Tensor, zy: torch.Tensor, a: Optional
     logp = sum_s zy_s - lse (only the split holding the label contributes to zy).
     """
     big_m = m.max(dim=0).values
-    r = torch.exp(m - big_m)
+    # a row whose every logit is -inf (a fully masked vocabulary) gets lse = -inf, as on every
+    # backend (the data checks report it), not exp(-inf - -inf) = NaN
+    r = torch.exp(m - torch.where(big_m == float("-inf"), torch.zeros_like(big_m), big_m))
     big_s = (r * s).sum(0)
     log_s = torch.log(big_s)
     lse = big_m + log_s
@@ -317,6 +319,13 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     lse_c, g, k = _f32(lse), _f32(grad_logp), _f32(grad_lse)
     ent_c = _f32(entropy) if with_ent else lse_c
     e = _f32(grad_entropy) if with_ent else g
+    # float16: the coefficient (cast to fp16 for the GEMMs) is scaled into fp16's range by a power
+    # of two, the fp32 outputs back (ops/lowp.py); on the device, no sync
+    scale = lowp.fp16_coef_scale(hidden.dtype, g, k, e if with_ent else None, ent_c if with_ent else None,
+                                 temperature)
+    if scale is not None:
+        g, k = g * scale, k * scale
+        e = e * scale if with_ent else g
     cap, inv_t = _scalars(softcap, temperature)
     eps = _options.filter_eps
     common = dict(
@@ -341,6 +350,10 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                 *args, grad_h, *scalars, **common)
             kern.token_stats_bwd_weight_kernel[lambda meta: (math.ceil(v / meta["BLOCK_V"]),)](
                 *args, grad_w, gb_arg, *scalars, **common)
+    if scale is not None:
+        for t in (grad_h, grad_w, grad_b):
+            if t is not None:
+                t.div_(scale)
     return grad_h, grad_w, grad_b
 
 

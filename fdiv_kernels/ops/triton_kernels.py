@@ -231,7 +231,9 @@ def _grad_raw_tile(z, valid, is_label, lse, mean_z, g, k, e, softcap, inv_temp,
     dL/dz = g onehot(y) + (k - g) p - e p (z - mean_z), mean_z = lse - ent = E_p[z];
     dL/draw = dL/dz / T, times 1 - t^2 with a soft-cap, t = tanh(raw / c) = z T / c.
     """
-    p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+    # p <= 1 even where a backward tile's logits round differently from the forward's (another
+    # tile shape): the forward's lse bounds them only up to that rounding
+    p = tl.where(valid, tl.exp(tl.minimum(z - lse[:, None], 0.0)), 0.0)
     dz = (k - g)[:, None] * p
     if WITH_ENTROPY:
         dz -= e[:, None] * p * tl.where(p > 0.0, z - mean_z[:, None], 0.0)  # a -inf logit adds 0, not 0 * -inf
@@ -658,7 +660,7 @@ def chunk_fwd_epilogue_kernel(z_ptr, ld, b_ptr, y_ptr, lse_ptr, logp_ptr, ent_pt
         p = tl.exp(z - safe)
         if WITH_ENTROPY:
             shift = tl.where(m == -float("inf"), 0.0, m - safe)
-            a = r * (a + shift * s) + tl.where(p > 0.0, p * (z - safe), 0.0)
+            a = r * (a + shift * s) + p * tl.where(p > 0.0, z - safe, 0.0)  # no 0 * -inf, not even unselected
         s = r * s + p
         m = m_new
         zy += tl.where(cols == y, z, 0.0)
