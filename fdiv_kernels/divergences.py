@@ -53,6 +53,22 @@ def dlog_softplus(u: torch.Tensor) -> torch.Tensor:
                        torch.sigmoid(safe) / F.softplus(safe))
 
 
+def exp_linear_tail(x: torch.Tensor, knee: float) -> torch.Tensor:
+    """``exp(x)`` for ``x <= knee``, continued linearly above (value and slope matched, C1):
+    ``exp(knee) (1 + x - knee)``. Finite for every finite ``x``; ``-inf`` gives 0 with a zero
+    gradient (no branch of the ``where`` sees an ``inf * 0``)."""
+    k = torch.full_like(x, knee)
+    return torch.where(x <= knee, torch.exp(torch.minimum(x, k)), math.exp(knee) * (1 + (torch.maximum(x, k) - knee)))
+
+
+def exp_log_tail(x: torch.Tensor, knee: float) -> torch.Tensor:
+    """``exp(x)`` for ``x <= knee``, continued logarithmically above (C1):
+    ``exp(knee) (1 + log1p(x - knee))``, at most ``exp(knee) * 90`` for any float32 ``x``."""
+    k = torch.full_like(x, knee)
+    return torch.where(x <= knee, torch.exp(torch.minimum(x, k)),
+                       math.exp(knee) * (1 + torch.log1p(torch.maximum(x, k) - knee)))
+
+
 class _Elementwise(torch.autograd.Function):
     """y = fn(u) with the derivative dfn supplied by hand (finite wherever fn is)."""
 

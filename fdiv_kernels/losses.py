@@ -23,6 +23,7 @@ Conventions (derivations in ``docs/math.md``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
@@ -101,7 +102,8 @@ def _check_inputs(hidden, weight, labels, logits, bias, softcap, temperature) ->
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(1, -1) if t.dim() == 1 else t.reshape(-1, t.shape[-1])
+    """``[rows, T]`` view of ``t [..., T]`` (a 1-D ``t`` is one row; ``T`` may be 0)."""
+    return t.reshape(1, -1) if t.dim() == 1 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def make_spec(*, divergence="sft", beta=1.0, level="token", reduction="mean", length_normalize=False,
@@ -173,6 +175,7 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
     """:func:`loss` for an already built spec (:class:`~fdiv_kernels.specs.FDivSpec` or
     :class:`~fdiv_kernels.specs.PrimalSpec`); what ``fk.nn``, the integrations and the trainer call."""
     _check_inputs(hidden, weight, labels, logits, bias, head.softcap, head.temperature)
+    _checks.check_rows(labels)
     if logits is None:
         _checks.check_head(hidden, weight, labels, bias, ignore_index, head.softcap, head.temperature)
     mask = labels != ignore_index
@@ -220,6 +223,8 @@ def sequence_logp(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.
     ``labels [..., T]`` -> ``sum``, ``mean`` (float32) and ``count`` (int64), each ``[...]``.
     All-ignored rows give sum = mean = 0. Log space only: no sequence probability is formed.
     """
+    if labels is not None:
+        _checks.check_rows(labels)
     stats = _stats(hidden, weight, labels, logits, bias, ignore_index, backend, softcap, temperature)
     mask = labels != ignore_index
     count = mask.sum(dim=-1)

@@ -30,13 +30,17 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import _checks
-from .divergences import Divergence, get_divergence
-from .dpo import check_options as check_dpo_options, pair_losses
+from .divergences import Divergence, exp_linear_tail, get_divergence
+from .dpo import check_options as check_dpo_options, explain_pair, pair_losses
 from .primal import PrimalLoss, get_primal
 
 LEVELS = ("token", "sequence")
 REDUCTIONS = ("mean", "sum", "none")
 VALUE_MODES = ("drop", "detach", "free")
+#: ``reduction="none"`` of the log-mean-exp divergences: ``psi = exp(log psi)`` is exact for
+#: ``log psi <= 50`` (KL: rewards ``u >= -51``) and continued linearly in ``log psi`` above, so every
+#: per-element loss and its gradient stay finite (docs/math.md, reductions)
+PER_ELEMENT_KNEE = 50.0
 
 
 class Rows(NamedTuple):
@@ -96,6 +100,9 @@ def normalizers(mask2: torch.Tensor, pairs: int = 0) -> Norms:
 def first_last_next(mask2: torch.Tensor):
     """Indices of each row's first and last supervised position and, per position, the next one."""
     b, t = mask2.shape
+    if t == 0:  # rows of no tokens: nothing is supervised, every index is a dummy 0
+        z = torch.zeros(b, dtype=torch.long, device=mask2.device)
+        return z, z, torch.zeros((b, 0), dtype=torch.long, device=mask2.device)
     pos = torch.arange(t, device=mask2.device).expand(b, t)
     big = torch.full_like(pos, t)
     first = torch.where(mask2, pos, big).min(dim=1).values.clamp(max=t - 1)
@@ -108,10 +115,17 @@ def first_last_next(mask2: torch.Tensor):
     return first, last, nxt
 
 
+def _at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[r, idx[r]]`` per row of ``x [r, T]``; zeros (still attached to ``x``'s graph) when ``T = 0``."""
+    if x.shape[1] == 0:
+        return x.sum(dim=1) * 0
+    return x.gather(1, idx[:, None]).squeeze(1)
+
+
 def value_s0(rows: Rows) -> torch.Tensor:
     """``[r]`` lse at each row's first supervised position (0 for rows with none)."""
     first = first_last_next(rows.mask)[0]
-    return torch.where(rows.mask.any(dim=1), rows.lse.gather(1, first[:, None]).squeeze(1), rows.lse.new_zeros(()))
+    return torch.where(rows.mask.any(dim=1), _at(rows.lse, first), rows.lse.new_zeros(()))
 
 
 def _masked_logsumexp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -127,12 +141,87 @@ def _mean_or_sum(total: torch.Tensor, count: torch.Tensor, reduction: str) -> to
 
 
 def _finish_lme(linear: torch.Tensor, lme: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``linear + lme (- log n)``; 0 with a zero gradient when nothing is supervised (``lme = -inf``)."""
-    has = torch.isfinite(lme)
-    safe = torch.where(has, lme, lme.new_zeros(()))
+    """``linear + lme (- log n)``; 0 with a zero gradient when nothing is supervised (``n = 0``).
+
+    With ``n > 0`` and ``lme = -inf`` (every ``psi = 0``: every reward is ``+inf``) the value is
+    the true one, ``-inf``, which the data checks report as an error."""
+    empty = count == 0
+    zero = lme.new_zeros(())
+    safe = torch.where(empty, zero, lme)
     if reduction == "mean":
         safe = safe - torch.log(count.clamp(min=1).to(lme.dtype))
-    return linear + torch.where(has, safe, lme.new_zeros(()))
+    return linear + torch.where(empty, zero, safe)
+
+
+class LogSumExpAccumulator:
+    """``L = logsumexp_j A_j`` over parts that arrive one at a time, with the factors that make
+    gradients accumulated part by part exact: the log-mean-exp divergences (KL, squared
+    Hellinger) over the chunks of one call (:mod:`fdiv_kernels.ops.fused`) or over the
+    micro-batches of one optimiser step (gradient accumulation; ``docs/math.md``).
+
+    ``A_j`` is a part's ``log sum_i psi_i`` (``fk.loss(..., reduction="sum").loss`` of a batch
+    whose loss is a log-mean-exp alone: ``values`` "drop" or "detach", ``z_loss=0``). Since
+    ``dL = sum_j exp(A_j - L) dA_j``, keeping the accumulated gradient ``G`` in the frame of the
+    running total, ``G <- rescale * G + weight * dA_j``, with ``(rescale, weight) = add(A_j)`` =
+    ``(exp(L_old - L_new), exp(A_j - L_new))``, leaves ``G = dL`` after the last part. A trainer:
+
+        acc = LogSumExpAccumulator()
+        for mb in micro_batches:
+            out = fk.loss(..., divergence="kl", reduction="sum")
+            rescale, weight = acc.add(out.loss.detach(), count=int(out.num_tokens))
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(rescale)
+            (weight * out.loss).backward()
+        acc.loss()   # = log mean psi over the whole step (the global batch's loss)
+
+    (With data parallelism the parts of every process enter the same total: gather the ``A_j``
+    first.) A part with ``A_j = -inf`` (nothing supervised) changes nothing: ``(1.0, 0.0)``.
+    """
+
+    def __init__(self) -> None:
+        self.total = -math.inf
+        self.count = 0
+
+    def add(self, log_sum, count: int = 0) -> Tuple[float, float]:
+        """Register part ``A_j = log_sum`` (a float or 0-d tensor, read on the host) with ``count``
+        elements; returns ``(rescale, weight)`` (both in ``[0, 1]``)."""
+        a = float(log_sum)
+        if math.isnan(a) or a == math.inf:
+            raise ValueError(f"log_sum must be finite or -inf, got {a}")
+        self.count += int(count)
+        if a == -math.inf:
+            return 1.0, 0.0
+        old = self.total
+        new = a if old == -math.inf else max(old, a) + math.log1p(math.exp(-abs(old - a)))
+        self.total = new
+        return (math.exp(old - new) if old > -math.inf else 0.0), math.exp(a - new)
+
+    def weight(self, log_sum) -> float:
+        """The final weight ``exp(A_j - L)`` of a part (for gradients kept per part)."""
+        a = float(log_sum)
+        return 0.0 if a == -math.inf else math.exp(a - self.total)
+
+    def loss(self, reduction: str = "mean") -> float:
+        """``L - log n`` (``"mean"``: log mean psi) or ``L`` (``"sum"``); 0 when ``n = 0``."""
+        if self.total == -math.inf and self.count == 0:
+            return 0.0
+        return self.total - math.log(self.count) if reduction == "mean" else self.total
+
+
+def _reference_culprit(rows: Rows, pos: Tuple[int, ...], level: str) -> Optional[str]:
+    """``"ref_logp is -inf at ..."`` when a non-finite reference explains the reward at ``pos``."""
+    r = pos[0]
+    if rows.ref_seq is not None and not math.isfinite(float(rows.ref_seq[r])):
+        return f"ref_logp is {float(rows.ref_seq[r])} for row {r}"
+    if rows.ref_tok.dim() == 0:
+        return None
+    ref = rows.ref_tok[r] if level == "sequence" else rows.ref_tok[pos]
+    bad = ~torch.isfinite(ref) & (rows.mask[r] if level == "sequence" else torch.ones((), dtype=torch.bool))
+    if not bool(bad.any()):
+        return None
+    where = pos if level == "token" else (r, int(bad.nonzero()[0]))
+    return f"ref_logp is {float(rows.ref_tok[where])} at supervised position {where} (pi_ref = 0)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +291,7 @@ class FDivSpec:
         logratio = torch.where(m2, rows.logp - rows.ref_tok, zero)
         first, last, nxt = first_last_next(m2)
         row_valid = m2.any(dim=1)
-        v_s0 = torch.where(row_valid, lse2.gather(1, first[:, None]).squeeze(1), zero)
+        v_s0 = torch.where(row_valid, _at(lse2, first), zero)
         vm = lse2 if self.values == "free" else lse2.detach()
         if self.level == "token":
             u = self.beta * logratio
@@ -216,7 +305,7 @@ class FDivSpec:
             s = s - rows.ref_seq
         u = self.beta * s
         if self.values != "drop":
-            u = u + vm.gather(1, first[:, None]).squeeze(1) - vm.gather(1, last[:, None]).squeeze(1)
+            u = u + _at(vm, first) - _at(vm, last)
         return torch.where(row_valid, u, zero), row_valid, v_s0
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
@@ -251,7 +340,40 @@ class FDivSpec:
         zero = u.new_zeros(())
         if div.aggregate == "mean":
             return torch.where(w, -div.objective(u), zero)
-        return torch.where(w, torch.exp(div.neg_log_psi(u)) - div.psi_offset, zero)
+        return torch.where(w, exp_linear_tail(div.neg_log_psi(u), PER_ELEMENT_KNEE) - div.psi_offset, zero)
+
+    def explain(self, rows: Rows) -> Optional[str]:
+        """Why this loss is not finite on finite statistics (for the data checks), or None."""
+        with torch.no_grad():
+            u, w, _ = self.rewards(rows)
+            div = self.divergence
+            if div.aggregate == "mean":
+                per = torch.where(w, -div.objective(u), u.new_zeros(()))
+            else:
+                per = torch.where(w, div.neg_log_psi(u), u.new_full((), -math.inf))
+            unit = "position" if self.level == "token" else "row"
+            bad = w & ~torch.isfinite(per) if div.aggregate == "mean" else w & (torch.isnan(per) | (per == math.inf))
+            if bool(bad.any()):
+                pos = _checks.first_position(bad)
+                uu = float(u[pos])
+                culprit = _reference_culprit(rows, pos, self.level)
+                if culprit is None:
+                    culprit = f"the reward beta * (logp - ref_logp) at {unit} {pos} overflows float32 (beta={self.beta:g})"
+                if uu == math.inf:
+                    return (f"{culprit}: the reward there is +inf and divergence {div.name!r} has no finite limit as "
+                            f"the reward grows (phi -> inf); mask that {unit} (ignore_index) or give ref_logp a "
+                            f"finite floor")
+                if uu == -math.inf:
+                    return f"{culprit}: the reward at {unit} {pos} is -inf (ref_logp is a log-probability, <= 0)"
+                return (f"the implicit reward u = {uu:g} at {unit} {pos} (beta={self.beta:g}) makes divergence "
+                        f"{div.name!r} overflow float32; lower beta or check ref_logp there")
+            if div.aggregate == "logmeanexp" and bool(w.any()) and not bool(torch.isfinite(per[w]).any()):
+                return (f"every supervised reward is +inf (ref_logp = -inf at every supervised {unit}), so every psi is "
+                        f"0 and the loss log mean psi = -inf; divergence {div.name!r} needs one finite reward")
+            if not bool(torch.isfinite(per).all()):
+                return None
+            return (f"the {self.reduction} of the per-{unit} losses overflows float32 (largest "
+                    f"{float(per.abs().max()):g}); use reduction='mean' or a smaller beta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +428,14 @@ class PrimalSpec:
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         return terms.linear
 
+    def explain(self, rows: Rows) -> Optional[str]:
+        with torch.no_grad():
+            per = self.per_element(rows)
+        if bool(torch.isfinite(per).all()):
+            return (f"the {self.reduction} of the per-token losses overflows float32 (largest "
+                    f"{float(per.abs().max()):g}); use reduction='mean'")
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # DPO family on the sequence log-probs of (chosen, rejected) row pairs
@@ -330,7 +460,7 @@ class DPOSpec:
 
     def __post_init__(self):
         check_dpo_options(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing,
-                          f_divergence=self.f_divergence)
+                          f_divergence=self.f_divergence, gamma=self.gamma, f_alpha=self.f_alpha)
         if self.length_normalize is None:
             object.__setattr__(self, "length_normalize", self.kind in ("ipo", "simpo"))
 
@@ -369,6 +499,15 @@ class DPOSpec:
 
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         return terms.linear
+
+    def explain(self, rows: Rows) -> Optional[str]:
+        with torch.no_grad():
+            s = self.sequence_logps(rows).view(-1, 2)
+            ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
+            losses = self.pair_losses(rows)
+        return explain_pair(s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
+                            losses, kind=self.kind, label_smoothing=self.label_smoothing,
+                            names=("policy chosen", "policy rejected", "ref_logp (chosen)", "ref_logp (rejected)"))
 
 
 LossSpec = Union[FDivSpec, PrimalSpec, DPOSpec]

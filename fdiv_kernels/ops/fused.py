@@ -13,14 +13,16 @@ together). Per chunk, with the backend's chunk kernels (:class:`ChunkKernels`):
 Three GEMMs in all; the backward only multiplies the stored gradients by ``grad_output``.
 Batch-coupled aggregates stay exact in one pass: means divide by counts read off the labels
 first, and the log-mean-exp of KL / squared Hellinger, ``L = logsumexp_c A_c - log n`` over the
-chunks' local log-sum-exps ``A_c``, is accumulated with a running max ``M``: chunk ``c``'s
-gradient is that of ``A_c``; ``grad_W`` is kept in the frame of ``M`` (``alpha = exp(A_c - M')``,
-``beta = exp(M - M')`` when the max moves to ``M'``) and multiplied by ``exp(M - L_all) = 1/S``
-at the end; each chunk's ``grad_h`` rows get ``exp(A_c - L_all)``. (This reads ``A_c`` on the
-host once per chunk.)
+chunks' local log-sum-exps ``A_c``, is accumulated by :class:`~fdiv_kernels.specs.LogSumExpAccumulator`:
+chunk ``c``'s gradient is that of ``A_c``; ``grad_W`` is kept in the frame of the running total
+``L_c`` (``alpha = exp(A_c - L_c)``, ``beta = exp(L_{c-1} - L_c)``), so it is exact after the last
+chunk; each chunk's ``grad_h`` rows get ``exp(A_c - L)``. (This reads ``A_c`` on the host once
+per chunk.) The data checks (:mod:`fdiv_kernels._checks`) fold the finiteness of every chunk's
+statistics and coefficients into one flag, read once by :func:`evaluate`.
 
 If the outputs ``logp``/``lse``/``entropy`` are used in another differentiable expression, their
-gradients are added in the backward by the backend's recompute kernels (today's two-pass path).
+gradients are added in the backward by the same chunk kernels, recomputing each chunk's logits
+with the forward's GEMM shapes (so they have its bits and ``p <= 1`` with the stored ``lse``).
 What is not a spec (a user's own function of :func:`fdiv_kernels.token_stats`), a log-mean-exp
 loss mixed with linear terms, ``reduction="none"``, a row longer than the chunk budget, and
 backends without chunk kernels (triton) use the two-pass path of :func:`whole_batch`. Without
@@ -38,7 +40,8 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..specs import HeadSpec, LossSpec, Norms, Rows, Terms
+from .. import _checks
+from ..specs import HeadSpec, LogSumExpAccumulator, LossSpec, Norms, Rows, Terms
 from .backends import Backend, resolve_backend
 from .token_stats import TokenStats, token_stats, token_stats_from_logits
 
@@ -148,7 +151,8 @@ class FusedParams:
 
 
 def _flat_rows(labels: torch.Tensor) -> Tuple[int, int]:
-    return (1, labels.shape[0]) if labels.dim() == 1 else (labels.numel() // labels.shape[-1], labels.shape[-1])
+    """``(rows, T)`` of ``labels [..., T]`` (a 1-D ``labels`` is one row; ``T`` may be 0)."""
+    return (1, labels.shape[0]) if labels.dim() == 1 else (math.prod(labels.shape[:-1]), labels.shape[-1])
 
 
 def _chunk_rows(spec, c: Chunk, logp, lse, m_ord, ref_tok_ord, ref_seq_ord, ref_flat) -> Rows:
@@ -201,7 +205,10 @@ class FusedLossFunction(torch.autograd.Function):
         gh_v = torch.empty((n, h.shape[1]), dtype=cdt, device=h.device) if need_h else None
         linear = logp_v.new_zeros(())
         lme_chunks: List[Tuple[Chunk, float]] = []
-        run_max = -math.inf
+        acc = LogSumExpAccumulator()
+        checks = _checks.finite_checks_enabled()
+        finite = torch.ones((), dtype=torch.bool, device=h.device)  # every statistic and coefficient (no sync)
+        host_finite = True
         for c in plan.chunks:
             hc, yc = hv[c.tok0:c.tok1], yv[c.tok0:c.tok1]
             if c.tok1 > c.tok0:
@@ -209,6 +216,8 @@ class FusedLossFunction(torch.autograd.Function):
                 logp_v[c.tok0:c.tok1], lse_v[c.tok0:c.tok1] = lp, ls
                 if ent_v is not None:
                     ent_v[c.tok0:c.tok1] = en
+                if checks:
+                    finite = finite & _checks.all_finite((lp, ls, en))
             else:
                 lp = ls = logp_v[:0]
             with torch.enable_grad():
@@ -220,7 +229,8 @@ class FusedLossFunction(torch.autograd.Function):
                 skip = c.tok1 == c.tok0 or not target.requires_grad
                 if not skip and spec.uses_lme:
                     a = float(terms.lme.detach())
-                    skip = a == -math.inf
+                    skip = not math.isfinite(a)  # -inf: nothing to add; NaN/+inf: non-finite stats, reported below
+                    host_finite = host_finite and not (math.isnan(a) or a == math.inf)
                 if skip:  # no gradient from these tokens
                     if gh_v is not None:
                         gh_v[c.tok0:c.tok1] = 0
@@ -228,30 +238,24 @@ class FusedLossFunction(torch.autograd.Function):
                 g, k = torch.autograd.grad(target, (lp_, ls_), allow_unused=True)
             g = torch.zeros_like(lp) if g is None else g
             k = torch.zeros_like(lp) if k is None else k
+            if checks:
+                finite = finite & _checks.all_finite((g, k))
             alpha = beta = 1.0
-            if spec.uses_lme:
-                new_max = max(run_max, a)
-                alpha, beta = math.exp(a - new_max), (math.exp(run_max - new_max) if run_max > -math.inf else 0.0)
-                run_max = new_max
+            if spec.uses_lme:  # grad_W in the frame of the running total (exact after the last chunk)
+                beta, alpha = acc.add(a)
                 lme_chunks.append((c, a))
             ghc = kern.grads(hc, yc, ls, en if ent_v is not None else None, g, k, None, alpha=alpha, beta=beta)
             if gh_v is not None:
                 gh_v[c.tok0:c.tok1] = ghc
 
         lme = None
-        gw_scale = 1.0
         tok_scale = None
         if spec.uses_lme:
-            if lme_chunks:
-                big_s = sum(math.exp(a - run_max) for _, a in lme_chunks)
-                total = run_max + math.log(big_s)
-                gw_scale = 1.0 / big_s
+            if lme_chunks:  # each chunk's grad_h rows get their final weight exp(A_c - L)
                 tok_scale = torch.zeros(n, dtype=cdt, device=h.device)
                 for c, a in lme_chunks:
-                    tok_scale[c.tok0:c.tok1] = math.exp(a - total)
-                lme = logp_v.new_tensor(total)
-            else:
-                lme = logp_v.new_tensor(-math.inf)
+                    tok_scale[c.tok0:c.tok1] = acc.weight(a)
+            lme = logp_v.new_tensor(acc.total)
         loss = spec.finish(Terms(linear, lme), norms)
         grad_w, grad_b = kern.results()
 
@@ -265,11 +269,13 @@ class FusedLossFunction(torch.autograd.Function):
         if ent_v is None:
             ctx.mark_non_differentiable(ent)
         ctx.save_for_backward(hidden, weight, bias, labels, gh_v, grad_w, grad_b, tok_scale, lse_v, ent_v)
-        ctx.params, ctx.gw_scale = params, gw_scale
-        return loss, logp, lse, ent
+        ctx.params = params
+        finite = finite & host_finite
+        ctx.mark_non_differentiable(finite)
+        return loss, logp, lse, ent, finite
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_logp, grad_lse, grad_ent):
+    def backward(ctx, grad_loss, grad_logp, grad_lse, grad_ent, grad_finite):
         hidden, weight, bias, labels, gh_v, grad_w, grad_b, tok_scale, lse_v, ent_v = ctx.saved_tensors
         params = ctx.params
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -284,12 +290,12 @@ class FusedLossFunction(torch.autograd.Function):
                 gh = gh_v if tok_scale is None else gh_v * tok_scale[:, None]
                 gh = _scaled(gh, s, gh.dtype)
             if need_w:
-                gw = _scaled(grad_w, s * ctx.gw_scale, weight.dtype)
+                gw = _scaled(grad_w, s, weight.dtype)
             if need_b:
-                gb = _scaled(grad_b, s * ctx.gw_scale, bias.dtype)
+                gb = _scaled(grad_b, s, bias.dtype)
         if grad_logp is not None or grad_lse is not None or grad_ent is not None:
             eh, ew, eb = _recompute_grads(params, hidden, weight, bias, labels, lse_v, ent_v,
-                                          grad_logp, grad_lse, grad_ent)
+                                          grad_logp, grad_lse, grad_ent, need_h, need_w, need_b)
             gh = eh if gh is None else gh + eh
             gw = ew if gw is None else gw + ew
             gb = eb if gb is None else (gb + eb if eb is not None else gb)
@@ -312,9 +318,13 @@ def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.mul(t, s, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
-def _recompute_grads(params: FusedParams, hidden, weight, bias, labels, lse_v, ent_v, grad_logp, grad_lse, grad_ent):
-    """Gradients of the ``logp``/``lse``/``entropy`` outputs (used outside the loss): the
-    backend's recompute kernels, as :class:`fdiv_kernels.ops.token_stats.TokenStatsFunction`."""
+def _recompute_grads(params: FusedParams, hidden, weight, bias, labels, lse_v, ent_v, grad_logp, grad_lse, grad_ent,
+                     need_h: bool, need_w: bool, need_b: bool):
+    """Gradients of the ``logp``/``lse``/``entropy`` outputs (used outside the loss), chunk by
+    chunk with the forward's own chunk kernels: each chunk's logits are recomputed by the very
+    GEMM shapes and transform of the forward, so they have its bits and ``p = exp(z - lse) <= 1``
+    with the stored ``lse`` (a GEMM of another shape rounds differently, which at ``|z| ~ 1e4``
+    moves ``p`` by 1e-3)."""
     idx = params.plan.tok_idx
     h = hidden.reshape(-1, hidden.shape[-1])
     hv = h if idx is None else h.index_select(0, idx)
@@ -326,10 +336,24 @@ def _recompute_grads(params: FusedParams, hidden, weight, bias, labels, lse_v, e
         gr = gr.reshape(-1).to(lse_v.dtype)
         return gr if idx is None else gr.index_select(0, idx)
 
+    g, k = pick(grad_logp), pick(grad_lse)
     e = pick(grad_ent) if (grad_ent is not None and ent_v is not None) else None
-    head = params.head
-    return params.backend.backward(hv.contiguous(), weight.contiguous(), bias, yv, lse_v, ent_v, pick(grad_logp),
-                                   pick(grad_lse), e, softcap=head.softcap, temperature=head.temperature)
+    _checks.check_coefficients("fk.loss backward (logp/lse/entropy outputs)", grad_logp=g, grad_lse=k, grad_entropy=e)
+    kern = params.backend.single_pass(weight, bias, params.head, return_entropy=False, need_h=need_h, need_w=need_w,
+                                      need_b=need_b)
+    gh = torch.zeros((hv.shape[0], hv.shape[1]), dtype=kern.dtype, device=hv.device) if need_h else None
+    for c in params.plan.chunks:
+        if c.tok1 == c.tok0:
+            continue
+        sl = slice(c.tok0, c.tok1)
+        hc, yc = hv[sl], yv[sl]
+        kern.stats(hc, yc)
+        ghc = kern.grads(hc, yc, lse_v[sl], None if e is None else ent_v[sl], g[sl], k[sl],
+                         None if e is None else e[sl])
+        if gh is not None:
+            gh[sl] = ghc
+    gw, gb = kern.results()
+    return gh, gw, gb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,9 +401,11 @@ def evaluate(spec: LossSpec, *, hidden=None, weight=None, labels, logits=None, b
                 plan = plan_chunks(spec, mask2, budget)
                 if plan is not None:
                     params = FusedParams(spec, head, backend, plan, shape, ignore_index, return_entropy)
-                    loss, logp, lse, ent = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq,
-                                                                   params)
-                    return Evaluated(loss, TokenStats(logp, lse, ent if return_entropy else None), True)
+                    loss, logp, lse, ent, finite = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok,
+                                                                           ref_seq, params)
+                    stats = TokenStats(logp, lse, ent if return_entropy else None)
+                    check_result(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head, finite)
+                    return Evaluated(loss, stats, True)
                 _announce(f"a row of {int(mask2.sum(1).max())} supervised tokens exceeds the {backend.name} "
                           f"backend's chunk of {budget} tokens: two-pass path")
             else:
@@ -389,7 +415,52 @@ def evaluate(spec: LossSpec, *, hidden=None, weight=None, labels, logits=None, b
     shape = _flat_rows(labels)
     mask2 = (labels != ignore_index).reshape(shape)
     rows = Rows(stats.logp.reshape(shape), stats.lse.reshape(shape), mask2, ref_tok, ref_seq)
-    return Evaluated(whole_batch(spec, rows, spec.normalizers(mask2)), stats, False)
+    loss = whole_batch(spec, rows, spec.normalizers(mask2))
+    check_result(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head)
+    return Evaluated(loss, stats, False)
+
+
+def check_result(spec: LossSpec, loss: torch.Tensor, stats: TokenStats, labels: torch.Tensor, mask2: torch.Tensor,
+                 ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], head: HeadSpec,
+                 finite: Optional[torch.Tensor] = None) -> None:
+    """The data check of a loss (one device sync; ``FDIV_CHECK_FINITE=0`` skips it): the loss, the
+    token statistics, the single-pass coefficients (``finite``) and the supervised references are
+    finite / not NaN, or a ``ValueError`` says which input is the cause."""
+    if not _checks.finite_checks_enabled():
+        return
+    flag = _checks.all_finite((loss, stats.logp, stats.lse, stats.entropy)).to(loss.device)
+    if finite is not None:
+        flag = flag & finite
+    if ref_tok.dim():
+        flag = flag & ~torch.isnan(ref_tok).any()
+    if ref_seq is not None:
+        flag = flag & ~(torch.isnan(ref_seq) & mask2.any(dim=1)).any()
+    if bool(flag):
+        return
+    raise ValueError(_explain(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head))
+
+
+def _explain(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head) -> str:
+    """The cause of a failed :func:`check_result`, most basic first."""
+    if ref_tok.dim() and bool(torch.isnan(ref_tok).any()):
+        return f"ref_logp is NaN at supervised position {_checks.first_position(torch.isnan(ref_tok.reshape(labels.shape)))}"
+    if ref_seq is not None:
+        bad = torch.isnan(ref_seq) & mask2.any(dim=1)
+        if bool(bad.any()):
+            return f"ref_logp is NaN for row {int(bad.nonzero()[0])} (a row with supervised tokens)"
+    why = _checks.explain_token_stats(stats.logp, stats.lse, stats.entropy, labels, head.softcap, head.temperature)
+    if why:
+        return why
+    shape = mask2.shape
+    rows = Rows(stats.logp.detach().reshape(shape), stats.lse.detach().reshape(shape), mask2, ref_tok, ref_seq)
+    order = row_order(spec, shape[0], mask2.device)
+    why = spec.explain(rows if order is None else rows.select(order))
+    if why:
+        return why
+    if bool(_checks.all_finite((loss,))):
+        return ("the loss is finite but a derivative of it with respect to the token statistics is not (NaN/inf "
+                "coefficient); please report this input")
+    return f"the loss is {loss.detach().reshape(-1)[0].item() if loss.numel() else loss} (not finite)"
 
 
 def _announce(msg: str) -> None:

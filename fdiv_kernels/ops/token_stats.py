@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _checks
+from . import torch_chunked
 from .backends import resolve_backend
 
 
@@ -80,6 +81,7 @@ class TokenStatsFunction(torch.autograd.Function):
 
         g, k = pick(grad_logp), pick(grad_lse)
         e = pick(grad_ent) if (return_entropy and grad_ent is not None) else None
+        _checks.check_coefficients("token_stats backward", grad_logp=g, grad_lse=k, grad_entropy=e)
         gh, gw, gb = backend.backward(hv.contiguous(), weight.contiguous(), bias, yv, lse_v, ent_v, g, k, e,
                                       softcap=softcap, temperature=temperature)
         if idx is not None:
@@ -111,10 +113,15 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         (float64 for float64 inputs), 0 at ignored positions, where
         ``z = hidden @ weight.T + bias``, ``lse = logsumexp(z)`` and ``logp = z[label] - lse``.
         Gradients flow to ``hidden``, ``weight`` and ``bias``.
+
+    Logits of -inf (a vocabulary masked through ``bias``) add exact zeros to every output and
+    gradient. ``ValueError`` (data checks, see :mod:`fdiv_kernels._checks`): a supervised token
+    whose logits are all -inf or not finite, or whose label's logit is -inf.
     """
     _checks.check_head(hidden, weight, labels, bias, ignore_index, softcap, temperature)
     logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, ignore_index, softcap,
                                               float(temperature), bool(return_entropy), backend)
+    _checks.check_token_stats(logp, lse, ent if return_entropy else None, labels, softcap, temperature)
     return TokenStats(logp, lse, ent if return_entropy else None)
 
 
@@ -126,6 +133,8 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
     bf16/fp16 logits of any magnitude give finite results.
     """
     _checks.check_floating("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"labels must have logits' leading shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
     _checks.check_same_device(logits=logits, labels=labels)
@@ -133,11 +142,13 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
     z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    # ignored rows are replaced by zeros first: whatever they hold (-inf everywhere, NaN) never
+    # reaches a value or a gradient
+    z = torch.where(valid.unsqueeze(-1), z, zero)
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    ent = None
-    if return_entropy:
-        p = torch.softmax(z, dim=-1)
-        ent = torch.where(valid, lse - (p * z).sum(-1), zero)
-    return TokenStats(torch.where(valid, logp, zero), torch.where(valid, lse, zero), ent)
+    ent = torch.where(valid, torch_chunked.entropy(z), zero) if return_entropy else None
+    out = TokenStats(torch.where(valid, logp, zero), torch.where(valid, lse, zero), ent)
+    _checks.check_token_stats(out.logp, out.lse, out.entropy, labels)
+    return out
