@@ -210,18 +210,18 @@ class LogSumExpAccumulator:
 
 
 def _reference_culprit(rows: Rows, pos: Tuple[int, ...], level: str) -> Optional[str]:
-    """``"ref_logp is -inf at ..."`` when a non-finite reference explains the reward at ``pos``."""
+    """``"ref_logp is -inf at ..."`` when a -inf reference explains the reward at ``pos``."""
     r = pos[0]
-    if rows.ref_seq is not None and not math.isfinite(float(rows.ref_seq[r])):
-        return f"ref_logp is {float(rows.ref_seq[r])} for row {r}"
+    if rows.ref_seq is not None and float(rows.ref_seq[r]) == -math.inf:
+        return f"ref_logp is -inf for row {r} (pi_ref = 0)"
     if rows.ref_tok.dim() == 0:
         return None
     ref = rows.ref_tok[r] if level == "sequence" else rows.ref_tok[pos]
-    bad = ~torch.isfinite(ref) & (rows.mask[r] if level == "sequence" else torch.ones((), dtype=torch.bool))
+    bad = (ref == -math.inf) & (rows.mask[r] if level == "sequence" else torch.ones((), dtype=torch.bool))
     if not bool(bad.any()):
         return None
     where = pos if level == "token" else (r, int(bad.nonzero()[0]))
-    return f"ref_logp is {float(rows.ref_tok[where])} at supervised position {where} (pi_ref = 0)"
+    return f"ref_logp is -inf at supervised position {where} (pi_ref = 0)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +357,13 @@ class FDivSpec:
                 pos = _checks.first_position(bad)
                 uu = float(u[pos])
                 culprit = _reference_culprit(rows, pos, self.level)
-                if culprit is None:
-                    culprit = f"the reward beta * (logp - ref_logp) at {unit} {pos} overflows float32 (beta={self.beta:g})"
+                if culprit is None and not math.isfinite(uu):
+                    return (f"the reward beta * (logp - ref_logp) at {unit} {pos} overflows float32 to {uu} "
+                            f"(beta={self.beta:g}); lower beta or check ref_logp there")
                 if uu == math.inf:
                     return (f"{culprit}: the reward there is +inf and divergence {div.name!r} has no finite limit as "
                             f"the reward grows (phi -> inf); mask that {unit} (ignore_index) or give ref_logp a "
                             f"finite floor")
-                if uu == -math.inf:
-                    return f"{culprit}: the reward at {unit} {pos} is -inf (ref_logp is a log-probability, <= 0)"
                 return (f"the implicit reward u = {uu:g} at {unit} {pos} (beta={self.beta:g}) makes divergence "
                         f"{div.name!r} overflow float32; lower beta or check ref_logp there")
             if div.aggregate == "logmeanexp" and bool(w.any()) and not bool(torch.isfinite(per[w]).any()):

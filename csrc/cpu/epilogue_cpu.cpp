@@ -135,8 +135,9 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
                               float a, float e, float mean_z) {
   const float inv_scale = tf.has_cap ? 1.0f / (tf.cap * tf.inv_t) : 0.0f;
   float d_y = tf.inv_t;
+  const float z_y = y >= 0 ? c[y] : 0.0f;  // the label's z, before the row is overwritten
   if (y >= 0 && tf.has_cap) {
-    const float th = c[y] * inv_scale;
+    const float th = z_y * inv_scale;
     d_y = (1.0f - th * th) * tf.inv_t;
   }
   if (tf.has_cap) {
@@ -160,7 +161,16 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
       c[v] = inv_t * p * (a - e * (d + lse - mean_z));
     }
   }
-  if (y >= 0) c[y] += d_y * g;
+  if (y >= 0) {
+    // the label's dL/dz = p (a - e (z - mean_z)) + g first, then its transform derivative, as the
+    // other backends order it: with p = 1 and k = 0 the two terms cancel to 0 exactly (adding
+    // d_y g to the scaled term left an FMA's rounding residual, eps |g| / T, where it should be 0)
+    const float d0 = fminf(z_y - lse, 0.0f);
+    const float d = d0 < -87.0f ? -87.0f : d0;
+    const float p = d0 < -87.0f ? 0.0f : exp_f(d);
+    const float zc = tf.has_cap ? z_y : d + lse;
+    c[y] = d_y * (p * (a - e * (zc - mean_z)) + g);
+  }
 }
 
 FDIV_CLONES void exp_array(const float* __restrict x, float* __restrict out, int64_t n) {

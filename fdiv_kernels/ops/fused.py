@@ -432,22 +432,31 @@ def check_result(spec: LossSpec, loss: torch.Tensor, stats: TokenStats, labels: 
     if finite is not None:
         flag = flag & finite
     if ref_tok.dim():
-        flag = flag & ~torch.isnan(ref_tok).any()
+        flag = flag & ~_invalid_reference(ref_tok).any()
     if ref_seq is not None:
-        flag = flag & ~(torch.isnan(ref_seq) & mask2.any(dim=1)).any()
+        flag = flag & ~(_invalid_reference(ref_seq) & mask2.any(dim=1)).any()
     if bool(flag):
         return
     raise ValueError(_explain(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head))
 
 
+def _invalid_reference(ref: torch.Tensor) -> torch.Tensor:
+    """NaN or +inf: not a log-probability (-inf, pi_ref = 0, is one: the specs take its limit)."""
+    return torch.isnan(ref) | (ref == math.inf)
+
+
 def _explain(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head) -> str:
     """The cause of a failed :func:`check_result`, most basic first."""
-    if ref_tok.dim() and bool(torch.isnan(ref_tok).any()):
-        return f"ref_logp is NaN at supervised position {_checks.first_position(torch.isnan(ref_tok.reshape(labels.shape)))}"
+    if ref_tok.dim() and bool(_invalid_reference(ref_tok).any()):
+        pos = _checks.first_position(_invalid_reference(ref_tok.reshape(labels.shape)))
+        return (f"ref_logp is {float(ref_tok.reshape(labels.shape)[pos])} at supervised position {pos} "
+                f"(a log-probability is a number <= 0)")
     if ref_seq is not None:
-        bad = torch.isnan(ref_seq) & mask2.any(dim=1)
+        bad = _invalid_reference(ref_seq) & mask2.any(dim=1)
         if bool(bad.any()):
-            return f"ref_logp is NaN for row {int(bad.nonzero()[0])} (a row with supervised tokens)"
+            r = int(bad.nonzero()[0])
+            return (f"ref_logp is {float(ref_seq[r])} for row {r} (a row with supervised tokens; a log-probability "
+                    f"is a number <= 0)")
     why = _checks.explain_token_stats(stats.logp, stats.lse, stats.entropy, labels, head.softcap, head.temperature)
     if why:
         return why
