@@ -123,7 +123,7 @@ def test_micro_batches_add_up_to_the_full_batch(divergence):
 def test_dpo_step_matches_hand_formula(kind, beta, gamma):
     m, ref_m, batch = _model(0), _model(1), _pair_batch(4)
     cfg = DPOConfig(kind=kind, beta=beta, gamma=gamma)
-    ref = S.reference_pair_logps(ref_m, batch, backend="torch") if kind != "simpo" else None
+    ref = S.reference_pair_logps(ref_m, batch, spec=cfg.spec, backend="torch") if kind != "simpo" else None
     loss, st = S.dpo_micro(m, batch, cfg=cfg, ref=ref, norm=S.Norm(4, 1, 1), backend="torch")
     loss.backward()
     g_fused = _grads(m)
@@ -152,7 +152,7 @@ def test_dpo_step_matches_hand_formula(kind, beta, gamma):
 
 def test_dpo_sft_weight_adds_chosen_nll():
     m, ref_m, batch = _model(0), _model(1), _pair_batch(4)
-    ref = S.reference_pair_logps(ref_m, batch, backend="torch")
+    ref = S.reference_pair_logps(ref_m, batch, spec=DPOConfig().spec, backend="torch")
     base, _ = S.dpo_micro(m, batch, cfg=DPOConfig(beta=0.1), ref=ref, norm=S.Norm(4, 1, 1), backend="torch")
     with_nll, _ = S.dpo_micro(m, batch, cfg=DPOConfig(beta=0.1, sft_weight=0.5), ref=ref, norm=S.Norm(4, 1, 1),
                               backend="torch")
@@ -181,7 +181,7 @@ def test_training_steps_never_form_full_logits():
     ref = S.reference_token_logp(ref_m, sft_b, backend="torch")
     loss, _ = S.sft_micro(m, sft_b, cfg=SFTConfig(divergence="js"), ref_logp=ref, norm=S.Norm(10, 1, 1), backend="torch")
     loss.backward()
-    pref = S.reference_pair_logps(ref_m, pair_b, backend="torch")
+    pref = S.reference_pair_logps(ref_m, pair_b, spec=DPOConfig().spec, backend="torch")
     loss, _ = S.dpo_micro(m, pair_b, cfg=DPOConfig(), ref=pref, norm=S.Norm(4, 1, 1), backend="torch")
     loss.backward()
     loss, _ = S.pretrain_micro(m, sft_b, norm=S.Norm(10, 1, 1), backend="torch")
