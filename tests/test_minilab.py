@@ -165,3 +165,33 @@ def test_verdict_and_settling():
     curve = [10 - 5 * math.exp(-s / 30) for s in steps]  # within 10% of the 5-nat rise after ~70 steps
     s = stats.first_settled(steps, curve)
     assert 60 <= s["settled_step"] <= 120 and 3 < s["rise"] < 5  # start = mean of the first 5 points
+
+
+def _fake_run(seed, dpo, sft=0.5, nll=0.3, kl=0.1, plain=0.9):
+    def phase(a):
+        split = {"chat": {"all": a}, "plain": {"all": plain}, "kl_base": kl}
+        return {"seen": split, "unseen": split}
+    return {"seed": seed, "shard": seed, "dpo": phase(dpo), "sft": phase(sft), "sft_heldout_nll": nll,
+            "curves": {"step": [], "value_s0": []}}
+
+
+def _fake_results(dpo_by_lr):
+    arms = {f"lr={lr:g}": {str(s): _fake_run(s, a + 0.01 * s) for s in range(3)} for lr, a in dpo_by_lr.items()}
+    return {"arms": arms, "sizes": {"n_eval": 40}, "sft_lrs": sorted(dpo_by_lr), "standard_lr": 3e-3,
+            "base": {"eval": {"unseen": {"plain": {"all": 1.0}}}}}
+
+
+@pytest.mark.parametrize("dpo, expected", [
+    ({3e-4: 0.90, 1e-3: 0.88, 3e-3: 0.70, 1e-2: 0.50}, "reproduced"),
+    ({3e-4: 0.50, 1e-3: 0.60, 3e-3: 0.80, 1e-2: 0.50}, "not reproduced"),
+    ({3e-4: 0.60, 1e-3: 0.90, 3e-3: 0.75, 1e-2: 0.50}, "inconclusive"),   # one better, one worse
+    ({3e-4: 0.76, 1e-3: 0.74, 3e-3: 0.75, 1e-2: 0.50}, "inconclusive"),   # within the sampling error
+])
+def test_lr_claim_rule(dpo, expected):
+    import report
+
+    c = report.claim_lr(_fake_results(dpo))
+    assert c["verdict"] == expected
+    # 320 prompts: the binomial part alone is ~0.03 per difference, so 0.02 can never decide
+    d, se = c["comps"]["lr=0.001"]
+    assert d == pytest.approx(dpo[1e-3] - dpo[3e-3]) and se > 0.025

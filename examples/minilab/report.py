@@ -142,6 +142,18 @@ def claim_lr(res: Dict) -> Optional[Dict]:
             "dpo": dpo, "smaller": smaller, "larger": larger, "sft_best": sft_best}
 
 
+def claim_mechanism(res: Dict) -> Optional[Dict]:
+    """Sec. 3.2 / 4.2, the reason for the claim: without a KL gradient, a larger SFT step moves the model
+    further from the base and forgets what it knew (slopes per decade of rate, over every seed)."""
+    c = claim_lr(res)
+    if not c:
+        return None
+    kl, fg = c["trend"]["kl_sft"], c["trend"]["forgetting_sft"]
+    v = stats.verdict(*fg)
+    return {"verdict": v, "measured": f"per decade of SFT rate: forgetting after SFT {pm(*fg)}, KL(SFT, base) "
+                                      f"{pm(*kl, 2)} nats (slopes ± {stats.Z:g} SE over {len(res['seeds']) * len(lr_keys(res))} runs)"}
+
+
 def claim_div(res: Dict) -> Optional[Dict]:
     """Sec. 4.3: Pearson / squared Hellinger vs NLL at the standard rate: weaker SFT, better post-DPO."""
     ref = std_key(res)
@@ -188,30 +200,39 @@ def claim_values(res: Dict) -> Optional[Dict]:
         return None
     taus = [t for _, (t, _) in pairs]
     se = max(s for _, (_, s) in pairs)
-    pos = all(t > stats.Z * s for _, (t, s) in pairs)
-    neg = any(t < -stats.Z * s for _, (t, s) in pairs)
-    v = "reproduced" if pos else "not reproduced" if neg else "inconclusive"
     shard_t = [t for name, (t, _) in pairs if "shards" in name]
     other_t = [t for name, (t, _) in pairs if "other prior" in name]
+    pos = all(t > stats.Z * s for _, (t, s) in pairs)
+    ordered = not (shard_t and other_t) or statistics.mean(shard_t) > statistics.mean(other_t)
+    neg = any(t < -stats.Z * s for _, (t, s) in pairs)
+    v = "reproduced" if pos and ordered else "not reproduced" if neg else "inconclusive"
     measured = (f"Kendall tau, shards: {stats.fmt(shard_t, 2)}; other prior: {stats.fmt(other_t, 2)}; "
                 f"all {len(pairs)} pairs in [{min(taus):.2f}, {max(taus):.2f}] (null SE {se:.3f})")
-    return {"verdict": v, "measured": measured, "pairs": pairs, "n_states": len(shards[0]["values"]) if shards else 0}
+    return {"verdict": v, "measured": measured, "pairs": pairs, "shard_taus": shard_t,
+            "n_states": len(shards[0]["values"]) if shards else 0}
 
 
 def claim_alignment(res: Dict) -> Optional[Dict]:
-    """Sec. 4.4 (Fig. 2b): a lower held-out alignment DPO loss of the SFT model goes with a better model."""
-    xs, ys = [], []
+    """Sec. 4.4 (Fig. 2b): a lower held-out alignment DPO loss (implicit reward vs held-out preferences)
+    goes with a better model. Over every run on the main base: the SFT model's loss against its own
+    accuracy (the verdict) and against the post-DPO accuracy."""
+    xs, ys, zs = [], [], []
     for key in res["arms"]:
+        if key.startswith("prior="):  # another base: its alignment loss has another reference
+            continue
         for r in runs_of(res, key):
             if r.get("sft_align_dpo_loss") is not None:
                 xs.append(r["sft_align_dpo_loss"])
-                ys.append(overall(r, "dpo"))
+                ys.append(overall(r, "sft"))
+                zs.append(overall(r, "dpo"))
     if len(xs) < 5:
         return None
     rho, se = stats.spearman(xs, ys)
+    rho_dpo, se_dpo = stats.spearman(xs, zs)
     v = stats.verdict(rho, se, expected_sign=-1)
-    return {"verdict": v, "measured": f"Spearman rho {rho:+.2f} ± {stats.Z * se:.2f} over {len(xs)} runs",
-            "x": xs, "y": ys, "rho": rho}
+    return {"verdict": v, "x": xs, "y": ys, "z": zs, "rho": rho, "rho_dpo": rho_dpo,
+            "measured": f"Spearman rho {rho:+.2f} ± {stats.Z * se:.2f} with the SFT accuracy over {len(xs)} runs "
+                        f"({rho_dpo:+.2f} ± {stats.Z * se_dpo:.2f} with the post-DPO accuracy)"}
 
 
 def claim_v0(res: Dict) -> Optional[Dict]:
@@ -375,10 +396,11 @@ def plot_values(res: Dict, cv: Dict, ca: Optional[Dict], path: str) -> None:
     axes[0].set_ylabel("V(s) of another SFT model")
     axes[0].legend(fontsize=7)
     if ca:
-        axes[1].scatter(ca["x"], ca["y"], s=10)
+        axes[1].scatter(ca["x"], ca["y"], s=10, label=f"SFT model (rho {ca['rho']:+.2f})")
+        axes[1].scatter(ca["x"], ca["z"], s=10, label=f"after DPO (rho {ca['rho_dpo']:+.2f})")
         axes[1].set_xlabel("held-out alignment DPO loss of the SFT model (vs base)")
-        axes[1].set_ylabel("post-DPO accuracy, all prompts")
-        axes[1].set_title(f"Spearman rho {ca['rho']:+.2f}", fontsize=9)
+        axes[1].set_ylabel("accuracy, all held-out prompts")
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -419,16 +441,23 @@ def _header(res: Dict) -> List[str]:
     m = res["meta"]
     sizes = res["sizes"]
     cpu = m.get("worker_cpu_s")
+    loads = m.get("load_samples")
     timing = (f"{m['wall_s'] / 60:.1f} min wall clock with {m['jobs']} worker process(es) of one thread each on "
-              f"{m['cpus']} CPU cores, load average {m['load_start'][0]:.1f} at the start and {m['load_end'][0]:.1f} "
-              "at the end")
+              f"{m['cpus']} CPU cores, ")
+    if loads:
+        timing += (f"1-minute load average {statistics.mean(loads):.1f} on average (max {max(loads):.1f}) at the "
+                   f"end of each of its {len(loads) - 1} jobs, this run's {m['jobs']} workers included")
+    else:
+        timing += (f"1-minute load average {m['load_start'][0]:.1f} at the start and {m['load_end'][0]:.1f} at the end "
+                   f"(15-minute: {m['load_end'][2]:.1f})")
     if cpu:
         share = cpu / (m["jobs"] * m["wall_s"])
         timing += (f"; the workers used {cpu / 60:.1f} CPU-minutes, {100 * share:.0f}% of {m['jobs']} cores over that "
                    f"time, so on a quiet machine (a core per worker) the run takes about {cpu / m['jobs'] / 60:.0f} min")
+    again = f" Report rewritten from its results.json by `{m['report_command']}`." if m.get("report_command") else ""
     return [
         "# Mini-lab results", "",
-        f"Generated by `{m['command']}` on {m['date']}: {timing} (torch {torch.__version__}). "
+        f"Generated by `{m['command']}` on {m['date']}: {timing} (torch {torch.__version__}).{again} "
         f"Seeds {res['seeds']}: seed k trains on SFT shard k with data order k. Cells: mean ± sd over seeds. "
         f"Verdicts: effect ± {stats.Z:g} x sampling error (seeds, Welch, combined with the binomial error of the "
         f"{n_prompts(res)} fixed held-out prompts); 'reproduced' = the paper's sign beyond it, 'not reproduced' = "
@@ -451,6 +480,7 @@ def _header(res: Dict) -> List[str]:
 def _verdicts(claims: Dict[str, Optional[Dict]]) -> List[str]:
     names = {
         "lr": ("4.2", "a smaller SFT learning rate gives a better post-DPO model"),
+        "mechanism": ("3.2, 4.2", "why: with no KL gradient, a larger SFT rate drifts from the base and forgets"),
         "div": ("4.3", "Pearson / squared-Hellinger SFT: weaker SFT, better post-DPO than NLL"),
         "values": ("4.4", "logits are values: V(s) rankings agree across models"),
         "align": ("4.4", "lower implicit-reward alignment loss goes with a better model"),
@@ -515,8 +545,12 @@ def _div_section(res: Dict, c: Optional[Dict], files: Dict[str, str], rel) -> Li
          f"![divergences]({rel(files['div'])})", "", ARM_HEAD]
     L += [arm_row(res, label, runs_of(res, k)) for k, label in keys if runs_of(res, k)]
     if c:
+        nll = [overall(r, "dpo") for r in runs_of(res, std)]
+        every = "; ".join(f"{label} {pm(*compare(res, [overall(r, 'dpo') for r in runs_of(res, k)], nll))}"
+                          for k, label in keys[1:])
         L += ["", f"Finding (paper: weaker SFT, better post-DPO): {c['measured']}. Verdict: **{c['verdict']}**. "
-                  "KL and JS, which the paper could not train (Sec. 5.2), trained to a finite loss here.", ""]
+                  f"Post-DPO accuracy minus NLL's for every objective: {every}. KL and JS, which the paper could "
+                  "not train (Sec. 5.2), trained to a finite loss here.", ""]
     return L
 
 
@@ -528,11 +562,13 @@ def _values_section(res: Dict, cv: Optional[Dict], ca: Optional[Dict], files, re
               "Kendall's tau-b (SE under independence).", "", "| models | Kendall tau |", "|---|---|"]
         L += [f"| {name} | {t:.3f} ± {stats.Z * s:.3f} |" for name, (t, s) in cv["pairs"]]
         L += ["", f"Finding (paper: shards near 1, different priors still positive): {cv['measured']}. "
-                  f"Verdict: **{cv['verdict']}**.", ""]
+                  f"Verdict (every pair positive beyond {stats.Z:g} SE, shards above the other prior): "
+                  f"**{cv['verdict']}**" + ("; the shards agree less than in the paper (near 1)."
+                                            if statistics.mean(cv["shard_taus"] or [1.0]) < 0.9 else "."), ""]
     if ca:
-        L += [f"Alignment metric (paper Fig. 2b): the SFT checkpoint's held-out DPO loss against the base on "
-              f"held-out pairs vs the post-DPO accuracy, over every run: {ca['measured']}. Verdict: **{ca['verdict']}**.",
-              ""]
+        L += [f"Alignment metric (paper Fig. 2b): the held-out DPO loss of the chosen SFT checkpoint against the base "
+              f"(its implicit reward scored on held-out preference pairs of both sets), over every run on the main base: "
+              f"{ca['measured']}. Verdict: **{ca['verdict']}**.", ""]
     return L
 
 
@@ -557,8 +593,21 @@ def _v0_section(res: Dict, c: Optional[Dict], files, rel) -> List[str]:
           f"Finding: {c['measured']}. Verdict (in steps, the paper's unit): **{c['verdict']}**. In sequences the "
           f"paper's 150 steps of batch 128 ({150 * 128}) exceed this whole SFT ({sft_steps} steps of batch {batch}, "
           f"{sft_steps * batch}), so the two runs are not comparable that way; 150 steps are {100 * 150 / sft_steps:.0f}% "
-          "of this SFT.", ""]
+          "of this SFT." + _schedule_note(res, by), ""]
     return L
+
+
+def _schedule_note(res: Dict, by: Dict[str, List[Dict]]) -> str:
+    """What the twice-the-budget control says about when V(s0) settles."""
+    for key in by:
+        if key.endswith(" x2") and key[:-3] in by:
+            twice = by[key][0]["settled_step"]
+            once = statistics.mean(s["settled_step"] for s in by[key[:-3]])
+            n = res["sizes"]["sft_steps"]
+            return (f" With twice the budget, rate {key[3:-3]} settles at step {twice} ({100 * twice / (2 * n):.0f}% of "
+                    f"its budget) against {once:.0f} ({100 * once / n:.0f}%) with one budget: where V(s0) settles "
+                    "follows the learning-rate schedule (cosine decay) more than a fixed number of steps.")
+    return ""
 
 
 def _stability_section(res: Dict, c: Optional[Dict], rel, out_dir: str) -> List[str]:
@@ -570,8 +619,8 @@ def _stability_section(res: Dict, c: Optional[Dict], rel, out_dir: str) -> List[
     return ["## 5. Stability: `fk.loss` against the literal KL / JS forms (paper Sec. 5.2)", "",
             f"![stability]({rel(os.path.join(out_dir, 'stability.png'))})", "",
             f"Sequence-level objectives, {stab['steps']} steps, AdamW lr {stab['lr']}, no clipping, fp32; spread "
-            f"references: dV in [{sp[0]:.1f}, {sp[1]:.1f}] and [{wi[0]:.1f}, {wi[1]:.1f}]. The v1 study, unchanged "
-            "(it does not depend on the regime).", "", stability.table(stab), "",
+            f"references: dV in [{sp[0]:.1f}, {sp[1]:.1f}] and [{wi[0]:.1f}, {wi[1]:.1f}]. The v1 study's design "
+            "(it does not depend on the regime; v1 ran 300 steps).", "", stability.table(stab), "",
             f"Finding: {c['measured']}. Failures by reference: "
             + ", ".join(f"{ref}: {sum(r['bad_step'] is not None for r in stab['runs'] if r['reference'] == ref)}"
                         for ref in dict.fromkeys(r["reference"] for r in stab["runs"]))
@@ -595,7 +644,7 @@ def write(res: Dict, out_dir: str, md_path: str) -> Dict[str, Dict]:
     files = {k: os.path.join(out_dir, f) for k, f in (("lr", "lr_sweep.png"), ("conv", "sft_convergence.png"),
                                                       ("div", "divergences.png"), ("values", "values.png"),
                                                       ("v0", "value_s0.png"))}
-    claims = {"lr": claim_lr(res), "div": claim_div(res), "values": claim_values(res), "align": claim_alignment(res),
+    claims = {"lr": claim_lr(res), "mechanism": claim_mechanism(res), "div": claim_div(res), "values": claim_values(res), "align": claim_alignment(res),
               "v0": claim_v0(res), "stability": claim_stability(res.get("stability")), "mix": claim_mix(res)}
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(md_path)))  # noqa: E731
     L = _header(res) + _verdicts(claims)

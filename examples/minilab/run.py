@@ -114,13 +114,13 @@ def run_all(a) -> Dict:
                                  seeds=stab_cfg["seeds"], warm_steps=stab_cfg["warm_steps"], quick=a.smoke)
                           for r in refs]
         bar = tqdm(total=len(pending), desc="minilab", dynamic_ncols=True, disable=not a.progress)
-        done_labels = set()
+        loads = res["load_samples"] = [round(os.getloadavg()[0], 2)]  # at every job's end: the machine's load
 
         def drain(until: Future):
             for f in as_completed(list(pending)):
                 label = pending.pop(f)
                 f.result()  # re-raise a worker's error here
-                done_labels.add(label)
+                loads.append(round(os.getloadavg()[0], 2))
                 bar.update(1)
                 bar.set_postfix_str(label)
                 if f is until:
@@ -180,11 +180,12 @@ def main(argv=None) -> int:
     if a.reuse_results:
         with open(path) as f:
             res = json.load(f)
+        res["meta"]["report_command"] = "python examples/minilab/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     else:
         res = run_all(a)
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, joined at pool shutdown
         res["meta"] = {"wall_s": time.time() - t0, "jobs": a.jobs, "load_start": load0, "load_end": os.getloadavg(),
-                       "worker_cpu_s": ru.ru_utime + ru.ru_stime,
+                       "worker_cpu_s": ru.ru_utime + ru.ru_stime, "load_samples": res.pop("load_samples"),
                        "command": "python examples/minilab/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
                        "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "smoke": a.smoke}
         with open(path, "w") as f:

@@ -88,7 +88,7 @@ def warm_up(model, data, steps: int, lr: float):
     for i in range(steps):
         b = data[i % len(data)]
         h, w, labels = head_stats(model, b)
-        loss = fk.loss(h, w, labels, divergence="sft").loss
+        loss = fk.loss(h, w, labels, divergence="sft", backend="torch").loss
         opt.zero_grad()
         loss.backward()
         opt.step()
