@@ -195,3 +195,15 @@ def test_lr_claim_rule(dpo, expected):
     # 320 prompts: the binomial part alone is ~0.03 per difference, so 0.02 can never decide
     d, se = c["comps"]["lr=0.001"]
     assert d == pytest.approx(dpo[1e-3] - dpo[3e-3]) and se > 0.025
+
+
+def test_rerunning_the_lab_replaces_its_own_runs(tmp_path):
+    """make minilab twice: the lab's run directories (its own outputs) are redone, not refused (the
+    trainer refuses to clear a finished run unless told to overwrite)."""
+    import lab
+
+    data = regime.write_data(str(tmp_path / "data"), n_pretrain=60, n_sft=20, n_shards=1, n_pref=10, n_eval=2)
+    runs = str(tmp_path / "runs")
+    first = lab.pretrain_base(data, runs, "base", steps=2, seed=0)
+    again = lab.pretrain_base(data, runs, "base", steps=2, seed=0)
+    assert first["dir"] == again["dir"] and os.path.exists(os.path.join(again["dir"], "model.safetensors"))

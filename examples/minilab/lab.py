@@ -93,7 +93,7 @@ def pretrain_base(data: Dict[str, object], runs: str, name: str, *, steps: int, 
         cfg = load_config(V2_YAML, _common(data, runs, name, seed, None) + [
             f"pretrain.steps={steps}", f"data.pretrain={data['pretrain']}", f"data.sft_train={data['sft_train'][0]}",
             "sft.steps=1", "sft.eval_every=0", "sft.save_every=0", "dpo.steps=1", "dpo.rejected=data"])
-        s = run_command(cfg, "pipeline")
+        s = run_command(cfg, "pipeline", overwrite=True)  # the lab's own run directories: make minilab redoes them
         base_dir = s["checkpoints"]["pretrain"]
         for sub in ("sft", "dpo"):  # the placeholders are not part of the study
             shutil.rmtree(os.path.join(s["run_dir"], sub), ignore_errors=True)
@@ -132,7 +132,7 @@ def arm(job: ArmJob) -> Dict:
     cfg = load_config(V2_YAML, common + sizes.overrides() + [f"data.sft_train={data['sft_train'][job.shard]}",
                                                              f"sft.steps={round(sizes.sft_steps * job.budget)}"]
                       + job.sft + job.extra)
-    s = run_command(cfg, "sft")
+    s = run_command(cfg, "sft", overwrite=True)
     run_dir = s["run_dir"]
     curves = _sft_curves(os.path.join(run_dir, "metrics.jsonl"))
     # early stopping: the evaluation (after step 0) with the lowest held-out NLL = highest logratio to base
@@ -168,7 +168,7 @@ def arm(job: ArmJob) -> Dict:
 
     dcfg = load_config(V2_YAML, _common(data, job.runs, name + "-dpo", job.seed, start) + sizes.overrides()
                        + [f"data.sft_train={data['sft_train'][job.shard]}"] + job.extra)
-    d = run_command(dcfg, "dpo")
+    d = run_command(dcfg, "dpo", overwrite=True)
     res["dpo"] = regime.evaluate(load_model(d["checkpoints"]["dpo"]).eval(), tok, sets, base=base)
     res["dpo_rejected_self"] = d["phases"].get("dpo_rejected_self")
     # keep the chosen SFT checkpoint and the DPO result; drop the other checkpoints (tens of MB per run)
