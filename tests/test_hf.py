@@ -13,16 +13,16 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from train_batches import TOK, pair_batch, pair_rows, sft_batch  # noqa: E402
+from train_batches import full_logp as _full_logp  # noqa: E402
+
 import fdiv_kernels as fk  # noqa: E402
 from fdiv_kernels import hf  # noqa: E402
 from fdiv_kernels.specs import DPOSpec, FDivSpec, HeadSpec  # noqa: E402
 from fdiv_kernels.train import data as D  # noqa: E402
 from fdiv_kernels.train import steps as S  # noqa: E402
 from fdiv_kernels.train.config import DPOConfig, SFTConfig  # noqa: E402
-from fdiv_kernels.train.synthetic import near_miss, preference_row, problems, sft_row  # noqa: E402
-from fdiv_kernels.train.tokenizer import build_char_tokenizer  # noqa: E402
 
-TOK = build_char_tokenizer()
 SMALL = dict(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=TOK.pad_token_id,
              bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id)
@@ -45,26 +45,12 @@ def _model(arch, seed=0, **over):
     return model
 
 
-def _sft_batch(n=4, seed=0):
-    rows = [sft_row(p) for p in problems(n, seed=seed)]
-    return D.collate(D.encode_sft(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
+def _sft_batch():
+    return sft_batch(4)
 
 
-def _pair_batch(n=3, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    rows = [preference_row(p, near_miss(p, rng)) for p in problems(n, seed=seed)]
-    return D.collate_pairs(D.encode_pref(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
-
-
-def _full_logp(model, batch):
-    """Per-token log-probs of the shifted labels from the model's own logits (its forward)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, logp, torch.zeros_like(logp)), mask, logits
+def _pair_batch():
+    return pair_batch(3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,8 +158,7 @@ def test_analysis_values_apply_the_logit_transform(arch):
     torch.testing.assert_close(v[pos].double(), full[pos], rtol=1e-6, atol=1e-6)
     # the alignment metric: a sigmoid DPO loss of the model against a reference, from the models' own logits
     ref_m = _model(arch, seed=1)
-    pairs = D.encode_pref(TOK, [preference_row(p, near_miss(p, __import__("random").Random(0)))
-                                for p in problems(3, seed=0)], max_length=40)
+    pairs = pair_rows(3)
     res = AlignmentEval(ref_m, pairs, pad_id=TOK.pad_token_id, beta=0.5, batch_size=2, device=torch.device("cpu"),
                         backend="torch")(model)
     pb = D.collate_pairs(pairs, pad_id=TOK.pad_token_id)

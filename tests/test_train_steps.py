@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from train_batches import TOK
+from train_batches import full_logp as _full_logp
+from train_batches import pair_batch as _pair_batch
+from train_batches import sft_batch as _sft_batch
 
-from fdiv_kernels.train import data as D
 from fdiv_kernels.train import steps as S
 from fdiv_kernels.train.config import DPOConfig, MixDPOConfig, ModelConfig, SFTConfig, TinyModelConfig
 from fdiv_kernels.train.modeling import build_tiny_model
-from fdiv_kernels.train.synthetic import near_miss, preference_row, problems, sft_row
-from fdiv_kernels.train.tokenizer import build_char_tokenizer
-
-TOK = build_char_tokenizer()
 
 
 def _model(seed):
@@ -21,28 +20,6 @@ def _model(seed):
     m = build_tiny_model(ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2,
                                                           intermediate_size=64)), TOK)
     return m.double()
-
-
-def _sft_batch(n=6, seed=0):
-    rows = [sft_row(p) for p in problems(n, seed=seed)]
-    return D.collate(D.encode_sft(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
-
-
-def _pair_batch(n=4, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    rows = [preference_row(p, near_miss(p, rng)) for p in problems(n, seed=seed)]
-    return D.collate_pairs(D.encode_pref(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
-
-
-def _full_logp(model, batch):
-    """Per-token log-probs of the shifted labels from full logits (plain autograd)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, logp, torch.zeros_like(logp)), mask, logits
 
 
 def _grads(model):
