@@ -232,7 +232,8 @@ class FDivDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        ref = self._reference_logps(model, model_kwargs, labels, inputs).float()
+        ref = self._reference_logps(model, model_kwargs, labels, inputs)
+        ref = ref.to(torch.float64 if ref.dtype == torch.float64 else torch.float32)
         counts = (labels[:, 1:] != -100).sum(-1).clamp(min=1)
         ref_in = ref / counts if self.fk_spec.length_normalize else ref  # the loss's normalisation
         out = model(**model_kwargs, labels=labels, ref_logp=ref_in, return_token_metrics=True)
