@@ -34,8 +34,10 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.run --profile gpu
 	$(BIN)/python -m bench.update_readme
 
+# The mini-lab (docs/minilab/README.md): MINILAB_JOBS worker processes of one thread each.
+MINILAB_JOBS ?= 2
 minilab: $(STAMP)
-	$(BIN)/python examples/minilab/run.py --out docs/minilab --results docs/results.md
+	$(BIN)/python examples/minilab/run.py --out docs/minilab --results docs/results.md --jobs $(MINILAB_JOBS)
 
 # --- GPU machine (docs/gpu.md) ---------------------------------------------------------------
 # gpu-check runs there with the machine's own python3 (no venv, no network); DRY_RUN=1 anywhere.

@@ -8,7 +8,7 @@ The drop-in::
 
 Run: ``python examples/trl_sft.py --tiny --steps 5`` (offline tiny Llama, CPU). Multi-GPU with
 DeepSpeed ZeRO-3: ``accelerate launch --num_processes 8 examples/trl_sft.py --model <path>
---deepspeed examples/deepspeed_zero3.json`` (see examples/README.md).
+--deepspeed examples/configs/zero3.json`` (see examples/README.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--divergence", default="js")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--no-ref", action="store_true", help="no reference model (pi_ref = 1)")
-    p.add_argument("--deepspeed", default=None, help="a DeepSpeed config, e.g. examples/deepspeed_zero3.json")
+    p.add_argument("--deepspeed", default=None, help="a DeepSpeed config, e.g. examples/configs/zero3.json")
     p.add_argument("--output-dir", default=None)
     args = p.parse_args(argv)
 

@@ -5,7 +5,10 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -60,9 +63,29 @@ def test_hf_patch_memory():
     assert m and abs(float(m.group(1)) - float(m.group(2))) < 1e-5, out
 
 
-def test_deepspeed_zero3_config_is_valid():
-    cfg = json.loads((EXAMPLES / "deepspeed_zero3.json").read_text())
+def test_one_deepspeed_zero3_config_serves_hf_and_the_trainer():
+    """examples/configs/zero3.json is the only ZeRO-3 config: its batch sizes and clipping are "auto"
+    (HF's TrainingArguments fill them in, and so does fdiv-train), and HF's integration accepts it."""
+    assert not list(EXAMPLES.glob("*zero3*.json"))  # no second copy at the top level
+    cfg = json.loads((EXAMPLES / "configs" / "zero3.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
-        assert cfg[key] == "auto"  # filled in from TrainingArguments by the HF integration
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                "train_batch_size"):
+        assert cfg[key] == "auto"
+    hf_ds = pytest.importorskip("transformers.integrations.deepspeed")
+    args = types.SimpleNamespace(
+        world_size=2, per_device_train_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5,
+        learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
+        bf16=True, bf16_full_eval=False, fp16=False, fp16_full_eval=False, fp16_backend="auto", fp16_opt_level="O1",
+        optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=0, eval_strategy="no", do_eval=False,
+        half_precision_backend="auto", save_on_each_node=False, deepspeed_config=None,
+        get_warmup_steps=lambda num_training_steps: 0)
+    ds = hf_ds.HfTrainerDeepSpeedConfig(cfg)
+    try:
+        ds.trainer_config_process(args)
+    except AttributeError as e:  # another transformers version reads other TrainingArguments fields
+        pytest.skip(f"HfTrainerDeepSpeedConfig needs {e}")
+    ds.trainer_config_finalize(args, model=None, num_training_steps=10)
+    assert (ds.config["train_micro_batch_size_per_gpu"], ds.config["gradient_accumulation_steps"],
+            ds.config["gradient_clipping"], ds.config["train_batch_size"]) == (4, 3, 0.5, 24)

@@ -178,3 +178,31 @@ def test_sft_kl_is_log_mean_exp_and_divided_by_accumulation_steps(tmp_path):
     tr.current_gradient_accumulation_steps = 2
     halved = tr.compute_loss(tr.model, dict(batch), num_items_in_batch=torch.tensor(999))
     assert torch.allclose(halved, base / 2, atol=1e-6)
+
+
+def test_dpo_ipo_with_an_f_divergence_is_refused(tmp_path):
+    """TRL's IPO divides the f-divergence scores of summed log-ratios by the length; the fused loss
+    length-normalises the log-probs: equal for reverse_kl only, so the other scores are refused."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    args = trl.DPOConfig(**_common(tmp_path, "i", max_steps=1, loss_type=["ipo"], f_divergence_type="js_divergence"))
+    with pytest.raises(NotImplementedError, match="ipo"):
+        FDivDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dpo_dataset(),
+                       processing_class=tok)
+
+
+def test_dpo_evaluation_step_equals_trl(tmp_path):
+    """prediction_step runs the loss under no_grad (the fused DPO module's whole-batch path) and,
+    without prediction_loss_only, returns the model's logits as TRL does."""
+    tok = tiny_tokenizer()
+    model, ds = tiny_llama(tok), dpo_dataset()
+    ref_model = tiny_llama(tok, seed=1)
+    args = lambda name: trl.DPOConfig(**_common(tmp_path, name, max_steps=1, beta=0.1))  # noqa: E731
+    theirs = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref_model), args=args("a"),
+                            train_dataset=ds, processing_class=tok)
+    ours = FDivDPOTrainer(model=model, ref_model=ref_model, args=args("b"), train_dataset=ds, processing_class=tok)
+    batch = next(iter(ours.get_train_dataloader()))
+    la, logits_a, _ = theirs.prediction_step(theirs.model, dict(batch), prediction_loss_only=False)
+    lb, logits_b, _ = ours.prediction_step(ours.model, dict(batch), prediction_loss_only=False)
+    assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (la, lb)
+    assert logits_b is not None and torch.allclose(logits_a, logits_b, atol=1e-5)

@@ -303,3 +303,23 @@ def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatc
     close(out.losses, want.losses)
     for a, c in zip(grads, torch.autograd.grad(want.loss, (h2, w2))):
         close(a, c)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend not built")
+def test_cpu_workspace_is_reused_per_thread_and_released():
+    """The cpu backend keeps one chunk buffer per thread between calls (no page faults per call)."""
+    import threading
+
+    hidden, weight, bias, labels, ref = make(seed=12)
+    h = hidden.clone().requires_grad_()
+    fk.loss(h, weight, labels, backend="cpu").loss.backward()
+    buf = cpu_backend.workspace(1)
+    fk.loss(h, weight, labels, backend="cpu").loss.backward()
+    assert cpu_backend.workspace(1) is buf
+    other = []
+    t = threading.Thread(target=lambda: other.append(cpu_backend.workspace(1)))
+    t.start()
+    t.join()
+    assert other[0] is not buf  # never shared between threads
+    fk.ops.release_workspaces()
+    assert cpu_backend.workspace(1) is not buf

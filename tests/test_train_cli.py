@@ -125,7 +125,8 @@ def test_local_rank_from_the_deepspeed_launcher(monkeypatch, config_file):
     for argv in (["--local_rank=1", "sft"], ["sft", "--local_rank=1"], ["pipeline", "--local-rank", "1"]):
         assert build_parser().parse_args(argv).local_rank == 1
     assert getattr(build_parser().parse_args(["sft"]), "local_rank", None) is None
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so that teardown removes what main() sets (no leak into
+    monkeypatch.delenv("LOCAL_RANK")       # later tests: accelerate reads LOCAL_RANK as a distributed launch)
     assert main(["--local_rank=3", "sft", "--config", config_file, "--set", "sft.lrr=1"]) == 2  # stops at the config
     assert os.environ["LOCAL_RANK"] == "3"
 

@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from train_batches import TOK
+from train_batches import full_logp as _full_logp
+from train_batches import pair_batch as _pair_batch
+from train_batches import sft_batch as _sft_batch
 
-from fdiv_kernels.train import data as D
 from fdiv_kernels.train import steps as S
 from fdiv_kernels.train.config import DPOConfig, MixDPOConfig, ModelConfig, SFTConfig, TinyModelConfig
 from fdiv_kernels.train.modeling import build_tiny_model
-from fdiv_kernels.train.synthetic import near_miss, preference_row, problems, sft_row
-from fdiv_kernels.train.tokenizer import build_char_tokenizer
-
-TOK = build_char_tokenizer()
 
 
 def _model(seed):
@@ -21,28 +20,6 @@ def _model(seed):
     m = build_tiny_model(ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2,
                                                           intermediate_size=64)), TOK)
     return m.double()
-
-
-def _sft_batch(n=6, seed=0):
-    rows = [sft_row(p) for p in problems(n, seed=seed)]
-    return D.collate(D.encode_sft(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
-
-
-def _pair_batch(n=4, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    rows = [preference_row(p, near_miss(p, rng)) for p in problems(n, seed=seed)]
-    return D.collate_pairs(D.encode_pref(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
-
-
-def _full_logp(model, batch):
-    """Per-token log-probs of the shifted labels from full logits (plain autograd)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, logp, torch.zeros_like(logp)), mask, logits
 
 
 def _grads(model):
@@ -123,7 +100,7 @@ def test_micro_batches_add_up_to_the_full_batch(divergence):
 def test_dpo_step_matches_hand_formula(kind, beta, gamma):
     m, ref_m, batch = _model(0), _model(1), _pair_batch(4)
     cfg = DPOConfig(kind=kind, beta=beta, gamma=gamma)
-    ref = S.reference_pair_logps(ref_m, batch, backend="torch") if kind != "simpo" else None
+    ref = S.reference_pair_logps(ref_m, batch, spec=cfg.spec, backend="torch") if kind != "simpo" else None
     loss, st = S.dpo_micro(m, batch, cfg=cfg, ref=ref, norm=S.Norm(4, 1, 1), backend="torch")
     loss.backward()
     g_fused = _grads(m)
@@ -152,7 +129,7 @@ def test_dpo_step_matches_hand_formula(kind, beta, gamma):
 
 def test_dpo_sft_weight_adds_chosen_nll():
     m, ref_m, batch = _model(0), _model(1), _pair_batch(4)
-    ref = S.reference_pair_logps(ref_m, batch, backend="torch")
+    ref = S.reference_pair_logps(ref_m, batch, spec=DPOConfig().spec, backend="torch")
     base, _ = S.dpo_micro(m, batch, cfg=DPOConfig(beta=0.1), ref=ref, norm=S.Norm(4, 1, 1), backend="torch")
     with_nll, _ = S.dpo_micro(m, batch, cfg=DPOConfig(beta=0.1, sft_weight=0.5), ref=ref, norm=S.Norm(4, 1, 1),
                               backend="torch")
@@ -181,7 +158,7 @@ def test_training_steps_never_form_full_logits():
     ref = S.reference_token_logp(ref_m, sft_b, backend="torch")
     loss, _ = S.sft_micro(m, sft_b, cfg=SFTConfig(divergence="js"), ref_logp=ref, norm=S.Norm(10, 1, 1), backend="torch")
     loss.backward()
-    pref = S.reference_pair_logps(ref_m, pair_b, backend="torch")
+    pref = S.reference_pair_logps(ref_m, pair_b, spec=DPOConfig().spec, backend="torch")
     loss, _ = S.dpo_micro(m, pair_b, cfg=DPOConfig(), ref=pref, norm=S.Norm(4, 1, 1), backend="torch")
     loss.backward()
     loss, _ = S.pretrain_micro(m, sft_b, norm=S.Norm(10, 1, 1), backend="torch")

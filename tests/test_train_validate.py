@@ -166,3 +166,20 @@ def test_version_on_both_clis(capsys):
             cli(["--version"])
         assert e.value.code == 0
         assert capsys.readouterr().out.strip() == f"{prog} {fdiv_kernels.__version__}"
+
+
+def test_keys_added_since_a_run_are_no_change_at_their_defaults():
+    """A run written before a config key existed resumes without --allow-config-change while the key
+    keeps its default (the old run used it); a non-default value is a change."""
+    from fdiv_kernels.train.config import RunConfig, to_dict
+    from fdiv_kernels.train.validate import config_changes
+
+    old = to_dict(RunConfig())
+    del old["eval"]["align_batch_size"], old["dpo"]["rejected_batch_size"]
+    assert config_changes(old, to_dict(RunConfig())) == []
+    new = RunConfig()
+    new.eval.align_batch_size = 32
+    assert config_changes(old, to_dict(new)) == ['eval.align_batch_size: "<absent>" -> 32']
+    gone = to_dict(RunConfig())
+    gone["sft"]["old_key"] = 1  # a key the new version dropped still shows
+    assert config_changes(gone, to_dict(RunConfig())) == ['sft.old_key: 1 -> "<absent>"']

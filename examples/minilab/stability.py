@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -88,7 +88,7 @@ def warm_up(model, data, steps: int, lr: float):
     for i in range(steps):
         b = data[i % len(data)]
         h, w, labels = head_stats(model, b)
-        loss = fk.loss(h, w, labels, divergence="sft").loss
+        loss = fk.loss(h, w, labels, divergence="sft", backend="torch").loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,37 +166,72 @@ def run_one(ref_model, method: str, data, evald, *, steps: int, lr: float, seed:
             "heldout_nll": None if bad_step is not None else heldout_nll(policy, evald)}
 
 
-def run(out_dir: str, *, steps: int = 300, seeds=(0, 1), warm_steps: int = 150, lr: float = 1e-3,
-        quick: bool = False) -> Dict:
-    t0 = time.time()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+REFERENCES = ("random", "warm", "warm, spread dV", "warm, wide spread dV")
+
+
+def _setup(quick: bool):
     tok = build_char_tokenizer()
     held = problems(96 if not quick else 32, seed=12, tasks=TASKS)  # distinct held-out prompts
     train = problems(2400 if not quick else 160, seed=11, tasks=TASKS, distinct=False,
                      exclude={p["prompt"] for p in held})
-    data = batches(tok, train, 16, seed=11)
-    evald = batches(tok, held, 16, seed=12)
-    refs = {"random": tiny_model(len(tok), 0)}
-    refs["warm"] = warm_up(copy.deepcopy(refs["random"]), data, warm_steps, lr)
-    refs["warm, spread dV"] = copy.deepcopy(refs["warm"])
-    spread = spread_values(refs["warm, spread dV"], data)
-    refs["warm, wide spread dV"] = copy.deepcopy(refs["warm"])
-    wide = spread_values(refs["warm, wide spread dV"], data, lo=-40.0, hi=80.0)
-    results = []
-    for ref_name, ref in refs.items():
-        ref.eval()
-        for seed in seeds:
-            for method in METHODS:
-                r = run_one(ref, method, data, evald, steps=steps, lr=lr, seed=seed)
-                r["reference"] = ref_name
-                results.append(r)
-    report = {"steps": steps, "seeds": list(seeds), "lr": lr, "warm_steps": warm_steps, "spread_dV": spread, "wide_spread_dV": wide,
-              "warm_heldout_nll": heldout_nll(refs["warm"], evald), "seconds": time.time() - t0, "runs": results}
+    return tok, batches(tok, train, 16, seed=11), batches(tok, held, 16, seed=12)
+
+
+def build_reference(name: str, data, *, warm_steps: int, lr: float):
+    """The reference model ``name`` (one of :data:`REFERENCES`) and its dV spread (or None)."""
+    if name not in REFERENCES:
+        raise ValueError(f"unknown stability reference {name!r}; known: {', '.join(REFERENCES)}")
+    model = tiny_model(len(build_char_tokenizer()), 0)
+    if name == "random":
+        return model, None
+    model = warm_up(model, data, warm_steps, lr)
+    if name == "warm":
+        return model, None
+    lo, hi = (-8.0, 22.0) if name == "warm, spread dV" else (-40.0, 80.0)
+    return model, spread_values(model, data, lo=lo, hi=hi)
+
+
+def run_reference(name: str, *, steps: int = 300, seeds=(0, 1), warm_steps: int = 150, lr: float = 1e-3,
+                  quick: bool = False) -> Dict:
+    """Every method against one reference model, each seed: ``{"reference", "runs", "dV", ...}``.
+    Independent of the other references, so a process pool can run the four side by side."""
+    t0 = time.time()
+    tok, data, evald = _setup(quick)
+    ref, dv = build_reference(name, data, warm_steps=warm_steps, lr=lr)
+    ref.eval()
+    runs = []
+    for seed in seeds:
+        for method in METHODS:
+            r = run_one(ref, method, data, evald, steps=steps, lr=lr, seed=seed)
+            r["reference"] = name
+            runs.append(r)
+    return {"reference": name, "runs": runs, "dV": dv, "heldout_nll": heldout_nll(ref, evald),
+            "seconds": time.time() - t0}
+
+
+def combine(parts: List[Dict], out_dir: str, *, steps: int, seeds, warm_steps: int, lr: float = 1e-3) -> Dict:
+    """The study's report (``stability.json``, ``stability.png``) from :func:`run_reference` results."""
+    by = {p["reference"]: p for p in parts}
+    order = [r for r in REFERENCES if r in by]
+    report = {"steps": steps, "seeds": list(seeds), "lr": lr, "warm_steps": warm_steps,
+              "spread_dV": by.get("warm, spread dV", {}).get("dV"),
+              "wide_spread_dV": by.get("warm, wide spread dV", {}).get("dV"),
+              "warm_heldout_nll": by.get("warm", {}).get("heldout_nll"),
+              "seconds": sum(p["seconds"] for p in parts), "runs": [r for name in order for r in by[name]["runs"]]}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stability.json"), "w") as f:
         json.dump(report, f)
     plot(report, os.path.join(out_dir, "stability.png"))
     return report
+
+
+def run(out_dir: str, *, steps: int = 300, seeds=(0, 1), warm_steps: int = 150, lr: float = 1e-3,
+        quick: bool = False, threads: Optional[int] = None) -> Dict:
+    """The whole study in this process (``threads``: torch intra-op threads, default up to 2)."""
+    torch.set_num_threads(threads or max(1, min(2, os.cpu_count() or 1)))
+    parts = [run_reference(name, steps=steps, seeds=seeds, warm_steps=warm_steps, lr=lr, quick=quick)
+             for name in REFERENCES]
+    return combine(parts, out_dir, steps=steps, seeds=seeds, warm_steps=warm_steps, lr=lr)
 
 
 def plot(report: Dict, path: str) -> None:

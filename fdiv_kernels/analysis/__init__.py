@@ -4,7 +4,12 @@
   boundaries of response segments (reasoning steps); V(s0) curves over a run's checkpoints.
 * :mod:`.ranking`: Kendall's tau-b, and agreement of value rankings across models and with
   outcome rankings.
-* the implicit-reward alignment metric is :class:`fdiv_kernels.train.evaluate.AlignmentEval`.
+* :mod:`.alignment`: the implicit-reward alignment metric (:class:`AlignmentEval`; the trainer
+  evaluates with it).
+
+Models are read with :mod:`fdiv_kernels.hf` (the logit scale and soft-cap of the config
+included); data files and run directories in the trainer's formats (:mod:`fdiv_kernels.train.data`,
+``train.checkpoint.list_checkpoints``).
 """
 
 from .ranking import kendall_tau, rank_agreement

@@ -32,8 +32,8 @@ def _prompts_from(path: str, tok) -> List[str]:
 
 
 def cmd_values(args) -> dict:
+    from ..hf import load_tokenizer
     from ..train.checkpoint import list_checkpoints
-    from ..train.modeling import load_tokenizer
     from .values import value_s0_curve
 
     ckpts = list_checkpoints(args.phase_dir)
@@ -114,7 +114,7 @@ def _trajectories(path: str) -> List[dict]:
 
 
 def cmd_rank(args) -> dict:
-    from ..train.modeling import load_model, load_tokenizer
+    from ..hf import load_model, load_tokenizer
     from ..train.validate import check_model_dir
     from .ranking import rank_agreement
     from .values import segment_values
@@ -142,12 +142,12 @@ def cmd_rank(args) -> dict:
 
 
 def cmd_align(args) -> dict:
-    from ..train.data import encode_pref, load_pref
-    from ..train.evaluate import AlignmentEval
-    from ..train.modeling import load_model, load_tokenizer
-    from ..train.validate import check_model_dir
-
     import torch
+
+    from ..hf import load_model, load_tokenizer
+    from ..train.data import encode_pref, load_pref
+    from ..train.validate import check_model_dir
+    from .alignment import AlignmentEval
 
     check_model_dir(args.model, "--model")
     check_model_dir(args.ref, "--ref")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..train.distributed import default_deepspeed_accelerator
+    from ..hf import default_deepspeed_accelerator
 
     default_deepspeed_accelerator()  # stdout carries the JSON results only
     try:

@@ -1,7 +1,8 @@
 """State values V(s) = logsumexp of the logits (paper Theorem 2), computed with the fused primitive.
 
-All functions run the model body to the last hidden states and take the log-sum-exp of
-``hidden @ lm_head.weight.T`` at the requested positions only, through
+All functions run the model body to the last hidden states and take the log-sum-exp of the
+model's logits (``hidden @ lm_head.weight.T`` with the logit scale and soft-cap its config sets,
+:func:`fdiv_kernels.hf.head_spec`) at the requested positions only, through
 :func:`fdiv_kernels.token_stats` (so the logits of a whole sequence are never stored).
 Position ``t`` is the state after reading tokens ``0..t``: the value of "what comes next".
 """
@@ -15,21 +16,21 @@ import torch
 
 import fdiv_kernels as fk
 
+from ..hf import head_inputs, load_model, load_tokenizer
+
 
 def state_values(model, input_ids: torch.Tensor, positions: torch.Tensor, *,
                  attention_mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """``lse`` of the logits at ``positions`` (bool ``[B, T]``); returns ``[B, T]`` fp32, 0 elsewhere."""
-    from ..train.modeling import hidden_states, lm_head
-
     if positions.shape != input_ids.shape or positions.dtype != torch.bool:
         raise ValueError(f"positions must be a bool tensor of shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     with torch.no_grad():
-        h = hidden_states(model, input_ids, attention_mask)
-        w, b, cap = lm_head(model)
+        x = head_inputs(model, input_ids, attention_mask, backend=backend)
         labels = torch.where(positions, torch.zeros_like(input_ids), torch.full_like(input_ids, -100))
-        return fk.token_stats(h, w, labels, bias=b, softcap=cap, backend=backend).lse
+        return fk.token_stats(x.hidden, x.weight, labels, bias=x.bias, softcap=x.head.softcap,
+                              temperature=x.head.temperature, backend=x.head.backend).lse
 
 
 def value_s0(model, tok, prompts: Sequence[str], *, batch_size: int = 32, backend: str = "auto") -> torch.Tensor:
@@ -89,8 +90,7 @@ def value_s0_curve(phase_dir: str, prompts: Sequence[str], *, backend: str = "au
     ``phase_dir`` is e.g. ``runs/demo/sft``; each ``checkpoint-<step>`` (and ``final``) is loaded with
     transformers (safetensors). Returns ``[{"step", "mean", "std", "path"}]`` ordered by step.
     """
-    from ..train.checkpoint import list_checkpoints
-    from ..train.modeling import load_model, load_tokenizer
+    from ..train.checkpoint import list_checkpoints  # the trainer's run layout
 
     ckpts = [(int(os.path.basename(p).split("-")[1]), p) for p in list_checkpoints(phase_dir)]
     if not ckpts:

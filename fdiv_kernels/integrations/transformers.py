@@ -38,19 +38,20 @@ import functools
 import inspect
 import math
 import types
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .. import _checks
-from ..divergences import get_divergence
-from ..losses import FORMS, LEVELS, VALUE_MODES, loss as fused_loss
-from ..primal import get_primal
-from . import deepspeed as _ds
+from .. import hf
+from ..losses import loss_from_spec, make_spec
+from ..specs import DPOSpec, FDivSpec, HeadSpec, LossSpec, PrimalSpec
 
-__all__ = ["FDivCausalLMOutput", "PatchConfig", "apply", "unapply", "patched", "is_patched", "patch_config",
-           "head_of", "body_of", "logit_transform", "token_head_metrics"]
+__all__ = ["FDivCausalLMOutput", "PatchConfig", "TokenHeadStats", "apply", "unapply", "patched", "is_patched",
+           "patch_config", "head_of", "body_of", "logit_transform", "token_head_metrics", "token_head_stats"]
+
+# moved to fdiv_kernels.hf (shared with the trainer and the analysis tools); the names still work here
+head_of, body_of, logit_transform = hf.head_of, hf.body_of, hf.logit_transform
 
 _ATTR = "_fdiv_patch"
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict",
@@ -63,11 +64,13 @@ class FDivCausalLMOutput(CausalLMOutputWithPast):
 
     ``token_logp``, ``token_lse``, ``loss_mask``: ``[B, T-1]`` (``[B, T]`` with ``shift_labels``),
     log-prob of each next-token label, log-sum-exp of its logits (the value V(s)), supervised
-    positions. ``reward``: implicit reward (per token, or ``[B]`` at sequence level).
-    ``value_s0``: ``[B]`` lse at each row's first supervised position. With
-    ``return_token_metrics=True`` (what TRL's DPOTrainer logs): ``token_entropy`` (from the same
-    fused pass), ``token_mean_logit`` (mean logit over the vocabulary) and ``token_is_top1``
-    (the label is the argmax), all ``[B, T-1]`` and detached (:func:`token_head_metrics`).
+    positions. ``reward``: implicit reward (per token, or ``[B]`` at sequence level; a DPO patch:
+    ``beta * (s - s_ref)`` per row, chosen rows then rejected). ``value_s0``: ``[B]`` lse at each
+    row's first supervised position. With ``return_token_metrics=True`` (what TRL's DPOTrainer
+    logs): ``token_entropy``, ``token_mean_logit`` (mean logit over the vocabulary) and
+    ``token_is_top1`` (the label is the argmax), all ``[B, T-1]`` and detached, from one extra
+    no-grad pass over the head (:func:`token_head_stats`; a DPO patch also fills ``token_logp``
+    from it).
     """
 
     token_logp: Optional[torch.Tensor] = None
@@ -84,33 +87,64 @@ class FDivCausalLMOutput(CausalLMOutputWithPast):
 _OWN_FIELDS = {"loss", "logits"} | ({f.name for f in dataclasses.fields(FDivCausalLMOutput)}
                                    - {f.name for f in dataclasses.fields(CausalLMOutputWithPast)})
 
+# the options PatchConfig had as fields before it held specs: read-only views, with their defaults
+_LOSS_VIEWS = {"beta": 1.0, "level": "token", "values": "drop", "z_loss": 0.0, "length_normalize": False,
+               "alpha": 1.5}
+
 
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
-    """Options of a patched model (see :func:`apply`); ``softcap``/``temperature`` already resolved."""
+    """Options of a patched model (see :func:`apply`).
 
-    divergence: str = "sft"
-    beta: float = 1.0
-    level: str = "token"
-    values: str = "drop"
-    z_loss: float = 0.0
-    length_normalize: bool = False
+    ``loss``: the validated loss spec (:class:`~fdiv_kernels.specs.FDivSpec`,
+    :class:`~fdiv_kernels.specs.PrimalSpec` or :class:`~fdiv_kernels.specs.DPOSpec`), with
+    ``reduction="mean"`` (the patch sums over ``num_items_in_batch`` itself); ``head``: the
+    :class:`~fdiv_kernels.specs.HeadSpec` with the model's logit scale and soft-cap folded in
+    (:func:`fdiv_kernels.hf.head_spec`). The former fields (``divergence``, ``beta``, ``level``,
+    ``values``, ``z_loss``, ``length_normalize``, ``form``, ``alpha``, ``softcap``, ``temperature``,
+    ``backend``) read through to them.
+    """
+
+    loss: LossSpec = FDivSpec()
+    head: HeadSpec = HeadSpec()
     ignore_index: int = -100
-    backend: str = "auto"
-    softcap: Optional[float] = None
-    temperature: float = 1.0
-    form: str = "variational"
-    alpha: float = 1.5
+
+    def __post_init__(self):
+        if not isinstance(self.loss, (FDivSpec, PrimalSpec, DPOSpec)):
+            raise TypeError(f"loss must be an FDivSpec, PrimalSpec or DPOSpec, got {type(self.loss).__name__}")
+        if getattr(self.loss, "reduction", "mean") != "mean":
+            raise ValueError(f"the patch picks the reduction itself (a mean, or a sum over num_items_in_batch); "
+                             f"give a spec with reduction='mean', got {self.loss.reduction!r}")
+        if not isinstance(self.head, HeadSpec):
+            raise TypeError(f"head must be a HeadSpec, got {type(self.head).__name__}")
+
+    def __getattr__(self, name):  # only for names that are not fields
+        if name in _LOSS_VIEWS:
+            return getattr(self.loss, name, _LOSS_VIEWS[name])
+        if name in ("softcap", "temperature", "backend"):
+            return getattr(self.head, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def divergence(self) -> str:
+        """The loss's registry name (``"dpo"`` for a DPO spec)."""
+        return "dpo" if isinstance(self.loss, DPOSpec) else self.loss.divergence.name
+
+    @property
+    def form(self) -> str:
+        return "primal" if isinstance(self.loss, PrimalSpec) else "variational"
 
     @property
     def sums_over_num_items(self) -> bool:
         """Whether a ``num_items_in_batch`` kwarg makes the loss ``sum / num_items_in_batch`` (HF's
         gradient-accumulation convention). True for mean-aggregated divergences (sft, reverse_kl,
-        pearson, neyman, js) without ``values="free"``, and every ``form="primal"`` loss; otherwise
-        (kl, squared_hellinger: log-mean-exp) the loss stays a per-call mean."""
-        if self.form == "primal":
+        pearson, neyman, js) without ``values="free"``, and every primal loss; otherwise (kl,
+        squared_hellinger: log-mean-exp; a DPO loss: a mean over pairs) the loss stays a per-call mean."""
+        if isinstance(self.loss, PrimalSpec):
             return True
-        return get_divergence(self.divergence).aggregate == "mean" and self.values != "free"
+        if isinstance(self.loss, DPOSpec):
+            return False
+        return self.loss.divergence.aggregate == "mean" and self.loss.values != "free"
 
 
 @dataclasses.dataclass
@@ -121,107 +155,51 @@ class _PatchState:
     param_names: Tuple[str, ...]
 
 
-# --------------------------------------------------------------------------------------------
-# Finding the head, the body and the logit transforms
-# --------------------------------------------------------------------------------------------
-
-def head_of(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(weight [V, H], bias [V] | None)`` of the LM head found with ``get_output_embeddings()``."""
-    cls = type(model).__name__
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if head is None:
-        raise TypeError(f"{cls}: cannot patch, get_output_embeddings() found no LM head "
-                        f"(is this a *ForCausalLM model?)")
-    if any(hasattr(head, a) for a in ("lora_A", "base_layer", "modules_to_save")):
-        raise TypeError(f"{cls}: cannot patch, its LM head is wrapped by an adapter ({type(head).__name__}); "
-                        f"the fused head reads the plain weight and would ignore the adapter. Keep the LM head "
-                        f"out of the adapter's target modules")
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{cls}: cannot patch, its LM head {type(head).__name__} has no weight tensor")
-    if not weight.is_floating_point():
-        raise TypeError(f"{cls}: cannot patch, its LM head weight has dtype {weight.dtype} (quantized heads are "
-                        f"not supported; keep the head in float/bf16, e.g. skip it in the quantization config)")
-    shape = _ds.full_shape(weight)
-    if len(shape) != 2:
-        raise TypeError(f"{cls}: cannot patch, LM head weight has shape {tuple(shape)}, expected [V, H]")
-    bias = getattr(head, "bias", None)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(_ds.full_shape(bias)) != (shape[0],):
-            raise TypeError(f"{cls}: unsupported LM head bias {type(bias).__name__} "
-                            f"{tuple(getattr(bias, 'shape', ()))} (expected a float tensor of shape [{shape[0]}])")
-    return weight, bias
+# the options of fk.loss that apply() passes on (make_spec's, less what the patch decides per call)
+_LOSS_OPTIONS = tuple(n for n in inspect.signature(make_spec).parameters if n not in ("reduction", "ref_logp_given"))
 
 
-def body_of(model) -> torch.nn.Module:
-    """The module that returns ``last_hidden_state``: ``model.base_model`` (``base_model_prefix``), else ``get_decoder()``."""
-    body = getattr(model, "base_model", model)
-    if body is model and callable(getattr(model, "get_decoder", None)):
-        body = model.get_decoder()
-    if body is model or body is None:
-        raise TypeError(f"{type(model).__name__}: cannot patch, no body module found "
-                        f"(base_model_prefix={getattr(model, 'base_model_prefix', None)!r}, get_decoder() gave the model itself)")
-    return body
-
-
-def logit_transform(model) -> Tuple[Optional[float], float]:
-    """``(softcap, scale)`` the model's forward applies to ``lm_head(hidden)``, read from its (text) config.
-
-    ``logits = scale * lm_head(h)`` (Cohere ``logit_scale``, Falcon-H1 ``lm_head_multiplier``,
-    ``1/logits_scaling`` for Granite), then ``softcap * tanh(logits / softcap)`` (Gemma 2/3).
-    """
-    cfg = model.config
-    cfg = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None:
-        scale = getattr(cfg, "lm_head_multiplier", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = 1.0 / float(cfg.logits_scaling)
-    scale = 1.0 if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{type(model).__name__}: unsupported logit scale {scale} in its config")
-    if softcap is not None and scale != 1.0:
-        raise NotImplementedError(f"{type(model).__name__}: both a logit scale ({scale}) and a final soft-cap "
-                                  f"({softcap}) are set; the fused head supports one or the other")
-    return (float(softcap) if softcap is not None else None), scale
+def _spec_from(spec: Optional[LossSpec], options: Dict[str, Any]) -> LossSpec:
+    if spec is not None:
+        if options:
+            raise ValueError(f"pass the loss either as a spec or as options, not both (got {sorted(options)})")
+        return spec
+    unknown = sorted(set(options) - set(_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"apply() got unknown loss option(s) {unknown}; the options are {', '.join(_LOSS_OPTIONS)}")
+    return make_spec(**options)
 
 
 # --------------------------------------------------------------------------------------------
 # apply / unapply / patched
 # --------------------------------------------------------------------------------------------
 
-def apply(model, *, divergence: str = "sft", beta: float = 1.0, level: str = "token", values: str = "drop",
-          z_loss: float = 0.0, length_normalize: bool = False, ignore_index: int = -100, backend: str = "auto",
-          softcap: Optional[float] = None, temperature: float = 1.0, form: str = "variational", alpha: float = 1.5):
+def apply(model, spec: Optional[LossSpec] = None, *, softcap: Optional[float] = None, temperature: float = 1.0,
+          backend: str = "auto", ignore_index: int = -100, **options):
     """Patch ``model`` (in place; also returned) so that calls with ``labels`` compute the fused loss.
 
     Args:
         model: a Hugging Face causal LM (``*ForCausalLM``; Llama, Mistral, Qwen2, Gemma, ...).
-        divergence, beta, level, values, z_loss, length_normalize, ignore_index, backend, form, alpha:
-            as in :func:`fdiv_kernels.loss` (``divergence="sft"``: HF's own cross-entropy loss).
+        spec: the loss as a spec (:class:`~fdiv_kernels.specs.FDivSpec`,
+            :class:`~fdiv_kernels.specs.PrimalSpec`, or :class:`~fdiv_kernels.specs.DPOSpec`: then
+            ``labels`` is ``[2B, T]``, chosen rows then rejected, and ``ref_logp`` the ``[2B]``
+            reference sequence log-probs in the spec's normalisation), or
+        **options: the options of :func:`fdiv_kernels.loss` (``divergence="sft"`` by default: HF's
+            own cross-entropy loss; ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``,
+            ``form``, ``alpha``), validated into a spec.
         softcap: logit soft-cap; ``None`` takes ``config.final_logit_softcapping`` (Gemma 2/3).
-        temperature: divides the logits, on top of any scale the config sets.
+        temperature: divides the logits, on top of any scale the config sets
+            (:func:`fdiv_kernels.hf.head_spec`).
+        backend, ignore_index: as in :func:`fdiv_kernels.loss`.
 
     Patching twice replaces the options. Raises ``TypeError`` naming the class when the model has
     no usable LM head or body.
     """
-    _checks.check_choice("form", form, FORMS)
-    (get_primal if form == "primal" else get_divergence)(divergence)
-    _checks.check_choice("level", level, LEVELS)
-    _checks.check_choice("values", values, VALUE_MODES)
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
-    head_of(model)
-    body_of(model)
-    cfg_cap, scale = logit_transform(model)
-    cap = softcap if softcap is not None else cfg_cap
-    temp = float(temperature) / scale
-    _checks.check_scalars(cap, temp)
-    config = PatchConfig(divergence=divergence, beta=float(beta), level=level, values=values, z_loss=float(z_loss),
-                         length_normalize=bool(length_normalize), ignore_index=int(ignore_index), backend=backend,
-                         softcap=cap, temperature=temp, form=form, alpha=float(alpha))
+    loss_spec = _spec_from(spec, options)
+    hf.head_of(model)
+    hf.body_of(model)
+    config = PatchConfig(loss=loss_spec, head=hf.head_spec(model, softcap=softcap, temperature=temperature,
+                                                           backend=backend), ignore_index=int(ignore_index))
     state = getattr(model, _ATTR, None)
     if state is not None:  # re-patch: keep the original forward, replace the options
         state.config = config
@@ -237,8 +215,7 @@ def apply(model, *, divergence: str = "sft", beta: float = 1.0, level: str = "to
         return _forward(self, args, kwargs)
 
     model.forward = types.MethodType(forward, model)
-    weight, bias = head_of(model)
-    _ds.register_external(model, (weight, bias))
+    hf.register_external(model, hf.head_of(model))
     return model
 
 
@@ -266,14 +243,14 @@ def patch_config(model) -> Optional[PatchConfig]:
 
 
 @contextlib.contextmanager
-def patched(model, **options):
+def patched(model, spec: Optional[LossSpec] = None, **options):
     """``with patched(model, divergence="js", beta=0.1): ...`` applies the patch for the block only.
 
     A model that was already patched gets its previous options back on exit.
     """
     previous = getattr(model, _ATTR, None)
     old_config = previous.config if previous is not None else None
-    apply(model, **options)
+    apply(model, spec, **options)
     try:
         yield model
     finally:
@@ -284,58 +261,86 @@ def patched(model, **options):
 
 
 # --------------------------------------------------------------------------------------------
-# Token metrics (TRL's logits/*, mean_token_accuracy) without [N, V] logits
+# Token metrics (TRL's logits/*, mean_token_accuracy, entropy) without [N, V] logits
 # --------------------------------------------------------------------------------------------
 
+class TokenHeadStats(NamedTuple):
+    """Per token (``labels``' shape), detached: the mean logit over the vocabulary, whether the
+    label is the argmax, the label's log-prob and the entropy of the softmax; 0 / False where
+    ``labels == ignore_index``."""
+
+    mean_logit: torch.Tensor
+    is_top1: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+
+
 @torch.no_grad()
-def token_head_metrics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                       bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, temperature: float = 1.0,
-                       ignore_index: int = -100, vocab_chunk: int = 8192,
-                       row_chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per token: the mean logit over the vocabulary and whether the label is the argmax
-    (``argmax z == label``, ties to the lowest index as ``torch.argmax``), ``[...]`` fp32 / bool,
-    0 / False where ``labels == ignore_index``. ``z = cap(hidden W^T + b) / temperature`` as in
-    :func:`fdiv_kernels.loss`, formed in ``[row_chunk, vocab_chunk]`` tiles of the supervised rows
-    only: one extra no-grad pass over the head, never the ``[N, V]`` logits.
+def token_head_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                     bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, temperature: float = 1.0,
+                     ignore_index: int = -100, vocab_chunk: int = 8192, row_chunk: int = 1024) -> TokenHeadStats:
+    """:class:`TokenHeadStats` of ``z = cap(hidden W^T + b) / temperature`` (as in
+    :func:`fdiv_kernels.loss`), formed in ``[row_chunk, vocab_chunk]`` tiles of the supervised rows
+    only: one extra no-grad pass over the head, never the ``[N, V]`` logits. The argmax breaks ties
+    to the lowest index (as ``torch.argmax``); the log-sum-exp and the entropy
+    ``lse - sum_v p_v z_v`` are accumulated with a running max (fp32; fp64 for fp64 inputs).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    mean = torch.zeros(y.shape, dtype=torch.float32, device=h.device)
-    top1 = torch.zeros(y.shape, dtype=torch.bool, device=h.device)
+    dev = h.device
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mean = torch.zeros(y.shape, dtype=cdt, device=dev)
+    top1 = torch.zeros(y.shape, dtype=torch.bool, device=dev)
+    logp = torch.zeros(y.shape, dtype=cdt, device=dev)
+    ent = torch.zeros(y.shape, dtype=cdt, device=dev)
     rows = (y != ignore_index).nonzero().squeeze(1)
     v = weight.shape[0]
     for r0 in range(0, rows.numel(), row_chunk):
         idx = rows[r0: r0 + row_chunk]
-        hr = h[idx]
-        best = torch.full((idx.numel(),), -math.inf, device=h.device)
-        arg = torch.zeros(idx.numel(), dtype=torch.long, device=h.device)
-        total = torch.zeros(idx.numel(), dtype=torch.float32, device=h.device)
+        hr, yr = h[idx], y[idx]
+        n = idx.numel()
+        best = torch.full((n,), -math.inf, dtype=cdt, device=dev)
+        arg = torch.zeros(n, dtype=torch.long, device=dev)
+        total = torch.zeros(n, dtype=cdt, device=dev)
+        sum_e = torch.zeros(n, dtype=cdt, device=dev)   # sum exp(z - best)
+        sum_ez = torch.zeros(n, dtype=cdt, device=dev)  # sum exp(z - best) * z
+        z_y = torch.zeros(n, dtype=cdt, device=dev)
         for v0 in range(0, v, vocab_chunk):
-            z = (hr @ weight[v0: v0 + vocab_chunk].T).float()
+            z = (hr @ weight[v0: v0 + vocab_chunk].T).to(cdt)
             if bias is not None:
-                z = z + bias[v0: v0 + vocab_chunk].float()
+                z = z + bias[v0: v0 + vocab_chunk].to(cdt)
             if softcap is not None:
                 z = softcap * torch.tanh(z / softcap)
             z = z / temperature
             total += z.sum(-1)
             m, a = z.max(-1)
+            new_best = torch.maximum(best, m)
+            rescale = torch.exp(best - new_best)
+            e = torch.exp(z - new_best[:, None])
+            sum_e = sum_e * rescale + e.sum(-1)
+            sum_ez = sum_ez * rescale + (e * z).sum(-1)
             better = m > best  # strict: an earlier chunk keeps a tie, as argmax does
-            best, arg = torch.where(better, m, best), torch.where(better, a + v0, arg)
+            arg = torch.where(better, a + v0, arg)
+            best = new_best
+            here = (yr >= v0) & (yr < v0 + z.shape[1])
+            z_y = torch.where(here, z.gather(1, (yr - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), z_y)
+        lse = best + torch.log(sum_e)
         mean[idx] = total / v
-        top1[idx] = arg == y[idx]
-    return mean.view(labels.shape), top1.view(labels.shape)
+        top1[idx] = arg == yr
+        logp[idx] = z_y - lse
+        ent[idx] = lse - sum_ez / sum_e
+    shape = labels.shape
+    return TokenHeadStats(mean.view(shape), top1.view(shape), logp.view(shape), ent.view(shape))
 
 
-def _gather_dtensor(t):
-    """The full value of an FSDP2 (DTensor) head parameter, differentiably. Its gradient is a
-    per-rank partial sum, averaged over ranks on the way back (one reduce-scatter), as FSDP2
-    averages every other gradient: ``full_tensor()``'s default would treat it as replicated and
-    keep each rank's own slice unreduced."""
-    if not hasattr(t, "full_tensor"):
-        return t
-    from torch.distributed.tensor import Partial
-
-    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+def token_head_metrics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                       bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, temperature: float = 1.0,
+                       ignore_index: int = -100, vocab_chunk: int = 8192,
+                       row_chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mean_logit, is_top1)`` of :func:`token_head_stats` (``[...]`` fp32 (fp64 for fp64 inputs) / bool)."""
+    st = token_head_stats(hidden, weight, labels, bias=bias, softcap=softcap, temperature=temperature,
+                          ignore_index=ignore_index, vocab_chunk=vocab_chunk, row_chunk=row_chunk)
+    return st.mean_logit, st.is_top1
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,12 +366,11 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     num_items = call.get("num_items_in_batch")
     ref_logp = call.get("ref_logp")
     body_kwargs = {k: v for k, v in call.items() if k not in _HEAD_ONLY_KWARGS}
-    body_out = body_of(model)(**body_kwargs)
+    body_out = hf.body_of(model)(**body_kwargs)
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
 
-    weight, bias = head_of(model)
-    if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors: gather (differentiably)
-        weight, bias = _gather_dtensor(weight), _gather_dtensor(bias)
+    weight, bias = hf.head_of(model)
+    weight, bias = hf.full_tensor(weight), hf.full_tensor(bias)  # FSDP2 DTensors: gathered (differentiably)
     if shift_labels is None:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if ref_logp is not None and ref_logp.dim() == labels.dim() and ref_logp.shape[-1] == labels.shape[-1] + 1:
@@ -377,28 +381,41 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     labels = labels.to(weight.device)
     if ref_logp is not None:
         ref_logp = ref_logp.to(weight.device)
-    as_sum = num_items is not None and cfg.sums_over_num_items
-    with _ds.gathered(weight, bias):
+    head = cfg.head
+    with hf.gathered(weight, bias):
         if hidden.dtype != weight.dtype:  # e.g. fp32 norm output with a bf16 head under autocast
             hidden = hidden.to(weight.dtype)
-        metrics = bool(call.get("return_token_metrics"))
-        out = fused_loss(hidden, weight, labels, bias=bias, divergence=cfg.divergence, ref_logp=ref_logp,
-                         beta=cfg.beta, level=cfg.level, ignore_index=cfg.ignore_index,
-                         reduction="sum" if as_sum else "mean", backend=cfg.backend,
-                         length_normalize=cfg.length_normalize, values=cfg.values, z_loss=cfg.z_loss,
-                         softcap=cfg.softcap, temperature=cfg.temperature, form=cfg.form, alpha=cfg.alpha,
-                         return_entropy=metrics)
-        extra_metrics = {}
-        if metrics:
-            mean_logit, is_top1 = token_head_metrics(hidden, weight, labels, bias=bias, softcap=cfg.softcap,
-                                                     temperature=cfg.temperature, ignore_index=cfg.ignore_index)
-            extra_metrics = {"token_entropy": out.entropy.detach(), "token_mean_logit": mean_logit,
-                             "token_is_top1": is_top1}
+        if isinstance(cfg.loss, DPOSpec):
+            fields = _dpo_forward(cfg, hidden, weight, bias, labels, ref_logp)
+        else:
+            fields = _fdiv_forward(cfg, hidden, weight, bias, labels, ref_logp, num_items)
+        if call.get("return_token_metrics"):
+            st = token_head_stats(hidden, weight, labels, bias=bias, softcap=head.softcap,
+                                  temperature=head.temperature, ignore_index=cfg.ignore_index)
+            fields.update(token_entropy=st.entropy, token_mean_logit=st.mean_logit, token_is_top1=st.is_top1)
+            if fields.get("token_logp") is None:
+                fields["token_logp"] = st.logp
+    extras = {f.name: getattr(body_out, f.name) for f in dataclasses.fields(FDivCausalLMOutput)
+              if f.name not in _OWN_FIELDS and hasattr(body_out, f.name)}
+    result = FDivCausalLMOutput(logits=None, **fields, **extras)
+    return result if return_dict else result.to_tuple()
+
+
+def _fdiv_forward(cfg: PatchConfig, hidden, weight, bias, labels, ref_logp, num_items) -> Dict[str, Any]:
+    as_sum = num_items is not None and cfg.sums_over_num_items
+    spec = dataclasses.replace(cfg.loss, reduction="sum") if as_sum else cfg.loss
+    out = loss_from_spec(spec, hidden, weight, labels, ref_logp=ref_logp, bias=bias, head=cfg.head,
+                         ignore_index=cfg.ignore_index)
     loss = out.loss
     if as_sum:
         loss = loss / torch.as_tensor(num_items, device=loss.device).to(loss.dtype)
-    extras = {f.name: getattr(body_out, f.name) for f in dataclasses.fields(FDivCausalLMOutput)
-              if f.name not in _OWN_FIELDS and hasattr(body_out, f.name)}
-    result = FDivCausalLMOutput(loss=loss, logits=None, token_logp=out.logp, token_lse=out.lse, reward=out.reward,
-                                value_s0=out.value_s0, loss_mask=out.mask, **extra_metrics, **extras)
-    return result if return_dict else result.to_tuple()
+    return dict(loss=loss, token_logp=out.logp, token_lse=out.lse, reward=out.reward, value_s0=out.value_s0,
+                loss_mask=out.mask)
+
+
+def _dpo_forward(cfg: PatchConfig, hidden, weight, bias, labels, ref_logp) -> Dict[str, Any]:
+    """A DPO patch: ``labels [2B, T]`` (chosen rows then rejected), ``ref_logp [2B]``."""
+    loss_fn = hf.dpo_loss_module(cfg.loss, cfg.head, ignore_index=cfg.ignore_index)
+    out = loss_fn(hidden, weight, labels, bias=bias, ref_logp=ref_logp, return_output=True)
+    return dict(loss=out.loss, reward=torch.cat([out.chosen_rewards, out.rejected_rewards]),
+                loss_mask=labels != cfg.ignore_index)

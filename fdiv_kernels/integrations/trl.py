@@ -15,29 +15,34 @@ logging and checkpointing, and only replace ``compute_loss``:
   ``fdiv={"divergence": "sft"}`` the loss is TRL's own NLL (same ``num_items_in_batch``
   normalisation). ``ref_model=`` (optional) supplies per-token reference log-probs (``pi_ref``
   of the paper), computed under ``torch.no_grad()`` with the same fused head.
-* :class:`FDivDPOTrainer` computes the sequence log-probs of policy and reference with the fused
-  head (no ``[2B, T, V]`` logits) and the loss with :func:`fdiv_kernels.dpo_loss`. Supported:
-  ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as TRL), ``hinge``, ``robust``;
-  every ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence, alpha_divergence, with the
-  stable scores of :func:`fdiv_kernels.dpo.f_divergence_score`); no ``ld_alpha``, no
-  ``use_weighting``; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
+* :class:`FDivDPOTrainer` patches the policy with a :class:`~fdiv_kernels.specs.DPOSpec` built from
+  TRL's ``DPOConfig``, so that its loss is :class:`fdiv_kernels.nn.FusedLinearDPOLoss` (one fused
+  pass over the head, no ``[2B, T, V]`` logits); the reference's sequence log-probs come from the
+  same fused head. Supported: ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as
+  TRL), ``hinge``, ``robust``; every ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence,
+  alpha_divergence, with the stable scores of :func:`fdiv_kernels.dpo.f_divergence_score`)
+  except ``ipo`` with one other than reverse_kl; no ``ld_alpha``, no ``use_weighting``, no MoE
+  router aux loss; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
+
+Both override ``compute_loss``, the ``Trainer`` API's public hook for a custom loss (TRL's
+``DPOTrainer.compute_loss`` only wraps its private ``_compute_loss``, which is left alone).
 
 Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)); DPO
 what TRL's ``DPOTrainer`` logs, by its names and formulas: ``rewards/chosen``, ``rewards/rejected``,
-``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``entropy``
-(from the fused pass), ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and
-``mean_token_accuracy`` (one extra no-grad tiled pass over the head,
-:func:`fdiv_kernels.integrations.transformers.token_head_metrics`).
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``entropy``,
+``num_tokens``, ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy`` (the
+per-token ones from one extra no-grad tiled pass over the head,
+:func:`fdiv_kernels.integrations.transformers.token_head_stats`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Union
 
 import torch
 
-from ..dpo import dpo_loss
+from ..specs import DPOSpec, FDivSpec, PrimalSpec
 from . import transformers as fk_hf
 
 try:
@@ -50,13 +55,17 @@ if int(_trl.__version__.split(".")[0]) < 1:  # pragma: no cover
     raise ImportError(f"fdiv_kernels.integrations.trl is written against TRL 1.x (tested with 1.16); found "
                       f"{_trl.__version__}. Upgrade TRL, or use fdiv_kernels.nn / integrations.transformers directly")
 
-__all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE"]
+__all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE",
+           "TRL_USES_LABEL_SMOOTHING"]
 
 #: TRL ``DPOConfig.loss_type`` -> ``fdiv_kernels.dpo_loss(kind=...)``.
 TRL_TO_FK_DPO_KIND = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 #: TRL ``DPOConfig.f_divergence_type`` -> ``fdiv_kernels.dpo_loss(f_divergence=...)``.
 TRL_TO_FK_F_DIVERGENCE = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js_divergence": "js",
                           "alpha_divergence": "alpha"}
+#: the TRL loss types of :data:`TRL_TO_FK_DPO_KIND` that read ``DPOConfig.label_smoothing`` (TRL 1.16's
+#: sigmoid ignores it, unlike ``fdiv_kernels.dpo_loss(kind="sigmoid")``'s conservative DPO)
+TRL_USES_LABEL_SMOOTHING = ("robust",)
 
 
 def _policy(model):
@@ -92,21 +101,26 @@ class FDivSFTTrainer(SFTTrainer):
 
     Extra keyword arguments: ``fdiv`` (a dict of :func:`fdiv_kernels.integrations.transformers.apply`
     options: ``divergence``, ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``,
-    ``backend``, ``softcap``, ``temperature``; ``ignore_index`` is always -100 as in TRL) and
+    ``backend``, ``softcap``, ``temperature``; ``ignore_index`` is always -100 as in TRL; or an
+    :class:`~fdiv_kernels.specs.FDivSpec` / :class:`~fdiv_kernels.specs.PrimalSpec`) and
     ``ref_model`` (a frozen reference causal LM with the same tokenizer, optional).
     Not supported with it: ``loss_type="dft"``, ``label_smoothing_factor``, ``compute_loss_func``,
     DeepSpeed sequence parallelism (TRL's own paths for those are bypassed; a clear error is raised).
     """
 
-    def __init__(self, *args, fdiv: Optional[Mapping[str, Any]] = None, ref_model=None, **kwargs):
+    def __init__(self, *args, fdiv: Union[Mapping[str, Any], FDivSpec, PrimalSpec, None] = None, ref_model=None,
+                 **kwargs):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("FDivSFTTrainer computes its own loss; do not pass compute_loss_func")
         super().__init__(*args, **kwargs)
         if self.args.loss_type != "nll" or self.args.label_smoothing_factor > 0:
             raise ValueError("FDivSFTTrainer replaces the loss: use loss_type='nll' and label_smoothing_factor=0 "
                              "and pick the objective with fdiv={'divergence': ...}")
-        self.fdiv_options: Dict[str, Any] = dict(fdiv or {})
-        if "ignore_index" in self.fdiv_options and self.fdiv_options["ignore_index"] != -100:
+        if isinstance(fdiv, (FDivSpec, PrimalSpec)):
+            self.fdiv_options: Dict[str, Any] = {"spec": fdiv}
+        else:
+            self.fdiv_options = dict(fdiv or {})
+        if self.fdiv_options.get("ignore_index", -100) != -100:
             raise ValueError("TRL marks unsupervised tokens with -100; fdiv['ignore_index'] must be -100")
         fk_hf.apply(_policy(self.model), **self.fdiv_options)
         self.ref_model = _prepare_ref(self, ref_model) if ref_model is not None else None
@@ -141,10 +155,12 @@ class FDivSFTTrainer(SFTTrainer):
 
 
 class FDivDPOTrainer(DPOTrainer):
-    """``trl.DPOTrainer`` with fused sequence log-probs and :func:`fdiv_kernels.dpo_loss`.
+    """``trl.DPOTrainer`` whose loss is :class:`fdiv_kernels.nn.FusedLinearDPOLoss` (one fused pass
+    over the LM head, no ``[2B, T, V]`` logits) and whose reference log-probs come from the fused head.
 
     Same constructor as ``DPOTrainer``. ``args.loss_type`` must be a single entry among
     :data:`TRL_TO_FK_DPO_KIND`; the rest of TRL's DPO variants raise ``NotImplementedError``.
+    Only ``compute_loss`` (the ``Trainer`` API's hook for a custom loss) is replaced.
     """
 
     def __init__(self, *args, **kwargs):
@@ -152,22 +168,29 @@ class FDivDPOTrainer(DPOTrainer):
         if len(self.loss_types) != 1 or self.loss_types[0] not in TRL_TO_FK_DPO_KIND:
             raise NotImplementedError(f"FDivDPOTrainer supports loss_type one of {sorted(TRL_TO_FK_DPO_KIND)}, "
                                       f"got {self.loss_types}")
+        loss_type = self.loss_types[0]
         unsupported = {"f_divergence_type": self.f_divergence_type not in TRL_TO_FK_F_DIVERGENCE,
-                       "ld_alpha": self.ld_alpha is not None, "use_weighting": bool(self.use_weighting)}
+                       "ld_alpha": self.ld_alpha is not None, "use_weighting": bool(self.use_weighting),
+                       "MoE router aux loss (output_router_logits)": bool(getattr(self, "aux_loss_enabled", False)),
+                       # TRL divides the f-divergence *scores* of summed log-ratios by the length; the fused
+                       # DPO loss length-normalises the log-probs: the same only for reverse_kl
+                       "loss_type='ipo' with an f_divergence_type other than reverse_kl":
+                           loss_type == "ipo" and self.f_divergence_type != "reverse_kl"}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"FDivDPOTrainer does not support {bad} (use TRL's DPOTrainer for those)")
-        self.fk_kind = TRL_TO_FK_DPO_KIND[self.loss_types[0]]
-        self.fk_f_divergence = TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type]
-        fk_hf.apply(_policy(self.model), divergence="sft")
+        self.fk_spec = DPOSpec(kind=TRL_TO_FK_DPO_KIND[loss_type], beta=self.beta,
+                               label_smoothing=self.label_smoothing if loss_type in TRL_USES_LABEL_SMOOTHING else 0.0,
+                               f_divergence=TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type],
+                               f_alpha=float(self.args.f_alpha_divergence_coef))
+        fk_hf.apply(_policy(self.model), self.fk_spec)
         if self.ref_model is not None:
             fk_hf.apply(self.accelerator.unwrap_model(self.ref_model), divergence="sft")
 
-    def _sequence_logps(self, model, model_kwargs, labels, *, outputs: bool = False):
-        """Per-row sums of the completion tokens' log-probs (fused head), and the model output."""
-        out = model(**model_kwargs, labels=labels, return_token_metrics=outputs)
-        s = out.token_logp.sum(-1)
-        return (s, out) if outputs else s
+    @staticmethod
+    def _sequence_logps(model, model_kwargs, labels):
+        """Per-row sums of the completion tokens' log-probs (fused head; a model patched for NLL)."""
+        return model(**model_kwargs, labels=labels).token_logp.sum(-1)
 
     def _log_token_metrics(self, mode: str, out, attention_mask: torch.Tensor) -> None:
         """TRL's ``entropy``, ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and
@@ -187,51 +210,48 @@ class FDivDPOTrainer(DPOTrainer):
         correct, total = gather((top1 & msk).sum()).sum(), gather(msk.sum()).sum()
         m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
 
-    def _reference_logps(self, model, model_kwargs, labels, inputs):
-        """The reference's per-row sums (precomputed, a reference model, or the PEFT base)."""
+    def _reference_logps(self, model, model_kwargs, labels, inputs) -> torch.Tensor:
+        """``[2B]`` reference sums over the completions (precomputed, a reference model, or the PEFT base)."""
         if self.precompute_ref_logps:
-            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]  # sums over the completion
-        ctx = contextlib.nullcontext()
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        ctx = contextlib.ExitStack()
         ref_model = self.ref_model
-        if ref_model is None:  # PEFT: the policy with its adapter disabled is the reference
+        if ref_model is None:  # PEFT: the policy with its adapter disabled, patched for NLL meanwhile
             from trl.trainer.utils import use_adapter
 
             unwrapped = self.accelerator.unwrap_model(self.model)
-            ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            ctx.enter_context(use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None))
+            ctx.enter_context(fk_hf.patched(_policy(unwrapped), divergence="sft"))
             ref_model = model
         with torch.no_grad(), ctx:
-            ref = self._sequence_logps(ref_model, model_kwargs, labels)
-        return ref.chunk(2)
+            return self._sequence_logps(ref_model, model_kwargs, labels)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        pol, out = self._sequence_logps(model, model_kwargs, labels, outputs=True)
+        ref = self._reference_logps(model, model_kwargs, labels, inputs)
+        ref = ref.to(torch.float64 if ref.dtype == torch.float64 else torch.float32)
+        counts = (labels[:, 1:] != -100).sum(-1).clamp(min=1)
+        ref_in = ref / counts if self.fk_spec.length_normalize else ref  # the loss's normalisation
+        out = model(**model_kwargs, labels=labels, ref_logp=ref_in, return_token_metrics=True)
         self._log_token_metrics(mode, out, inputs["attention_mask"])
-        pc, pr = pol.chunk(2)
-        rc, rr = (r.to(pc.dtype) for r in self._reference_logps(model, model_kwargs, labels, inputs))
-        lc, lr = pc, pr
-        if self.fk_kind == "ipo":  # TRL's IPO averages the log-ratios over the completion tokens
-            nc, nr = out.loss_mask.sum(-1).clamp(min=1).to(pc.dtype).chunk(2)
-            lc, lr, rc_l, rr_l = pc / nc, pr / nr, rc / nc, rr / nr
-        else:
-            rc_l, rr_l = rc, rr
-        eps = self.label_smoothing if self.fk_kind == "robust" else 0.0
-        res = dpo_loss(lc, lr, rc_l, rr_l, beta=self.beta, kind=self.fk_kind, label_smoothing=eps,
-                       f_divergence=self.fk_f_divergence, f_alpha=float(self.args.f_alpha_divergence_coef))
         # TRL's reward metrics: beta * (summed) log-ratios, whatever the loss type
-        chosen_r, rejected_r = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
+        pol = out.token_logp.sum(-1)  # detached, from the metrics pass
+        pc, pr = pol.chunk(2)
+        rc, rr = ref.chunk(2)
+        chosen_r, rejected_r = self.beta * (pc - rc), self.beta * (pr - rr)
         m = self._metrics[mode]
         gather = self.accelerator.gather
         m["rewards/chosen"].append(gather(chosen_r).mean().item())
         m["rewards/rejected"].append(gather(rejected_r).mean().item())
         m["rewards/accuracies"].append(gather((chosen_r > rejected_r).float()).mean().item())
         m["rewards/margins"].append(gather(chosen_r - rejected_r).mean().item())
-        m["logps/chosen"].append(gather(pc.detach()).mean().item())
-        m["logps/rejected"].append(gather(pr.detach()).mean().item())
-        if return_outputs:
-            return res.loss, {"chosen_logps": pc.detach(), "rejected_logps": pr.detach()}
-        return res.loss
+        m["logps/chosen"].append(gather(pc).mean().item())
+        m["logps/rejected"].append(gather(pr).mean().item())
+        if return_outputs:  # as TRL: the logits for compute_metrics, from an extra no-grad forward
+            with torch.no_grad():
+                return out.loss, model(**model_kwargs)
+        return out.loss

@@ -17,9 +17,17 @@ except Exception as _exc:  # pragma: no cover
     import logging as _logging
     _logging.getLogger("fdiv_kernels").warning("fdiv_kernels: cuda backend not registered: %s", _exc)
 from .backends import Backend, available_backends, get_backend, register_backend
+
+
+def release_workspaces() -> None:
+    """Free the buffers backends keep between calls (the ``cpu`` backend's chunk workspace)."""
+    try:
+        cpu_backend.release_workspace()
+    except NameError:  # pragma: no cover - cpu backend not registered
+        pass
 from .token_stats import TokenStats, TokenStatsFunction, token_stats, token_stats_from_logits
 
 __all__ = [
     "Backend", "TokenStats", "TokenStatsFunction", "available_backends", "get_backend",
-    "register_backend", "token_stats", "token_stats_from_logits",
+    "register_backend", "release_workspaces", "token_stats", "token_stats_from_logits",
 ]

@@ -366,7 +366,7 @@ def whole_batch(spec: LossSpec, rows: Rows, norms: Norms) -> torch.Tensor:
     order = row_order(spec, rows.mask.shape[0], rows.mask.device)
     if order is not None:
         rows = rows.select(order)
-    if spec.reduction == "none":
+    if getattr(spec, "reduction", "mean") == "none":  # a DPOSpec has no reduction (a mean over pairs)
         return spec.per_element(rows)
     return spec.finish(spec.terms(rows, norms), norms)
 

@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..hf import unwrap
 from .errors import CheckpointError  # noqa: F401  (re-exported: checkpoint.CheckpointError)
-from .modeling import persistent, tensor_aliases, unwrap
+from .modeling import persistent, tensor_aliases
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS = "model.safetensors"

@@ -19,14 +19,18 @@ installed wheel (:func:`resolve_config`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..specs import DPOSpec, FDivSpec
 from .errors import ConfigError
+
+#: the fields of :class:`fdiv_kernels.specs.FDivSpec` that ``sft.*`` holds (flat in the YAML); the
+#: reduction is the trainer's (a sum over the step's tokens, or a mean)
+SFT_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(FDivSpec) if f.name != "reduction")
 
 
 @dataclass
@@ -118,8 +122,8 @@ class PretrainConfig(OptimConfig):
 
 @dataclass
 class MixDPOConfig:
-    """App. D negative control: SFT loss + lambda * DPO loss, lambda adapted PPO-style
-    (halved when the batch DPO accuracy is above ``target_accuracy``, doubled below)."""
+    """App. D negative control: SFT loss + lambda * DPO loss (sigmoid, ``beta``), lambda adapted
+    PPO-style (halved when the batch DPO accuracy is above ``target_accuracy``, doubled below)."""
 
     enabled: bool = False
     lambda_init: float = 1.0
@@ -129,29 +133,43 @@ class MixDPOConfig:
     beta: float = 0.1
     batch_size: int = 0           # pairs per step; 0 = sft batch size
 
+    @property
+    def spec(self) -> DPOSpec:
+        """The validated :class:`~fdiv_kernels.specs.DPOSpec` of the mixed-in DPO term."""
+        return DPOSpec(kind="sigmoid", beta=self.beta)
+
 
 @dataclass
 class SFTConfig(OptimConfig):
     """SFT with any registered divergence (``fk.loss``).
 
+    ``divergence``, ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``: the fields of
+    :class:`fdiv_kernels.specs.FDivSpec` (:data:`SFT_LOSS_FIELDS`, with its defaults), flat in the
+    YAML; :meth:`loss_spec` builds the spec, which is the one place they are validated.
     ``reference``: ``auto`` (the start model for every divergence except plain ``tv``/``sft``),
-    ``start`` (always), ``none``. ``level``/``values``/``beta``/``z_loss``/``length_normalize``
-    are passed to :func:`fdiv_kernels.loss`.
+    ``start`` (always), ``none``.
     """
 
-    divergence: str = "sft"
-    beta: float = 1.0
-    level: str = "token"
-    values: str = "drop"
-    z_loss: float = 0.0
-    length_normalize: bool = False
+    divergence: str = FDivSpec.divergence
+    beta: float = FDivSpec.beta
+    level: str = FDivSpec.level
+    values: str = FDivSpec.values
+    z_loss: float = FDivSpec.z_loss
+    length_normalize: bool = FDivSpec.length_normalize
     reference: str = "auto"
     mix_dpo: MixDPOConfig = field(default_factory=MixDPOConfig)
+
+    def loss_spec(self, reduction: str = "mean") -> FDivSpec:
+        """The validated :class:`~fdiv_kernels.specs.FDivSpec` of these options (``ValueError`` naming
+        the bad one)."""
+        return FDivSpec(**{k: getattr(self, k) for k in SFT_LOSS_FIELDS}, reduction=reduction)
 
 
 @dataclass
 class DPOConfig(OptimConfig):
-    """DPO-family training (``fk.dpo_loss``); ipo/simpo use length-averaged log-probs.
+    """DPO-family training (:class:`fdiv_kernels.nn.FusedLinearDPOLoss`); ``kind``, ``beta``,
+    ``gamma`` and ``label_smoothing`` make its :attr:`spec` (which decides, e.g., that ipo and simpo
+    use length-averaged log-probs and that simpo needs no reference).
 
     ``reference``: ``start`` (the model DPO starts from), ``base`` (the pipeline's SFT start
     model) or a local model path. ``rejected``: ``data`` (rejected answers as given) or
@@ -167,17 +185,31 @@ class DPOConfig(OptimConfig):
     label_smoothing: float = 0.0
     reference: str = "start"
     rejected: str = "data"
+    rejected_batch_size: int = 100  # rejected=self: generation batch (eval.batch_size when that is larger)
     sft_weight: float = 0.0
+
+    @property
+    def spec(self) -> DPOSpec:
+        """The validated :class:`~fdiv_kernels.specs.DPOSpec` (``ValueError`` naming the bad option)."""
+        return DPOSpec(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma)
 
 
 @dataclass
 class EvalConfig:
-    """Greedy-generation task accuracy on held-out prompts."""
+    """Greedy-generation task accuracy on held-out prompts (``num_prompts``, generated
+    ``batch_size`` at a time), and the periodic evaluation of a phase: the alignment metric on
+    ``data.max_eval_pairs`` held-out pairs (``align_batch_size`` pairs per forward; a sigmoid DPO
+    loss with the DPO phase's beta, or ``align_beta`` when the phase's kind is not sigmoid) and
+    ``kl_ref_heldout`` on the first ``kl_prompts`` held-out answers (``kl_batch_size`` per forward)."""
 
     task_accuracy: bool = True
     num_prompts: int = 200
     max_new_tokens: int = 12
     batch_size: int = 100
+    align_batch_size: int = 64
+    align_beta: float = 0.1
+    kl_prompts: int = 128
+    kl_batch_size: int = 64
 
 
 @dataclass
@@ -357,6 +389,3 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> RunConfig:
             raise ConfigError(f"--set {a}: invalid YAML value ({' '.join(str(e).split())})") from None
     return from_dict(d)
 
-
-def dump(cfg: RunConfig) -> str:
-    return json.dumps(to_dict(cfg), indent=2)

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..hf import default_deepspeed_accelerator  # noqa: F401  (re-exported: distributed.default_deepspeed_accelerator)
+
 
 @dataclass
 class DistInfo:
@@ -31,13 +33,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def default_deepspeed_accelerator() -> None:
-    """``DS_ACCELERATOR=cpu`` when there is no CUDA device (unless set): transformers imports
-    DeepSpeed when it is installed, whose accelerator probe otherwise prints a warning to stdout."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def init_distributed(device_type: str, *, need_group: bool = False) -> DistInfo:
@@ -98,7 +93,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """DDP around ``module`` (a :class:`~fdiv_kernels.train.modeling.BodyWithHead`) when distributed."""
+    """DDP around ``module`` (a :class:`~fdiv_kernels.hf.BodyWithHead`) when distributed."""
     if not info.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -1,6 +1,6 @@
 """How a phase's model runs across processes: one process or DDP, DeepSpeed ZeRO, or FSDP2.
 
-An engine wraps the causal LM's body (:class:`~fdiv_kernels.train.modeling.BodyWithHead`) for
+An engine wraps the causal LM's body (:class:`~fdiv_kernels.hf.BodyWithHead`) for
 training, owns the optimizer (AdamW) and the learning-rate schedule, and gives the loop:
 
 * ``head_gathered()``: entered once per optimizer step around all its micro-batches (and around
@@ -31,10 +31,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..hf import BodyWithHead, gathered_head, torch_dtype
 from .config import OptimConfig, RunConfig
 from .distributed import DistInfo, no_sync, wrap_ddp
 from .errors import CheckpointError
-from .modeling import BodyWithHead, head_override, lm_head, rebuild_plain, tensor_aliases, torch_dtype, unwrap
+from .modeling import rebuild_plain, tensor_aliases
 
 
 def lr_lambda(cfg: OptimConfig):
@@ -164,12 +165,7 @@ class DeepSpeedEngine(LocalEngine):
         self.zero3 = bool(self.engine.zero_optimization_partition_weights())
 
     def head_gathered(self):
-        if not self.zero3:
-            return contextlib.nullcontext()
-        from ..integrations.deepspeed import gathered
-
-        weight, bias, _ = lm_head(self.model)
-        return gathered(weight, bias)
+        return gathered_head(self.model) if self.zero3 else contextlib.nullcontext()
 
     def micro_context(self, i: int, n: int):
         return contextlib.nullcontext()
@@ -267,38 +263,8 @@ class FSDPEngine(LocalEngine):
     def micro_context(self, i: int, n: int):
         return contextlib.nullcontext()  # FSDP2 reduce-scatters every micro-batch's gradients
 
-    @contextlib.contextmanager
     def head_gathered(self):
-        from torch.distributed.tensor import DTensor
-
-        head = self.model.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        if not isinstance(weight, DTensor):  # tied to the embedding: the body's forward gathers it
-            yield
-            return
-        grad = torch.is_grad_enabled()
-        full_w = weight.full_tensor().detach().requires_grad_(grad and weight.requires_grad)
-        full_b = None
-        if isinstance(bias, DTensor):
-            full_b = bias.full_tensor().detach().requires_grad_(grad and bias.requires_grad)
-        with head_override(self.model, full_w, full_b):
-            yield
-        for shard, full in ((weight, full_w), (bias, full_b)):
-            if full is not None and full.grad is not None:
-                self._reduce_into(shard, full.grad)
-
-    @staticmethod
-    def _reduce_into(shard, full_grad: torch.Tensor) -> None:
-        """Average ``full_grad`` over ranks into ``shard``'s sharded gradient (one reduce-scatter),
-        as FSDP2 does for every other parameter."""
-        from torch.distributed.tensor import DTensor, Partial
-
-        g = DTensor.from_local(full_grad.to(shard.dtype), shard.device_mesh, [Partial("avg")], run_check=False)
-        g = g.redistribute(shard.device_mesh, shard.placements)
-        if shard.grad is None:
-            shard.grad = g
-        else:
-            shard.grad += g
+        return gathered_head(self.model)  # one all-gather per step; one reduce-scatter of its gradient
 
     # -- checkpoints ------------------------------------------------------------------------
     def _options(self, **kw):

@@ -2,9 +2,10 @@
 
 * :func:`greedy_answers` / :func:`task_accuracy`: batched greedy decoding (left-padded prompts,
   ``model.generate``) of held-out prompts, graded by the synthetic checker.
-* :func:`alignment`: the paper's Sec. 4.5 metric: the DPO loss and accuracy (sigmoid, ``beta``)
-  of the current model against a reference (the start model) on held-out preference pairs,
-  with the reference log-probs computed once and cached.
+* :class:`AlignmentEval` (:mod:`fdiv_kernels.analysis.alignment`, re-exported here): the paper's
+  Sec. 4.5 metric, the DPO loss and accuracy (sigmoid, ``beta``) of the current model against a
+  reference (the start model) on held-out preference pairs.
+* :func:`mean_logratio`: mean per-token ``logp - ref_logp`` on held-out answers.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-
-from .data import collate_pairs, prompt_text
-from .modeling import unwrap
-from .steps import dpo_from_logps, pair_logps, reference_pair_logps
+from ..analysis.alignment import AlignmentEval  # noqa: F401  (re-exported: train.evaluate.AlignmentEval)
+from ..hf import unwrap
+from .data import IGNORE_INDEX, prompt_text
 from .synthetic import check_answer
 
 
@@ -68,37 +68,6 @@ def task_accuracy(model, tok, rows: Sequence[dict], *, max_new_tokens: int, batc
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per.items())}, "samples": samples}
 
 
-class AlignmentEval:
-    """DPO loss / accuracy / margin of a model vs. a fixed reference on held-out pairs.
-
-    The reference's sequence log-probs are computed once at construction (no_grad, fused).
-    """
-
-    def __init__(self, ref_model, pairs: Sequence[dict], *, pad_id: int, beta: float, batch_size: int,
-                 device: torch.device, backend: str = "auto"):
-        self.batches = [collate_pairs(pairs[s: s + batch_size], pad_id=pad_id)
-                        for s in range(0, len(pairs), batch_size)]
-        self.batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
-        self.beta, self.backend = beta, backend
-        self.refs = [reference_pair_logps(ref_model, b, backend=backend) for b in self.batches]
-
-    @torch.no_grad()
-    def __call__(self, model) -> Dict[str, float]:
-        m = unwrap(model)  # train/eval mode; the forward runs through ``model`` (an FSDP2 root needs it)
-        was = m.training
-        m.eval()
-        losses, accs, margins = [], [], []
-        for b, r in zip(self.batches, self.refs):
-            out = dpo_from_logps(pair_logps(model, b, backend=self.backend), r, kind="sigmoid", beta=self.beta)
-            losses.append(out.losses)
-            accs.append((out.chosen_rewards > out.rejected_rewards).float())
-            margins.append(out.chosen_rewards - out.rejected_rewards)
-        m.train(was)
-        cat = torch.cat
-        return {"align_dpo_loss": float(cat(losses).mean()), "align_accuracy": float(cat(accs).mean()),
-                "align_margin": float(cat(margins).mean())}
-
-
 def mean_logratio(model, ref_model, batches: Sequence[dict], *, backend: str = "auto") -> Optional[float]:
     """Mean per-token ``logp - ref_logp`` on supervised tokens of ``batches`` (KL estimate on data)."""
     from .steps import reference_token_logp, shifted
@@ -108,7 +77,7 @@ def mean_logratio(model, ref_model, batches: Sequence[dict], *, backend: str = "
         for b in batches:
             lp = reference_token_logp(model, b, backend=backend)
             rp = reference_token_logp(ref_model, b, backend=backend)
-            mask = shifted(b) != -100
+            mask = shifted(b) != IGNORE_INDEX
             tot += float(((lp - rp) * mask).sum())
             n += int(mask.sum())
     return tot / n if n else None

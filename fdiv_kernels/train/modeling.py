@@ -1,26 +1,20 @@
-"""Models: the tiny default Llama, local Hugging Face loading, and the hidden-state / LM-head helpers
-that let the trainer call the fused loss without ever forming ``[B, T, V]`` logits.
+"""Models: the tiny default Llama, and the trainer's checkpoint helpers (tied-weight groups, a
+plain rebuild after a sharded engine).
+
+Loading, the LM head, the body and the hidden states are :mod:`fdiv_kernels.hf` (shared with the
+analysis tools and the integrations); the names this module had for them still work.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..hf import DTYPES, BodyWithHead, body_of, hidden_states, load_model, load_tokenizer, torch_dtype, unwrap, use_head  # noqa: F401
 from .config import ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
-          "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def build_tiny_model(cfg: ModelConfig, tok) -> torch.nn.Module:
@@ -41,104 +35,30 @@ def build_tiny_model(cfg: ModelConfig, tok) -> torch.nn.Module:
     return model.to(torch_dtype(cfg.dtype))
 
 
-def load_tokenizer(path: str):
-    """``AutoTokenizer`` from a local directory; right padding; a pad token (eos) if it has none."""
-    from transformers import AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (no hub access: give a local path)")
-    tok = AutoTokenizer.from_pretrained(path)
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"{path}: a fast tokenizer is required (offset mapping for prompt masking)")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if getattr(tok, "chat_template", None) is None:
-        raise ValueError(f"{path}: the tokenizer has no chat template")
-    tok.padding_side = "right"
-    return tok
-
-
-def load_model(path: str, *, dtype: str = "float32") -> torch.nn.Module:
-    """``AutoModelForCausalLM`` from a local directory."""
-    from transformers import AutoModelForCausalLM
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (no hub access: give a local path)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"fdiv_kernels.train.modeling.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer body (embeddings, blocks, final norm) without the LM head."""
-    m = unwrap(model)
-    if hasattr(m, "get_decoder"):
-        dec = m.get_decoder()
-        if dec is not None and dec is not m:
-            return dec
-    if hasattr(m, "model"):
-        return m.model
-    raise ValueError(f"cannot find the decoder body of {type(m).__name__}")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / DeepSpeed / :class:`BodyWithHead` wrappers."""
-    while True:
-        if isinstance(model, BodyWithHead):
-            model = model.lm
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
-
-
-_HEAD_OVERRIDE = "_fdiv_full_head"
+    """Deprecated: :func:`fdiv_kernels.hf.body_of`."""
+    _deprecated("decoder", "fdiv_kernels.hf.body_of")
+    return body_of(model)
 
 
 def lm_head(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
-    """``(weight [V, H], bias [V] | None, softcap | None)`` of the output layer.
+    """Deprecated: ``(weight, bias, config.final_logit_softcapping)``, which misses the logit scales
+    of Cohere, Granite, ...: use :func:`fdiv_kernels.hf.head_of` and :func:`fdiv_kernels.hf.head_spec`."""
+    _deprecated("lm_head", "fdiv_kernels.hf.head_of and fdiv_kernels.hf.head_spec")
+    from ..hf import head_of
 
-    Inside :func:`head_override` (an engine gathering a sharded head, FSDP2) the gathered
-    full tensors are returned instead of the module's own parameters.
-    """
-    m = unwrap(model)
-    head = m.get_output_embeddings()
-    cap = getattr(m.config, "final_logit_softcapping", None)
-    override = m.__dict__.get(_HEAD_OVERRIDE)
-    if override is not None:
-        return override[0], override[1], cap
-    return head.weight, getattr(head, "bias", None), cap
+    w, b = head_of(model)
+    return w, b, getattr(unwrap(model).config, "final_logit_softcapping", None)
 
 
-@contextlib.contextmanager
 def head_override(model: torch.nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """Make :func:`lm_head` return ``(weight, bias)`` for ``model`` inside the block."""
-    m = unwrap(model)
-    m.__dict__[_HEAD_OVERRIDE] = (weight, bias)
-    try:
-        yield
-    finally:
-        m.__dict__.pop(_HEAD_OVERRIDE, None)
-
-
-class BodyWithHead(torch.nn.Module):
-    """Wrapper whose ``forward`` returns the last hidden states ``[B, T, H]`` (no logits).
-
-    Wrapping this (not the causal LM) in DDP / DeepSpeed keeps their forward hooks on the
-    body while the trainer applies the fused loss with the LM-head weight.
-    """
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states ``[B, T, H]`` of the body (a wrapped :class:`BodyWithHead` or a causal LM)."""
-    if isinstance(model, BodyWithHead) or isinstance(getattr(model, "module", None), BodyWithHead):
-        return model(input_ids, attention_mask)
-    return decoder(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """Deprecated: :func:`fdiv_kernels.hf.use_head`."""
+    _deprecated("head_override", "fdiv_kernels.hf.use_head")
+    return use_head(model, weight, bias)
 
 
 def param_count(model: torch.nn.Module) -> int:

@@ -3,7 +3,8 @@
 * :class:`PretrainPhase`: next-token NLL on plain text windows.
 * :class:`SFTPhase`: ``fk.loss`` with the configured divergence; reference log-probs of the start
   model per batch (no_grad) when the divergence uses them; optional App. D ``mix_dpo`` term.
-* :class:`DPOPhase`: ``fk.dpo_loss`` (sigmoid / ipo / simpo / ...) with reference log-probs per batch.
+* :class:`DPOPhase`: :class:`fdiv_kernels.nn.FusedLinearDPOLoss` (sigmoid / ipo / simpo / ...) with
+  reference log-probs per batch in the loss's normalisation.
 
 Evaluation every ``eval_every`` steps: implicit-reward alignment on held-out pairs against the
 phase's start model, and ``kl_ref_heldout`` (mean per-token ``logp - ref_logp`` of the held-out
@@ -16,14 +17,26 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-import fdiv_kernels as fk
-
-from .config import DPOConfig, PretrainConfig, SFTConfig
+from .config import DPOConfig, EvalConfig, PretrainConfig, SFTConfig
 from .data import collate, collate_pairs
 from .evaluate import AlignmentEval, mean_logratio
-from .steps import (Norm, adapt_lambda, count_tokens, dpo_micro, mix_dpo_micro, pretrain_micro,
-                    reference_pair_logps, reference_token_logp, sft_micro, sft_units)
+from .steps import (
+    Norm,
+    adapt_lambda,
+    count_tokens,
+    dpo_micro,
+    mix_dpo_micro,
+    pretrain_micro,
+    reference_pair_logps,
+    reference_token_logp,
+    sft_micro,
+    sft_units,
+)
 from .trainer import PhaseSpec
+
+#: multipliers of the deterministic choice of mix-DPO pairs for a batch's example indices
+#: (``(index * a + position * b) % num_pairs``; fixed: a resumed run picks the same pairs)
+_PAIR_HASH = (2654435761, 40503)
 
 
 def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, Any]:
@@ -35,16 +48,16 @@ def needs_reference(cfg: SFTConfig) -> bool:
     if cfg.reference not in ("auto", "start", "none"):
         raise ValueError(f"sft.reference must be auto, start or none, got {cfg.reference!r}")
     if cfg.reference == "auto":
-        return fk.get_divergence(cfg.divergence).name != "tv"
+        return cfg.loss_spec().divergence.name != "tv"
     return cfg.reference == "start"
 
 
 class _Evaluating:
     """Alignment + held-out KL against a fixed reference (the phase's start model)."""
 
-    def _setup_eval(self, ref_model, eval_pairs, kl_batches, *, pad_id, beta, device, backend):
-        self._align = (AlignmentEval(ref_model, eval_pairs, pad_id=pad_id, beta=beta, batch_size=64, device=device,
-                                     backend=backend) if (ref_model is not None and eval_pairs) else None)
+    def _setup_eval(self, ref_model, eval_pairs, kl_batches, *, pad_id, beta, device, backend, batch_size):
+        self._align = (AlignmentEval(ref_model, eval_pairs, pad_id=pad_id, beta=beta, batch_size=batch_size,
+                                     device=device, backend=backend) if (ref_model is not None and eval_pairs) else None)
         self._kl_ref, self._kl_batches, self._backend = ref_model, kl_batches or [], backend
 
     def evaluate(self, model) -> Dict[str, float]:
@@ -82,7 +95,8 @@ class SFTPhase(_Evaluating, PhaseSpec):
 
     def __init__(self, cfg: SFTConfig, examples: Sequence[dict], *, pad_id: int, device, backend: str,
                  ref_model=None, pairs: Optional[Sequence[dict]] = None, eval_pairs: Optional[Sequence[dict]] = None,
-                 kl_batches: Optional[List[dict]] = None, align_beta: float = 0.1):
+                 kl_batches: Optional[List[dict]] = None, align_beta: float = 0.1,
+                 eval_cfg: EvalConfig = EvalConfig()):
         self.cfg, self.examples, self.pad_id, self.device, self.backend = cfg, list(examples), pad_id, device, backend
         self.use_ref = needs_reference(cfg)
         if (self.use_ref or cfg.mix_dpo.enabled) and ref_model is None:
@@ -94,7 +108,7 @@ class SFTPhase(_Evaluating, PhaseSpec):
             raise ValueError("sft.mix_dpo.enabled needs preference data (data.dpo_train)")
         self.lam = cfg.mix_dpo.lambda_init
         self._setup_eval(ref_model, eval_pairs, kl_batches, pad_id=pad_id, beta=align_beta, device=device,
-                         backend=backend)
+                         backend=backend, batch_size=eval_cfg.align_batch_size)
 
     def num_examples(self) -> int:
         return len(self.examples)
@@ -104,7 +118,7 @@ class SFTPhase(_Evaluating, PhaseSpec):
         if self.cfg.mix_dpo.enabled:
             n = len(self.pairs)
             k = self.cfg.mix_dpo.batch_size or len(indices)
-            pidx = [(i * 2654435761 + j * 40503) % n for j, i in enumerate((list(indices) * k)[:k])]
+            pidx = [(i * _PAIR_HASH[0] + j * _PAIR_HASH[1]) % n for j, i in enumerate((list(indices) * k)[:k])]
             b["pairs"] = _to(collate_pairs([self.pairs[i] for i in pidx], pad_id=self.pad_id), self.device)
         return b
 
@@ -116,7 +130,7 @@ class SFTPhase(_Evaluating, PhaseSpec):
         loss, st = sft_micro(module, batch, cfg=self.cfg, ref_logp=ref_logp, norm=norm, backend=self.backend)
         if self.cfg.mix_dpo.enabled:
             pb = batch["pairs"]
-            ref = reference_pair_logps(self.ref, pb, backend=self.backend)
+            ref = reference_pair_logps(self.ref, pb, spec=self.cfg.mix_dpo.spec, backend=self.backend)
             # pairs are weighted per micro-batch (mean) so lambda means the same at any accumulation
             pnorm = Norm(pb["input_ids"].shape[0] // 2 * norm.num_micro, norm.num_micro, norm.world_size)
             extra, st2 = mix_dpo_micro(module, pb, cfg=self.cfg.mix_dpo, lam=self.lam, ref=ref, norm=pnorm,
@@ -144,13 +158,17 @@ class DPOPhase(_Evaluating, PhaseSpec):
     name = "dpo"
 
     def __init__(self, cfg: DPOConfig, pairs: Sequence[dict], *, pad_id: int, device, backend: str, ref_model=None,
-                 eval_ref=None, eval_pairs: Optional[Sequence[dict]] = None, kl_batches: Optional[List[dict]] = None):
+                 eval_ref=None, eval_pairs: Optional[Sequence[dict]] = None, kl_batches: Optional[List[dict]] = None,
+                 eval_cfg: EvalConfig = EvalConfig()):
         self.cfg, self.pairs, self.pad_id, self.device, self.backend = cfg, list(pairs), pad_id, device, backend
-        if cfg.kind != "simpo" and ref_model is None:
+        self.spec = cfg.spec
+        if self.spec.needs_reference and ref_model is None:
             raise ValueError(f"DPO kind {cfg.kind!r} needs a reference model")
-        self.ref = ref_model
-        self._setup_eval(eval_ref, eval_pairs, kl_batches, pad_id=pad_id, beta=cfg.beta if cfg.kind == "sigmoid" else 0.1,
-                         device=device, backend=backend)
+        self.ref = ref_model if self.spec.needs_reference else None
+        # the alignment metric is a sigmoid DPO loss: the phase's beta when it is one, else eval.align_beta
+        beta = cfg.beta if cfg.kind == "sigmoid" else eval_cfg.align_beta
+        self._setup_eval(eval_ref, eval_pairs, kl_batches, pad_id=pad_id, beta=beta, device=device, backend=backend,
+                         batch_size=eval_cfg.align_batch_size)
 
     def num_examples(self) -> int:
         return len(self.pairs)
@@ -162,5 +180,6 @@ class DPOPhase(_Evaluating, PhaseSpec):
         return batch["input_ids"].shape[0] // 2
 
     def micro(self, module, batch, norm: Norm):
-        ref = reference_pair_logps(self.ref, batch, backend=self.backend) if self.ref is not None else None
+        ref = (reference_pair_logps(self.ref, batch, spec=self.spec, backend=self.backend)
+               if self.ref is not None else None)
         return dpo_micro(module, batch, cfg=self.cfg, ref=ref, norm=norm, backend=self.backend)

@@ -17,14 +17,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..hf import load_model
 from . import checkpoint as ckpt
 from .config import RunConfig, to_dict
-from .errors import ConfigError
-from .interrupt import graceful_stop
 from .data import collate, encode_pref, encode_sft, encode_text, load_pref, load_sft, prompt_text
 from .distributed import barrier, broadcast_object, default_deepspeed_accelerator, init_distributed, local_device
+from .errors import ConfigError
 from .evaluate import greedy_answers, task_accuracy
-from .modeling import build_tiny_model, load_model, param_count
+from .interrupt import graceful_stop
+from .modeling import build_tiny_model, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
 from .plots import plot_run
 from .reporting import make_reporters
@@ -32,6 +33,7 @@ from .synthetic import check_answer, generate_dataset, solve
 from .tokenizer import build_char_tokenizer
 from .trainer import MetricsLog, RunContext, train_phase
 from .validate import RUN_OUTPUTS, Prepared, check_run_dir, existing_run, preflight
+
 
 def setup(cfg: RunConfig, info, prep: Prepared, *, overwrite: bool, config_changes: List[str]) -> RunContext:
     """Run directory (cleared only with ``overwrite``), device, seeds, tokenizer. Runs after
@@ -111,10 +113,14 @@ def data_paths(ctx: RunContext) -> Dict[str, Optional[str]]:
     return {k: v or syn[k] for k, v in paths.items()}
 
 
+#: how many rows :func:`checkable` reads to tell synthetic (gradable) prompts from others
+CHECKABLE_ROWS = 20
+
+
 def checkable(rows: List[dict]) -> bool:
     """Whether the first rows' prompts are synthetic tasks (their answers can be graded)."""
     try:
-        for r in rows[:20]:
+        for r in rows[:CHECKABLE_ROWS]:
             solve(r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else "")
         return True
     except (ValueError, KeyError, IndexError):
@@ -137,9 +143,11 @@ class Pipeline:
         self.can_grade = cfg.eval.task_accuracy and checkable(self.eval_rows)
         eval_pref_rows = self._load(load_pref, self.paths["eval_pref"])[: cfg.data.max_eval_pairs]
         self.eval_pairs = encode_pref(ctx.tok, eval_pref_rows, max_length=self.max_len)
-        held = encode_sft(ctx.tok, self.eval_rows[:128], max_length=self.max_len)
-        self.kl_batches = [{k: v.to(ctx.device) for k, v in collate(held[s: s + 64], pad_id=ctx.tok.pad_token_id).items()}
-                           for s in range(0, len(held), 64)]
+        e = cfg.eval
+        held = encode_sft(ctx.tok, self.eval_rows[: e.kl_prompts], max_length=self.max_len)
+        self.kl_batches = [{k: v.to(ctx.device) for k, v in
+                            collate(held[s: s + e.kl_batch_size], pad_id=ctx.tok.pad_token_id).items()}
+                           for s in range(0, len(held), e.kl_batch_size)]
 
     def _load(self, loader, path: str) -> List[dict]:
         rows = self._rows.get(path)
@@ -198,7 +206,8 @@ class Pipeline:
         if cfg.sft.mix_dpo.enabled:
             pairs = encode_pref(ctx.tok, self._load(load_pref, self.paths["dpo_train"]), max_length=self.max_len)
         spec = SFTPhase(cfg.sft, ex, pad_id=ctx.tok.pad_token_id, device=ctx.device, backend=cfg.backend, ref_model=start,
-                        pairs=pairs, eval_pairs=self.eval_pairs, kl_batches=self.kl_batches, align_beta=cfg.dpo.beta)
+                        pairs=pairs, eval_pairs=self.eval_pairs, kl_batches=self.kl_batches, align_beta=cfg.dpo.beta,
+                        eval_cfg=cfg.eval)
         ctx.log(f"[sft] divergence={cfg.sft.divergence} beta={cfg.sft.beta} level={cfg.sft.level} "
                 f"reference={'start model' if spec.use_ref else 'none'}"
                 f"{' mix_dpo (App. D control)' if cfg.sft.mix_dpo.enabled else ''}; {len(ex)} examples, "
@@ -228,8 +237,8 @@ class Pipeline:
             raise ValueError(f"dpo.rejected must be 'data' or 'self', got {d.rejected!r}")
         pairs = encode_pref(ctx.tok, rows, max_length=self.max_len)
         spec = DPOPhase(d, pairs, pad_id=ctx.tok.pad_token_id, device=ctx.device, backend=cfg.backend,
-                        ref_model=ref if d.kind != "simpo" else None, eval_ref=start, eval_pairs=self.eval_pairs,
-                        kl_batches=self.kl_batches)
+                        ref_model=ref if d.spec.needs_reference else None, eval_ref=start, eval_pairs=self.eval_pairs,
+                        kl_batches=self.kl_batches, eval_cfg=cfg.eval)
         ctx.log(f"[dpo] kind={d.kind} beta={d.beta} gamma={d.gamma} reference={d.reference} rejected={d.rejected}; "
                 f"{len(pairs)} pairs, {d.steps} steps x {d.batch_size}, lr {d.lr}")
         model, self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
@@ -245,7 +254,7 @@ class Pipeline:
         e = self.ctx.cfg.eval
         prompts = [prompt_text(self.ctx.tok, r["chosen"]) for r in rows]
         outs = greedy_answers(model, self.ctx.tok, prompts, max_new_tokens=e.max_new_tokens,
-                              batch_size=max(e.batch_size, 100), device=self.ctx.device)
+                              batch_size=max(e.batch_size, self.ctx.cfg.dpo.rejected_batch_size), device=self.ctx.device)
         new, n_self = [], 0
         for r, o in zip(rows, outs):
             q = r["chosen"][-2]["content"]

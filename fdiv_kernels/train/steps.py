@@ -1,52 +1,40 @@
 """The loss computations of one micro-batch of SFT, DPO, pretraining and their metrics.
 
-Every function runs the model body to the last hidden states and calls the fused primitive
-(:func:`fdiv_kernels.loss`, :func:`fdiv_kernels.sequence_logp`, :func:`fdiv_kernels.token_stats`)
-with the LM-head weight: the ``[B, T, V]`` logits are never formed.
+Every function runs the model body to the last hidden states and calls a fused loss with the
+LM-head weight (:func:`fdiv_kernels.hf.head_inputs`: the model's logit scale and soft-cap
+included): SFT :func:`fdiv_kernels.losses.loss_from_spec` with the config's
+:class:`~fdiv_kernels.specs.FDivSpec`, DPO :class:`fdiv_kernels.nn.FusedLinearDPOLoss` with its
+:class:`~fdiv_kernels.specs.DPOSpec`, pretraining :func:`fdiv_kernels.token_stats`. The
+``[B, T, V]`` logits are never formed.
 
 Batches come from :func:`fdiv_kernels.train.data.collate` (unshifted ``labels``); position ``t``
-of the hidden states predicts ``labels[t + 1]``.
+of the hidden states predicts ``labels[t + 1]``. Pair batches (:func:`~fdiv_kernels.train.data.collate_pairs`)
+hold ``2B`` rows, the chosen answers then the rejected ones.
 
 Normalisation. A micro-batch returns the loss to back-propagate already scaled so that summing
 over the micro-batches of a step and averaging over processes (DDP) gives the loss of the whole
 global batch: ``sum_over_tokens(loss) / global_tokens * world_size`` (rows/pairs for sequence
-level and DPO). Divergences with a batch-level aggregate (``kl``, ``squared_hellinger``: log mean
-exp), ``values="free"`` and ``z_loss`` are not sums over tokens; for them each micro-batch's mean
-loss is weighted by ``1 / num_micro_batches`` (exact for one micro-batch on one process).
+level and DPO; :class:`~fdiv_kernels.train.trainer.Norm`). Divergences with a batch-level
+aggregate (``kl``, ``squared_hellinger``: log mean exp), ``values="free"`` and ``z_loss`` are not
+sums over tokens; for them each micro-batch's mean loss is weighted by ``1 / num_micro_batches``
+(exact for one micro-batch on one process).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 
 import fdiv_kernels as fk
 
+from ..dpo import DPOOutput
+from ..hf import HeadInputs, dpo_loss_module, head_inputs
+from ..losses import loss_from_spec
+from ..specs import DPOSpec, FDivSpec
 from .config import DPOConfig, MixDPOConfig, SFTConfig
 from .data import IGNORE_INDEX
-from .modeling import hidden_states, lm_head
-
-# name -> (sum, count), summed over micro-batches and processes; reported as sum / count, or as
-# the plain sum when count is 0
-Stats = Dict[str, Tuple[float, float]]
-
-
-@dataclass
-class Norm:
-    """How to scale a micro-batch loss: global count of the step's units (tokens, rows or pairs),
-    number of micro-batches on this process, and the world size."""
-
-    global_count: float
-    num_micro: int
-    world_size: int
-
-    def sum_scale(self) -> float:
-        return self.world_size / max(self.global_count, 1.0)
-
-    def mean_scale(self) -> float:
-        return 1.0 / self.num_micro
+from .trainer import Norm, Stats  # noqa: F401  (the loop's contract; Norm re-exported: steps.Norm)
 
 
 def shifted(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,18 +42,17 @@ def shifted(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["labels"][:, 1:]
 
 
-def _head_inputs(model, batch):
-    h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    w, b, cap = lm_head(model)
-    if w.dtype != h.dtype:  # FSDP2 mixed precision: a gathered fp32 head, a bf16 body
-        w, b = w.to(h.dtype), (b.to(h.dtype) if b is not None else None)
-    return h, w, b, cap
+def _inputs(model, batch, backend: str) -> HeadInputs:
+    """Hidden states ``[B, T-1, H]`` (aligned with :func:`shifted`), the head and its spec."""
+    x = head_inputs(model, batch["input_ids"], batch["attention_mask"], backend=backend)
+    return x._replace(hidden=x.hidden[:, :-1])
 
 
 def token_logp(model, batch, *, backend: str = "auto") -> fk.TokenStats:
     """Per-token ``(logp, lse)`` ``[B, T-1]`` of the shifted labels (0 where ignored)."""
-    h, w, b, cap = _head_inputs(model, batch)
-    return fk.token_stats(h, w, shifted(batch), bias=b, softcap=cap, backend=backend)
+    x = _inputs(model, batch, backend)
+    return fk.token_stats(x.hidden, x.weight, shifted(batch), bias=x.bias, ignore_index=IGNORE_INDEX,
+                          softcap=x.head.softcap, temperature=x.head.temperature, backend=x.head.backend)
 
 
 @torch.no_grad()
@@ -80,7 +67,8 @@ def count_tokens(batch) -> int:
 
 def sft_decomposable(cfg: SFTConfig) -> bool:
     """True when the SFT loss is a plain sum over tokens/rows (exact across micro-batches)."""
-    return fk.get_divergence(cfg.divergence).aggregate == "mean" and cfg.values != "free" and cfg.z_loss == 0
+    spec = cfg.loss_spec()
+    return spec.divergence.aggregate == "mean" and spec.values != "free" and spec.z_loss == 0
 
 
 def sft_units(batch, cfg: SFTConfig) -> int:
@@ -91,18 +79,16 @@ def sft_units(batch, cfg: SFTConfig) -> int:
 
 def sft_micro(model, batch, *, cfg: SFTConfig, ref_logp: Optional[torch.Tensor], norm: Norm,
               backend: str = "auto") -> Tuple[torch.Tensor, Stats]:
-    """SFT loss of one micro-batch with :func:`fdiv_kernels.loss` and its statistics.
+    """SFT loss of one micro-batch (``cfg.loss_spec()``, fused) and its statistics.
 
     Stats: ``loss``; ``nll`` (mean -logp per supervised token); ``value_s0`` (mean lse at each
     row's first response position, the paper's V(s0)); ``logratio_ref`` (mean logp - ref_logp per
     token, a sample estimate of the per-token KL(pi || ref) on the data's answers).
     """
-    h, w, b, cap = _head_inputs(model, batch)
-    labels = shifted(batch)
+    x = _inputs(model, batch, backend)
     exact = sft_decomposable(cfg)
-    out = fk.loss(h, w, labels, divergence=cfg.divergence, ref_logp=ref_logp, beta=cfg.beta, level=cfg.level,
-                  values=cfg.values, z_loss=cfg.z_loss, length_normalize=cfg.length_normalize,
-                  reduction="sum" if exact else "mean", backend=backend, bias=b, softcap=cap)
+    out = loss_from_spec(cfg.loss_spec(reduction="sum" if exact else "mean"), x.hidden, x.weight, shifted(batch),
+                         ref_logp=ref_logp, bias=x.bias, head=x.head, ignore_index=IGNORE_INDEX)
     loss = out.loss * (norm.sum_scale() if exact else norm.mean_scale())
     mask = out.mask
     ntok = float(mask.sum())
@@ -129,77 +115,84 @@ def pretrain_micro(model, batch, *, norm: Norm, backend: str = "auto") -> Tuple[
                   "nll": (float(nll_sum.detach()), ntok), "tokens": (ntok, 0.0)}
 
 
-def pair_logps(model, batch, *, backend: str = "auto") -> fk.SequenceLogp:
-    """Per-row ``(sum, mean, count)`` of label log-probs of a ``[2B, T]`` pair batch."""
-    h, w, b, cap = _head_inputs(model, batch)
-    return fk.sequence_logp(h, w, shifted(batch), bias=b, softcap=cap, backend=backend)
-
+# ---------------------------------------------------------------------------------------------
+# DPO family on pair batches
+# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_pair_logps(ref_model, batch, *, backend: str = "auto") -> fk.SequenceLogp:
-    s = pair_logps(ref_model, batch, backend=backend)
-    return fk.SequenceLogp(s.sum.detach(), s.mean.detach(), s.count)
+def reference_pair_logps(ref_model, batch, *, spec: DPOSpec, backend: str = "auto") -> torch.Tensor:
+    """``[2B]`` reference sequence log-probs of a pair batch in ``spec``'s normalisation (sums, or
+    means for length-normalised kinds), under ``no_grad``."""
+    x = _inputs(ref_model, batch, backend)
+    loss_fn = dpo_loss_module(spec, x.head, ignore_index=IGNORE_INDEX)
+    return loss_fn.sequence_logps(x.hidden, x.weight, shifted(batch), bias=x.bias).detach()
 
 
-def uses_mean_logp(kind: str) -> bool:
-    """IPO and SimPO are fed length-averaged log-probs (TRL's convention)."""
-    return kind in ("ipo", "simpo")
+def pair_loss(model, batch, *, spec: DPOSpec, ref: Optional[torch.Tensor],
+              backend: str = "auto") -> Tuple[DPOOutput, HeadInputs]:
+    """:class:`fdiv_kernels.nn.FusedLinearDPOLoss` of a pair batch (``ref``: ``[2B]`` from
+    :func:`reference_pair_logps` with the same spec; ``None`` for simpo), and its inputs."""
+    x = _inputs(model, batch, backend)
+    out = dpo_loss_module(spec, x.head, ignore_index=IGNORE_INDEX)(x.hidden, x.weight, shifted(batch), bias=x.bias,
+                                                                   ref_logp=ref, return_output=True)
+    return out, x
 
 
-def dpo_from_logps(policy: fk.SequenceLogp, ref: Optional[fk.SequenceLogp], *, kind: str, beta: float,
-                   gamma: float = 0.0, label_smoothing: float = 0.0) -> fk.DPOOutput:
-    """``fk.dpo_loss`` on a pair batch's sequence log-probs (first half chosen, second rejected)."""
-    sel = (lambda s: s.mean) if uses_mean_logp(kind) else (lambda s: s.sum)
-    p = sel(policy)
-    b = p.shape[0] // 2
-    rc = rr = None
-    if kind != "simpo":
-        if ref is None:
-            raise ValueError(f"DPO kind {kind!r} needs reference log-probs")
-        r = sel(ref)
-        rc, rr = r[:b], r[b:]
-    return fk.dpo_loss(p[:b], p[b:], rc, rr, beta=beta, kind=kind, label_smoothing=label_smoothing, gamma=gamma)
+def policy_logps(out: DPOOutput, ref: Optional[torch.Tensor], spec: DPOSpec) -> torch.Tensor:
+    """``[2B]`` policy sequence log-probs the loss used (spec's normalisation), detached, from
+    the rewards ``beta * (s - s_ref)`` (``beta * s`` without a reference) of ``out``."""
+    s = torch.cat([out.chosen_rewards, out.rejected_rewards]).double() / spec.beta
+    return s + ref.double() if (spec.needs_reference and ref is not None) else s
 
 
-def dpo_micro(model, batch, *, cfg: DPOConfig, ref: Optional[fk.SequenceLogp], norm: Norm,
+def _pair_stats(out: DPOOutput, b: int) -> Stats:
+    return {"accuracy": (float((out.chosen_rewards > out.rejected_rewards).float().sum()), float(b)),
+            "margin": (float((out.chosen_rewards - out.rejected_rewards).sum()), float(b))}
+
+
+def dpo_micro(model, batch, *, cfg: DPOConfig, ref: Optional[torch.Tensor], norm: Norm,
               backend: str = "auto") -> Tuple[torch.Tensor, Stats]:
     """DPO-family loss of a micro-batch of pairs (sum over pairs / global pairs).
 
-    With ``cfg.sft_weight > 0`` adds ``sft_weight * NLL`` of the chosen answers (per token).
-    Stats: ``loss``, ``dpo_loss``, ``accuracy``, ``margin``, ``chosen_reward``, ``rejected_reward``,
-    ``logp_chosen`` (mean per-token log-prob of the chosen answers), ``tokens``.
+    With ``cfg.sft_weight > 0`` adds ``sft_weight * NLL`` of the chosen answers (per token, the
+    fused NLL of the chosen rows). Stats: ``loss``, ``dpo_loss``, ``accuracy``, ``margin``,
+    ``chosen_reward``, ``rejected_reward``, ``logp_chosen`` (mean per-token log-prob of the chosen
+    answers), ``tokens``.
     """
-    pol = pair_logps(model, batch, backend=backend)
-    out = dpo_from_logps(pol, ref, kind=cfg.kind, beta=cfg.beta, gamma=cfg.gamma,
-                         label_smoothing=cfg.label_smoothing)
-    b = pol.sum.shape[0] // 2
-    loss = out.losses.sum() * norm.sum_scale()
-    nll_c = -pol.sum[:b].sum() / pol.count[:b].sum().clamp(min=1)
+    spec = cfg.spec
+    out, x = pair_loss(model, batch, spec=spec, ref=ref, backend=backend)
+    labels = shifted(batch)
+    b = labels.shape[0] // 2
+    counts = (labels != IGNORE_INDEX).sum(dim=1)
+    loss = out.loss * b * norm.sum_scale()
     if cfg.sft_weight > 0:
-        loss = loss + cfg.sft_weight * nll_c * norm.mean_scale()
-    ntok = float(pol.count.sum())
+        nll = loss_from_spec(FDivSpec("sft", reduction="sum"), x.hidden[:b], x.weight, labels[:b], bias=x.bias,
+                             head=x.head, ignore_index=IGNORE_INDEX).loss
+        loss = loss + cfg.sft_weight * nll / counts[:b].sum().clamp(min=1) * norm.mean_scale()
+        chosen_sum = -float(nll.detach())
+    else:
+        s = policy_logps(out, ref, spec)[:b]
+        chosen_sum = float((s * counts[:b] if spec.length_normalize else s).sum())
     stats: Stats = {
         "loss": (float(loss.detach()) / norm.world_size, 0.0),
         "dpo_loss": (float(out.losses.detach().sum()), float(b)),
-        "accuracy": (float((out.chosen_rewards > out.rejected_rewards).float().sum()), float(b)),
-        "margin": (float((out.chosen_rewards - out.rejected_rewards).sum()), float(b)),
+        **_pair_stats(out, b),
         "chosen_reward": (float(out.chosen_rewards.sum()), float(b)),
         "rejected_reward": (float(out.rejected_rewards.sum()), float(b)),
-        "logp_chosen": (float(pol.sum[:b].detach().sum()), float(pol.count[:b].sum())),
-        "tokens": (ntok, 0.0),
+        "logp_chosen": (chosen_sum, float(counts[:b].sum())),
+        "tokens": (float(counts.sum()), 0.0),
     }
     return loss, stats
 
 
-def mix_dpo_micro(model, pair_batch, *, cfg: MixDPOConfig, lam: float, ref: fk.SequenceLogp, norm: Norm,
+def mix_dpo_micro(model, pair_batch, *, cfg: MixDPOConfig, lam: float, ref: torch.Tensor, norm: Norm,
                   backend: str = "auto") -> Tuple[torch.Tensor, Stats]:
-    """The App. D term ``lambda * DPO`` (sigmoid, ``cfg.beta``) on a micro-batch of pairs."""
-    pol = pair_logps(model, pair_batch, backend=backend)
-    out = dpo_from_logps(pol, ref, kind="sigmoid", beta=cfg.beta)
-    b = pol.sum.shape[0] // 2
-    loss = lam * out.losses.sum() * norm.sum_scale()
-    return loss, {"mix_dpo_loss": (float(out.losses.detach().sum()), float(b)),
-                  "mix_dpo_accuracy": (float((out.chosen_rewards > out.rejected_rewards).float().sum()), float(b))}
+    """The App. D term ``lambda * DPO`` (``cfg.spec``: sigmoid, ``cfg.beta``) on a micro-batch of pairs."""
+    out, _ = pair_loss(model, pair_batch, spec=cfg.spec, ref=ref, backend=backend)
+    b = pair_batch["input_ids"].shape[0] // 2
+    loss = lam * out.loss * b * norm.sum_scale()
+    st = _pair_stats(out, b)
+    return loss, {"mix_dpo_loss": (float(out.losses.detach().sum()), float(b)), "mix_dpo_accuracy": st["accuracy"]}
 
 
 def adapt_lambda(lam: float, accuracy: float, cfg: MixDPOConfig) -> float:

@@ -31,7 +31,36 @@ from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, re
 from .engines import engine_class, lr_lambda  # noqa: F401  (lr_lambda: re-exported)
 from .errors import TrainingInterrupted
 from .interrupt import interrupt_requested
-from .steps import Norm, Stats
+
+# name -> (sum, count), summed over micro-batches and processes; reported as sum / count, or as
+# the plain sum when count is 0
+Stats = Dict[str, Tuple[float, float]]
+
+#: metrics shown next to the progress bar, when a step has them
+PROGRESS_KEYS = ("loss", "nll", "accuracy", "align_accuracy")
+#: a phase's data order: ``seed * SEED_STRIDE + crc32(phase) % SEED_PHASES`` seeds its sampler
+#: (fixed: a resumed run, or a run of another version, replays the same batches)
+SEED_STRIDE, SEED_PHASES = 7919, 100_000
+
+
+@dataclass
+class Norm:
+    """How a micro-batch's loss is scaled (:meth:`PhaseSpec.micro`): the global count of the step's
+    units (tokens, rows or pairs, summed over processes), the number of micro-batches on this
+    process, and the world size. Summing the scaled losses over micro-batches and averaging over
+    processes gives the loss of the global batch."""
+
+    global_count: float
+    num_micro: int
+    world_size: int
+
+    def sum_scale(self) -> float:
+        """For a loss that is a sum over units: ``world_size / global_count``."""
+        return self.world_size / max(self.global_count, 1.0)
+
+    def mean_scale(self) -> float:
+        """For a micro-batch mean (not a sum over units): ``1 / num_micro``."""
+        return 1.0 / self.num_micro
 
 
 class MetricsLog:
@@ -134,7 +163,7 @@ def micro_batch_size(cfg: OptimConfig, world_size: int) -> Tuple[int, int]:
 
 
 def _seed_for(seed: int, phase: str) -> int:
-    return seed * 7919 + zlib.crc32(phase.encode()) % 100_000
+    return seed * SEED_STRIDE + zlib.crc32(phase.encode()) % SEED_PHASES
 
 
 def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *,
@@ -144,124 +173,162 @@ def train_phase(ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module, *,
     The trained model is ``model`` itself (one process, DDP) or, after DeepSpeed / FSDP2, a plain
     rebuilt model holding the gathered weights (:meth:`~.engines.LocalEngine.release`).
     Checkpoints go to ``run_dir/<phase>/checkpoint-<step>`` (every ``save_every`` steps, at the
-    end, and on SIGINT / SIGTERM, after which :class:`TrainingInterrupted` is raised) and the result to ``run_dir/<phase>/final``. With ``resume`` the newest checkpoint
-    that passes its checks is loaded (weights, optimizer, scheduler, RNG, phase state, step);
-    damaged newer ones are reported and skipped.
+    end, and on SIGINT / SIGTERM, after which :class:`TrainingInterrupted` is raised) and the
+    result to ``run_dir/<phase>/final``. With ``resume`` the newest checkpoint that passes its
+    checks is loaded (weights, optimizer, scheduler, RNG, phase state, step); damaged newer ones
+    are reported and skipped.
     """
-    cfg, info, device = spec.cfg, ctx.dist, ctx.device
-    phase_dir = os.path.join(ctx.run_dir, spec.name)
-    os.makedirs(phase_dir, exist_ok=True)
-    mb, n_micro = micro_batch_size(cfg, info.world_size)
-    cls = engine_class(ctx.cfg)
-    weights_in_ckpt = cls.weights_in_checkpoint(ctx.cfg)
+    return _PhaseRun(ctx, spec, model).run(resume=resume)
 
-    last = None
-    if resume:  # rank 0 checks the files; every rank resumes from its choice
-        last = broadcast_object(ckpt.resume_point(phase_dir, model, weights=weights_in_ckpt,
-                                                  shard_subdir=cls.shard_subdir(ctx.cfg), log=ctx.log)
-                                if info.is_main else None)
-    state = ckpt.load_trainer_state(last) if last is not None else None
-    if last is not None and weights_in_ckpt:
-        ckpt.load_weights(model, last)  # into the plain model, before any sharding
-    model.train()
-    engine = cls(model, cfg, ctx.cfg, info, device, micro_batch_size=mb, grad_accum=n_micro, phase=spec.name)
-    start = 0
-    if state is not None:
-        engine.load(phase_dir, state)
+
+class _PhaseRun:
+    """One :func:`train_phase`: resume, wrap, then step; evaluation and checkpoints in between."""
+
+    def __init__(self, ctx: RunContext, spec: PhaseSpec, model: torch.nn.Module):
+        self.ctx, self.spec, self.model, self.cfg = ctx, spec, model, spec.cfg
+        self.phase_dir = os.path.join(ctx.run_dir, spec.name)
+        os.makedirs(self.phase_dir, exist_ok=True)
+        self.mb, self.n_micro = micro_batch_size(self.cfg, ctx.dist.world_size)
+        self.engine_cls = engine_class(ctx.cfg)
+        self.weights_in_ckpt = self.engine_cls.weights_in_checkpoint(ctx.cfg)
+        self.engine = None
+
+    # -- resume, wrap ---------------------------------------------------------------------------
+    def _resume_point(self) -> Tuple[Any, Any]:
+        """``(checkpoint dir, trainer state)`` to resume from, ``(None, None)`` for a fresh start.
+        Rank 0 checks the files; every rank resumes from its choice. The weights go into the plain
+        model here, before any sharding (engines whose checkpoints hold them)."""
+        ctx = self.ctx
+        last = broadcast_object(ckpt.resume_point(self.phase_dir, self.model, weights=self.weights_in_ckpt,
+                                                  shard_subdir=self.engine_cls.shard_subdir(ctx.cfg), log=ctx.log)
+                                if ctx.dist.is_main else None)
+        if last is None:
+            return None, None
+        if self.weights_in_ckpt:
+            ckpt.load_weights(self.model, last)
+        return last, ckpt.load_trainer_state(last)
+
+    def _wrap(self) -> None:
+        self.model.train()
+        self.engine = self.engine_cls(self.model, self.cfg, self.ctx.cfg, self.ctx.dist, self.ctx.device,
+                                      micro_batch_size=self.mb, grad_accum=self.n_micro, phase=self.spec.name)
+
+    def _restore(self, last, state) -> int:
+        """Load the engine (optimizer, schedule, shards), RNG and phase state; the first step to run."""
+        name = self.spec.name
+        if state is None:
+            self.ctx.metrics.truncate(name, 0)
+            return 0
+        self.engine.load(self.phase_dir, state)
         ckpt.set_rng_state(state["rng"])
-        spec.load_state_dict(state["extra"].get("phase", {}))
+        self.spec.load_state_dict(state["extra"].get("phase", {}))
         start = int(state["step"])
-        ctx.metrics.truncate(spec.name, start)
-        ctx.log(f"[{spec.name}] resumed from {last} at step {start}")
-    else:
-        ctx.metrics.truncate(spec.name, 0)
+        self.ctx.metrics.truncate(name, start)
+        self.ctx.log(f"[{name}] resumed from {last} at step {start}")
+        return start
 
-    sampler = EpochSampler(spec.num_examples(), cfg.batch_size, _seed_for(ctx.cfg.seed, spec.name))
+    # -- evaluation and checkpoints ------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        with self.engine.head_gathered():  # ZeRO-3 / FSDP2: the fused eval losses need the full LM-head weight
+            return self.spec.evaluate(self.engine.body)
 
-    def evaluate() -> Dict[str, float]:
-        with engine.head_gathered():  # ZeRO-3 / FSDP2: the fused eval losses need the full LM-head weight
-            return spec.evaluate(engine.body)
-
-    def save(step: int, final: bool) -> None:
+    def save(self, step: int, final: bool) -> None:
+        ctx, engine = self.ctx, self.engine
         sd = engine.full_weights(final=final)  # collectives under ZeRO-3 / FSDP2
         opt_state = engine.optimizer_state()
-        extra: Dict[str, Any] = {"phase": spec.state_dict(), "engine": engine.name}
-        tag = engine.save_shards(phase_dir, step)
+        extra: Dict[str, Any] = {"phase": self.spec.state_dict(), "engine": engine.name}
+        tag = engine.save_shards(self.phase_dir, step)
         if tag is not None:
             extra["shard_tag"] = tag
-        if info.is_main:
-            ckpt.save_checkpoint(phase_dir, step=step, model=model, tok=ctx.tok, optimizer_state=opt_state,
-                                 scheduler=engine.sched, extra=extra, keep=cfg.keep_checkpoints, state_dict=sd,
-                                 weights=weights_in_ckpt)
+        if ctx.dist.is_main:
+            ckpt.save_checkpoint(self.phase_dir, step=step, model=self.model, tok=ctx.tok, optimizer_state=opt_state,
+                                 scheduler=engine.sched, extra=extra, keep=self.cfg.keep_checkpoints, state_dict=sd,
+                                 weights=self.weights_in_ckpt)
             if final:
-                ckpt.save_model(model, ctx.tok, os.path.join(phase_dir, "final"), state_dict=sd)
+                ckpt.save_model(self.model, ctx.tok, os.path.join(self.phase_dir, "final"), state_dict=sd)
         barrier()
-        if info.local_rank == 0:
-            ckpt.prune_shards(phase_dir, engine.shards)
+        if ctx.dist.local_rank == 0:
+            ckpt.prune_shards(self.phase_dir, engine.shards)
 
-    if start == 0 and cfg.eval_every > 0:
-        ev = evaluate()
-        if ev:
-            ctx.metrics.write({"phase": spec.name, "step": 0, **ev})
+    # -- one optimizer step ----------------------------------------------------------------------
+    def step(self, step: int, sampler: EpochSampler) -> Tuple[Dict[str, Any], bool]:
+        """Run optimizer step ``step`` (0-based): ``(its metrics record, whether a stop was asked)``."""
+        spec, engine, info, device, mb = self.spec, self.engine, self.ctx.dist, self.ctx.device, self.mb
+        t0 = time.time()
+        idx = shard(sampler.batch(step), rank=info.rank, world_size=info.world_size)
+        batches = [spec.collate(idx[i: i + mb]) for i in range(0, len(idx), mb)]
+        global_units = all_reduce_sum([float(sum(spec.units(b) for b in batches))], device)[0]
+        norm = Norm(global_units, len(batches), info.world_size)
+        acc: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
+        n_tokens = 0
+        lr_now = engine.lr()
+        with engine.head_gathered():  # once per step, not per micro-batch
+            for i, b in enumerate(batches):
+                n_tokens += int(b["attention_mask"].sum())
+                with engine.micro_context(i, len(batches)):
+                    loss, st = spec.micro(engine.module, b, norm)
+                    engine.backward(loss)
+                for k, (s_, c) in st.items():
+                    acc[k][0] += s_
+                    acc[k][1] += c
+        try:
+            gn = engine.step()
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} (step {step + 1})") from None
+        metrics = reduce_stats(dict(acc), device)
+        n_tokens, stop = all_reduce_sum([float(n_tokens), float(interrupt_requested())], device)
+        metrics.update(spec.after_step(metrics))
+        dt = time.time() - t0
+        rec = {"phase": spec.name, "step": step + 1, **metrics, "grad_norm": gn, "lr": lr_now,
+               "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
+        return rec, bool(stop)
 
-    bar = None
-    if info.is_main and ctx.cfg.progress and start < cfg.steps:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=spec.name, dynamic_ncols=True, leave=True)
-    t_phase = time.time()
-    last_rec: Dict[str, Any] = {}
-    try:
-        for step in range(start, cfg.steps):
-            t0 = time.time()
-            idx = shard(sampler.batch(step), rank=info.rank, world_size=info.world_size)
-            batches = [spec.collate(idx[i: i + mb]) for i in range(0, len(idx), mb)]
-            global_units = all_reduce_sum([float(sum(spec.units(b) for b in batches))], device)[0]
-            norm = Norm(global_units, len(batches), info.world_size)
-            acc: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
-            n_tokens = 0
-            lr_now = engine.lr()
-            with engine.head_gathered():  # once per step, not per micro-batch
-                for i, b in enumerate(batches):
-                    n_tokens += int(b["attention_mask"].sum())
-                    with engine.micro_context(i, len(batches)):
-                        loss, st = spec.micro(engine.module, b, norm)
-                        engine.backward(loss)
-                    for k, (s_, c) in st.items():
-                        acc[k][0] += s_
-                        acc[k][1] += c
-            try:
-                gn = engine.step()
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{e} (step {step + 1})") from None
-            metrics = reduce_stats(dict(acc), device)
-            n_tokens, stop = all_reduce_sum([float(n_tokens), float(interrupt_requested())], device)
-            metrics.update(spec.after_step(metrics))
-            dt = time.time() - t0
-            rec = {"phase": spec.name, "step": step + 1, **metrics, "grad_norm": gn, "lr": lr_now,
-                   "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
-            if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                rec.update(evaluate())
-            if not math.isfinite(rec.get("loss", 0.0)):
-                raise FloatingPointError(f"[{spec.name}] step {step + 1}: loss is {rec['loss']}")
-            if (step + 1) % max(cfg.log_every, 1) == 0 or step + 1 == cfg.steps or "align_accuracy" in rec:
-                ctx.metrics.write(rec)
-            last_rec = rec
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "nll", "accuracy", "align_accuracy") if k in rec})
-            done = step + 1 == cfg.steps
-            if done or stop or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
-                save(step + 1, final=done)
-            if stop and not done:  # SIGINT / SIGTERM on any process: every process stops here
-                raise TrainingInterrupted(spec.name, step + 1, os.path.join(phase_dir, f"checkpoint-{step + 1}"))
-    finally:
+    def _log(self, rec: Dict[str, Any], bar) -> None:
+        cfg, step = self.cfg, rec["step"]
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            rec.update(self.evaluate())
+        if not math.isfinite(rec.get("loss", 0.0)):
+            raise FloatingPointError(f"[{self.spec.name}] step {step}: loss is {rec['loss']}")
+        if step % max(cfg.log_every, 1) == 0 or step == cfg.steps or "align_accuracy" in rec:
+            self.ctx.metrics.write(rec)
         if bar is not None:
-            bar.close()
-    if start >= cfg.steps:  # resumed after the last checkpoint but before the final model was written
-        save(cfg.steps, final=True)
-    barrier()
-    trained = engine.release()
-    trained.eval()
-    return trained, {"steps": cfg.steps, "resumed_from": start, "seconds": round(time.time() - t_phase, 2),
-                     "last": {k: v for k, v in last_rec.items() if isinstance(v, (int, float))}}
+            bar.update(1)
+            bar.set_postfix({k: f"{rec[k]:.3g}" for k in PROGRESS_KEYS if k in rec})
+
+    # -- the phase -------------------------------------------------------------------------------
+    def run(self, *, resume: bool) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+        ctx, cfg, name = self.ctx, self.cfg, self.spec.name
+        last, state = self._resume_point() if resume else (None, None)
+        self._wrap()
+        start = self._restore(last, state)
+        sampler = EpochSampler(self.spec.num_examples(), cfg.batch_size, _seed_for(ctx.cfg.seed, name))
+        if start == 0 and cfg.eval_every > 0:
+            ev = self.evaluate()
+            if ev:
+                ctx.metrics.write({"phase": name, "step": 0, **ev})
+        bar = None
+        if ctx.dist.is_main and ctx.cfg.progress and start < cfg.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc=name, dynamic_ncols=True, leave=True)
+        t_phase = time.time()
+        last_rec: Dict[str, Any] = {}
+        try:
+            for step in range(start, cfg.steps):
+                last_rec, stop = self.step(step, sampler)
+                self._log(last_rec, bar)
+                done = step + 1 == cfg.steps
+                if done or stop or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
+                    self.save(step + 1, final=done)
+                if stop and not done:  # SIGINT / SIGTERM on any process: every process stops here
+                    raise TrainingInterrupted(name, step + 1, os.path.join(self.phase_dir, f"checkpoint-{step + 1}"))
+        finally:
+            if bar is not None:
+                bar.close()
+        if start >= cfg.steps:  # resumed after the last checkpoint but before the final model was written
+            self.save(cfg.steps, final=True)
+        barrier()
+        trained = self.engine.release()
+        trained.eval()
+        return trained, {"steps": cfg.steps, "resumed_from": start, "seconds": round(time.time() - t_phase, 2),
+                         "last": {k: v for k, v in last_rec.items() if isinstance(v, (int, float))}}

@@ -74,7 +74,7 @@ def phases_of(cfg: RunConfig, command: str) -> List[str]:
 
 def check_values(cfg: RunConfig, command: str, world_size: int = 1) -> None:
     """Ranges and choices of every key the command uses (no file access)."""
-    from .modeling import DTYPES
+    from ..hf import DTYPES
     from .synthetic import TASKS
 
     _need(command in ("sft", "dpo", "pipeline"), f"unknown command {command!r}")
@@ -111,8 +111,9 @@ def check_values(cfg: RunConfig, command: str, world_size: int = 1) -> None:
         _need(getattr(s, k) >= 1, f"data.synthetic.{k} must be >= 1, got {getattr(s, k)}")
     _need(0 <= s.pretrain_noise <= 1, f"data.synthetic.pretrain_noise must be in [0, 1], got {s.pretrain_noise}")
     e = cfg.eval
-    for k in ("num_prompts", "max_new_tokens", "batch_size"):
+    for k in ("num_prompts", "max_new_tokens", "batch_size", "align_batch_size", "kl_prompts", "kl_batch_size"):
         _need(getattr(e, k) >= 1, f"eval.{k} must be >= 1, got {getattr(e, k)}")
+    _need(_finite(e.align_beta) and e.align_beta > 0, f"eval.align_beta must be > 0, got {e.align_beta}")
     for phase in phases_of(cfg, command):
         _check_optim(phase, getattr(cfg, phase), world_size)
     if cfg.pretrain.steps > 0 and command == "pipeline":
@@ -130,6 +131,7 @@ def check_values(cfg: RunConfig, command: str, world_size: int = 1) -> None:
     if command in ("dpo", "pipeline"):
         dp = cfg.dpo
         _need(dp.rejected in DPO_REJECTED, f"dpo.rejected must be one of {', '.join(DPO_REJECTED)}, got {dp.rejected!r}")
+        _need(dp.rejected_batch_size >= 1, f"dpo.rejected_batch_size must be >= 1, got {dp.rejected_batch_size}")
         _need(_finite(dp.sft_weight) and dp.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {dp.sft_weight}")
         _need(dp.reference != "base" or command == "pipeline",
               "dpo.reference=base needs the pipeline's base model: use the pipeline command, 'start' or a model path")
@@ -161,38 +163,21 @@ def _check_optim(phase: str, c, world_size: int) -> None:
 
 
 def check_losses(cfg: RunConfig, command: str) -> None:
-    """Call ``fk.loss`` / ``fk.dpo_loss`` once on a few numbers with the configured options: the
-    library's own checks decide (unknown divergence, beta, level, values, DPO kind, ...)."""
-    import torch
-
-    import fdiv_kernels as fk
-
-    h, w, y = torch.zeros(1, 2, 2), torch.zeros(3, 2), torch.zeros(1, 2, dtype=torch.long)
+    """Build the loss specs of the configured options (:meth:`SFTConfig.loss_spec`,
+    :attr:`DPOConfig.spec`): the library's own checks decide (unknown divergence, beta, level,
+    values, DPO kind, ...), and name the section."""
+    checks = []
     if command in ("sft", "pipeline"):
-        s = cfg.sft
-        try:
-            fk.loss(h, w, y, divergence=s.divergence, ref_logp=torch.zeros(1, 2), beta=s.beta, level=s.level,
-                    values=s.values, z_loss=s.z_loss, length_normalize=s.length_normalize, backend="torch")
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"sft: {err}") from None
-        if s.mix_dpo.enabled:
-            _dry_dpo("sft.mix_dpo", "sigmoid", s.mix_dpo.beta, 0.0, 0.0)
+        checks.append(("sft", cfg.sft.loss_spec))
+        if cfg.sft.mix_dpo.enabled:
+            checks.append(("sft.mix_dpo", lambda: cfg.sft.mix_dpo.spec))
     if command in ("dpo", "pipeline"):
-        d = cfg.dpo
-        _dry_dpo("dpo", d.kind, d.beta, d.gamma, d.label_smoothing)
-
-
-def _dry_dpo(where: str, kind: str, beta: float, gamma: float, label_smoothing: float) -> None:
-    import torch
-
-    import fdiv_kernels as fk
-
-    z = torch.zeros(1)
-    ref = (None, None) if kind == "simpo" else (z, z)
-    try:
-        fk.dpo_loss(z, z, *ref, beta=beta, kind=kind, gamma=gamma, label_smoothing=label_smoothing)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+        checks.append(("dpo", lambda: cfg.dpo.spec))
+    for where, build in checks:
+        try:
+            build()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def check_backend(cfg: RunConfig) -> None:
@@ -249,7 +234,7 @@ def check_paths(cfg: RunConfig, command: str) -> Prepared:
     if m.path:
         check_model_dir(m.path, "model.path")
     if m.path or m.tokenizer:
-        from .modeling import load_tokenizer
+        from ..hf import load_tokenizer
 
         tok_dir = m.tokenizer or m.path
         try:
@@ -301,11 +286,18 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """``["sft.lr: 0.001 -> 0.002", ...]``: the keys (other than :data:`RESUME_FREE_KEYS`) that differ."""
+    """``["sft.lr: 0.001 -> 0.002", ...]``: the keys (other than :data:`RESUME_FREE_KEYS`) that differ.
+
+    A key the old configuration lacks (written by an earlier version) at its default value is no
+    change: the old run used that default.
+    """
     a, b = _flat(old), _flat(new)
+    defaults = _flat(to_dict(RunConfig()))
     out = []
     for k in sorted(set(a) | set(b)):
         if k.split(".")[0] in RESUME_FREE_KEYS or a.get(k) == b.get(k):
+            continue
+        if k not in a and k in defaults and b.get(k) == defaults[k]:
             continue
         out.append(f"{k}: {json.dumps(a.get(k, '<absent>'))} -> {json.dumps(b.get(k, '<absent>'))}")
     return out
