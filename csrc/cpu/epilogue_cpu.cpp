@@ -144,7 +144,8 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
       const float z = c[v];
-      const float d0 = fminf(z - lse, 0.0f);  // p <= 1
+      const float d1 = z - lse;
+      const float d0 = d1 > 0.0f ? 0.0f : d1;  // p <= 1 (a select, not fminf: fminf does not vectorise; NaN kept)
       const float e_p = exp_f(d0);  // unconditional: vectorises (no trap)
       const float p = d0 < -87.0f ? 0.0f : e_p;
       const float th = z * inv_scale;
@@ -154,7 +155,8 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
     const float inv_t = tf.inv_t;
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float d0 = fminf(c[v] - lse, 0.0f);  // p <= 1
+      const float d1 = c[v] - lse;
+      const float d0 = d1 > 0.0f ? 0.0f : d1;  // p <= 1 (a select, not fminf: fminf does not vectorise; NaN kept)
       const float d = d0 < -87.0f ? -87.0f : d0;  // p = 0 there; d stays finite for z = -inf
       const float e_p = exp_f(d);  // unconditional: vectorises (no trap)
       const float p = d0 < -87.0f ? 0.0f : e_p;
@@ -165,7 +167,8 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
     // the label's dL/dz = p (a - e (z - mean_z)) + g first, then its transform derivative, as the
     // other backends order it: with p = 1 and k = 0 the two terms cancel to 0 exactly (adding
     // d_y g to the scaled term left an FMA's rounding residual, eps |g| / T, where it should be 0)
-    const float d0 = fminf(z_y - lse, 0.0f);
+    const float d1 = z_y - lse;
+    const float d0 = d1 > 0.0f ? 0.0f : d1;
     const float d = d0 < -87.0f ? -87.0f : d0;
     const float p = d0 < -87.0f ? 0.0f : exp_f(d);
     const float zc = tf.has_cap ? z_y : d + lse;
