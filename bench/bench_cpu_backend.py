@@ -14,7 +14,7 @@ as it is less disturbed than wall time when other jobs share the cores.
 
 Implementations: ``naive`` (h @ W.T materialised, logsumexp/gather by eager torch autograd),
 ``torch`` (fk.token_stats backend="torch"), ``cpu`` (backend="cpu"), ``cpu:<elements>`` (the cpu
-backend with FDIV_CPU_CHUNK_ELEMENTS=<elements>). Modes: ``fwd`` (no grad) and ``fwd+bwd``
+backend with ``chunk_sizes.TWO_PASS_ELEMENTS = <elements>`` logits per tile). Modes: ``fwd`` (no grad) and ``fwd+bwd``
 (loss = mean(-logp) + 0.01 mean(lse^2) over supervised tokens, backward to hidden and weight).
 Shapes (10% of labels ignored, fp32): A = 4096 x 1024 x 32000, B = 8192 x 256 x 32000,
 S = 1024 x 512 x 32000 (quick).
@@ -81,7 +81,9 @@ def _child(args) -> None:
             loss.backward()
 
     if impl == "cpu":
-        from fdiv_kernels.ops import native
+        from fdiv_kernels.ops import chunk_sizes, native
+        if ":" in args.impl:  # cpu:<elements>: the two-pass tile size
+            chunk_sizes.TWO_PASS_ELEMENTS = int(args.impl.split(":")[1])
         native.load("cpu")  # load the extension before the memory baseline
     hidden.grad = weight.grad = None
     peak_ok = _reset_peak()
@@ -106,8 +108,6 @@ def _run_case(shape, impl, mode, reps, threads) -> dict:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    if impl.startswith("cpu:"):
-        env["FDIV_CPU_CHUNK_ELEMENTS"] = impl.split(":")[1]
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", shape, "--impl", impl, "--mode", mode,
            "--reps", str(reps), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -121,10 +121,11 @@ def _machine(threads: int) -> list:
 
     lines = []
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    blas = [l.strip().lstrip("- ") for l in torch.__config__.show().splitlines() if "Math Kernel" in l or "OpenBLAS" in l]
+    blas = [line.strip().lstrip("- ") for line in torch.__config__.show().splitlines()
+            if "Math Kernel" in line or "OpenBLAS" in line]
     gcc = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     lines.append(f"- CPU: {model}, {os.cpu_count()} logical cores; torch threads per case: {threads or torch.get_num_threads()}")
     lines.append(f"- python {platform.python_version()}, torch {torch.__version__}, {blas[0] if blas else 'BLAS ?'}")

@@ -6,8 +6,8 @@ For every GPU backend and path, per kernel: FLOPs, DRAM bytes read and written, 
 time ``max(FLOPs / peak, bytes / bandwidth)``; kernels run one after another (no overlap), so a
 path's time is the sum. The ratio is to the 3-GEMM floor (``3 x 2 N H V`` FLOPs at the tensor-core
 peak). The model follows the code's launch configuration: one-pass chunk rows from
-``fdiv_kernels/ops/gemm_chunks.chunk_tokens`` (both GPU backends), two-pass chunk rows
-from ``cuda_backend.chunk_rows``, the Triton tile shapes from the first entry of each autotune list
+``fdiv_kernels/ops/chunk_sizes.gpu_chunk_tokens`` (both GPU backends), two-pass chunk rows
+from ``chunk_sizes.cuda_two_pass_rows``, the Triton tile shapes from the first entry of each autotune list
 (what ``FDIV_TRITON_AUTOTUNE=first`` and ``make gpu-check`` use).
 
 Assumptions (crude by design; each one is named where it is used):
@@ -164,19 +164,19 @@ def model(n: int, h: int, v: int, dtype: str = "bf16", gpu: str = "h100") -> Dic
     """``{path: {"kernels": [...], "time_s": ..., "x_floor": ...}}`` for every GPU backend path."""
     import torch
 
-    from fdiv_kernels.ops import cuda_backend, gemm_chunks
+    from fdiv_kernels.ops import chunk_sizes
 
     g = GPUS[gpu]
     s = ELEM[dtype]
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     paths: Dict[str, Tuple[List[Kernel], str]] = {
         "gemm floor": (gemm_floor(n, h, v, s), "3 bare GEMMs"),
-        "cuda": (one_pass(n, h, v, s, gemm_chunks.chunk_tokens(v, h, tdt), True),
-                 f"one pass, {gemm_chunks.chunk_tokens(v, h, tdt)}-row chunks"),
-        "triton": (one_pass(n, h, v, s, gemm_chunks.chunk_tokens(v, h, tdt), True),
-                   f"one pass, {gemm_chunks.chunk_tokens(v, h, tdt)}-row chunks"),
-        "cuda (two-pass)": (cuda_two_pass(n, h, v, s, cuda_backend.chunk_rows(v)),
-                            f"token_stats path, {cuda_backend.chunk_rows(v)}-row chunks"),
+        "cuda": (one_pass(n, h, v, s, chunk_sizes.gpu_chunk_tokens(v, h, tdt), True),
+                 f"one pass, {chunk_sizes.gpu_chunk_tokens(v, h, tdt)}-row chunks"),
+        "triton": (one_pass(n, h, v, s, chunk_sizes.gpu_chunk_tokens(v, h, tdt), True),
+                   f"one pass, {chunk_sizes.gpu_chunk_tokens(v, h, tdt)}-row chunks"),
+        "cuda (two-pass)": (cuda_two_pass(n, h, v, s, chunk_sizes.cuda_two_pass_rows(v)),
+                            f"token_stats path, {chunk_sizes.cuda_two_pass_rows(v)}-row chunks"),
     }
     try:
         cfg = triton_configs()

@@ -15,13 +15,13 @@ from .divergences import DIVERGENCES, Divergence, get_divergence, register_diver
 from .dpo import DPO_KINDS, DPOOutput, dpo_loss
 from .losses import LossOutput, SequenceLogp, loss, sequence_logp
 from . import nn  # noqa: F401  (fk.nn.FusedLinearFDivLoss, ...)
-from .ops import (TokenStats, TokenStatsFunction, available_backends, register_backend, token_stats,
+from .ops import (TokenStats, TokenStatsFunction, TokenStatsParams, available_backends, register_backend, token_stats,
                   token_stats_from_logits)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DIVERGENCES", "DPO_KINDS", "DPOOutput", "Divergence", "LossOutput", "SequenceLogp", "TokenStats",
-    "TokenStatsFunction", "available_backends", "nn", "dpo_loss", "get_divergence", "loss", "register_backend",
+    "TokenStatsFunction", "TokenStatsParams", "available_backends", "nn", "dpo_loss", "get_divergence", "loss", "register_backend",
     "register_divergence", "sequence_logp", "token_stats", "token_stats_from_logits", "__version__",
 ]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import cpu_backend, native
+from fdiv_kernels.ops import chunk_sizes, native
 from fdiv_kernels.ops.backends import get_backend
 
 _problem = native._toolchain_problem("cpu")
@@ -135,16 +135,16 @@ def test_multiple_tiles(monkeypatch):
     hidden, weight, b, labels = _inputs(50, 20, 64, torch.float32, bias=True)
     kw = dict(softcap=3.0, temperature=1.3, entropy=True)
     vals_one, grads_one = _run("cpu", hidden, weight, b, labels, **kw)
-    assert cpu_backend.tile_shape(50, 64) == (50, 64)
-    monkeypatch.setattr(cpu_backend, "CHUNK_ELEMENTS", 300)
-    assert cpu_backend.tile_shape(50, 64) == (16, 18)
+    assert chunk_sizes.cpu_tile_shape(50, 64) == (50, 64)
+    monkeypatch.setattr(chunk_sizes, "TWO_PASS_ELEMENTS", 300)
+    assert chunk_sizes.cpu_tile_shape(50, 64) == (16, 18)
     vals_many, grads_many = _run("cpu", hidden, weight, b, labels, **kw)
     for a, r in zip(vals_one + grads_one, vals_many + grads_many):
         torch.testing.assert_close(a, r, **FP32_TOL)
 
 
 def test_tile_shapes():
-    ts = cpu_backend.tile_shape
+    ts = chunk_sizes.cpu_tile_shape
     assert ts(4096, 32000, 2 ** 22) == (2048, 2048)
     assert ts(100, 32000, 2 ** 22) == (100, 32000)   # short input: whole rows
     assert ts(10_000, 50, 2 ** 22) == (10_000, 50)    # narrow vocabulary: all rows at once
@@ -243,8 +243,8 @@ def test_masked_vocabulary_minus_inf_bias(masked, monkeypatch):
     bias = torch.zeros(41)
     bias[::3] = float("-inf")
     if masked == "a whole tile":  # tiles of 8 rows x 10 columns: the tile of columns 20..29 is all -inf
-        monkeypatch.setattr(cpu_backend, "CHUNK_ELEMENTS", 80)
-        assert cpu_backend.tile_shape(12, 41) == (8, 10)
+        monkeypatch.setattr(chunk_sizes, "TWO_PASS_ELEMENTS", 80)
+        assert chunk_sizes.cpu_tile_shape(12, 41) == (8, 10)
         bias[20:30] = float("-inf")
     bias.requires_grad_()
     labels = (labels // 3) * 3 + 1  # labels are never masked

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -137,12 +136,12 @@ def test_cuda_matches_torch_backend(shape, softcap, temperature, entropy, bias, 
 
 @needs_gpu
 def test_cuda_multiple_chunks(monkeypatch):
-    from fdiv_kernels.ops import cuda_backend
+    from fdiv_kernels.ops import chunk_sizes
 
     args = _inputs(50, 32, 64, torch.float32, bias=True)
     kw = dict(softcap=3.0, temperature=1.3, entropy=True)
     one = _run("cuda", *args, **kw)
-    monkeypatch.setattr(cuda_backend, "CHUNK_ELEMENTS", 7 * 64)
+    monkeypatch.setattr(chunk_sizes, "GPU_CHUNK_BYTES", 6 * 7 * 64)  # 7 rows of 64 per two-pass chunk
     many = _run("cuda", *args, **kw)
     for a, b in zip(one[0] + one[1], many[0] + many[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=5e-4)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import backends, cuda_backend, gemm_chunks, torch_chunked
+from fdiv_kernels.ops import backends, chunk_sizes, cuda_backend, gemm_chunks, torch_chunked
 
 
 class FakeEpilogues:
@@ -77,12 +77,12 @@ def test_cuda_driver_matches_autograd(twin, dtype, kw):
 
 
 def test_chunk_rows_follow_the_h100_rule():
-    assert gemm_chunks.chunk_tokens(128256, 4096, torch.bfloat16) == 2048
-    assert gemm_chunks.chunk_tokens(256000, 2304, torch.bfloat16) == 1024
-    assert gemm_chunks.chunk_tokens(10 ** 7, 64, torch.bfloat16) == 256  # never below one GEMM tile row block
+    assert chunk_sizes.gpu_chunk_tokens(128256, 4096, torch.bfloat16) == 2048
+    assert chunk_sizes.gpu_chunk_tokens(256000, 2304, torch.bfloat16) == 1024
+    assert chunk_sizes.gpu_chunk_tokens(10 ** 7, 64, torch.bfloat16) == 256  # never below one GEMM tile row block
     for v in (32000, 50257, 128256, 151936, 256000):
-        rows = gemm_chunks.chunk_tokens(v, 4096, torch.bfloat16)
-        assert rows % 256 == 0 and rows * v * 4 <= max(gemm_chunks.CHUNK_BYTES, 256 * v * 4)
+        rows = chunk_sizes.gpu_chunk_tokens(v, 4096, torch.bfloat16)
+        assert rows % 256 == 0 and rows * v * 4 <= max(chunk_sizes.GPU_CHUNK_BYTES, 256 * v * 4)
 
 
 def test_blocked_addmm_fallback_equals_fused(monkeypatch):

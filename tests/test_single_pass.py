@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import available_backends, cpu_backend, fused, torch_chunked
+from fdiv_kernels.ops import available_backends, chunk_sizes, cpu_backend, fused
 
 BACKENDS = [b for b in ("torch", "cpu") if available_backends("cpu").get(b) == "available"]
 #: the triton chunk epilogues under the interpreter (slow: a representative subset of specs)
@@ -134,7 +134,7 @@ def _spy(fn, calls):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_gradcheck_float64_through_chunks(name, level, monkeypatch):
     """float64 goes to the torch backend's chunk kernels; tiny chunks put every boundary in play."""
-    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 4 * 7)  # 4 tokens per chunk at V=7
+    monkeypatch.setattr(chunk_sizes, "TWO_PASS_ELEMENTS", 4 * 7)  # 4 tokens per chunk at V=7
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -168,8 +168,6 @@ def test_log_mean_exp_rescaling_across_chunks(backend, name, level, monkeypatch)
 
 
 def _tiny_chunks(monkeypatch, tokens):
-    monkeypatch.setattr(torch_chunked, "chunk_tokens", lambda v, h, dt: tokens)
-    monkeypatch.setattr(cpu_backend, "chunk_tokens", lambda v, h, dt: tokens)
     for name in ("torch", "cpu"):
         b = fk.ops.backends._BACKENDS.get(name)
         if b is not None:
@@ -228,7 +226,7 @@ def test_three_gemms_per_chunk_and_one_without_grad(monkeypatch):
     assert cg.count == 3 * chunks
     with torch.no_grad(), _CountGemms() as cg:
         fk.loss(h, w, labels, divergence="js", ref_logp=ref, beta=0.3, backend="torch")
-    rows = torch_chunked.rows_per_chunk(weight.shape[0])
+    rows = chunk_sizes.torch_rows(weight.shape[0])
     assert cg.count == math.ceil(int((labels != -100).sum()) / rows)
 
 

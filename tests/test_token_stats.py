@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import torch_chunked
+from fdiv_kernels.ops import chunk_sizes, torch_chunked
 
 
 def oracle(hidden, weight, labels, bias=None, softcap=None, temperature=1.0, ignore_index=-100):
@@ -84,7 +84,7 @@ def test_custom_ignore_index_and_int32_labels():
 
 
 def test_chunking_never_exceeds_the_chunk_rule(monkeypatch):
-    """Many small chunks give the same result, and no logits block exceeds rows_per_chunk * V."""
+    """Many small chunks give the same result, and no logits block exceeds torch_rows(V) * V."""
     hidden, weight, labels, _ = make(n=(4, 25), v=40)
     full = fk.token_stats(hidden, weight, labels, return_entropy=True, backend="torch")
     seen = []
@@ -95,9 +95,9 @@ def test_chunking_never_exceeds_the_chunk_rule(monkeypatch):
         seen.append(z.numel())
         return z, t
 
-    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 7 * 40)
+    monkeypatch.setattr(chunk_sizes, "TWO_PASS_ELEMENTS", 7 * 40)
     monkeypatch.setattr(torch_chunked, "_logits", spy)
-    rows = torch_chunked.rows_per_chunk(40, torch_chunked.CHUNK_ELEMENTS)
+    rows = chunk_sizes.torch_rows(40)
     assert rows == 7
     hidden.requires_grad_()
     chunked = fk.token_stats(hidden, weight, labels, return_entropy=True, backend="torch")
@@ -136,7 +136,8 @@ def test_peak_memory_does_not_grow_with_tokens():
 
 def test_gradcheck_float64():
     hidden, weight, labels, b = make(n=(2, 5), h=4, v=7, dtype=torch.float64, bias=True)
-    hidden.requires_grad_(); weight.requires_grad_(); b.requires_grad_()
+    for t in (hidden, weight, b):
+        t.requires_grad_()
 
     def f(h, w, bb):
         out = fk.token_stats(h, w, labels, bias=bb, softcap=4.0, temperature=0.9, return_entropy=True)

@@ -111,7 +111,10 @@ def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignore_frac=0.2, sca
         drop[:2] = False
         labels[drop] = IGNORE
     coef = tuple(torch.randn(n, generator=gen) for _ in range(3))
-    cast = (lambda t: None if t is None else t.to(dtype).to(DEVICE))
+
+    def cast(t):
+        return None if t is None else t.to(dtype).to(DEVICE)
+
     return cast(hidden), cast(weight), cast(b), labels.to(DEVICE), tuple(c.to(DEVICE) for c in coef)
 
 
@@ -366,6 +369,25 @@ def test_triton_options_validation():
     assert triton_backend.get_options().filter_eps is None
 
 
+def test_backward_uses_the_options_captured_at_forward():
+    """Options changed between forward and backward leave the gradients as without the change:
+    the autograd function captures them at the forward (a process-wide read at backward time
+    would filter with eps = 0.5 and run the atomics kernel here)."""
+    hidden, weight, bias, labels, coef = make_inputs(40, 16, 250, seed=13, ignore_frac=0.0)
+    bias[:32] += 8.0  # most tiles carry p < 0.5: filtering would drop their gradients
+    _, want, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    with triton_options(filter_eps=0.5):
+        _, filtered, _ = run_backend("triton", hidden, weight, bias, labels, coef)
+    assert any(not torch.equal(a, b) for a, b in zip(want, filtered)), "filtering changed nothing: no test"
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    out = fk.token_stats(h, w, labels, bias=b, ignore_index=IGNORE, return_entropy=True, backend="triton")
+    total = (coef[0] * out.logp + coef[1] * out.lse + coef[2] * out.entropy).sum()
+    with triton_options(filter_eps=0.5, deterministic=False):
+        total.backward()
+    for a, r in zip((h.grad, w.grad, b.grad), want):
+        assert torch.equal(a, r)
+
+
 def test_backend_level_errors():
     hidden, weight, bias, labels, coef = make_inputs(6, 8, 20, ignore_frac=0.0)
     with pytest.raises(TypeError, match="share a dtype"):
@@ -374,9 +396,6 @@ def test_backend_level_errors():
         triton_backend.forward(hidden.int(), weight.int(), None, labels)
     with pytest.raises(ValueError, match=r"labels must have shape \[N\]"):
         triton_backend.forward(hidden, weight, None, labels[:3])
-    logp, lse, _ = triton_backend.forward(hidden, weight, None, labels)
-    with pytest.raises(ValueError, match="grad_entropy was given"):
-        triton_backend.backward(hidden, weight, None, labels, lse, None, coef[0], coef[1], coef[2])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ except Exception as _exc:  # pragma: no cover
     import logging as _logging
     _logging.getLogger("fdiv_kernels").warning("fdiv_kernels: cuda backend not registered: %s", _exc)
 from .backends import Backend, available_backends, get_backend, register_backend
+from .token_stats import TokenStats, TokenStatsFunction, TokenStatsParams, token_stats, token_stats_from_logits
 
 
 def release_workspaces() -> None:
@@ -25,9 +26,9 @@ def release_workspaces() -> None:
         cpu_backend.release_workspace()
     except NameError:  # pragma: no cover - cpu backend not registered
         pass
-from .token_stats import TokenStats, TokenStatsFunction, token_stats, token_stats_from_logits
+
 
 __all__ = [
-    "Backend", "TokenStats", "TokenStatsFunction", "available_backends", "get_backend",
+    "Backend", "TokenStats", "TokenStatsFunction", "TokenStatsParams", "available_backends", "get_backend",
     "register_backend", "release_workspaces", "token_stats", "token_stats_from_logits",
 ]

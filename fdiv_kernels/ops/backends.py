@@ -1,15 +1,23 @@
 """Registry of ``token_stats`` backends and the ``backend="auto"`` rule.
 
-A backend implements the fused LM-head primitive on rows that are all valid (the autograd
-function in :mod:`fdiv_kernels.ops.token_stats` drops ignored rows before calling it):
+A backend is a pure kernel: it implements the fused LM-head primitive and nothing else. The
+autograd functions (:class:`~fdiv_kernels.ops.token_stats.TokenStatsFunction`,
+:class:`~fdiv_kernels.ops.fused.FusedLossFunction`) do the rest once for all of them: they send a
+dtype the backend does not declare in :attr:`Backend.dtypes` (float64 on the native ones) to the
+``"torch"`` reference, pass only supervised rows, contiguous tensors and int64 labels, pass
+``grad_entropy`` only with the forward's ``entropy``, and capture the backend's options
+(:attr:`Backend.options`) at forward for the backward:
 
 ``forward(hidden[N, H], weight[V, H], bias[V] | None, labels[N] int64, *, softcap, temperature,
-return_entropy) -> (logp[N], lse[N], entropy[N] | None)``
+return_entropy[, options]) -> (logp[N], lse[N], entropy[N] | None)``
 
 ``backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None,
-*, softcap, temperature) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)``
+*, softcap, temperature[, options]) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)``
 
-Outputs are float32 (float64 when the inputs are float64). The math every backend implements
+``softcap`` is ``None`` for no soft-cap (a kernel's own encoding, e.g. 0.0 for the C++ code, is the
+backend's business). ``options`` is passed only to backends that declare :attr:`Backend.options`.
+Outputs are float32 (float64 when the inputs are float64). How many logits a backend holds at
+once is set in :mod:`fdiv_kernels.ops.chunk_sizes`. The math every backend implements
 is written out in ``docs/math.md`` ("The primitive"). Backends register themselves with
 :func:`register_backend`; ``auto`` takes the available backend with the highest priority for
 the tensors' device type.
@@ -35,7 +43,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -51,6 +59,9 @@ class Backend:
     should cache its answer. ``priority``: larger wins under ``backend="auto"``.
     ``dtypes``: input dtypes it computes itself; others go to the ``"torch"`` reference.
     ``single_pass`` / ``chunk_tokens``: the one-pass chunk kernels (module docstring), or None.
+    ``options``: returns the backend's options in force now (an immutable object), which the
+    autograd function captures at forward and passes to ``forward`` and ``backward`` as
+    ``options=``; None for a backend without options.
     """
 
     name: str
@@ -62,6 +73,7 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     single_pass: Optional[Callable] = None
     chunk_tokens: Optional[Callable[[int, int, torch.dtype], int]] = None
+    options: Optional[Callable[[], Any]] = None
 
 
 _BACKENDS: Dict[str, Backend] = {}

@@ -1,6 +1,7 @@
 """The ``"cuda"`` backend: cuBLAS GEMMs per chunk + lean CUDA epilogues (``csrc/cuda``).
 
-Same contract as :mod:`fdiv_kernels.ops.torch_chunked`. Per chunk of ``chunk_rows(V)`` token rows:
+Same contract as :mod:`fdiv_kernels.ops.torch_chunked`. Per chunk of ``chunk_sizes.cuda_two_pass_rows(V)``
+token rows:
 
 * forward: ``raw = h @ W.T`` (bf16/fp16 operands with a float32 output through
   ``torch.mm(..., out_dtype=float32)``; float32 GEMM for float32 inputs), then one CUDA block per
@@ -14,42 +15,30 @@ For bf16/fp16 inputs the coefficient is rounded to the input dtype before the tw
 GEMMs (as in Liger and Cut Cross-Entropy), so gradients agree with the float32 reference to
 bf16/fp16 precision; for fp16 it is first scaled by a power of two into fp16's range
 (:mod:`.lowp`). Forward values are computed from float32 logits. float64 inputs go to the
-torch reference. The extension is built on first use (needs nvcc; see docs/building.md).
+torch reference (:attr:`Backend.dtypes`). The extension is built on first use (needs nvcc; see docs/building.md).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from . import lowp, native, torch_chunked
+from . import chunk_sizes, gemm_chunks, lowp, native
 from .backends import Backend, register_backend
-from . import gemm_chunks
 from .gemm_chunks import GemmChunkKernels
 
-#: logits per two-pass chunk (``FDIV_CUDA_CHUNK_ELEMENTS`` overrides): the GPU chunk budget
-#: (``gemm_chunks.CHUNK_BYTES``) over 6 bytes, float32 logits plus a 16-bit coefficient.
-CHUNK_ELEMENTS = int(os.environ.get("FDIV_CUDA_CHUNK_ELEMENTS", gemm_chunks.CHUNK_BYTES // 6))
-_state = {"mixed_gemm": os.environ.get("FDIV_CUDA_MIXED_GEMM", "1") != "0"}
 
-
-def chunk_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
-    """Rows per two-pass chunk: ``CHUNK_ELEMENTS // V``, a multiple of 256 (1280 at V = 128256)."""
-    ce = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    return gemm_chunks.aligned_rows(ce // max(1, vocab_size))
-
-
-def _call(run):
-    """``run(mixed_gemm)`` with bf16/fp16 x bf16/fp16 -> fp32 GEMMs; if torch lacks them, fall back once."""
+def _call(run, dtype: torch.dtype):
+    """``run(mixed_gemm)`` with bf16/fp16 x bf16/fp16 -> fp32 GEMMs where this torch has them
+    (:func:`.gemm_chunks.mixed_gemm_supported`); if torch lacks them, once more without."""
+    mixed = gemm_chunks.mixed_gemm_supported()
     try:
-        return run(_state["mixed_gemm"])
+        return run(mixed)
     except RuntimeError as exc:
-        if not _state["mixed_gemm"] or "dtype" not in str(exc).lower():
+        if not mixed or "dtype" not in str(exc).lower():
             raise
-        _state["mixed_gemm"] = False
-        native.logger.warning("fdiv_kernels: cuda backend falls back to input-dtype GEMMs: %s", exc)
+        gemm_chunks.mixed_gemm_unsupported(exc, dtype)
         return run(False)
 
 
@@ -60,19 +49,15 @@ def _is_reduced(t: torch.Tensor) -> bool:
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
             softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
     """Contract forward; returns ``(logp[N], lse[N], entropy[N] | None)`` float32."""
-    if hidden.dtype == torch.float64:
-        return torch_chunked.forward(hidden, weight, bias, labels, softcap=softcap, temperature=temperature,
-                                     return_entropy=return_entropy)
     mod = native.load("cuda")
     with torch.no_grad(), torch.cuda.device(hidden.device):
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
 
         def run(mixed):
-            return mod.forward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(),
-                               0.0 if softcap is None else float(softcap), float(temperature), bool(return_entropy),
-                               chunk_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
+            return mod.forward(hidden, weight, bias, labels, native.softcap_arg(softcap), float(temperature), bool(return_entropy),
+                               chunk_sizes.cuda_two_pass_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
 
-        logp, lse, ent = _call(run)
+        logp, lse, ent = _call(run, hidden.dtype)
     return logp, lse, (ent if return_entropy else None)
 
 
@@ -80,11 +65,6 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
              lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
              grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
     """Contract backward; returns ``(grad_hidden, grad_weight, grad_bias | None)`` float32."""
-    if hidden.dtype == torch.float64:
-        return torch_chunked.backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
-                                      softcap=softcap, temperature=temperature)
-    if grad_entropy is not None and entropy is None:
-        raise ValueError("grad_entropy needs the entropy saved by forward(return_entropy=True)")
     mod = native.load("cuda")
     with torch.no_grad(), torch.cuda.device(hidden.device):
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
@@ -95,12 +75,11 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             grad_entropy = None if grad_entropy is None else grad_entropy * scale
 
         def run(mixed):
-            return mod.backward(hidden.contiguous(), weight.contiguous(), bias, labels.long().contiguous(), lse,
-                                entropy if grad_entropy is not None else None, grad_logp, grad_lse, grad_entropy,
-                                0.0 if softcap is None else float(softcap), float(temperature),
-                                chunk_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
+            return mod.backward(hidden, weight, bias, labels, lse, entropy if grad_entropy is not None else None,
+                                grad_logp, grad_lse, grad_entropy, native.softcap_arg(softcap), float(temperature),
+                                chunk_sizes.cuda_two_pass_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
 
-        gh, gw, gb = _call(run)
+        gh, gw, gb = _call(run, hidden.dtype)
         if scale is not None:
             for t in (gh, gw, gb):
                 if t is not None:
@@ -122,7 +101,7 @@ class ChunkKernels(GemmChunkKernels):
         super().__init__(weight, bias, head, return_entropy=return_entropy, need_h=need_h, need_w=need_w,
                          need_b=need_b)
         self.mod = native.load("cuda") if mod is None else mod
-        self.cap = 0.0 if head.softcap is None else float(head.softcap)
+        self.cap = native.softcap_arg(head.softcap)
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.w.device).cuda_stream if self.w.is_cuda else 0
@@ -153,5 +132,5 @@ register_backend(Backend(
     priority=30,  # the cost model's first GPU backend (bench/costmodel.py); measured results override
     dtypes=(torch.float32, torch.bfloat16, torch.float16),
     single_pass=ChunkKernels,
-    chunk_tokens=gemm_chunks.chunk_tokens,
+    chunk_tokens=chunk_sizes.gpu_chunk_tokens,
 ))

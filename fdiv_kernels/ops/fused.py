@@ -43,7 +43,7 @@ import torch
 from .. import _checks
 from ..specs import HeadSpec, LogSumExpAccumulator, LossSpec, Norms, Rows, Terms
 from .backends import Backend, resolve_backend
-from .token_stats import TokenStats, token_stats, token_stats_from_logits
+from .token_stats import TokenStats, token_stats, token_stats_from_logits, valid_grads, valid_rows
 
 logger = logging.getLogger("fdiv_kernels")
 _announced: set = set()
@@ -179,14 +179,12 @@ class FusedLossFunction(torch.autograd.Function):
         spec, plan, head = params.spec, params.plan, params.head
         ctx.set_materialize_grads(False)
         r, t = params.shape
-        h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
         mask2 = (y != params.ignore_index).view(r, t)
         norms = spec.normalizers(mask2)
         order, idx = plan.order, plan.tok_idx
         m_ord = mask2 if order is None else mask2.index_select(0, order)
-        hv = h if idx is None else h.index_select(0, idx)
-        yv = (y if idx is None else y.index_select(0, idx)).long()
+        hv, yv = valid_rows(hidden, labels, idx)
         ref_tok_ord = ref_tok if (ref_tok.dim() == 0 or order is None) else ref_tok.index_select(0, order)
         ref_seq_ord = ref_seq if (ref_seq is None or order is None) else ref_seq.index_select(0, order)
         ref_flat = None
@@ -195,19 +193,21 @@ class FusedLossFunction(torch.autograd.Function):
                                                             else ref_tok.reshape(-1).index_select(0, idx))
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        kern = params.backend.single_pass(weight, bias, head, return_entropy=params.return_entropy,
-                                          need_h=need_h, need_w=need_w, need_b=need_b)
+        kern = params.backend.single_pass(weight.contiguous(), None if bias is None else bias.contiguous(), head,
+                                          return_entropy=params.return_entropy, need_h=need_h, need_w=need_w,
+                                          need_b=need_b)
         n = plan.num_tokens
         cdt = kern.dtype
-        logp_v = torch.empty(n, dtype=cdt, device=h.device)
+        dev = hidden.device
+        logp_v = torch.empty(n, dtype=cdt, device=dev)
         lse_v = torch.empty_like(logp_v)
         ent_v = torch.empty_like(logp_v) if params.return_entropy else None
-        gh_v = torch.empty((n, h.shape[1]), dtype=cdt, device=h.device) if need_h else None
+        gh_v = torch.empty((n, hv.shape[1]), dtype=cdt, device=dev) if need_h else None
         linear = logp_v.new_zeros(())
         lme_chunks: List[Tuple[Chunk, float]] = []
         acc = LogSumExpAccumulator()
         checks = _checks.finite_checks_enabled()
-        finite = torch.ones((), dtype=torch.bool, device=h.device)  # every statistic and coefficient (no sync)
+        finite = torch.ones((), dtype=torch.bool, device=dev)  # every statistic and coefficient (no sync)
         host_finite = True
         for c in plan.chunks:
             hc, yc = hv[c.tok0:c.tok1], yv[c.tok0:c.tok1]
@@ -252,7 +252,7 @@ class FusedLossFunction(torch.autograd.Function):
         tok_scale = None
         if spec.uses_lme:
             if lme_chunks:  # each chunk's grad_h rows get their final weight exp(A_c - L)
-                tok_scale = torch.zeros(n, dtype=cdt, device=h.device)
+                tok_scale = torch.zeros(n, dtype=cdt, device=dev)
                 for c, a in lme_chunks:
                     tok_scale[c.tok0:c.tok1] = acc.weight(a)
             lme = logp_v.new_tensor(acc.total)
@@ -326,21 +326,11 @@ def _recompute_grads(params: FusedParams, hidden, weight, bias, labels, lse_v, e
     with the stored ``lse`` (a GEMM of another shape rounds differently, which at ``|z| ~ 1e4``
     moves ``p`` by 1e-3)."""
     idx = params.plan.tok_idx
-    h = hidden.reshape(-1, hidden.shape[-1])
-    hv = h if idx is None else h.index_select(0, idx)
-    yv = (labels.reshape(-1) if idx is None else labels.reshape(-1).index_select(0, idx)).long()
-
-    def pick(gr):
-        if gr is None:
-            return torch.zeros_like(lse_v)
-        gr = gr.reshape(-1).to(lse_v.dtype)
-        return gr if idx is None else gr.index_select(0, idx)
-
-    g, k = pick(grad_logp), pick(grad_lse)
-    e = pick(grad_ent) if (grad_ent is not None and ent_v is not None) else None
+    hv, yv = valid_rows(hidden, labels, idx)
+    g, k, e = valid_grads(idx, lse_v, ent_v, grad_logp, grad_lse, grad_ent)
     _checks.check_coefficients("fk.loss backward (logp/lse/entropy outputs)", grad_logp=g, grad_lse=k, grad_entropy=e)
-    kern = params.backend.single_pass(weight, bias, params.head, return_entropy=False, need_h=need_h, need_w=need_w,
-                                      need_b=need_b)
+    kern = params.backend.single_pass(weight.contiguous(), None if bias is None else bias.contiguous(), params.head,
+                                      return_entropy=False, need_h=need_h, need_w=need_w, need_b=need_b)
     gh = torch.zeros((hv.shape[0], hv.shape[1]), dtype=kern.dtype, device=hv.device) if need_h else None
     for c in params.plan.chunks:
         if c.tok1 == c.tok0:

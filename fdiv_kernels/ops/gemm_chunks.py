@@ -27,23 +27,24 @@ from . import lowp
 
 logger = logging.getLogger("fdiv_kernels")
 
-#: GPU chunk budget (``FDIV_CUDA_CHUNK_BYTES``, 1 GiB): a one-pass chunk's float32 logits (the
-#: 16-bit coefficient is written over them).
-CHUNK_BYTES = int(os.environ.get("FDIV_CUDA_CHUNK_BYTES", 2 ** 30))
-ROW_ALIGN = 256
+#: Whether this torch runs 16-bit x 16-bit GEMMs with a float32 output (``mm``/``addmm`` with
+#: ``out_dtype``, in Python and in the cuda extension): a fact about the installed torch, not an
+#: option, so it is kept for the process once a call found it missing (as :mod:`.native` keeps a
+#: failed build); ``FDIV_CUDA_MIXED_GEMM=0`` starts with False.
+_mixed_gemm = [os.environ.get("FDIV_CUDA_MIXED_GEMM", "1") != "0"]
 
 
-def aligned_rows(rows: int) -> int:
-    """Rows rounded down to a multiple of 256 (GEMM tile rows) when there are that many."""
-    return max(1, rows) if rows < ROW_ALIGN else rows - rows % ROW_ALIGN
+def mixed_gemm_supported() -> bool:
+    """Whether 16-bit GEMMs with a float32 output are used (see ``_mixed_gemm``)."""
+    return _mixed_gemm[0]
 
 
-def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk on a GPU: ``CHUNK_BYTES // (4 V)`` rounded down to a multiple of
-    256, at least 256: 2048 at V = 128256 and 1024 at V = 256000 with the default 1 GiB (about the
-    fewest rows that keep the grad_weight GEMM, which reads and writes the fp32 ``[V, H]``
-    accumulator once per chunk, compute-bound on an H100)."""
-    return max(ROW_ALIGN, aligned_rows(CHUNK_BYTES // (4 * max(1, vocab_size))))
+def mixed_gemm_unsupported(exc: BaseException, dtype: torch.dtype) -> None:
+    """Record that this torch rejected a 16-bit GEMM with a float32 output; warn once."""
+    if _mixed_gemm[0]:
+        _mixed_gemm[0] = False
+        logger.warning("fdiv_kernels: GEMMs with a float32 output for %s operands are not supported here (%s); "
+                       "using float32-output fallbacks", dtype, str(exc).splitlines()[0][:200])
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -55,7 +56,6 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None)
     return torch.mm(a.float(), b.float(), out=out)  # CPU twins (tests, interpreter): the same math
 
 
-_fused_addmm = [True]
 _BLOCK_ROWS = 8192
 
 
@@ -71,16 +71,14 @@ def addmm_f32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float,
     if not a.is_cuda:
         c.addmm_(a.float(), b.float(), beta=beta, alpha=alpha)
         return
-    if _fused_addmm[0]:
+    if mixed_gemm_supported():
         try:
             torch.addmm(c, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=c)
             return
         except (TypeError, NotImplementedError, RuntimeError) as exc:
             if "out of memory" in str(exc).lower():
                 raise
-            _fused_addmm[0] = False
-            logger.warning("fdiv_kernels: addmm with a float32 output for %s operands is not supported here (%s); "
-                           "using blocked GEMMs", a.dtype, str(exc).splitlines()[0][:200])
+            mixed_gemm_unsupported(exc, a.dtype)
     blocked_addmm_f32(c, a, b, beta=beta, alpha=alpha)
 
 
@@ -104,8 +102,8 @@ class GemmChunkKernels:
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
                  need_h: bool, need_w: bool, need_b: bool) -> None:
-        self.w = weight.detach().contiguous()
-        self.b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.w = weight.detach()
+        self.b = None if bias is None else bias.detach().to(torch.float32)
         self.softcap, self.temperature = head.softcap, float(head.temperature)
         self.return_entropy, self.need_h = return_entropy, need_h
         v, h = weight.shape
@@ -148,7 +146,7 @@ class GemmChunkKernels:
         z, _ = self._views(n)
         mm_f32(h, self.w.t(), out=z)
         self._n = n
-        logp, lse, ent = self.forward_epilogue(z, y.contiguous())
+        logp, lse, ent = self.forward_epilogue(z, y)
         return logp, lse, (ent if self.return_entropy else None)
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
@@ -162,7 +160,7 @@ class GemmChunkKernels:
             if s != 1.0:
                 g, k, e = g * s, k * s, (None if e is None else e * s)
                 unscale = 1.0 / s
-        self.coef_epilogue(z, coef, y.contiguous(), lse, ent if e is not None else None, g, k, e)
+        self.coef_epilogue(z, coef, y, lse, ent if e is not None else None, g, k, e)
         beta = beta if self._written else 0.0
         self._written = True
         alpha = alpha * unscale

@@ -71,11 +71,16 @@ class NativeBuildError(RuntimeError):
     """The native extension could not be imported or built; the message says why."""
 
 
+def softcap_arg(softcap: Optional[float]) -> float:
+    """The extensions' soft-cap argument: the soft-cap, or 0.0 for none (Python passes ``None``)."""
+    return 0.0 if softcap is None else float(softcap)
+
+
 def csrc_dir() -> Path:
     """Directory holding the C++/CUDA sources.
 
     Looked up in order: ``$FDIV_KERNELS_CSRC``; ``fdiv_kernels/_csrc`` (copied into wheels by
-    ``fdiv_build.BuildPyWithCsrc``); ``csrc/`` next to the package (source checkout, editable
+    ``setup.py``'s ``build_py``); ``csrc/`` next to the package (source checkout, editable
     install).
     """
     here = Path(__file__).resolve().parent.parent  # .../fdiv_kernels

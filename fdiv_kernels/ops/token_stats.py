@@ -8,11 +8,14 @@ gradient.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .. import _checks
+from ..specs import HeadSpec
 from . import torch_chunked
 from .backends import resolve_backend
 
@@ -30,26 +33,86 @@ class TokenStats(NamedTuple):
     entropy: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class TokenStatsParams:
+    """Everything :class:`TokenStatsFunction` needs besides tensors (as cut-cross-entropy's
+    ``CCEParams``), saved on ``ctx``.
+
+    ``head``: soft-cap, temperature and backend name (:class:`~fdiv_kernels.specs.HeadSpec`,
+    validated there); ``ignore_index``: label of the positions without a target;
+    ``return_entropy``: also compute the per-token entropy.
+    """
+
+    head: HeadSpec = HeadSpec()
+    ignore_index: int = -100
+    return_entropy: bool = False
+
+
+def valid_grads(idx: Optional[torch.Tensor], lse_v: torch.Tensor, ent_v: Optional[torch.Tensor],
+                grad_logp, grad_lse, grad_ent) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The output gradients ``(g, k, e)`` of the supervised tokens ``idx`` (``None``: all), in the
+    compute dtype of ``lse_v``; a missing gradient is zero, and ``e`` is ``None`` unless the entropy
+    ``ent_v`` was computed and has a gradient (the one entropy-gradient check of every backend)."""
+
+    def pick(gr):
+        if gr is None:
+            return torch.zeros_like(lse_v)
+        gr = gr.reshape(-1).to(lse_v.dtype)
+        return gr if idx is None else gr.index_select(0, idx)
+
+    return pick(grad_logp), pick(grad_lse), (pick(grad_ent) if (grad_ent is not None and ent_v is not None) else None)
+
+
+def valid_rows(hidden: torch.Tensor, labels: torch.Tensor, idx: Optional[torch.Tensor]):
+    """``(hidden [n, H], labels [n])`` of the supervised tokens ``idx`` (``None``: all), contiguous,
+    labels int64: the layout every backend receives."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if idx is not None:
+        h, y = h.index_select(0, idx), y.index_select(0, idx)
+    return h.contiguous(), y.long().contiguous()
+
+
 class TokenStatsFunction(torch.autograd.Function):
     """``autograd.Function`` behind :func:`token_stats`, public for custom modules.
 
-    ``TokenStatsFunction.apply(hidden, weight, bias, labels, ignore_index, softcap, temperature,
-    return_entropy, backend_name) -> (logp, lse, entropy)``; ``entropy`` is an empty tensor when
-    not requested. Inputs must already be validated (see :func:`token_stats`).
+    ``TokenStatsFunction.apply(hidden, weight, bias, labels, params) -> (logp, lse, entropy)``
+    with a :class:`TokenStatsParams`; ``entropy`` is an empty tensor unless
+    ``params.return_entropy``. Inputs must already be validated (see :func:`token_stats`).
+    The old form ``apply(hidden, weight, bias, labels, ignore_index, softcap, temperature,
+    return_entropy, backend_name)`` still works, with a ``DeprecationWarning``.
+
+    This function does, once for every backend, what the backends' contract
+    (:mod:`fdiv_kernels.ops.backends`) leaves out: it picks the backend for the tensors' device
+    and dtype (the ``"torch"`` reference for a dtype the backend does not declare), passes only
+    the supervised rows, contiguous, with int64 labels, captures the backend's options at
+    forward for the backward, and passes an entropy gradient only when the entropy was computed.
     """
 
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        if len(args) == 9 and not kwargs:
+            warnings.warn("TokenStatsFunction.apply(hidden, weight, bias, labels, ignore_index, softcap, temperature, "
+                          "return_entropy, backend) is deprecated; pass a TokenStatsParams: "
+                          "apply(hidden, weight, bias, labels, params)", DeprecationWarning, stacklevel=2)
+            hidden, weight, bias, labels, ignore_index, softcap, temperature, return_entropy, backend = args
+            args = (hidden, weight, bias, labels,
+                    TokenStatsParams(HeadSpec(softcap, temperature, backend), ignore_index, bool(return_entropy)))
+        return super().apply(*args, **kwargs)
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, temperature, return_entropy, backend_name):
-        backend = resolve_backend(backend_name, hidden)
-        h = hidden.reshape(-1, hidden.shape[-1])
+    def forward(ctx, hidden, weight, bias, labels, params: TokenStatsParams):
+        backend = resolve_backend(params.head.backend, hidden)
+        options = backend.options() if backend.options is not None else None
         y = labels.reshape(-1)
-        valid = y != ignore_index
+        valid = y != params.ignore_index
         idx = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-        hv = h if idx is None else h.index_select(0, idx)
-        yv = (y if idx is None else y.index_select(0, idx)).long()
+        hv, yv = valid_rows(hidden, labels, idx)
+        weight_c = weight.contiguous()
+        bias_c = None if bias is None else bias.contiguous()
         logp_v, lse_v, ent_v = backend.forward(
-            hv.contiguous(), weight.contiguous(), bias, yv,
-            softcap=softcap, temperature=temperature, return_entropy=return_entropy)
+            hv, weight_c, bias_c, yv, softcap=params.head.softcap, temperature=params.head.temperature,
+            return_entropy=params.return_entropy, **_options_kw(options))
         out_dtype = lse_v.dtype
 
         def scatter(v):
@@ -59,37 +122,34 @@ class TokenStatsFunction(torch.autograd.Function):
             return full.index_copy_(0, idx, v).reshape(labels.shape)
 
         logp, lse = scatter(logp_v), scatter(lse_v)
-        ent = scatter(ent_v) if return_entropy else lse.new_empty(0)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse_v, ent_v if return_entropy else None,
-                              idx if idx is not None else None)
-        ctx.cfg = (ignore_index, softcap, temperature, return_entropy, backend)
-        if not return_entropy:
+        ent = scatter(ent_v) if params.return_entropy else lse.new_empty(0)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse_v, ent_v if params.return_entropy else None, idx)
+        ctx.params, ctx.backend, ctx.options = params, backend, options
+        if not params.return_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, lse, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_lse, grad_ent):
         hidden, weight, bias, labels, lse_v, ent_v, idx = ctx.saved_tensors
-        _, softcap, temperature, return_entropy, backend = ctx.cfg
-        h = hidden.reshape(-1, hidden.shape[-1])
-        hv = h if idx is None else h.index_select(0, idx)
-        yv = (labels.reshape(-1) if idx is None else labels.reshape(-1).index_select(0, idx)).long()
-
-        def pick(g):
-            g = torch.zeros_like(lse_v) if g is None else g.reshape(-1).to(lse_v.dtype)
-            return g if idx is None else g.index_select(0, idx)
-
-        g, k = pick(grad_logp), pick(grad_lse)
-        e = pick(grad_ent) if (return_entropy and grad_ent is not None) else None
+        head = ctx.params.head
+        hv, yv = valid_rows(hidden, labels, idx)
+        g, k, e = valid_grads(idx, lse_v, ent_v, grad_logp, grad_lse, grad_ent)
         _checks.check_coefficients("token_stats backward", grad_logp=g, grad_lse=k, grad_entropy=e)
-        gh, gw, gb = backend.backward(hv.contiguous(), weight.contiguous(), bias, yv, lse_v, ent_v, g, k, e,
-                                      softcap=softcap, temperature=temperature)
+        gh, gw, gb = ctx.backend.backward(hv, weight.contiguous(), None if bias is None else bias.contiguous(), yv,
+                                          lse_v, ent_v, g, k, e, softcap=head.softcap, temperature=head.temperature,
+                                          **_options_kw(ctx.options))
         if idx is not None:
-            gh = torch.zeros(h.shape, dtype=gh.dtype, device=gh.device).index_copy_(0, idx, gh)
+            gh = torch.zeros((labels.numel(), hidden.shape[-1]), dtype=gh.dtype, device=gh.device).index_copy_(0, idx, gh)
         grad_hidden = gh.reshape(hidden.shape).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = gw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = gb.to(bias.dtype) if (bias is not None and ctx.needs_input_grad[2]) else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _options_kw(options) -> dict:
+    """``options=`` for a backend that declares options (:attr:`Backend.options`), else nothing."""
+    return {} if options is None else {"options": options}
 
 
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -119,8 +179,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     whose logits are all -inf or not finite, or whose label's logit is -inf.
     """
     _checks.check_head(hidden, weight, labels, bias, ignore_index, softcap, temperature)
-    logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, ignore_index, softcap,
-                                              float(temperature), bool(return_entropy), backend)
+    params = TokenStatsParams(HeadSpec(softcap, temperature, backend), ignore_index, bool(return_entropy))
+    logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, params)
     _checks.check_token_stats(logp, lse, ent if return_entropy else None, labels, softcap, temperature)
     return TokenStats(logp, lse, ent if return_entropy else None)
 

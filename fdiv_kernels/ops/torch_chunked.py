@@ -1,9 +1,8 @@
 """The ``"torch"`` backend: the reference implementation of ``token_stats``, chunked over tokens.
 
-Chunk rule: rows are processed ``rows_per_chunk(V)`` at a time, with
-``rows_per_chunk(V) = max(1, CHUNK_ELEMENTS // V)`` and ``CHUNK_ELEMENTS = 2**22`` (16 MiB of
-fp32 logits). Forward holds one chunk of logits; backward holds one chunk of logits and one of
-the gradient coefficient. Peak extra memory is therefore O(CHUNK_ELEMENTS + V*H) (the fp32
+Chunk rule (:mod:`.chunk_sizes`): rows are processed ``torch_rows(V) = max(1, 2**22 // V)`` at a
+time (16 MiB of fp32 logits). Forward holds one chunk of logits; backward holds one chunk of
+logits and one of the gradient coefficient. Peak extra memory is therefore O(2**22 + V*H) (the fp32
 grad_weight accumulator and, for bf16/fp16 inputs, an fp32 copy of the weight), never O(N*V).
 
 Math (per row n, with z = cap(h W^T + b) / T, cap(x) = c*tanh(x/c) when a soft-cap c is set):
@@ -25,15 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import chunk_sizes
 from .backends import Backend, register_backend
-
-CHUNK_ELEMENTS = 2 ** 22
-
-
-def rows_per_chunk(vocab_size: int, chunk_elements: int | None = None) -> int:
-    """Number of token rows whose logits fit in ``chunk_elements`` values (default ``CHUNK_ELEMENTS``)."""
-    budget = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    return max(1, budget // max(1, vocab_size))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,7 +61,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     logp = torch.empty(n, dtype=cdt, device=hidden.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if return_entropy else None
-    step = rows_per_chunk(weight.shape[0])
+    step = chunk_sizes.torch_rows(weight.shape[0])
     for s in range(0, n, step):
         e = min(n, s + step)
         z, _ = _logits(hidden[s:e].to(cdt), w, b, softcap, temperature)
@@ -129,7 +121,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     grad_h = torch.empty(hidden.shape, dtype=cdt, device=hidden.device)
     grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
     grad_b = None if bias is None else torch.zeros(bias.shape, dtype=cdt, device=bias.device)
-    step = rows_per_chunk(weight.shape[0])
+    step = chunk_sizes.torch_rows(weight.shape[0])
     for s in range(0, n, step):
         e = min(n, s + step)
         h = hidden[s:e].to(cdt)
@@ -188,11 +180,6 @@ class ChunkKernels:
         return self.grad_w, self.grad_b
 
 
-def chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk: the same ``CHUNK_ELEMENTS`` logits as the two-pass chunks."""
-    return rows_per_chunk(vocab_size)
-
-
 register_backend(Backend(
     name="torch",
     forward=forward,
@@ -201,5 +188,5 @@ register_backend(Backend(
     is_available=lambda: (True, ""),
     priority=0,
     single_pass=ChunkKernels,
-    chunk_tokens=chunk_tokens,
+    chunk_tokens=chunk_sizes.torch_chunk_tokens,
 ))

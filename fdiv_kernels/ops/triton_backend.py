@@ -9,9 +9,10 @@ never compiles anything and works without triton)::
     backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None,
              *, softcap, temperature) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)
 
-Inputs: float32, bfloat16 or float16 (``hidden``/``weight`` sharing the dtype); outputs and
-gradients float32. float64 inputs are delegated to the ``"torch"`` reference backend (Triton's
-fp64 dot has no tensor-core path; see docs/triton.md).
+Inputs: float32, bfloat16 or float16 (``hidden``/``weight`` sharing the dtype), contiguous, int64
+labels; outputs and gradients float32. The autograd functions send float64 inputs to the
+``"torch"`` reference backend (:attr:`Backend.dtypes`; Triton's fp64 dot has no tensor-core path;
+see docs/triton.md).
 
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` (the Triton interpreter:
 slow, for tests). ``backend="auto"`` picks this backend on CUDA (priority 20) and never on CPU
@@ -19,11 +20,14 @@ slow, for tests). ``backend="auto"`` picks this backend on CUDA (priority 20) an
 is registered (at import); call :func:`register` again after changing ``TRITON_INTERPRET``.
 The kernels themselves follow the variable at each call.
 
-Options (process-wide, read at each launch, so wrap the backward too)::
+Options (:class:`TritonOptions`): :func:`triton_options` sets them for a block; the autograd
+function captures the options in force at the forward and its backward uses those, whatever is in
+force when ``backward()`` runs::
 
     from fdiv_kernels.ops.triton_backend import triton_options
     with triton_options(filter_eps=2.0 ** -12):   # gradient filtering (off by default)
-        out = fk.loss(h, w, y, divergence="js", backend="triton"); out.loss.backward()
+        out = fk.loss(h, w, y, divergence="js", backend="triton")
+    out.loss.backward()                           # filtered, as captured at the forward
 """
 
 from __future__ import annotations
@@ -39,9 +43,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from . import lowp, torch_chunked
+from . import chunk_sizes, lowp
 from .backends import Backend, register_backend
-from . import gemm_chunks
 from .gemm_chunks import GemmChunkKernels
 
 logger = logging.getLogger("fdiv_kernels")
@@ -77,7 +80,7 @@ _options = TritonOptions()
 
 
 def get_options() -> TritonOptions:
-    """The options in force now."""
+    """The options in force now (what a forward captures: :attr:`Backend.options`)."""
     return _options
 
 
@@ -85,8 +88,9 @@ def get_options() -> TritonOptions:
 def triton_options(**changes) -> Iterator[TritonOptions]:
     """Temporarily change :class:`TritonOptions` fields (process-wide, restored on exit).
 
-    Example: ``with triton_options(filter_eps=2**-12): loss.backward()``. Unknown names or
-    bad values raise ``ValueError``.
+    A forward run inside the block captures them for its backward. Example:
+    ``with triton_options(filter_eps=2**-12): out = fk.loss(..., backend="triton")``. Unknown
+    names or bad values raise ``ValueError``.
     """
     global _options
     names = {f.name for f in fields(TritonOptions)}
@@ -184,13 +188,14 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> 
                          "(CPU tensors need TRITON_INTERPRET=1)")
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _options.allow_tf32:
+def _input_precision(dtype: torch.dtype, options: TritonOptions) -> str:
+    if dtype == torch.float32 and not options.allow_tf32:
         return "ieee"
     return "tf32"
 
 
 def _scalars(softcap: Optional[float], temperature: float) -> Tuple[float, float]:
+    """The kernels' ``(softcap, 1/T)``; without a soft-cap (``HAS_SOFTCAP=False``) the first is unused."""
     return (1.0 if softcap is None else float(softcap)), 1.0 / float(temperature)
 
 
@@ -199,11 +204,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def vocab_splits(n: int, v: int, *, align: int, device: torch.device) -> Tuple[int, int]:
+def vocab_splits(n: int, v: int, *, align: int, device: torch.device,
+                 options: Optional[TritonOptions] = None) -> Tuple[int, int]:
     """``(splits, split_size)`` of the forward: ``split_size`` a multiple of ``align``, every
     split non-empty. Default: enough programs for ~2 waves of the GPU's SMs, each split at least
-    ``4 * align`` columns; 1 on CPU (interpreter) unless ``v_splits`` is set."""
-    want = _options.v_splits
+    ``4 * align`` columns; 1 on CPU (interpreter) unless ``v_splits`` is set (in ``options``,
+    default: the options in force)."""
+    want = (options or _options).v_splits
     if want is None:
         if device.type == "cuda":
             sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -230,11 +237,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
-            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
-    """``(logp[N], lse[N], entropy[N] | None)`` in float32; see the module docstring."""
-    if hidden.dtype == torch.float64:
-        return torch_chunked.forward(hidden, weight, bias, labels, softcap=softcap, temperature=temperature,
-                                     return_entropy=return_entropy)
+            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False,
+            options: Optional[TritonOptions] = None):
+    """``(logp[N], lse[N], entropy[N] | None)`` in float32; see the module docstring. ``options``:
+    the :class:`TritonOptions` to use (default: those in force)."""
+    options = options or _options
     _check(hidden, weight, labels)
     n, h = hidden.shape
     v = weight.shape[0]
@@ -243,9 +250,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         empty = torch.empty(0, dtype=torch.float32, device=dev)
         return empty, empty.clone(), (empty.clone() if return_entropy else None)
     kern = _kernels()
-    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.to(torch.int64).contiguous()
-    bias_c = None if bias is None else bias.contiguous()
-    splits, split_size = vocab_splits(n, v, align=kern.SPLIT_ALIGN, device=dev)
+    splits, split_size = vocab_splits(n, v, align=kern.SPLIT_ALIGN, device=dev, options=options)
     part = torch.empty((4 if return_entropy else 3, splits, n), dtype=torch.float32, device=dev)
     m, s, zy = part[0], part[1], part[2]
     a = part[3] if return_entropy else m  # unused without entropy
@@ -256,10 +261,10 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     with _on_device(dev):
         kern.token_stats_fwd_kernel[grid](
-            hidden, weight, hidden if bias_c is None else bias_c, labels, m, s, a, zy,
+            hidden, weight, hidden if bias is None else bias, labels, m, s, a, zy,
             n, v, h, split_size, cap, inv_t,
-            HAS_BIAS=bias_c is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=bool(return_entropy),
-            DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=bool(return_entropy),
+            DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype, options),
         )
     return merge_splits(m, s, zy, a if return_entropy else None)
 
@@ -290,20 +295,17 @@ def merge_splits(m: torch.Tensor, s: torch.Tensor, zy: torch.Tensor, a: Optional
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
              lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
-             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0,
+             options: Optional[TritonOptions] = None):
     """``(grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)`` in float32.
 
-    Deterministic by default (no atomics: one kernel per output); ``grad_entropy`` needs the
-    forward's ``entropy``. Honours :func:`triton_options` ``filter_eps``, ``allow_tf32`` and
-    ``deterministic``.
+    Deterministic by default (no atomics: one kernel per output); ``grad_entropy`` comes with the
+    forward's ``entropy``. Honours the ``filter_eps``, ``allow_tf32`` and ``deterministic`` of
+    ``options`` (default: those in force; the autograd function passes the forward's).
     """
-    if hidden.dtype == torch.float64:
-        return torch_chunked.backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
-                                      softcap=softcap, temperature=temperature)
+    options = options or _options
     _check(hidden, weight, labels)
     with_ent = grad_entropy is not None
-    if with_ent and entropy is None:
-        raise ValueError("triton backend: grad_entropy was given but the forward's entropy was not")
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -314,8 +316,6 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     grad_w = torch.empty((v, h), dtype=torch.float32, device=dev)
     grad_b = None if bias is None else torch.empty(v, dtype=torch.float32, device=dev)
     kern = _kernels()
-    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.to(torch.int64).contiguous()
-    bias_c = None if bias is None else bias.contiguous()
     lse_c, g, k = _f32(lse), _f32(grad_logp), _f32(grad_lse)
     ent_c = _f32(entropy) if with_ent else lse_c
     e = _f32(grad_entropy) if with_ent else g
@@ -327,17 +327,17 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         g, k = g * scale, k * scale
         e = e * scale if with_ent else g
     cap, inv_t = _scalars(softcap, temperature)
-    eps = _options.filter_eps
+    eps = options.filter_eps
     common = dict(
-        HAS_BIAS=bias_c is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_ent,
-        FILTER=eps is not None, DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_ent,
+        FILTER=eps is not None, DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype, options),
     )
-    b_arg = hidden if bias_c is None else bias_c
+    b_arg = hidden if bias is None else bias
     args = (hidden, weight, b_arg, labels, lse_c, ent_c, g, k, e)
     scalars = (n, v, h, cap, inv_t, 0.0 if eps is None else float(eps))
     gb_arg = grad_h if grad_b is None else grad_b
     with _on_device(dev):
-        if not _options.deterministic:
+        if not options.deterministic:
             grad_h.zero_()
             grad_w.zero_()
             if grad_b is not None:
@@ -421,7 +421,8 @@ def register() -> Backend:
         priority=-10 if interpret_mode() else 20,
         dtypes=SUPPORTED_DTYPES,
         single_pass=ChunkKernels,
-        chunk_tokens=gemm_chunks.chunk_tokens,
+        chunk_tokens=chunk_sizes.gpu_chunk_tokens,
+        options=get_options,
     )
     register_backend(backend)
     return backend

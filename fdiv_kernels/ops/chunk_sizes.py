@@ -1,0 +1,88 @@
+"""How many logits each backend holds at once: every backend's chunk-size rule, in one module.
+
+No backend allocates the ``[N, V]`` logits; each visits them in chunks whose size is set here.
+
+* ``torch`` backend (any device) and the ``cpu`` backend's two-pass kernels:
+  :data:`TWO_PASS_ELEMENTS` = 2**22 float32 logits (16 MiB) per chunk; the torch backend takes
+  :func:`torch_rows` whole rows, the cpu backend a ``[rows, cols]`` tile (:func:`cpu_tile_shape`).
+* ``cpu`` backend, one pass: :data:`CPU_SINGLE_PASS_ELEMENTS` = 2**25 float32 logits (128 MiB)
+  per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size.
+* GPU backends (``cuda``, ``triton``): :data:`GPU_CHUNK_BYTES`, the one environment variable
+  ``FDIV_CUDA_CHUNK_BYTES`` (default 1 GiB), the float32 logits of a one-pass chunk
+  (:func:`gpu_chunk_tokens`; the 16-bit coefficient is written over them); the cuda backend's
+  two-pass chunks hold float32 logits plus a 16-bit coefficient, ``GPU_CHUNK_BYTES / 6``
+  elements (:func:`cuda_two_pass_rows`).
+
+The functions read these names at each call, so a test (or a benchmark) may set them on this
+module.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+#: float32 logits per chunk of the two-pass torch and cpu kernels (16 MiB)
+TWO_PASS_ELEMENTS = 2 ** 22
+#: float32 logits per one-pass chunk of the cpu backend, and per vocabulary tile within it (128 MiB)
+CPU_SINGLE_PASS_ELEMENTS = 2 ** 25
+#: GPU chunk budget in bytes (``FDIV_CUDA_CHUNK_BYTES``, 1 GiB): a one-pass chunk's float32 logits
+GPU_CHUNK_BYTES = int(os.environ.get("FDIV_CUDA_CHUNK_BYTES", 2 ** 30))
+#: GPU chunks are a multiple of this many rows (GEMM tile rows) when they have that many
+ROW_ALIGN = 256
+
+
+def torch_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
+    """Rows per chunk of the torch backend: ``max(1, TWO_PASS_ELEMENTS // V)``."""
+    budget = TWO_PASS_ELEMENTS if chunk_elements is None else chunk_elements
+    return max(1, budget // max(1, vocab_size))
+
+
+def torch_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk of the torch backend: the rows of its two-pass chunks."""
+    return torch_rows(vocab_size)
+
+
+def cpu_tile_shape(num_rows: int, vocab_size: int, chunk_elements: Optional[int] = None) -> Tuple[int, int]:
+    """``(rows, cols)`` of the cpu backend's two-pass logits tiles, ``rows * cols <= TWO_PASS_ELEMENTS``,
+    about square (mirrors ``pick_tiling`` in csrc/cpu/token_stats_cpu.cpp; docs/building.md)."""
+    ce = TWO_PASS_ELEMENTS if chunk_elements is None else chunk_elements
+    side = 1
+    while (2 * side) ** 2 <= ce:
+        side *= 2
+    rows = max(1, min(num_rows, side))
+    cols = max(1, min(vocab_size, ce // rows))
+    return max(1, min(num_rows, max(rows, ce // cols))), cols
+
+
+def cpu_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk of the cpu backend: ``CPU_SINGLE_PASS_ELEMENTS // V`` rounded down
+    to a multiple of 64."""
+    n = max(1, CPU_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
+    return n if n < 64 else n - n % 64
+
+
+def cpu_tile_cols(rows: int) -> int:
+    """Vocabulary columns per tile of a cpu one-pass chunk of ``rows`` tokens (at least 64)."""
+    return max(64, CPU_SINGLE_PASS_ELEMENTS // max(1, rows))
+
+
+def aligned_rows(rows: int) -> int:
+    """Rows rounded down to a multiple of :data:`ROW_ALIGN` when there are that many (else at least 1)."""
+    return max(1, rows) if rows < ROW_ALIGN else rows - rows % ROW_ALIGN
+
+
+def gpu_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens per one-pass chunk on a GPU: ``GPU_CHUNK_BYTES // (4 V)`` rounded down to a multiple of
+    256, at least 256: 2048 at V = 128256 and 1024 at V = 256000 with the default 1 GiB (about the
+    fewest rows that keep the grad_weight GEMM, which reads and writes the fp32 ``[V, H]``
+    accumulator once per chunk, compute-bound on an H100)."""
+    return max(ROW_ALIGN, aligned_rows(GPU_CHUNK_BYTES // (4 * max(1, vocab_size))))
+
+
+def cuda_two_pass_rows(vocab_size: int) -> int:
+    """Rows per two-pass chunk of the cuda backend: ``GPU_CHUNK_BYTES / 6`` logits (float32 logits
+    plus a 16-bit coefficient) over V, a multiple of 256 (1280 at V = 128256)."""
+    return aligned_rows(GPU_CHUNK_BYTES // 6 // max(1, vocab_size))
