@@ -4,12 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench minilab clean gpu-check gpu-wheels gpu-prebuild gpu-preflight test-triton-versions
+.PHONY: install demo lint test bench minilab clean gpu-check gpu-wheels gpu-prebuild gpu-preflight test-triton-versions
 
 PIP    := $(BIN)/pip install -q -c constraints.txt
 
-# deepspeed (in .[dev]) builds from source against the installed torch: --no-build-isolation
-$(STAMP): setup.py constraints.txt
+# .[dev] (pyproject.toml): the extras the suite and the demo need, ruff included; every install takes
+# torch from constraints.txt (torch==2.13.0, the local CPU wheel). deepspeed (in .[dev]) builds from
+# source against the installed torch: --no-build-isolation
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(PIP) torch
@@ -22,7 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fdiv-train pipeline --config demo --overwrite
 
-test: $(STAMP)
+# ruff with the configuration of pyproject.toml (its default rule set)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

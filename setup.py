@@ -1,96 +1,94 @@
-"""Packaging for fdiv_kernels.
+"""The build steps of fdiv_kernels that need code; the metadata is in pyproject.toml.
 
-Install on a CPU machine (never pulls a CUDA torch):
+* ``build_py`` also copies ``csrc/`` into the package as ``fdiv_kernels/_csrc`` (so that a wheel
+  can still build the native backends just in time) and ``examples/configs`` as
+  ``fdiv_kernels/train/configs`` (the trainer's named configs). Imports no torch.
+* With ``FDIV_BUILD_EXT=1``, the ahead-of-time extensions ``fdiv_kernels._C_cpu`` (always) and
+  ``fdiv_kernels._C_cuda`` (when nvcc and a CUDA build of torch are present, unless
+  ``FDIV_BUILD_CUDA=0``), built with ninja from the sources and flags of the just-in-time build
+  (``fdiv_kernels/ops/native.py``). See docs/building.md.
+
+Install on a CPU machine (never pulls a CUDA torch): ``make install``, or
 
     pip install -c constraints.txt torch
     pip install -c constraints.txt --no-build-isolation -e ".[dev]"
-
-Native extensions are built just in time on first use (ninja); see docs/building.md for the
-ahead-of-time build (FDIV_BUILD_EXT=1).
 """
 
+import importlib.util
 import os
-import sys
+import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+CSRC = "csrc"
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+#: (source folder, folder inside the package, suffixes) copied into every build as package data:
+#: the C++/CUDA sources (JIT builds from a wheel) and the trainer's named configs (``--config demo``)
+PACKAGE_DATA = ((CSRC, os.path.join("fdiv_kernels", "_csrc"), SOURCE_SUFFIXES),
+                (os.path.join("examples", "configs"), os.path.join("fdiv_kernels", "train", "configs"),
+                 (".yaml", ".yml", ".json")))
 
 
-def _ext_modules():
-    """Ahead-of-time native build, only when asked for (FDIV_BUILD_EXT=1); see docs/building.md."""
-    if os.environ.get("FDIV_BUILD_EXT", "0") != "1":
-        return [], {}
-    from fdiv_build import ext_modules_and_cmdclass  # noqa: E402  (csrc/ build description)
-    return ext_modules_and_cmdclass()
+class BuildPyWithData(build_py):
+    """``build_py`` that also ships :data:`PACKAGE_DATA` (``fdiv_kernels/_csrc``, ``fdiv_kernels/train/configs``)."""
+
+    def run(self):
+        super().run()
+        for src, dst, suffixes in PACKAGE_DATA:
+            src_root, dst_root = os.path.join(HERE, src), os.path.join(self.build_lib, dst)
+            for dirpath, _, files in os.walk(src_root):
+                for f in files:
+                    if f.endswith(suffixes):
+                        rel = os.path.relpath(os.path.join(dirpath, f), src_root)
+                        os.makedirs(os.path.dirname(os.path.join(dst_root, rel)), exist_ok=True)
+                        shutil.copy2(os.path.join(dirpath, f), os.path.join(dst_root, rel))
 
 
-ext_modules, cmdclass = _ext_modules()
-from fdiv_build import csrc_cmdclass  # noqa: E402  (ships csrc/ inside the package for JIT builds)
-
-cmdclass = {**csrc_cmdclass(), **cmdclass}
-
-def _version() -> str:
-    """``__version__`` of fdiv_kernels/__init__.py (one definition; read without importing torch)."""
-    import re
-
-    with open(os.path.join(HERE, "fdiv_kernels", "__init__.py"), encoding="utf-8") as f:
-        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+def _native_build_description():
+    """fdiv_kernels/ops/native.py (sources and flags) loaded by path: no package import, no torch."""
+    spec = importlib.util.spec_from_file_location("_fdiv_native_build", os.path.join(HERE, "fdiv_kernels", "ops",
+                                                                                     "native.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "mpmath>=1.3", "ninja"]
-PEERS = ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"]
-# tested with 3.6 (the GPU machine's) and 3.9 (the dev pin); fdiv_kernels.ops.triton_backend.MIN_TRITON
-TRITON = "triton>=3.6"
+def _want_cuda() -> bool:
+    if os.environ.get("FDIV_BUILD_CUDA", "1") == "0":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
 
-LOGGING = {"tensorboard": ["tensorboard>=2.10"], "wandb": ["wandb>=0.16"]}
+    return torch.version.cuda is not None and CUDA_HOME is not None
 
-setup(
-    name="fdiv-kernels",
-    version=_version(),
-    description="Fused, numerically stable f-divergence and DPO losses for LLM post-training (CUDA, Triton, C++)",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    author="The fdiv_kernels authors",
-    license="Apache-2.0",
-    license_files=["LICENSE"],
-    keywords=["f-divergence", "DPO", "SFT", "fused loss", "LLM", "post-training", "pytorch", "triton", "cuda"],
-    classifiers=[
-        "Development Status :: 3 - Alpha",
-        "Intended Audience :: Science/Research",
-        "License :: OSI Approved :: Apache Software License",
-        "Programming Language :: Python :: 3",
-        "Programming Language :: C++",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
-    python_requires=">=3.10",
-    packages=find_packages(include=["fdiv_kernels", "fdiv_kernels.*"]),
-    include_package_data=True,
-    package_data={"fdiv_kernels.ops": ["measured_ranking.json"]},
-    install_requires=[
-        "torch>=2.13",
-        "numpy",
-        "tqdm",
-        "pyyaml",
-        "safetensors",
-        "transformers>=4.46",
-        "matplotlib",
-    ],
-    extras_require={
-        "triton": [TRITON],
-        "trl": ["trl>=1.0", "datasets", "accelerate"],
-        "deepspeed": ["deepspeed"],
-        **LOGGING,
-        "peers": PEERS,
-        "dev": TEST + PEERS + LOGGING["tensorboard"] + [TRITON, "trl>=1.0", "datasets", "accelerate", "deepspeed"],
-    },
-    entry_points={
-        "console_scripts": [
-            "fdiv-train=fdiv_kernels.train.cli:main",
-            "fdiv-analyze=fdiv_kernels.analysis.cli:main",
-        ]
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+
+def _relative(sources):
+    """setuptools wants source paths relative to this folder."""
+    return [os.path.join(CSRC, s) for s in sources]
+
+
+def ahead_of_time_extensions():
+    """``(ext_modules, cmdclass)`` of the AOT C++ (and CUDA) extensions, built with ninja."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    native = _native_build_description()
+    exts = [CppExtension(
+        name="fdiv_kernels._C_cpu",
+        sources=_relative(native.CPU_SOURCES),
+        extra_compile_args={"cxx": list(native.CPU_CFLAGS)},
+        extra_link_args=list(native.CPU_LDFLAGS),
+    )]
+    if _want_cuda():
+        exts.append(CUDAExtension(
+            name="fdiv_kernels._C_cuda",
+            sources=_relative(native.CUDA_SOURCES),
+            extra_compile_args={"cxx": list(native.CUDA_CFLAGS), "nvcc": list(native.NVCC_FLAGS)},
+        ))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = ahead_of_time_extensions() if os.environ.get("FDIV_BUILD_EXT", "0") == "1" else ([], {})
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithData, **cmdclass})

@@ -28,7 +28,7 @@ def installed(tmp_path_factory):
     src = root / "src"
     src.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
-    for name in ("setup.py", "fdiv_build.py", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md",
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md",
                  "constraints.txt"):
         shutil.copy(os.path.join(REPO, name), src / name)
     for d in ("fdiv_kernels", "csrc", os.path.join("examples", "configs")):
@@ -57,6 +57,17 @@ def test_wheel_ships_configs_sources_and_licence(installed):
     assert "License-Expression: Apache-2.0" in text or "License: Apache-2.0" in text
     assert "Author: The fdiv_kernels authors" in text
     assert any(n.endswith("licenses/LICENSE") or n.endswith("/LICENSE") for n in names)
+
+
+def test_wheel_core_requires_only_torch(installed):
+    """``pip install fdiv-kernels`` pulls torch and nothing else; the rest sits behind extras."""
+    wheel = zipfile.ZipFile(installed["wheel"])
+    text = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert [r.split(">")[0].split("=")[0].split("<")[0].strip() for r in core] == ["torch"], core
+    extras = {line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Provides-Extra:")}
+    assert {"triton", "train", "hf", "trl", "deepspeed", "bench", "dev"} <= extras, extras
 
 
 def test_named_demo_config_runs_from_the_installed_wheel_outside_the_repo(installed, tmp_path):

@@ -41,7 +41,12 @@ import types
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as exc:  # the [hf] extra
+    from .._extras import extra_error
+    raise extra_error("fdiv_kernels.integrations.transformers", "hf", exc) from exc
 
 from .. import hf
 from ..losses import loss_from_spec, make_spec

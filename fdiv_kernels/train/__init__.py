@@ -13,7 +13,11 @@ evaluates) -> ``trainer`` (the generic loop: it knows the :class:`~.trainer.Phas
 and the engines, no loss) -> ``pipeline`` and ``cli``.
 """
 
-from .cli import main
-from .config import RunConfig, load_config
+try:
+    from .cli import main
+    from .config import RunConfig, load_config
+except ImportError as exc:  # yaml, transformers, ...: the [train] extra
+    from .._extras import extra_error
+    raise extra_error("fdiv_kernels.train", "train", exc) from exc
 
 __all__ = ["RunConfig", "load_config", "main"]
