@@ -20,7 +20,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 
@@ -266,12 +266,3 @@ def clear_grads(inputs: Dict[str, torch.Tensor]) -> None:
         if isinstance(t, torch.Tensor) and t.grad is not None:
             t.grad = None
 
-
-def dump_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-
-
-def env_flag(name: str, default: Optional[str] = None) -> Optional[str]:
-    return os.environ.get(name, default)

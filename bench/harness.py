@@ -127,7 +127,7 @@ def run_case(benchmark, case: Case, options: dict) -> None:
         first = {"done": False}
 
         def target():
-            out = run()
+            run()
             if inproc and not first["done"]:
                 first["done"] = True
                 if device.type == "cuda":

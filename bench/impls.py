@@ -37,7 +37,6 @@ DIV_BETA = 0.1
 class Impl:
     """``available(device_type) -> (ok, reason)``; ``build(case, inputs) -> loss()``.
 
-    ``compiled``: needs a warm-up call (torch.compile) before time or memory is measured.
     ``fused_backward``: computes the gradients inside its forward (Liger's chunked losses), so
     its "fwd" time already contains the backward. ``raw``: ``build`` returns the timed call for
     the case's mode itself (the GEMM floor). ``context``: a context manager factory the whole
@@ -48,7 +47,6 @@ class Impl:
     label: str
     available: Callable[[str], Tuple[bool, str]]
     build: Callable[[Case, Dict[str, torch.Tensor]], Callable[[], torch.Tensor]]
-    compiled: bool = False
     fused_backward: bool = False
     raw: bool = False
     context: Optional[Callable[[], ContextManager]] = None
@@ -253,10 +251,9 @@ def ce_impls(device_type: str) -> List[Impl]:
         "cut-cross-entropy impl='torch_compile'"
     out += [
         Impl("naive", "naive eager torch: full logits + log_softmax + gather", _always, _build_naive),
-        Impl("naive+compile", "torch.compile of naive", _always, _build_naive_compiled, compiled=True),
-        Impl("liger", liger_label, _needs("liger_kernel"), _build_liger_ce, compiled=device_type != "cuda",
-             fused_backward=device_type != "cuda"),
-        Impl("cce", cce_label, _needs("cut_cross_entropy"), _build_cce, compiled=device_type != "cuda"),
+        Impl("naive+compile", "torch.compile of naive", _always, _build_naive_compiled),
+        Impl("liger", liger_label, _needs("liger_kernel"), _build_liger_ce, fused_backward=device_type != "cuda"),
+        Impl("cce", cce_label, _needs("cut_cross_entropy"), _build_cce),
         GEMM_FLOOR,
     ]
     return out
@@ -381,7 +378,7 @@ def dpo_impls(device_type: str) -> List[Impl]:
         GEMM_FLOOR,
         Impl("trl", "TRL way: full logits, selective_log_softmax, sum, sigmoid loss", _needs("trl"), _build_trl_dpo),
         Impl("liger", "Liger LigerFusedLinearDPOLoss (chunked torch, compiled)", _needs("liger_kernel"),
-             _build_liger_dpo, compiled=True, fused_backward=True),
+             _build_liger_dpo, fused_backward=True),
     ]
     return out
 

@@ -139,7 +139,7 @@ def provenance_lines(data: dict) -> List[str]:
     v = p["versions"]
     out = [f"- device: **{p['device']}**" + ("" if p.get("device_type", "cpu") == "cpu" else
                                              f"; host CPU: {p['cpu_model']} ({p['cpu_count']} cores)"),
-           f"- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + (f", CUDA {p['cuda']}" if p.get("cuda") else ""),
+           "- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + (f", CUDA {p['cuda']}" if p.get("cuda") else ""),
            f"- git commit: `{p['git_commit']}`; date: {p['date_utc']}; profile: {data['fdiv']['profile']}",
            f"- command: `{p['command']}`",
            f"- memory: peak above the baseline taken right before the call ({data['fdiv']['mem_method']}); "
