@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import _status_kib as _rss_kib, reset_peak_rss as _reset_peak  # noqa: E402
+from bench.common import _status_kib as _rss_kib, reset_peak_rss as _reset_peak
 
 SHAPES = {"A": (4096, 1024, 32000), "B": (8192, 256, 32000), "S": (1024, 512, 32000)}
 MODES = ("fwd", "fwd+bwd")

@@ -144,7 +144,7 @@ def _version(mod: str) -> str:
     try:
         from importlib.metadata import version
         return version(mod)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "not installed"
 
 
@@ -155,7 +155,7 @@ def _git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"
 
 

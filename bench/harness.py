@@ -90,7 +90,7 @@ def run_case(benchmark, case: Case, options: dict) -> None:
     if device.type == "cuda":
         inner = run
 
-        def run():  # noqa: F811
+        def run():
             out = inner()
             torch.cuda.synchronize(device)
             return out
@@ -144,7 +144,7 @@ def run_case(benchmark, case: Case, options: dict) -> None:
                                   else "in-process VmHWM-VmRSS (clear_refs), first timed round")}
     except pytest.skip.Exception:
         raise
-    except Exception as e:  # noqa: BLE001  (a peer that fails to run is reported, not dropped)
+    except Exception as e:  # a peer that fails to run is reported, not dropped
         _skip(case, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", impl.label)
     if mem is not None:
         info["peak_mib"] = mem["peak_mib"]

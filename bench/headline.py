@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         try:
             row = measure(impl, case, inputs, a.rounds, a.top)
             row.update(impl=name, label=impl.label, status="ok")
-        except Exception as exc:  # noqa: BLE001  (a failing implementation is a result, not the end)
+        except Exception as exc:  # a failing implementation is a result, not the end
             row = {"impl": name, "label": impl.label, "status": "FAILED",
                    "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
         clear_grads(inputs)

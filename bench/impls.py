@@ -84,7 +84,7 @@ def _has_module(mod: str) -> Tuple[bool, str]:
     try:
         __import__(mod)
         return True, "available"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return False, f"{mod} not importable: {type(e).__name__}: {e}"
 
 
@@ -293,7 +293,7 @@ def paper_form_for(divergence: str):
     """``(fn, label)`` of the literal form for ``divergence`` or ``(None, reason)``."""
     try:
         from fdiv_kernels.reference import paper_forms as pf
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return None, f"fdiv_kernels.reference.paper_forms not importable ({type(e).__name__}: {e})"
     import fdiv_kernels as fk
     name = fk.get_divergence(divergence).name

@@ -23,9 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import load_model_and_tokenizer, sft_texts  # noqa: E402
+from _tiny import load_model_and_tokenizer, sft_texts
 
-from fdiv_kernels.integrations import transformers as fk_hf  # noqa: E402
+from fdiv_kernels.integrations import transformers as fk_hf
 
 
 def main(argv=None) -> int:

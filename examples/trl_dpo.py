@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import load_model_and_tokenizer, preference_pairs  # noqa: E402
+from _tiny import load_model_and_tokenizer, preference_pairs
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import load_model_and_tokenizer, sft_texts  # noqa: E402
+from _tiny import load_model_and_tokenizer, sft_texts
 
 
 def main(argv=None) -> int:

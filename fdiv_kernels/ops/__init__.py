@@ -7,7 +7,7 @@ Backends: ``torch`` (chunked reference, always available) and the optional nativ
 from . import torch_chunked  # noqa: F401  (registers the "torch" backend)
 from . import triton_backend  # noqa: F401  (registers "triton"; imports triton lazily, so never fails without it)
 try:  # C++ CPU backend: registers "cpu"; builds lazily on first use, never at import
-    from . import cpu_backend  # noqa: F401
+    from . import cpu_backend
 except Exception as _exc:  # pragma: no cover - a broken optional backend must not break the package
     import logging as _logging
     _logging.getLogger("fdiv_kernels").warning("fdiv_kernels: cpu backend not registered: %s", _exc)
