@@ -290,10 +290,7 @@ def dpo_loss_module(spec: DPOSpec, head: HeadSpec = HeadSpec(), *, ignore_index:
     maps the spec's fields onto the module's options, for the trainer and the transformers patch)."""
     from .nn import FusedLinearDPOLoss
 
-    return FusedLinearDPOLoss(beta=spec.beta, kind=spec.kind, label_smoothing=spec.label_smoothing, gamma=spec.gamma,
-                              ignore_index=ignore_index, length_normalize=spec.length_normalize,
-                              f_divergence=spec.f_divergence, f_alpha=spec.f_alpha, softcap=head.softcap,
-                              temperature=head.temperature, backend=head.backend)
+    return FusedLinearDPOLoss(spec, head, ignore_index=ignore_index)
 
 
 class HeadInputs(NamedTuple):

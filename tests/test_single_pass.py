@@ -287,7 +287,7 @@ def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatc
     labels = torch.randint(0, v, (2 * b, t), generator=g)
     labels[:, :2] = -100
     ref = -torch.rand(2 * b, generator=g) * 10
-    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, kind=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
     monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
@@ -298,7 +298,7 @@ def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatc
     s = fk.sequence_logp(logits=h2 @ w2.T, labels=labels)
     seq = s.mean if mod.length_normalize else s.sum
     want = fk.dpo_loss(seq[:b], seq[b:], None if kind == "simpo" else ref[:b], None if kind == "simpo" else ref[b:],
-                       beta=0.2, kind=kind, label_smoothing=0.1 if kind == "sigmoid" else 0)
+                       beta=0.2, loss_type=kind, label_smoothing=0.1 if kind == "sigmoid" else 0)
     close(out.loss, want.loss)
     close(out.losses, want.losses)
     for a, c in zip(grads, torch.autograd.grad(want.loss, (h2, w2))):
