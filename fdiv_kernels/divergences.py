@@ -144,6 +144,13 @@ class Divergence:
                "dpo": self.name in DPO_SCORES}
         return tuple(use for use in USES if has[use])
 
+    def __reduce__(self):
+        """A registered entry pickles by name (its functions are lambdas), so specs and the ``fk.nn``
+        modules holding them pickle."""
+        if DIVERGENCE_REGISTRY.get(self.name) is self:
+            return (_registered, (self.name,))
+        return super().__reduce__()
+
     def objective(self, u: torch.Tensor) -> torch.Tensor:
         """``phi(a(u))`` elementwise with a stable backward."""
         if self.phi is None:
@@ -239,6 +246,10 @@ DIVERGENCE_REGISTRY: Dict[str, Divergence] = {d.name: d for d in _ENTRIES}
 #: the entries :func:`fdiv_kernels.loss` supports (those with a variational ``phi``)
 DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in _ENTRIES if d.phi is not None}
 _ALIASES: Dict[str, str] = {a: d.name for d in _ENTRIES for a in (d.name, *d.aliases)}
+
+
+def _registered(name: str) -> Divergence:
+    return DIVERGENCE_REGISTRY[name]
 
 
 def divergence_names(use: Optional[str] = None) -> Tuple[str, ...]:

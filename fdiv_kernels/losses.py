@@ -209,13 +209,14 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
                           return_entropy=return_entropy)
 
 
-def _deprecated_form_spec(form, alpha, **options) -> LossSpec:
-    """The spec of ``fk.loss(form=..., alpha=...)``, with its ``DeprecationWarning``."""
+def _deprecated_form_spec(form, alpha, *, stacklevel: int = 3, **options) -> LossSpec:
+    """The spec of ``fk.loss(form=..., alpha=...)``, with its ``DeprecationWarning`` (attributed to
+    the frame ``stacklevel`` up: the user's call)."""
     if form == "primal":
         hint = f"use fk.primal_loss(divergence={options['divergence']!r}, alpha=...)"
     else:
         hint = "fk.loss is the variational form; drop form= and alpha= (alpha applies to fk.primal_loss only)"
-    warnings.warn(f"fk.loss(form=..., alpha=...) is deprecated: {hint}", DeprecationWarning, stacklevel=3)
+    warnings.warn(f"fk.loss(form=..., alpha=...) is deprecated: {hint}", DeprecationWarning, stacklevel=stacklevel)
     return make_spec(form="variational" if form is None else form, alpha=1.5 if alpha is None else alpha, **options)
 
 

@@ -18,6 +18,7 @@ With ``divergence="sft"``, ``beta=1`` and no reference, :class:`FDivLoss` and
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -66,7 +67,7 @@ def _fdiv_spec(**options) -> Union[FDivSpec, PrimalSpec]:
         raise TypeError(f"unknown loss option(s) {unknown}; the options are the fields of FDivSpec")
     form, alpha = options.pop("form", None), options.pop("alpha", None)
     if form is not None or alpha is not None:
-        return _deprecated_form_spec(form, alpha, **options)
+        return _deprecated_form_spec(form, alpha, stacklevel=5, **options)  # the user's FDivLoss(...) call
     return FDivSpec(**options)
 
 
@@ -193,7 +194,8 @@ class FusedLinearDPOLoss(_SpecModule):
     @property
     def kind(self) -> str:
         """Deprecated: ``spec.loss_type``."""
-        return self.spec.kind
+        warnings.warn("FusedLinearDPOLoss.kind is deprecated; read .spec.loss_type", DeprecationWarning, stacklevel=2)
+        return self.spec.loss_type
 
     def sequence_logps(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -49,6 +49,9 @@ class PrimalLoss:
     value: Callable[[torch.Tensor, float], torch.Tensor]
     grad: Callable[[torch.Tensor, float], torch.Tensor]
 
+    def __reduce__(self):  # pickles by name (see Divergence.__reduce__)
+        return (get_primal, (self.name,)) if PRIMAL_LOSSES.get(self.name) is self else super().__reduce__()
+
     def __call__(self, logp: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
         return apply_elementwise(lambda l: self.value(l, alpha), lambda l: self.grad(l, alpha), logp)
 

@@ -164,6 +164,11 @@ def test_loss_form_primal_is_deprecated_and_equal_to_primal_loss():
     with pytest.warns(DeprecationWarning, match="fk.primal_loss"):
         old = fk.loss(hidden, weight, labels, divergence="alpha", form="primal", alpha=1.5, backend="torch")
     assert torch.equal(old.loss, new.loss)
+    with pytest.warns(DeprecationWarning) as rec:
+        fk.dpo_loss(new.loss[None], new.loss[None], new.loss[None], new.loss[None], beta=0.1, kind="ipo")
+        DPOSpec(kind="ipo").kind  # noqa: B018
+        FusedLinearDPOLoss(f_alpha=2.0, divergence="alpha")
+    assert [w.filename for w in rec] == [__file__] * 4  # each attributed to the user's line
     with pytest.warns(DeprecationWarning, match="form="):
         same = fk.loss(hidden, weight, labels, form="variational", backend="torch")
     assert torch.equal(same.loss, fk.loss(hidden, weight, labels, backend="torch").loss)
@@ -324,9 +329,12 @@ def test_fdiv_modules_hold_a_spec_built_from_keywords_or_given():
         FDivLoss(divergance="js")
     with pytest.raises(ValueError, match="beta must be"):
         FDivLoss(beta=-1.0)
-    with pytest.warns(DeprecationWarning, match="primal_loss"):
+    with pytest.warns(DeprecationWarning, match="primal_loss") as rec:
         old = FDivLoss(divergence="pearson", form="primal")
-    assert old.spec == PrimalSpec("pearson")
+    assert old.spec == PrimalSpec("pearson") and rec[0].filename == __file__  # attributed to this call
+    with pytest.warns(DeprecationWarning, match="loss_type") as rec:
+        assert FusedLinearDPOLoss(loss_type="ipo").kind == "ipo"
+    assert rec[0].filename == __file__
     assert "spec=FDivSpec" in repr(given) and "HeadSpec" in repr(given)
 
 
@@ -353,3 +361,17 @@ def test_main_paths_emit_no_deprecation_warning():
             repr(mod)
         FusedLinearFDivLoss(spec=PrimalSpec("tv"))(hidden, weight, labels)
         FDivLoss(divergence="kl", level="sequence")(hidden @ weight.T, labels)
+
+
+def test_modules_and_specs_pickle():
+    """The registry's entries pickle by name, so the specs and the modules holding them do."""
+    import copy
+    import pickle
+
+    hidden, weight, labels = data(seed=13)
+    for mod in (FusedLinearFDivLoss(divergence="js", beta=0.3, backend="torch"),
+                FusedLinearFDivLoss(spec=PrimalSpec("alpha", alpha=0.5), backend="torch"),
+                FusedLinearDPOLoss(loss_type="simpo", backend="torch")):
+        for back in (pickle.loads(pickle.dumps(mod)), copy.deepcopy(mod)):
+            assert back.spec == mod.spec and back.head == mod.head
+            assert torch.equal(back(hidden, weight, labels), mod(hidden, weight, labels))
