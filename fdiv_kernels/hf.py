@@ -286,8 +286,8 @@ def head_spec(model, *, softcap: Optional[float] = None, temperature: float = 1.
 
 
 def dpo_loss_module(spec: DPOSpec, head: HeadSpec = HeadSpec(), *, ignore_index: int = -100):
-    """The :class:`fdiv_kernels.nn.FusedLinearDPOLoss` of a DPO spec and a head spec (one place that
-    maps the spec's fields onto the module's options, for the trainer and the transformers patch)."""
+    """The :class:`fdiv_kernels.nn.FusedLinearDPOLoss` holding a DPO spec and a head spec (for the
+    trainer, the alignment metric and the transformers patch)."""
     from .nn import FusedLinearDPOLoss
 
     return FusedLinearDPOLoss(spec, head, ignore_index=ignore_index)

@@ -5,11 +5,14 @@
   ``[N, V]`` logits (``loss_fn(hidden, lm_head.weight, labels)`` or ``loss_fn(hidden, lm_head, labels)``).
 * :class:`FusedLinearDPOLoss`: DPO-family loss from concatenated chosen/rejected hidden states.
 
-Every option is keyword-only and mirrors :func:`fdiv_kernels.loss` / :func:`fdiv_kernels.dpo_loss`;
-the modules hold no parameters and no state. ``shift_labels=True`` applies the Hugging Face
+Each module holds one validated loss spec (``.spec``: :class:`~fdiv_kernels.specs.FDivSpec`,
+:class:`~fdiv_kernels.specs.PrimalSpec` or :class:`~fdiv_kernels.specs.DPOSpec`) and, for the
+fused ones, a :class:`~fdiv_kernels.specs.HeadSpec` (``.head``), given as ``spec=``/``head=`` or
+built from the keywords of :func:`fdiv_kernels.loss` / :func:`fdiv_kernels.dpo_loss`; their fields
+read through (``loss_fn.beta``). The modules hold no parameters and no state. ``shift_labels=True`` applies the Hugging Face
 convention inside the module: ``labels[..., 1:]`` are predicted from ``hidden[..., :-1, :]``
 (``logits[..., :-1, :]``), so unshifted ``labels = input_ids`` (with ``-100`` where unsupervised)
-can be passed as they are.
+can be passed as they are (:func:`shift_for_causal_lm`, also behind ``fk.loss(shift=True)``).
 
 With ``divergence="sft"``, ``beta=1`` and no reference, :class:`FDivLoss` and
 :class:`FusedLinearFDivLoss` equal ``F.cross_entropy(logits, labels, ignore_index=-100)``.
