@@ -128,6 +128,15 @@ class Case:
     seed: int
 
 
+def _loss_call(c, ref):
+    """``fk.primal_loss`` (a per-token loss of log p_y: no reference, token level) or ``fk.loss``,
+    and the keywords of case ``c``."""
+    if c.form == "primal":
+        return fk.primal_loss, dict(divergence=c.divergence, reduction=c.reduction, z_loss=c.z_loss)
+    return fk.loss, dict(divergence=c.divergence, ref_logp=ref, beta=c.beta, level=c.level, reduction=c.reduction,
+                         values=c.values, z_loss=c.z_loss, length_normalize=c.length_normalize)
+
+
 @st.composite
 def cases(draw, *, small: bool = False, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
     api = draw(st.sampled_from(("loss", "loss", "loss", "logits", "token_stats", "sequence_logp")))
@@ -279,12 +288,11 @@ def run(c: Case, x: Inputs, backend: str, dtype: Optional[torch.dtype] = None) -
         bias.requires_grad_(c.grad == "all")
     ref = x.ref
     ctx = torch.no_grad() if c.grad == "no_grad" else contextlib.nullcontext()
-    kw = dict(divergence=c.divergence, ref_logp=ref, beta=c.beta, level=c.level, reduction=c.reduction,
-              values=c.values, z_loss=c.z_loss, length_normalize=c.length_normalize, form=c.form)
+    loss_fn, kw = _loss_call(c, ref)
     try:
         with ctx:
             if c.api == "loss":
-                out = fk.loss(hidden, weight, x.labels, bias=bias, softcap=c.softcap, temperature=c.temperature,
+                out = loss_fn(hidden, weight, x.labels, bias=bias, softcap=c.softcap, temperature=c.temperature,
                               backend=backend, return_entropy=c.entropy != "off", **kw)
                 value = out.loss
                 scalar = value.sum()
@@ -294,7 +302,7 @@ def run(c: Case, x: Inputs, backend: str, dtype: Optional[torch.dtype] = None) -
                     scalar = scalar + 0.1 * out.logp.sum()
             elif c.api == "logits":
                 z = hidden @ weight.T if bias is None else hidden @ weight.T + bias
-                out = fk.loss(logits=z, labels=x.labels, **kw)
+                out = loss_fn(logits=z, labels=x.labels, **kw)
                 value = out.loss
                 scalar = value.sum()
             elif c.api == "token_stats":
@@ -405,9 +413,8 @@ def _derivative_bound(c: Case, x: Inputs) -> float:
         z = c.softcap * torch.tanh(z / c.softcap)
     z = (z / c.temperature).detach().requires_grad_()
     try:
-        out = fk.loss(logits=z, labels=x.labels, divergence=c.divergence, ref_logp=x.ref, beta=c.beta,
-                      level=c.level, reduction=c.reduction, values=c.values, z_loss=c.z_loss,
-                      length_normalize=c.length_normalize, form=c.form)
+        loss_fn, kw = _loss_call(c, x.ref)
+        out = loss_fn(logits=z, labels=x.labels, **kw)
         g, k = torch.autograd.grad(out.loss.sum(), (out.logp, out.lse), allow_unused=True)
     except (ValueError, TypeError):
         return 3.0
