@@ -292,7 +292,8 @@ def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatc
     labels = torch.randint(0, v, (2 * b, t), generator=g)
     labels[:, :2] = -100
     ref = -torch.rand(2 * b, generator=g) * 10
-    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend,
+                                   label_smoothing=0.1 if kind == "sigmoid" else 0)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
     monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
