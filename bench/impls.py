@@ -343,7 +343,7 @@ def _build_fk_dpo(backend: str):
     def build(case, x):
         import fdiv_kernels as fk
         zero = torch.zeros(x["labels"].shape[0], device=x["labels"].device)  # reference log-probs 0
-        mod = fk.nn.FusedLinearDPOLoss(beta=DPO_BETA, kind="sigmoid", backend=backend)
+        mod = fk.nn.FusedLinearDPOLoss(beta=DPO_BETA, loss_type="sigmoid", backend=backend)
         return lambda: mod(x["hidden"], x["weight"], x["labels"], ref_logp=zero)
     return build
 

@@ -1,4 +1,15 @@
-"""Registry of f-divergences and their stable SFT objectives.
+"""The registry of f-divergences: one name (and its aliases) = one generator ``f`` everywhere.
+
+Each entry says what the package supports for it (:attr:`Divergence.supports`):
+
+* ``"variational"``: the paper's SFT objective ``phi`` below (:func:`fdiv_kernels.loss`);
+* ``"primal"``: the per-token ``D_f(onehot(y) || p)`` (:func:`fdiv_kernels.primal_loss`,
+  closed forms in :mod:`fdiv_kernels.primal`);
+* ``"dpo"``: the f-DPO score ``f'(pi / pi_ref)`` (:func:`fdiv_kernels.dpo_loss`'s ``divergence=``,
+  :mod:`fdiv_kernels.dpo`).
+
+:func:`get_divergence` looks a name up for one of these uses and raises a ``ValueError`` naming
+the argument and the names that use supports.
 
 For a divergence with generator ``f`` and convex conjugate ``f*``, the paper's SFT objective
 maximises ``E[phi(r)]`` with ``phi(r) = -f*(-r)`` and the implicit reward
@@ -100,7 +111,8 @@ class Divergence:
         name, aliases: how :func:`get_divergence` finds it.
         generator, conjugate, conjugate_domain: ``f(u)``, ``f*(t)`` and the domain of ``f*`` as text.
         activation: the map ``u -> r`` into the domain of ``phi``, as text.
-        phi, dphi: ``phi(a(u))`` and its derivative in ``u``, elementwise, stable.
+        phi, dphi: ``phi(a(u))`` and its derivative in ``u``, elementwise, stable; ``None`` for an
+            entry with no variational objective (``alpha``: primal and DPO only).
         aggregate: ``"mean"`` or ``"logmeanexp"`` (see the module docstring).
         log_psi, dlog_psi, psi_offset: for ``"logmeanexp"``: ``-phi(a(u)) = exp(log_psi(u)) - psi_offset``.
         paper_form: the paper's Table 4 objective, when it gives one.
@@ -112,16 +124,37 @@ class Divergence:
     conjugate: str
     conjugate_domain: str
     activation: str
-    phi: Callable[[torch.Tensor], torch.Tensor]
-    dphi: Callable[[torch.Tensor], torch.Tensor]
+    phi: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    dphi: Optional[Callable[[torch.Tensor], torch.Tensor]]
     aggregate: str = "mean"
     log_psi: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     dlog_psi: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     psi_offset: float = 0.0
     paper_form: Optional[str] = None
 
+    @property
+    def supports(self) -> Tuple[str, ...]:
+        """The uses of :data:`USES` this entry has: ``"variational"`` (a ``phi``), ``"primal"`` (an
+        entry of :data:`fdiv_kernels.primal.PRIMAL_LOSSES`), ``"dpo"`` (an f-DPO score of
+        :data:`fdiv_kernels.dpo.DPO_SCORES`)."""
+        from .dpo import DPO_SCORES
+        from .primal import PRIMAL_LOSSES
+
+        has = {"variational": self.phi is not None, "primal": self.name in PRIMAL_LOSSES,
+               "dpo": self.name in DPO_SCORES}
+        return tuple(use for use in USES if has[use])
+
+    def __reduce__(self):
+        """A registered entry pickles by name (its functions are lambdas), so specs and the ``fk.nn``
+        modules holding them pickle."""
+        if DIVERGENCE_REGISTRY.get(self.name) is self:
+            return (_registered, (self.name,))
+        return super().__reduce__()
+
     def objective(self, u: torch.Tensor) -> torch.Tensor:
         """``phi(a(u))`` elementwise with a stable backward."""
+        if self.phi is None:
+            raise ValueError(f"divergence {self.name!r} has no variational objective")
         return apply_elementwise(self.phi, self.dphi, u)
 
     def neg_log_psi(self, u: torch.Tensor) -> torch.Tensor:
@@ -196,24 +229,65 @@ _ENTRIES = [
         phi=lambda u: LOG2 + F.logsigmoid(u), dphi=lambda u: torch.sigmoid(-u),
         paper_form="log(1 + exp(log pi_ref(y|x) + dV)) - log(1 + exp(log pi(y|x)))",
     ),
+    Divergence(
+        name="alpha", aliases=("alpha_divergence",),
+        generator="(u^a - 1 - a*(u-1)) / (a*(a-1)) (Amari; a -> 1: kl)", conjugate="-", conjugate_domain="-",
+        activation="none: no variational objective (fk.primal_loss and fk.dpo_loss, with alpha=a)",
+        phi=None, dphi=None,
+    ),
 ]
 
-DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in _ENTRIES}
+#: what an entry can be used for, and the API that uses it
+USES = ("variational", "primal", "dpo")
+_API = {"variational": "fk.loss", "primal": "fk.primal_loss", "dpo": "fk.dpo_loss"}
+
+#: every entry, by canonical name
+DIVERGENCE_REGISTRY: Dict[str, Divergence] = {d.name: d for d in _ENTRIES}
+#: the entries :func:`fdiv_kernels.loss` supports (those with a variational ``phi``)
+DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in _ENTRIES if d.phi is not None}
 _ALIASES: Dict[str, str] = {a: d.name for d in _ENTRIES for a in (d.name, *d.aliases)}
 
 
-def get_divergence(name) -> Divergence:
-    """Look a divergence up by name or alias (case-insensitive); a :class:`Divergence` passes through."""
+def _registered(name: str) -> Divergence:
+    return DIVERGENCE_REGISTRY[name]
+
+
+def divergence_names(use: Optional[str] = None) -> Tuple[str, ...]:
+    """Canonical names of the registry entries that support ``use`` (one of :data:`USES`; all when ``None``)."""
+    if use is not None and use not in USES:
+        raise ValueError(f"use={use!r} is not supported; choose one of {', '.join(USES)}")
+    return tuple(n for n, d in DIVERGENCE_REGISTRY.items() if use is None or use in d.supports)
+
+
+def get_divergence(name, use: str = "variational", *, argument: str = "divergence") -> Divergence:
+    """Look a divergence up by name or alias (case-insensitive) for ``use`` (``"variational"``:
+    :func:`fdiv_kernels.loss`, ``"primal"``, ``"dpo"``); a :class:`Divergence` passes through.
+
+    ``ValueError`` naming ``argument`` and listing the names ``use`` supports for an unknown name or
+    an entry without that use.
+    """
     if isinstance(name, Divergence):
-        return name
-    key = str(name).lower().replace("-", "_")
-    if key not in _ALIASES:
-        raise ValueError(f"unknown divergence {name!r}; known: {', '.join(sorted(_ALIASES))}")
-    return DIVERGENCES[_ALIASES[key]]
+        entry = name
+    else:
+        key = str(name).lower().replace("-", "_")
+        if key not in _ALIASES or use not in DIVERGENCE_REGISTRY[_ALIASES[key]].supports:
+            names = sorted(a for a, n in _ALIASES.items() if use in DIVERGENCE_REGISTRY[n].supports)
+            if key not in _ALIASES:
+                where = "" if argument == "divergence" else f"{argument}: "  # the message names the argument
+                raise ValueError(f"{where}unknown divergence {name!r}; known: {', '.join(names)}")
+            raise ValueError(f"{argument}={name!r} has no {use} form, so {_API[use]} does not support it; "
+                             f"{_API[use]} supports: {', '.join(names)}")
+        entry = DIVERGENCE_REGISTRY[_ALIASES[key]]
+    if use not in entry.supports:
+        raise ValueError(f"{argument}={entry.name!r} has no {use} form; {_API[use]} supports: "
+                         f"{', '.join(divergence_names(use))}")
+    return entry
 
 
 def register_divergence(div: Divergence) -> None:
     """Add a user-defined divergence (same contract as the built-in entries)."""
-    DIVERGENCES[div.name] = div
+    DIVERGENCE_REGISTRY[div.name] = div
+    if div.phi is not None:
+        DIVERGENCES[div.name] = div
     for a in (div.name, *div.aliases):
         _ALIASES[a] = div.name

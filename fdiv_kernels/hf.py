@@ -286,14 +286,11 @@ def head_spec(model, *, softcap: Optional[float] = None, temperature: float = 1.
 
 
 def dpo_loss_module(spec: DPOSpec, head: HeadSpec = HeadSpec(), *, ignore_index: int = -100):
-    """The :class:`fdiv_kernels.nn.FusedLinearDPOLoss` of a DPO spec and a head spec (one place that
-    maps the spec's fields onto the module's options, for the trainer and the transformers patch)."""
+    """The :class:`fdiv_kernels.nn.FusedLinearDPOLoss` holding a DPO spec and a head spec (for the
+    trainer, the alignment metric and the transformers patch)."""
     from .nn import FusedLinearDPOLoss
 
-    return FusedLinearDPOLoss(beta=spec.beta, kind=spec.kind, label_smoothing=spec.label_smoothing, gamma=spec.gamma,
-                              ignore_index=ignore_index, length_normalize=spec.length_normalize,
-                              f_divergence=spec.f_divergence, f_alpha=spec.f_alpha, softcap=head.softcap,
-                              temperature=head.temperature, backend=head.backend)
+    return FusedLinearDPOLoss(spec, head, ignore_index=ignore_index)
 
 
 class HeadInputs(NamedTuple):

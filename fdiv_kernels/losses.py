@@ -24,6 +24,7 @@ Conventions (derivations in ``docs/math.md``):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
@@ -39,7 +40,7 @@ from .specs import LEVELS, REDUCTIONS, VALUE_MODES, FDivSpec, HeadSpec, LossSpec
 FORMS = ("variational", "primal")
 
 __all__ = ["FORMS", "LEVELS", "REDUCTIONS", "VALUE_MODES", "LossOutput", "SequenceLogp", "loss", "loss_from_spec",
-           "sequence_logp", "make_spec"]
+           "make_spec", "primal_loss", "sequence_logp", "shift_for_causal_lm"]
 
 
 @dataclass
@@ -53,7 +54,7 @@ class LossOutput:
         value_s0: ``[...]`` lse at each row's first supervised position (0 for all-ignored rows).
         mask: ``[..., T]`` bool, supervised positions.
         num_tokens: number of supervised tokens (a 0-dim tensor).
-        divergence: the registry entry used (a :class:`PrimalLoss` for ``form="primal"``).
+        divergence: the registry entry used (a :class:`PrimalLoss` for :func:`primal_loss`).
         entropy: ``[..., T]`` per-token entropy of the policy when ``return_entropy=True``.
 
     ``logp``, ``lse``, ``entropy``, ``reward`` and ``value_s0`` are differentiable: using them in
@@ -101,6 +102,36 @@ def _check_inputs(hidden, weight, labels, logits, bias, softcap, temperature) ->
         raise ValueError("loss() needs (hidden, weight, labels) or (logits=..., labels=...)")
 
 
+def shift_for_causal_lm(x: torch.Tensor, labels: torch.Tensor,
+                        ref_logp: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Hugging Face causal-LM shift: ``x[..., :-1, :]`` predicts ``labels[..., 1:]``.
+
+    ``x`` is ``[..., T, D]`` (hidden states or logits), ``labels`` ``[..., T]``; a per-token
+    ``ref_logp [..., T]`` (aligned with the unshifted labels) is shifted like the labels; one of
+    shape ``[..., T-1]`` (already shifted, e.g. ``LossOutput.logp`` of a reference computed with
+    ``shift=True``) and a per-row ``ref_logp`` are returned unchanged.
+    """
+    if labels.dim() < 1 or labels.shape[-1] < 1:
+        raise ValueError(f"the causal-LM shift needs labels with a sequence dimension, got shape {tuple(labels.shape)}")
+    if tuple(x.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"labels must have shape {tuple(x.shape[:-1])} (the leading dims of the input), "
+                         f"got {tuple(labels.shape)}")
+    if ref_logp is not None and tuple(ref_logp.shape) == tuple(labels.shape):
+        ref_logp = ref_logp[..., 1:]
+    return x[..., :-1, :], labels[..., 1:], ref_logp
+
+
+def _shifted(hidden, logits, labels, ref_logp):
+    """:func:`shift_for_causal_lm` applied to whichever of ``hidden``/``logits`` is given."""
+    if labels is None or (hidden if logits is None else logits) is None:
+        return hidden, logits, labels, ref_logp  # the input checks name what is missing
+    if logits is not None:
+        logits, labels, ref_logp = shift_for_causal_lm(logits, labels, ref_logp)
+    else:
+        hidden, labels, ref_logp = shift_for_causal_lm(hidden, labels, ref_logp)
+    return hidden, logits, labels, ref_logp
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``[rows, T]`` view of ``t [..., T]`` (a 1-D ``t`` is one row; ``T`` may be 0)."""
     return t.reshape(1, -1) if t.dim() == 1 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
@@ -128,16 +159,17 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
          level: str = "token", ignore_index: int = -100, reduction: str = "mean",
          backend: str = "auto", bias: Optional[torch.Tensor] = None, length_normalize: bool = False,
          values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
-         temperature: float = 1.0, form: str = "variational", alpha: float = 1.5,
-         return_entropy: bool = False) -> LossOutput:
+         temperature: float = 1.0, return_entropy: bool = False, shift: bool = False,
+         form: Optional[str] = None, alpha: Optional[float] = None) -> LossOutput:
     """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
 
     Args:
         hidden: ``[..., T, H]`` hidden states before the LM head; with ``weight [V, H]``.
-        labels: ``[..., T]`` target ids (already shifted: ``labels[t]`` is predicted from
-            ``hidden[t]``), ``ignore_index`` where unsupervised.
+        labels: ``[..., T]`` target ids, ``ignore_index`` where unsupervised: already shifted
+            (``labels[t]`` is predicted from ``hidden[t]``), or unshifted with ``shift=True``.
         logits: ``[..., T, V]`` instead of ``hidden``/``weight``.
-        divergence: a name in :data:`fdiv_kernels.DIVERGENCES` (``"sft"`` = ``"tv"`` = NLL).
+        divergence: a name in :data:`fdiv_kernels.DIVERGENCES` (``"sft"`` = ``"tv"`` = NLL): the
+            registry entries with a variational objective.
         ref_logp: reference model log-probs, ``[..., T]`` per token, or ``[...]`` per row at
             sequence level. ``None`` means ``pi_ref = 1`` (no anchor).
         beta: the KL-anchor weight in ``u = beta * log(pi / pi_ref) + ...``.
@@ -147,10 +179,14 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
         values: ``"drop"``, ``"detach"`` or ``"free"``: how V = lse enters the reward.
         z_loss: weight of ``mean(lse**2)`` over supervised tokens (fixes the gauge of V).
         bias, softcap, temperature, backend, ignore_index: passed to :func:`fdiv_kernels.token_stats`.
-        form: ``"variational"`` (the paper's objective, default) or ``"primal"``: the per-token
-            ``D_f(onehot(y) || p)`` of :mod:`fdiv_kernels.primal` (token level, no reference).
-        alpha: the coefficient of ``divergence="alpha"`` (primal form only).
         return_entropy: also compute the per-token entropy (``out.entropy``), in the same pass.
+        shift: the Hugging Face causal-LM shift inside (:func:`shift_for_causal_lm`): ``labels =
+            input_ids [..., T]`` as they are, ``labels[..., 1:]`` predicted from
+            ``hidden[..., :-1, :]`` (``logits[..., :-1, :]``); a per-token ``ref_logp [..., T]`` is
+            shifted the same way (``[..., T-1]`` and per-row ones pass unchanged). The outputs
+            then have ``T - 1`` positions.
+        form, alpha: deprecated (``DeprecationWarning``): ``form="primal"`` is
+            :func:`primal_loss`, whose ``alpha`` this was.
 
     Returns:
         :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
@@ -159,10 +195,58 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
     When gradients are needed, the loss and its gradients come from one pass over the logits
     (3 GEMMs, :mod:`fdiv_kernels.ops.fused`); under ``torch.no_grad`` only the logits GEMM runs.
     """
-    spec = make_spec(divergence=divergence, beta=beta, level=level, reduction=reduction,
-                     length_normalize=length_normalize, values=values, z_loss=z_loss, form=form, alpha=alpha,
-                     ref_logp_given=ref_logp is not None)
+    if form is not None or alpha is not None:
+        spec = _deprecated_form_spec(form, alpha, divergence=divergence, beta=beta, level=level, reduction=reduction,
+                                     length_normalize=length_normalize, values=values, z_loss=z_loss,
+                                     ref_logp_given=ref_logp is not None)
+    else:
+        spec = FDivSpec(divergence, beta=beta, level=level, values=values, z_loss=z_loss,
+                        length_normalize=length_normalize, reduction=reduction)
+    if shift:
+        hidden, logits, labels, ref_logp = _shifted(hidden, logits, labels, ref_logp)
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
+                          head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
+                          return_entropy=return_entropy)
+
+
+def _deprecated_form_spec(form, alpha, *, stacklevel: int = 3, **options) -> LossSpec:
+    """The spec of ``fk.loss(form=..., alpha=...)``, with its ``DeprecationWarning`` (attributed to
+    the frame ``stacklevel`` up: the user's call)."""
+    if form == "primal":
+        hint = f"use fk.primal_loss(divergence={options['divergence']!r}, alpha=...)"
+    else:
+        hint = "fk.loss is the variational form; drop form= and alpha= (alpha applies to fk.primal_loss only)"
+    warnings.warn(f"fk.loss(form=..., alpha=...) is deprecated: {hint}", DeprecationWarning, stacklevel=stacklevel)
+    return make_spec(form="variational" if form is None else form, alpha=1.5 if alpha is None else alpha, **options)
+
+
+def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
+                divergence: str = "kl", alpha: float = 1.5, ignore_index: int = -100, reduction: str = "mean",
+                z_loss: float = 0.0, backend: str = "auto", bias: Optional[torch.Tensor] = None,
+                softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False,
+                shift: bool = False) -> LossOutput:
+    """Primal per-token f-divergence loss ``D_f(onehot(y) || p)`` (:mod:`fdiv_kernels.primal`),
+    fused with the LM head (or from ``logits=``); a function of ``log p_y`` alone, no reference.
+
+    Args:
+        divergence: a registry name with a primal form (``kl`` = NLL, ``tv``, ``pearson``,
+            ``squared_hellinger``, ``js``, ``alpha``; :func:`fdiv_kernels.divergence_names` with
+            ``"primal"``). ``reverse_kl`` and ``neyman`` have ``f(0) = inf``: no primal form.
+        alpha: the coefficient ``a`` of ``divergence="alpha"`` (Amari; > 0).
+        reduction: ``"mean"`` (over supervised tokens), ``"sum"`` or ``"none"``.
+        z_loss: weight of ``mean(lse**2)`` over supervised tokens.
+        hidden, weight, labels, logits, bias, softcap, temperature, backend, ignore_index,
+        return_entropy, shift: as in :func:`loss`.
+
+    Returns:
+        :class:`LossOutput` (``reward`` holds ``logp``; ``divergence`` the :class:`PrimalLoss`).
+        ``divergence="kl"`` equals ``F.cross_entropy``.
+    """
+    spec = PrimalSpec(divergence, alpha=alpha, z_loss=z_loss, reduction=reduction)
+    if shift:
+        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
+    return loss_from_spec(spec, hidden, weight, labels, logits=logits, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
                           return_entropy=return_entropy)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict
 
 import torch
 
@@ -48,6 +48,9 @@ class PrimalLoss:
     bounded: bool
     value: Callable[[torch.Tensor, float], torch.Tensor]
     grad: Callable[[torch.Tensor, float], torch.Tensor]
+
+    def __reduce__(self):  # pickles by name (see Divergence.__reduce__)
+        return (get_primal, (self.name,)) if PRIMAL_LOSSES.get(self.name) is self else super().__reduce__()
 
     def __call__(self, logp: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
         return apply_elementwise(lambda l: self.value(l, alpha), lambda l: self.grad(l, alpha), logp)
@@ -110,19 +113,19 @@ _ENTRIES = [
     PrimalLoss("alpha", "(p_y^(1-a) - 1) / (a (a-1))", False, _alpha_value, _alpha_grad),
 ]
 
+#: the closed forms, by registry name (:data:`fdiv_kernels.DIVERGENCE_REGISTRY`); an entry here is
+#: what makes a registry entry support ``"primal"``
 PRIMAL_LOSSES: Dict[str, PrimalLoss] = {p.name: p for p in _ENTRIES}
-_NO_PRIMAL: Tuple[str, ...] = ("neyman", "reverse_kl")
 
 
-def get_primal(name: str) -> PrimalLoss:
-    """Primal loss by divergence name (aliases of :data:`fdiv_kernels.DIVERGENCES` accepted)."""
-    from .divergences import _ALIASES
+def get_primal(name, *, argument: str = "divergence") -> PrimalLoss:
+    """Primal loss by registry name or alias; ``ValueError`` naming ``argument`` otherwise (e.g.
+    ``reverse_kl`` and ``neyman`` have ``f(0) = inf``, so ``D_f(onehot || p)`` is infinite)."""
+    if isinstance(name, PrimalLoss):
+        return name
+    from .divergences import get_divergence
 
-    key = str(name).lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key in _NO_PRIMAL:
-        raise ValueError(f"divergence {name!r} has f(0) = inf, so D_f(onehot || p) is infinite: no primal form; "
-                         f"use form='variational'")
-    if key not in PRIMAL_LOSSES:
-        raise ValueError(f"no primal form for {name!r}; known: {', '.join(sorted(PRIMAL_LOSSES))}")
-    return PRIMAL_LOSSES[key]
+    try:
+        return PRIMAL_LOSSES[get_divergence(name, "primal", argument=argument).name]
+    except ValueError as e:
+        raise ValueError(f"{e} (no primal form where f(0) = inf, as for reverse_kl and neyman)") from None

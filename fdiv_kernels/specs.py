@@ -24,6 +24,7 @@ whole-batch path (logits given, ``reduction="none"``, or no gradient needed) cal
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -31,7 +32,8 @@ import torch
 
 from . import _checks
 from .divergences import Divergence, exp_linear_tail, get_divergence
-from .dpo import check_options as check_dpo_options, explain_pair, pair_losses
+from .dpo import DPO_LOSS_TYPES, TRL_F_DIVERGENCES, explain_pair, pair_losses
+from .dpo import check_options as check_dpo_options, resolve_names as resolve_dpo_names
 from .primal import PrimalLoss, get_primal
 
 LEVELS = ("token", "sequence")
@@ -440,36 +442,75 @@ class PrimalSpec:
 # DPO family on the sequence log-probs of (chosen, rejected) row pairs
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class DPOSpec:
     """A DPO-family loss on ``2B`` rows (``0..B-1`` chosen, ``B..2B-1`` rejected), mean over pairs.
 
-    Fields as in :func:`fdiv_kernels.dpo_loss`; ``length_normalize`` uses mean instead of summed
-    sequence log-probs (``None``: True for ipo and simpo, as TRL does). The reference is per row
-    (``Rows.ref_seq``, same layout and normalisation); ``simpo`` needs none.
+    Fields as in :func:`fdiv_kernels.dpo_loss` (``divergence`` is kept as its registry name);
+    ``length_normalize`` uses mean instead of summed sequence log-probs (``None``: the loss type's
+    default in :data:`fdiv_kernels.dpo.DPO_LOSS_TYPES`, True for ipo and simpo as TRL does). The
+    reference is per row (``Rows.ref_seq``, same layout and normalisation); ``simpo`` needs none.
+    ``kind=``, ``f_divergence=`` (TRL's names) and ``f_alpha=`` are the deprecated spellings of
+    ``loss_type``, ``divergence`` and ``alpha`` (``DeprecationWarning``).
     """
 
-    kind: str = "sigmoid"
+    loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.0
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 1.0
+    divergence: str = "kl"
+    alpha: float = 1.0
     length_normalize: Optional[bool] = None
 
-    def __post_init__(self):
-        check_dpo_options(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing,
-                          f_divergence=self.f_divergence, gamma=self.gamma, f_alpha=self.f_alpha)
-        if self.length_normalize is None:
-            object.__setattr__(self, "length_normalize", self.kind in ("ipo", "simpo"))
+    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.0,
+                 divergence: str = "kl", alpha: float = 1.0, length_normalize: Optional[bool] = None, *,
+                 kind: Optional[str] = None, f_divergence: Optional[str] = None,
+                 f_alpha: Optional[float] = None) -> None:
+        loss_type, divergence, alpha = resolve_dpo_names(loss_type, divergence, alpha, kind=kind,
+                                                         f_divergence=f_divergence, f_alpha=f_alpha, where="DPOSpec")
+        divergence = check_dpo_options(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                                       divergence=divergence, gamma=gamma, alpha=alpha)
+        if length_normalize is None:
+            length_normalize = DPO_LOSS_TYPES[loss_type].length_normalized
+        values = {"loss_type": loss_type, "beta": float(beta), "label_smoothing": float(label_smoothing),
+                  "gamma": float(gamma), "divergence": divergence, "alpha": float(alpha),
+                  "length_normalize": bool(length_normalize)}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def _deprecated(self, old: str, new: str):
+        warnings.warn(f"DPOSpec.{old} is deprecated; read DPOSpec.{new}", DeprecationWarning, stacklevel=3)
+        return getattr(self, new)
+
+    @property
+    def kind(self) -> str:
+        """Deprecated: :attr:`loss_type`."""
+        return self._deprecated("kind", "loss_type")
+
+    @property
+    def f_divergence(self) -> str:
+        """Deprecated: TRL's name of :attr:`divergence` (``"reverse_kl"`` for ``"kl"``)."""
+        warnings.warn("DPOSpec.f_divergence is deprecated; read DPOSpec.divergence (registry names)",
+                      DeprecationWarning, stacklevel=2)
+        return next(trl for trl, name in TRL_F_DIVERGENCES.items() if name == self.divergence)
+
+    @property
+    def f_alpha(self) -> float:
+        """Deprecated: :attr:`alpha`."""
+        return self._deprecated("f_alpha", "alpha")
+
+    @property
+    def needs_reference(self) -> bool:
+        return DPO_LOSS_TYPES[self.loss_type].needs_reference
+
+    def loss_options(self) -> dict:
+        """The keywords of :func:`fdiv_kernels.dpo_loss` (and of :func:`fdiv_kernels.dpo.pair_losses`) of this spec."""
+        return {"loss_type": self.loss_type, "beta": self.beta, "label_smoothing": self.label_smoothing,
+                "gamma": self.gamma, "divergence": self.divergence, "alpha": self.alpha}
 
     token_local = False
     uses_lme = False
     single_pass = True
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.kind != "simpo"
 
     def row_groups(self, num_rows: int) -> torch.Tensor:
         """Pair ``i`` is rows ``i`` and ``i + B``: they share a chunk."""
@@ -490,8 +531,7 @@ class DPOSpec:
         s = self.sequence_logps(rows).view(-1, 2)
         ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
         return pair_losses(s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
-                           kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma,
-                           f_divergence=self.f_divergence, f_alpha=self.f_alpha)
+                           **self.loss_options())
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
         return Terms(self.pair_losses(rows).sum() / max(1, norms.pairs))
@@ -505,7 +545,7 @@ class DPOSpec:
             ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
             losses = self.pair_losses(rows)
         return explain_pair(s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
-                            losses, kind=self.kind, label_smoothing=self.label_smoothing,
+                            losses, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                             names=("policy chosen", "policy rejected", "ref_logp (chosen)", "ref_logp (rejected)"))
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fdiv_kernels as fk
+from fdiv_kernels.dpo import TRL_F_DIVERGENCES
 from fdiv_kernels.primal import L0, PRIMAL_LOSSES, get_primal
 
 mp.mp.dps = 40
@@ -59,24 +60,24 @@ def test_primal_finite_for_any_logp(name, dtype):
     assert torch.isfinite(v).all() and torch.isfinite(g).all()
 
 
-def test_primal_through_fk_loss():
+def test_primal_loss_matches_closed_forms():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 20, generator=g, requires_grad=True)
     labels = torch.randint(0, 20, (3, 7), generator=g)
     labels[0, :2] = -100
-    kl = fk.loss(logits=logits, labels=labels, divergence="kl", form="primal")
+    kl = fk.primal_loss(logits=logits, labels=labels, divergence="kl")
     ce = F.cross_entropy(logits.reshape(-1, 20), labels.reshape(-1))
     torch.testing.assert_close(kl.loss, ce)
     lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     m = labels != -100
-    tv = fk.loss(logits=logits, labels=labels, divergence="tv", form="primal")
+    tv = fk.primal_loss(logits=logits, labels=labels, divergence="tv")
     torch.testing.assert_close(tv.loss.double(), (1 - lp.exp())[m].mean(), atol=1e-6, rtol=1e-6)
-    a = fk.loss(logits=logits, labels=labels, divergence="alpha", alpha=0.5, form="primal")
+    a = fk.primal_loss(logits=logits, labels=labels, divergence="alpha", alpha=0.5)
     torch.testing.assert_close(a.loss.double(), ((lp.exp() ** 0.5 - 1) / (0.5 * -0.5))[m].mean(), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="no primal form"):
-        fk.loss(logits=logits, labels=labels, divergence="neyman", form="primal")
-    with pytest.raises(ValueError, match="per-token loss of log p_y alone"):
-        fk.loss(logits=logits, labels=labels, divergence="tv", form="primal", ref_logp=torch.zeros(3, 7))
+        fk.primal_loss(logits=logits, labels=labels, divergence="neyman")
+    with pytest.raises(TypeError, match="ref_logp"):
+        fk.primal_loss(logits=logits, labels=labels, divergence="tv", ref_logp=torch.zeros(3, 7))
 
 
 def trl_f_dpo(pc, pr, rc, rr, beta, f, a):
@@ -97,7 +98,7 @@ def trl_f_dpo(pc, pr, rc, rr, beta, f, a):
 def test_f_divergence_dpo_matches_trl_where_finite(f):
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-torch.rand(32, generator=g, dtype=torch.float64) * 40 for _ in range(4))
-    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, f_divergence=f, f_alpha=0.7)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, divergence=TRL_F_DIVERGENCES[f], alpha=0.7)
     torch.testing.assert_close(out.losses, trl_f_dpo(pc, pr, rc, rr, 0.2, f, 0.7))
 
 
@@ -106,7 +107,7 @@ def test_f_divergence_dpo_finite_where_trl_is_not(f):
     pc = torch.tensor([-3e4, -5.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-5.0, -3e4]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
     trl = trl_f_dpo(pc.detach(), pr, rc, rr, 0.1, f, 1.5 if f == "alpha" else 0.5)
-    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, f_divergence=f, f_alpha=1.5 if f == "alpha" else 0.5)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, divergence=TRL_F_DIVERGENCES[f], alpha=1.5 if f == "alpha" else 0.5)
     (grad,) = torch.autograd.grad(out.loss, pc)
     assert torch.isfinite(out.losses).all() and torch.isfinite(grad).all()
     if f == "forward_kl":

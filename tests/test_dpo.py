@@ -38,7 +38,7 @@ def test_matches_trl_formulas_in_float64(kind, ls):
     pc, pr, rc, rr = (-torch.rand(16, generator=g, dtype=torch.float64) * 40 for _ in range(4))
     pc.requires_grad_()
     beta, gamma = 0.3, 0.6
-    out = fk.dpo_loss(pc, pr, rc, rr, beta=beta, kind=kind, label_smoothing=ls, gamma=gamma)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=kind, label_smoothing=ls, gamma=gamma)
     want = trl_reference(kind, pc, pr, rc, rr, beta, ls, gamma)
     torch.testing.assert_close(out.losses, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.loss, want.mean())
@@ -57,7 +57,7 @@ def test_finite_for_extreme_log_ratios(kind, dtype):
     pr = torch.tensor([0.0, -1e4, -1.0, -3e4], dtype=dtype)
     rc = torch.tensor([0.0, -2e4, -1e3, 0.0], dtype=dtype)
     rr = torch.tensor([-3e4, 0.0, 0.0, -1e3], dtype=dtype)
-    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, kind=kind, label_smoothing=0.1 if kind in ("sigmoid", "robust", "simpo") else 0.0)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=kind, label_smoothing=0.1 if kind in ("sigmoid", "robust", "simpo") else 0.0)
     (g,) = torch.autograd.grad(out.loss, pc)
     assert torch.isfinite(out.loss) and torch.isfinite(g).all()
 
@@ -78,8 +78,8 @@ def test_sequence_logp_feeds_dpo():
 
 def test_bad_dpo_inputs():
     x = torch.zeros(3)
-    with pytest.raises(ValueError, match="kind="):
-        fk.dpo_loss(x, x, x, x, beta=0.1, kind="orpo")
+    with pytest.raises(ValueError, match="loss_type="):
+        fk.dpo_loss(x, x, x, x, beta=0.1, loss_type="orpo")
     with pytest.raises(ValueError, match="needs ref_chosen"):
         fk.dpo_loss(x, x, beta=0.1)
     with pytest.raises(ValueError, match="beta"):
@@ -88,4 +88,4 @@ def test_bad_dpo_inputs():
         fk.dpo_loss(x, torch.zeros(4), x, x, beta=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         fk.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)
-    assert math.isfinite(fk.dpo_loss(x, x, beta=2.0, kind="simpo", gamma=1.0).loss.item())
+    assert math.isfinite(fk.dpo_loss(x, x, beta=2.0, loss_type="simpo", gamma=1.0).loss.item())

@@ -176,7 +176,7 @@ def test_patch_in_dpo_mode_equals_the_formula_from_full_logits():
 
     model, batch = _model("Cohere"), _pair_batch()
     ref = -torch.rand(6, dtype=torch.float64) * 20
-    fk_hf.apply(model, DPOSpec(kind="sigmoid", beta=0.3), backend="torch")
+    fk_hf.apply(model, DPOSpec(loss_type="sigmoid", beta=0.3), backend="torch")
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 ref_logp=ref, return_token_metrics=True)
     fk_hf.unapply(model)
@@ -206,7 +206,7 @@ def test_patch_config_holds_specs_and_reads_the_old_fields():
         fk_hf.apply(model, FDivSpec("js"), beta=0.2)
     with pytest.raises(ValueError, match="reduction='mean'"):
         fk_hf.apply(model, FDivSpec("js", reduction="sum"))
-    fk_hf.apply(model, DPOSpec(kind="ipo"))
+    fk_hf.apply(model, DPOSpec(loss_type="ipo"))
     assert fk_hf.patch_config(model).divergence == "dpo" and not fk_hf.patch_config(model).sums_over_num_items
 
 
@@ -274,7 +274,7 @@ def test_sft_config_lists_exactly_the_spec_fields():
     assert {k: getattr(sft, k) for k in SFT_LOSS_FIELDS} == spec_fields
     assert SFTConfig(divergence="js", beta=0.5).loss_spec(reduction="sum") == FDivSpec("js", beta=0.5,
                                                                                         reduction="sum")
-    assert DPOConfig(kind="simpo", beta=2.0, gamma=1.0).spec == DPOSpec(kind="simpo", beta=2.0, gamma=1.0)
+    assert DPOConfig(kind="simpo", beta=2.0, gamma=1.0).spec == DPOSpec(loss_type="simpo", beta=2.0, gamma=1.0)
     assert not DPOConfig(kind="simpo").spec.needs_reference and DPOConfig(kind="ipo").spec.length_normalize
     assert math.isclose(SFTConfig().beta, 1.0)
 
@@ -287,7 +287,7 @@ def test_dpo_module_without_gradients_equals_the_fused_pass():
     y = torch.randint(0, 11, (4, 6), generator=g)
     y[:, :2] = -100
     ref = -torch.rand(4, generator=g, dtype=torch.float64) * 10
-    loss_fn = hf.dpo_loss_module(DPOSpec(kind="ipo", beta=0.4), HeadSpec(backend="torch"))
+    loss_fn = hf.dpo_loss_module(DPOSpec(loss_type="ipo", beta=0.4), HeadSpec(backend="torch"))
     with torch.no_grad():
         a = loss_fn(h, w, y, ref_logp=ref)
     b = loss_fn(h.requires_grad_(), w, y, ref_logp=ref)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fdiv_kernels as fk
 from fdiv_kernels.nn import FDivLoss, FusedLinearDPOLoss, FusedLinearFDivLoss
+from fdiv_kernels.specs import PrimalSpec
 
 B, T, H, V = 3, 7, 16, 50
 
@@ -100,7 +101,7 @@ def test_fused_linear_dpo_matches_trl_formulas(kind):
     labels[:, :3] = -100  # prompt
     labels[1, -1] = -100  # padding
     beta = 0.2
-    fn = FusedLinearDPOLoss(beta=beta, kind=kind, gamma=0.5)
+    fn = FusedLinearDPOLoss(beta=beta, loss_type=kind, gamma=0.5)
     got = fn(hidden, weight, labels, ref_hidden=None if kind == "simpo" else ref_hidden)
     mean = kind in ("ipo", "simpo")
     pc, pr = _seq_logps(hidden, weight, labels, mean).chunk(2)
@@ -134,8 +135,8 @@ def test_errors_are_clear():
         FDivLoss(divergence="nope")
     with pytest.raises(ValueError, match="beta"):
         FusedLinearFDivLoss(beta=0.0)
-    with pytest.raises(ValueError, match="kind"):
-        FusedLinearDPOLoss(kind="dpo++")
+    with pytest.raises(ValueError, match="loss_type"):
+        FusedLinearDPOLoss(loss_type="dpo++")
     hidden, weight, _, labels = _data()
     with pytest.raises(ValueError, match="2B"):
         FusedLinearDPOLoss()(hidden, weight, labels, ref_logp=torch.zeros(3, dtype=torch.float64))
@@ -146,15 +147,15 @@ def test_errors_are_clear():
 
 
 def test_primal_form_matches_closed_form():
-    """form='primal', tv: D_TV(onehot(y) || p) = 1 - p_y; alpha: expm1((1-a) log p_y) / (a(a-1))."""
+    """Primal losses (a PrimalSpec), tv: D_TV(onehot(y) || p) = 1 - p_y; alpha: expm1((1-a) log p_y) / (a(a-1))."""
     hidden, weight, _, labels = _data(seed=5)
     z = hidden @ weight.T
     logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     m = labels != -100
-    got = FusedLinearFDivLoss(divergence="tv", form="primal")(hidden, weight, labels)
+    got = FusedLinearFDivLoss(spec=PrimalSpec("tv"))(hidden, weight, labels)
     assert torch.allclose(got, (1 - logp.exp())[m].mean(), atol=1e-12)
     a = 1.5
-    got = FDivLoss(divergence="alpha", form="primal", alpha=a)(z, labels)
+    got = FDivLoss(PrimalSpec("alpha", alpha=a))(z, labels)
     assert torch.allclose(got, (torch.expm1((1 - a) * logp) / (a * (a - 1)))[m].mean(), atol=1e-12)
 
 
@@ -163,7 +164,7 @@ def test_dpo_f_divergence_js_scores():
     hidden, weight, _, labels = _data(seed=6)
     hidden, labels = hidden[:2], labels[:2]
     ref = -torch.rand(2, dtype=torch.float64) * 20
-    got = FusedLinearDPOLoss(beta=0.5, f_divergence="js")(hidden, weight, labels, ref_logp=ref)
+    got = FusedLinearDPOLoss(beta=0.5, divergence="js")(hidden, weight, labels, ref_logp=ref)
     lr = _seq_logps(hidden, weight, labels, False) - ref
     s = math.log(2) + F.logsigmoid(lr)
     expect = -F.logsigmoid(0.5 * (s[0] - s[1]))

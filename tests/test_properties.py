@@ -46,6 +46,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st  # 
 
 import fdiv_kernels as fk  # noqa: E402
 from fdiv_kernels.ops import triton_backend  # noqa: E402
+from fdiv_kernels.dpo import TRL_F_DIVERGENCES  # noqa: E402
 
 PROFILE = os.environ.get("FDIV_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
@@ -125,6 +126,15 @@ class Case:
     entropy: str         # off | out | loss
     logp_in_loss: bool
     seed: int
+
+
+def _loss_call(c, ref):
+    """``fk.primal_loss`` (a per-token loss of log p_y: no reference, token level) or ``fk.loss``,
+    and the keywords of case ``c``."""
+    if c.form == "primal":
+        return fk.primal_loss, dict(divergence=c.divergence, reduction=c.reduction, z_loss=c.z_loss)
+    return fk.loss, dict(divergence=c.divergence, ref_logp=ref, beta=c.beta, level=c.level, reduction=c.reduction,
+                         values=c.values, z_loss=c.z_loss, length_normalize=c.length_normalize)
 
 
 @st.composite
@@ -278,12 +288,11 @@ def run(c: Case, x: Inputs, backend: str, dtype: Optional[torch.dtype] = None) -
         bias.requires_grad_(c.grad == "all")
     ref = x.ref
     ctx = torch.no_grad() if c.grad == "no_grad" else contextlib.nullcontext()
-    kw = dict(divergence=c.divergence, ref_logp=ref, beta=c.beta, level=c.level, reduction=c.reduction,
-              values=c.values, z_loss=c.z_loss, length_normalize=c.length_normalize, form=c.form)
+    loss_fn, kw = _loss_call(c, ref)
     try:
         with ctx:
             if c.api == "loss":
-                out = fk.loss(hidden, weight, x.labels, bias=bias, softcap=c.softcap, temperature=c.temperature,
+                out = loss_fn(hidden, weight, x.labels, bias=bias, softcap=c.softcap, temperature=c.temperature,
                               backend=backend, return_entropy=c.entropy != "off", **kw)
                 value = out.loss
                 scalar = value.sum()
@@ -293,7 +302,7 @@ def run(c: Case, x: Inputs, backend: str, dtype: Optional[torch.dtype] = None) -
                     scalar = scalar + 0.1 * out.logp.sum()
             elif c.api == "logits":
                 z = hidden @ weight.T if bias is None else hidden @ weight.T + bias
-                out = fk.loss(logits=z, labels=x.labels, **kw)
+                out = loss_fn(logits=z, labels=x.labels, **kw)
                 value = out.loss
                 scalar = value.sum()
             elif c.api == "token_stats":
@@ -404,9 +413,8 @@ def _derivative_bound(c: Case, x: Inputs) -> float:
         z = c.softcap * torch.tanh(z / c.softcap)
     z = (z / c.temperature).detach().requires_grad_()
     try:
-        out = fk.loss(logits=z, labels=x.labels, divergence=c.divergence, ref_logp=x.ref, beta=c.beta,
-                      level=c.level, reduction=c.reduction, values=c.values, z_loss=c.z_loss,
-                      length_normalize=c.length_normalize, form=c.form)
+        loss_fn, kw = _loss_call(c, x.ref)
+        out = loss_fn(logits=z, labels=x.labels, **kw)
         g, k = torch.autograd.grad(out.loss.sum(), (out.logp, out.lse), allow_unused=True)
     except (ValueError, TypeError):
         return 3.0
@@ -467,7 +475,7 @@ def dpo_cases(draw):
     finite, special = st.sampled_from(_DPO_VALUES[:6]), st.sampled_from(_DPO_VALUES[6:])
     vals = st.one_of(finite, finite, finite, finite, finite, special)  # about 1 in 6 infinite or NaN
     cols = [[draw(vals) for _ in range(b)] for _ in range(4)]
-    return dict(kind=kind, f_divergence=f, f_alpha=draw(st.sampled_from((0.5, 1.5, 2.0))),
+    return dict(loss_type=kind, divergence=TRL_F_DIVERGENCES[f], alpha=draw(st.sampled_from((0.5, 1.5, 2.0))),
                 beta=draw(st.sampled_from((0.1, 1.0, 1e3))),
                 label_smoothing=draw(st.sampled_from((0.0, 0.1))) if kind in ("sigmoid", "robust", "simpo") else 0.0,
                 gamma=draw(st.sampled_from((0.0, 1.0))) if kind == "simpo" else 0.0,
@@ -477,7 +485,7 @@ def dpo_cases(draw):
 
 def _dpo_expected_error(d) -> bool:
     pc, pr, rc, rr = (torch.tensor(col, dtype=torch.float64) for col in d["cols"])
-    used = (pc, pr) if d["kind"] == "simpo" else (pc, pr, rc, rr)
+    used = (pc, pr) if d["loss_type"] == "simpo" else (pc, pr, rc, rr)
     if any(bool(torch.isnan(t).any()) for t in used):
         return True
     return False  # infinite inputs: an error only where the limit is not finite (checked below)
@@ -490,7 +498,7 @@ def test_dpo_contract(d):
         return
     pc, pr, rc, rr = (torch.tensor(col, dtype=d["dtype"]) for col in d["cols"])
     pc.requires_grad_()
-    opts = {k: d[k] for k in ("kind", "f_divergence", "f_alpha", "beta", "label_smoothing", "gamma")}
+    opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
     try:
         out = fk.dpo_loss(pc, pr, rc, rr, **opts)
         (grad,) = torch.autograd.grad(out.loss, pc)
@@ -515,9 +523,9 @@ def test_dpo_contract(d):
 def _dpo_limit_is_finite(d) -> bool:
     """Whether every pair's loss has a finite limit (then no error is allowed), in float64."""
     pc, pr, rc, rr = (torch.tensor(col, dtype=torch.float64) for col in d["cols"])
-    if d["kind"] == "simpo":
+    if d["loss_type"] == "simpo":
         rc = rr = None
-    opts = {k: d[k] for k in ("kind", "f_divergence", "f_alpha", "beta", "label_smoothing", "gamma")}
+    opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
     from fdiv_kernels.dpo import pair_losses
     with torch.no_grad():
         losses = pair_losses(pc, pr, rc, rr, **opts)
@@ -534,13 +542,13 @@ def _dpo_fused_agrees(d, direct) -> None:
     weight = torch.randn(9, 4, generator=g).to(d["dtype"])
     labels = torch.randint(0, 9, (2 * b, 3), generator=g)
     ref = torch.cat([torch.tensor(d["cols"][2]), torch.tensor(d["cols"][3])]).float()
-    opts = {k: d[k] for k in ("kind", "f_divergence", "f_alpha", "beta", "label_smoothing", "gamma")}
+    opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
     results = []
     for backend in _cpu_backends():
         module = fk.nn.FusedLinearDPOLoss(backend=backend, **opts)
         h = hidden.clone().requires_grad_()
         try:
-            loss = module(h, weight, labels, ref_logp=None if d["kind"] == "simpo" else ref)
+            loss = module(h, weight, labels, ref_logp=None if d["loss_type"] == "simpo" else ref)
             (gh,) = torch.autograd.grad(loss, h)
         except ValueError as exc:
             results.append(type(exc))
@@ -548,8 +556,8 @@ def _dpo_fused_agrees(d, direct) -> None:
         assert torch.isfinite(loss) and torch.isfinite(gh).all(), (backend, d)
         seq = fk.sequence_logp(hidden.float(), weight.float(), labels)
         s = seq.mean if module.length_normalize else seq.sum
-        want = fk.dpo_loss(s[:b], s[b:], None if d["kind"] == "simpo" else ref[:b],
-                           None if d["kind"] == "simpo" else ref[b:], **opts).loss
+        want = fk.dpo_loss(s[:b], s[b:], None if d["loss_type"] == "simpo" else ref[:b],
+                           None if d["loss_type"] == "simpo" else ref[b:], **opts).loss
         tol = 1e-5 if d["dtype"] == torch.float32 else 2e-2
         torch.testing.assert_close(loss.double(), want.double(), rtol=tol, atol=tol)
         results.append((loss.detach().double(), gh.double()))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
+from fdiv_kernels.dpo import TRL_F_DIVERGENCES
 from fdiv_kernels.ops import available_backends, cuda_backend, lowp, triton_backend
 
 BACKENDS = [b for b in ("torch", "cpu") if available_backends("cpu").get(b) == "available"]
@@ -269,7 +270,8 @@ def _grad(fn, pc):
 def test_f_divergence_dpo_is_finite_for_any_log_ratio(kind, f, alpha, lr):
     pc = torch.tensor([lr, -1.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-1.0, -2.0]), torch.zeros(2), torch.zeros(2)
-    out, g = _grad(lambda p: fk.dpo_loss(p, pr, rc, rr, beta=0.1, kind=kind, f_divergence=f, f_alpha=alpha), pc)
+    div = TRL_F_DIVERGENCES[f]  # the test's TRL names
+    out, g = _grad(lambda p: fk.dpo_loss(p, pr, rc, rr, beta=0.1, loss_type=kind, divergence=div, alpha=alpha), pc)
     assert torch.isfinite(out.losses).all() and torch.isfinite(out.loss) and torch.isfinite(g).all()
     if lr != -45.0 or kind != "ipo" or f != "forward_kl":
         return
@@ -277,7 +279,7 @@ def test_f_divergence_dpo_is_finite_for_any_log_ratio(kind, f, alpha, lr):
     for x in (-29.0, -30.0):
         trl = ((1 - math.exp(-x)) - (1 - math.exp(1.0)) - 1 / 0.2) ** 2
         got = fk.dpo_loss(torch.tensor([x]), torch.tensor([-1.0]), torch.zeros(1), torch.zeros(1), beta=0.1,
-                          kind="ipo", f_divergence="forward_kl").loss
+                          loss_type="ipo", divergence="reverse_kl").loss
         assert float(got) == pytest.approx(trl, rel=1e-5)
 
 
@@ -291,7 +293,7 @@ def test_dpo_infinite_reference_is_the_limit_or_an_error(kind, smoothing):
         pytest.skip("no label smoothing for hinge/ipo")
     pc = torch.tensor([-3.0, -1.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-1.0, -2.0]), torch.tensor([-math.inf, 0.0]), torch.zeros(2)
-    run = lambda p: fk.dpo_loss(p, pr, rc, rr, beta=0.1, kind=kind, label_smoothing=smoothing)  # noqa: E731
+    run = lambda p: fk.dpo_loss(p, pr, rc, rr, beta=0.1, loss_type=kind, label_smoothing=smoothing)  # noqa: E731
     if smoothing or kind == "ipo":
         with pytest.raises(ValueError, match="pair 0: ref_chosen = -inf gives the"):
             run(pc)
@@ -300,7 +302,7 @@ def test_dpo_infinite_reference_is_the_limit_or_an_error(kind, smoothing):
     assert float(out.losses[0].detach()) == 0.0 and float(g[0]) == 0.0 and torch.isfinite(out.loss)
     both = torch.tensor([-math.inf, 0.0])
     with pytest.raises(ValueError, match=r"pair 0: ref_chosen = -inf, ref_rejected = -inf: .*undefined"):
-        fk.dpo_loss(pc, pr, both, both, beta=0.1, kind=kind)
+        fk.dpo_loss(pc, pr, both, both, beta=0.1, loss_type=kind)
 
 
 def test_dpo_nan_is_an_error():
@@ -308,9 +310,9 @@ def test_dpo_nan_is_an_error():
     bad = torch.tensor([0.0, math.nan, 0.0])
     with pytest.raises(ValueError, match=r"pair 1: ref_rejected = nan \(NaN input\)"):
         fk.dpo_loss(x, x, x, bad, beta=0.1)
-    assert torch.isfinite(fk.dpo_loss(x, x, x, bad, beta=0.1, kind="simpo").loss)  # simpo uses no reference
+    assert torch.isfinite(fk.dpo_loss(x, x, x, bad, beta=0.1, loss_type="simpo").loss)  # simpo uses no reference
     with pytest.raises(ValueError, match="gamma must be a finite number"):
-        fk.dpo_loss(x, x, beta=0.1, kind="simpo", gamma=math.inf)
+        fk.dpo_loss(x, x, beta=0.1, loss_type="simpo", gamma=math.inf)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -366,7 +368,8 @@ def test_empty_rows_give_zero_loss_and_zero_gradients(backend, shape, kw):
     h = torch.randn(*shape, 4, requires_grad=True)
     w = torch.randn(7, 4, requires_grad=True)
     labels = torch.zeros(shape, dtype=torch.long)
-    out = fk.loss(h, w, labels, backend=backend, **kw)
+    kw = dict(kw)  # the parametrized dict is shared: pop from a copy
+    out = (fk.primal_loss if kw.pop("form", None) == "primal" else fk.loss)(h, w, labels, backend=backend, **kw)
     gh, gw = torch.autograd.grad(out.loss.sum(), (h, w), allow_unused=True)
     assert torch.all(out.loss == 0)
     rows = shape[:-1] if len(shape) > 1 else ()

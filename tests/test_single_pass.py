@@ -38,6 +38,11 @@ def make(rows=3, t=9, h=16, v=37, seed=0, dtype=torch.float32, ref_scale=2.0, sp
     return hidden, weight, bias, labels, ref
 
 
+def _loss(*args, form="variational", **kw):
+    """``fk.loss``, or ``fk.primal_loss`` for the specs marked ``form="primal"``."""
+    return (fk.primal_loss if form == "primal" else fk.loss)(*args, **kw)
+
+
 def reference(hidden, weight, bias, labels, **kw):
     """The same loss from full logits with plain torch autograd (no fused kernels)."""
     h = hidden.detach().clone().requires_grad_()
@@ -47,7 +52,7 @@ def reference(hidden, weight, bias, labels, **kw):
     z = h @ w.T + b
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    out = fk.loss(logits=z / temperature, labels=labels, **kw)
+    out = _loss(logits=z / temperature, labels=labels, **kw)
     loss = out.loss if out.loss.dim() == 0 else out.loss.sum()
     return loss, torch.autograd.grad(loss, (h, w, b))
 
@@ -56,7 +61,7 @@ def fused_run(hidden, weight, bias, labels, backend, **kw):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     b = bias.detach().clone().requires_grad_()
-    out = fk.loss(h, w, labels, bias=b, backend=backend, **kw)
+    out = _loss(h, w, labels, bias=b, backend=backend, **kw)
     return out.loss, torch.autograd.grad(out.loss, (h, w, b)), out
 
 
@@ -113,7 +118,7 @@ def test_triton_chunk_epilogues_single_pass(backend, dtype, kw, monkeypatch):
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     extra = dict(kw) if kw.get("form") == "primal" else dict(kw, ref_logp=ref, beta=0.7)
     h, w, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    out = fk.loss(h, w, labels, bias=b, backend=backend, softcap=6.0, temperature=0.9, **extra)
+    out = _loss(h, w, labels, bias=b, backend=backend, softcap=6.0, temperature=0.9, **extra)
     grads = torch.autograd.grad(out.loss, (h, w, b))
     want, want_grads = reference(hidden.float(), weight.float(), bias, labels, softcap=6.0, temperature=0.9, **extra)
     assert calls
@@ -285,7 +290,8 @@ def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatc
     labels = torch.randint(0, v, (2 * b, t), generator=g)
     labels[:, :2] = -100
     ref = -torch.rand(2 * b, generator=g) * 10
-    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, kind=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend,
+                                   label_smoothing=0.1 if kind == "sigmoid" else 0)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
     monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
@@ -296,7 +302,7 @@ def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatc
     s = fk.sequence_logp(logits=h2 @ w2.T, labels=labels)
     seq = s.mean if mod.length_normalize else s.sum
     want = fk.dpo_loss(seq[:b], seq[b:], None if kind == "simpo" else ref[:b], None if kind == "simpo" else ref[b:],
-                       beta=0.2, kind=kind, label_smoothing=0.1 if kind == "sigmoid" else 0)
+                       beta=0.2, loss_type=kind, label_smoothing=0.1 if kind == "sigmoid" else 0)
     close(out.loss, want.loss)
     close(out.losses, want.losses)
     for a, c in zip(grads, torch.autograd.grad(want.loss, (h2, w2))):

@@ -34,7 +34,7 @@ class AlignmentEval:
 
     def __init__(self, ref_model, pairs: Sequence[dict], *, pad_id: int, beta: float, batch_size: int,
                  device: torch.device, backend: str = "auto"):
-        self.spec, self.backend = DPOSpec(kind="sigmoid", beta=beta), backend
+        self.spec, self.backend = DPOSpec(loss_type="sigmoid", beta=beta), backend
         self.beta = beta
         self.batches = [{k: v.to(device) for k, v in collate_pairs(pairs[s: s + batch_size], pad_id=pad_id).items()}
                         for s in range(0, len(pairs), batch_size)]

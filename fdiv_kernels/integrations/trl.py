@@ -20,7 +20,7 @@ logging and checkpointing, and only replace ``compute_loss``:
   pass over the head, no ``[2B, T, V]`` logits); the reference's sequence log-probs come from the
   same fused head. Supported: ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as
   TRL), ``hinge``, ``robust``; every ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence,
-  alpha_divergence, with the stable scores of :func:`fdiv_kernels.dpo.f_divergence_score`)
+  alpha_divergence, with the stable scores of :func:`fdiv_kernels.dpo.divergence_score`)
   except ``ipo`` with one other than reverse_kl; no ``ld_alpha``, no ``use_weighting``, no MoE
   router aux loss; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
 
@@ -42,6 +42,7 @@ from typing import Any, Dict, Mapping, Union
 
 import torch
 
+from ..dpo import TRL_F_DIVERGENCES
 from ..specs import DPOSpec, FDivSpec, PrimalSpec
 from . import transformers as fk_hf
 
@@ -58,13 +59,14 @@ if int(_trl.__version__.split(".")[0]) < 1:  # pragma: no cover
 __all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE",
            "TRL_USES_LABEL_SMOOTHING"]
 
-#: TRL ``DPOConfig.loss_type`` -> ``fdiv_kernels.dpo_loss(kind=...)``.
+#: TRL ``DPOConfig.loss_type`` -> ``fdiv_kernels.dpo_loss(loss_type=...)`` (the same names).
 TRL_TO_FK_DPO_KIND = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
-#: TRL ``DPOConfig.f_divergence_type`` -> ``fdiv_kernels.dpo_loss(f_divergence=...)``.
-TRL_TO_FK_F_DIVERGENCE = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js_divergence": "js",
-                          "alpha_divergence": "alpha"}
+#: TRL ``DPOConfig.f_divergence_type`` -> ``fdiv_kernels.dpo_loss(divergence=...)`` (registry names: TRL
+#: names the direction from the policy, the registry the generator, so TRL's reverse_kl is ``kl``)
+TRL_TO_FK_F_DIVERGENCE = {t: TRL_F_DIVERGENCES[t] for t in ("reverse_kl", "forward_kl", "js_divergence",
+                                                          "alpha_divergence")}
 #: the TRL loss types of :data:`TRL_TO_FK_DPO_KIND` that read ``DPOConfig.label_smoothing`` (TRL 1.16's
-#: sigmoid ignores it, unlike ``fdiv_kernels.dpo_loss(kind="sigmoid")``'s conservative DPO)
+#: sigmoid ignores it, unlike ``fdiv_kernels.dpo_loss(loss_type="sigmoid")``'s conservative DPO)
 TRL_USES_LABEL_SMOOTHING = ("robust",)
 
 
@@ -179,10 +181,10 @@ class FDivDPOTrainer(DPOTrainer):
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"FDivDPOTrainer does not support {bad} (use TRL's DPOTrainer for those)")
-        self.fk_spec = DPOSpec(kind=TRL_TO_FK_DPO_KIND[loss_type], beta=self.beta,
+        self.fk_spec = DPOSpec(loss_type=TRL_TO_FK_DPO_KIND[loss_type], beta=self.beta,
                                label_smoothing=self.label_smoothing if loss_type in TRL_USES_LABEL_SMOOTHING else 0.0,
-                               f_divergence=TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type],
-                               f_alpha=float(self.args.f_alpha_divergence_coef))
+                               divergence=TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type],
+                               alpha=float(self.args.f_alpha_divergence_coef))
         fk_hf.apply(_policy(self.model), self.fk_spec)
         if self.ref_model is not None:
             fk_hf.apply(self.accelerator.unwrap_model(self.ref_model), divergence="sft")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import Literal, NamedTuple, Optional, Tuple, Union, overload
 
 import torch
 
@@ -20,13 +20,25 @@ from . import torch_chunked
 from .backends import resolve_backend
 
 
-class TokenStats(NamedTuple):
-    """Per-token outputs of :func:`token_stats`, each with the shape of ``labels``.
+class LogpLse(NamedTuple):
+    """:func:`token_stats` without entropy: ``logp, lse = fk.token_stats(h, w, y)``.
 
     ``logp``: log-softmax of the logits at the label. ``lse``: log-sum-exp of the logits (the
-    state value V(s) of the paper). ``entropy``: entropy of softmax(logits), or ``None`` unless
-    requested. float32 (float64 for float64 inputs); 0 at ignored positions.
+    state value V(s) of the paper). Shape of ``labels``, float32 (float64 for float64 inputs), 0 at
+    ignored positions. ``.entropy`` reads ``None`` (as the 3-field :class:`TokenStats` did).
     """
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+
+    @property
+    def entropy(self) -> None:
+        return None
+
+
+class TokenStats(NamedTuple):
+    """:func:`token_stats` with ``return_entropy=True``: ``logp, lse, entropy`` (fields as in
+    :class:`LogpLse`; ``entropy``: entropy of softmax(logits))."""
 
     logp: torch.Tensor
     lse: torch.Tensor
@@ -71,6 +83,10 @@ def valid_rows(hidden: torch.Tensor, labels: torch.Tensor, idx: Optional[torch.T
     if idx is not None:
         h, y = h.index_select(0, idx), y.index_select(0, idx)
     return h.contiguous(), y.long().contiguous()
+
+
+def _result(logp: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor]) -> Union[LogpLse, TokenStats]:
+    return LogpLse(logp, lse) if entropy is None else TokenStats(logp, lse, entropy)
 
 
 class TokenStatsFunction(torch.autograd.Function):
@@ -152,10 +168,22 @@ def _options_kw(options) -> dict:
     return {} if options is None else {"options": options}
 
 
+@overload
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
+                temperature: float = ..., return_entropy: Literal[False] = ..., backend: str = ...) -> LogpLse: ...
+
+
+@overload
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
+                temperature: float = ..., return_entropy: Literal[True], backend: str = ...) -> TokenStats: ...
+
+
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                 softcap: Optional[float] = None, temperature: float = 1.0,
-                return_entropy: bool = False, backend: str = "auto") -> TokenStats:
+                return_entropy: bool = False, backend: str = "auto") -> Union[LogpLse, TokenStats]:
     """Fused LM head + log-softmax statistics, without storing the ``[N, V]`` logits.
 
     Args:
@@ -169,7 +197,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         backend: "auto", "torch", or any name in :func:`fdiv_kernels.available_backends`.
 
     Returns:
-        :class:`TokenStats` ``(logp, lse, entropy)`` with the shape of ``labels``, float32
+        ``(logp, lse)`` (a :class:`LogpLse`), or with ``return_entropy=True`` a :class:`TokenStats`
+        ``(logp, lse, entropy)``; each with the shape of ``labels``, float32
         (float64 for float64 inputs), 0 at ignored positions, where
         ``z = hidden @ weight.T + bias``, ``lse = logsumexp(z)`` and ``logp = z[label] - lse``.
         Gradients flow to ``hidden``, ``weight`` and ``bias``.
@@ -182,12 +211,22 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     params = TokenStatsParams(HeadSpec(softcap, temperature, backend), ignore_index, bool(return_entropy))
     logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, params)
     _checks.check_token_stats(logp, lse, ent if return_entropy else None, labels, softcap, temperature)
-    return TokenStats(logp, lse, ent if return_entropy else None)
+    return _result(logp, lse, ent if return_entropy else None)
+
+
+@overload
+def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                            return_entropy: Literal[False] = ...) -> LogpLse: ...
+
+
+@overload
+def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                            return_entropy: Literal[True]) -> TokenStats: ...
 
 
 def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                            return_entropy: bool = False) -> TokenStats:
-    """:func:`token_stats` for users who already hold ``logits [..., V]``.
+                            return_entropy: bool = False) -> Union[LogpLse, TokenStats]:
+    """:func:`token_stats` for users who already hold ``logits [..., V]`` (same return types).
 
     Plain torch autograd in float32 (float64 for float64 logits): the logits are upcast, so
     bf16/fp16 logits of any magnitude give finite results.
@@ -209,6 +248,6 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     ent = torch.where(valid, torch_chunked.entropy(z), zero) if return_entropy else None
-    out = TokenStats(torch.where(valid, logp, zero), torch.where(valid, lse, zero), ent)
+    out = _result(torch.where(valid, logp, zero), torch.where(valid, lse, zero), ent)
     _checks.check_token_stats(out.logp, out.lse, out.entropy, labels)
     return out

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .._checks import check_choice
+from ..dpo import DPO_KINDS
 from ..specs import DPOSpec, FDivSpec
 from .errors import ConfigError
 
@@ -136,7 +138,7 @@ class MixDPOConfig:
     @property
     def spec(self) -> DPOSpec:
         """The validated :class:`~fdiv_kernels.specs.DPOSpec` of the mixed-in DPO term."""
-        return DPOSpec(kind="sigmoid", beta=self.beta)
+        return DPOSpec(loss_type="sigmoid", beta=self.beta)
 
 
 @dataclass
@@ -191,7 +193,8 @@ class DPOConfig(OptimConfig):
     @property
     def spec(self) -> DPOSpec:
         """The validated :class:`~fdiv_kernels.specs.DPOSpec` (``ValueError`` naming the bad option)."""
-        return DPOSpec(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma)
+        check_choice("kind", self.kind, DPO_KINDS)  # named as the config key (the spec's loss_type)
+        return DPOSpec(loss_type=self.kind, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma)
 
 
 @dataclass
