@@ -4,6 +4,7 @@ of unequal sizes, driven as the training loop drives them (:class:`~fdiv_kernels
 on a :class:`~fdiv_kernels.train.engines.LocalEngine`), equals the gradient of the whole batch's loss
 computed in one piece, in float64; so does the logged loss. (Two processes: test_train_distributed.py.)"""
 
+import contextlib
 import math
 
 import pytest
@@ -38,7 +39,8 @@ def one_piece(model, batch, cfg, ref):
 
 
 def accumulated(model, pieces, refs, cfg, *, world_size=1, rank=0, counts=None, units=None):
-    """``(logged loss, engine)`` of one optimizer step's backward over ``pieces`` as the loop runs it."""
+    """``(logged loss, its log-mean-exp part)`` of one optimizer step's backward over ``pieces``, as the
+    loop runs it (the linear part of the logged loss is this process's share)."""
     engine = LocalEngine(model, OptimConfig(), RunConfig(), DistInfo(rank=rank, world_size=world_size),
                          torch.device("cpu"), micro_batch_size=1, grad_accum=len(pieces), phase="sft")
     if counts is None:
@@ -52,7 +54,45 @@ def accumulated(model, pieces, refs, cfg, *, world_size=1, rank=0, counts=None, 
             loss, st = S.sft_micro(engine.module, p, cfg=cfg, ref_logp=r, norm=norm, backend="torch")
             backward(i, loss)
         logged += st["loss"][0]
-    return logged + backward.log_mean_exp(), engine
+    return logged + backward.log_mean_exp(), backward.log_mean_exp()
+
+
+#: the two-process cases (test_train_distributed.py): rank 0 holds rows 0-2, rank 1 rows 3-7
+DDP_CASES = [("kl", "token", "free", 0.05), ("squared_hellinger", "sequence", "detach", 0.0),
+             ("kl", "sequence", "drop", 0.05)]
+DDP_SPLITS = ([slice(0, 1), slice(1, 3)], [slice(3, 5), slice(5, 8)])
+
+
+def two_rank_grads(rank: int) -> dict:
+    """On each of 2 gloo processes: the step's DDP-averaged ``.grad`` of every :data:`DDP_CASES` case
+    and its logged loss (counts all-reduced as the loop does)."""
+    from fdiv_kernels.train.distributed import all_reduce_sum
+
+    with float64_rms_norm():
+        return _two_rank_grads(rank, all_reduce_sum)
+
+
+def _two_rank_grads(rank, all_reduce_sum):
+    m, batch, ref = _setup()
+    out = {}
+    for case in DDP_CASES:
+        d, level, values, z = case
+        cfg = SFTConfig(divergence=d, beta=0.7, level=level, values=values, z_loss=z)
+        pieces = [_rows(batch, s) for s in DDP_SPLITS[rank]]
+        local = [sum(S.sft_counts(p)[k] for p in pieces) for k in ("tokens", "rows")]
+        units = sum(S.sft_units(p, cfg) for p in pieces)
+        tot = all_reduce_sum([units, *local], torch.device("cpu"))
+        logged, lme = accumulated(m, pieces, [ref[s] for s in DDP_SPLITS[rank]], cfg, world_size=2, rank=rank,
+                                  counts={"tokens": tot[1], "rows": tot[2]}, units=tot[0])
+        loss = all_reduce_sum([logged - lme], torch.device("cpu"))[0] + lme  # as the loop's reduce_stats
+        out[case] = ([p.grad.detach().clone() for p in m.parameters()], loss)
+        m.zero_grad(set_to_none=True)
+    return out
+
+
+def _setup():
+    m, ref_m, batch = _model(0), _model(1), _sft_batch(8)
+    return m, batch, S.reference_token_logp(ref_m, batch, backend="torch")
 
 
 CASES = [(d, level, values, z) for d in ("kl", "squared_hellinger") for level in ("token", "sequence")
@@ -60,14 +100,15 @@ CASES = [(d, level, values, z) for d in ("kl", "squared_hellinger") for level in
 
 
 def _rms_norm_in_input_dtype(self, h):
+    """Llama's RMSNorm in the input's dtype (the original casts to float32)."""
     return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64_throughout():
+@contextlib.contextmanager
+def float64_rms_norm():
     """Llama's RMSNorm computes in float32 even for a float64 model; its backward then rounds the
     incoming gradient to float32, at a scale that depends on each micro-batch's weight (~6e-8
-    relative). Here it computes in the input dtype, so the comparison is float64 throughout."""
+    relative). Inside, it computes in the input dtype, so the comparison is float64 throughout."""
     from transformers.models.llama import modeling_llama
 
     with pytest.MonkeyPatch.context() as mp:
@@ -75,10 +116,15 @@ def float64_throughout():
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float64_throughout():
+    with float64_rms_norm():
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup(float64_throughout):
-    m, ref_m, batch = _model(0), _model(1), _sft_batch(8)
-    return m, batch, S.reference_token_logp(ref_m, batch, backend="torch")
+    return _setup()
 
 
 @pytest.mark.parametrize("divergence,level,values,z_loss", CASES)
@@ -87,10 +133,10 @@ def test_log_mean_exp_accumulates_to_the_one_piece_gradient(setup, divergence, l
     cfg = SFTConfig(divergence=divergence, beta=0.7, level=level, values=values, z_loss=z_loss)
     want_loss, want = one_piece(m, batch, cfg, ref)
     for n, split in SPLITS.items():
-        logged, engine = accumulated(m, [_rows(batch, s) for s in split], [ref[s] for s in split], cfg)
+        logged, _ = accumulated(m, [_rows(batch, s) for s in split], [ref[s] for s in split], cfg)
         assert logged == pytest.approx(want_loss, rel=1e-12, abs=1e-12), n
         for p, g in zip(m.parameters(), want):
-            torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12, msg=lambda msg: f"{n} micro-batches: {msg}")
+            torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12, msg=f"{n} micro-batches")
         m.zero_grad(set_to_none=True)
 
 
@@ -145,3 +191,16 @@ def test_micro_batch_losses_of_log_mean_exp_divergences_are_parts(setup):
     assert isinstance(loss, LogMeanExpLoss)
     assert loss.count == S.sft_counts(_rows(batch, slice(0, 3)))["tokens"]
     assert loss.global_count == S.sft_counts(batch)["tokens"]
+
+
+def check_two_rank_grads(got: dict) -> None:
+    """The two processes' :func:`two_rank_grads` against the whole batch in one piece, here."""
+    m, batch, ref = _setup()
+    for case in DDP_CASES:
+        d, level, values, z = case
+        cfg = SFTConfig(divergence=d, beta=0.7, level=level, values=values, z_loss=z)
+        want_loss, want = one_piece(m, batch, cfg, ref)
+        grads, loss = got[case]
+        assert loss == pytest.approx(want_loss, rel=1e-12), case
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=str(case))
