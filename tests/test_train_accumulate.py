@@ -5,6 +5,7 @@ on a :class:`~fdiv_kernels.train.engines.LocalEngine`), equals the gradient of t
 computed in one piece, in float64; so does the logged loss. (Two processes: test_train_distributed.py.)"""
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -204,3 +205,24 @@ def check_two_rank_grads(got: dict) -> None:
         assert loss == pytest.approx(want_loss, rel=1e-12), case
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=str(case))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "squared_hellinger"])
+def test_sft_runs_do_not_depend_on_micro_batch_size(tmp_path, divergence):
+    """The loop end to end (fp32): 1 micro-batch of 8 = 4 of 2 per step, logged losses and weights."""
+    from safetensors.torch import load_file
+    from train_configs import tiny_run
+
+    from fdiv_kernels.train.pipeline import run_command
+
+    sft = {"steps": 2, "batch_size": 8, "lr": 1e-2, "divergence": divergence, "beta": 0.5, "values": "free",
+           "z_loss": 0.01, "eval_every": 0}
+    runs = {mb: tiny_run(tmp_path, f"mb{mb}", sft={**sft, "micro_batch_size": mb}) for mb in (0, 2)}
+    for cfg in runs.values():
+        run_command(cfg, "sft")
+    losses = {mb: [json.loads(line)["loss"] for line in open(tmp_path / f"mb{mb}" / "metrics.jsonl")
+                   if '"loss"' in line] for mb in runs}
+    assert len(losses[0]) == 2 and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    a, b = (load_file(str(tmp_path / f"mb{mb}" / "sft" / "final" / "model.safetensors")) for mb in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
