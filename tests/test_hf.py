@@ -145,6 +145,69 @@ def test_trainer_dpo_step_applies_the_logit_scale(arch, kind):
                                                                        rel=1e-9)
 
 
+@pytest.mark.parametrize("arch", ["Cohere", "Granite"])
+def test_trainer_log_mean_exp_step_over_micro_batches_applies_the_logit_scale(arch):
+    """kl (``values="free"``, z-loss) accumulated over 2 micro-batches by the loop's StepBackward =
+    the hand formula on the model's own (scaled) logits; the held-out KL metric likewise."""
+    from fdiv_kernels.train.accumulate import StepBackward
+    from fdiv_kernels.train.config import OptimConfig, RunConfig
+    from fdiv_kernels.train.distributed import DistInfo
+    from fdiv_kernels.train.engines import LocalEngine
+    from fdiv_kernels.train.evaluate import mean_logratio
+
+    m, ref_m, batch = _model(arch), _model(arch, seed=1), _sft_batch()
+    cfg = SFTConfig(divergence="kl", beta=0.5, values="free", z_loss=0.1)
+    ref = S.reference_token_logp(ref_m, batch, backend="torch")
+    pieces = [slice(0, 2), slice(2, batch["input_ids"].shape[0])]
+    engine = LocalEngine(m, OptimConfig(), RunConfig(), DistInfo(), torch.device("cpu"), micro_batch_size=1,
+                         grad_accum=2, phase="sft")
+    norm = S.Norm(S.sft_units(batch, cfg), 2, 1, S.sft_counts(batch))
+    step = StepBackward(engine, num_micro=2, world_size=1, device=torch.device("cpu"))
+    logged = 0.0
+    for i, sl in enumerate(pieces):
+        loss, st = S.sft_micro(engine.module, {k: v[sl] for k, v in batch.items()}, cfg=cfg, ref_logp=ref[sl],
+                               norm=norm, backend="torch")
+        step(i, loss)
+        logged += st["loss"][0]
+    logged += step.log_mean_exp()
+    g = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    logp, mask, logits = _full_logp(m, batch)
+    with torch.no_grad():
+        rlogp, _, _ = _full_logp(ref_m, batch)
+    lse = torch.logsumexp(logits, -1)
+    us, v0 = [], []
+    for r in range(mask.shape[0]):
+        pos = mask[r].nonzero().flatten().tolist()
+        us.append(0.5 * (logp[r, pos] - rlogp[r, pos]) + lse[r, pos] - lse[r, pos[1:] + pos[-1:]])
+        v0.append(lse[r, pos[0]])
+    u = torch.cat(us)
+    hand = torch.logsumexp(-u - 1, 0) - math.log(u.numel()) + torch.stack(v0).mean() + 0.1 * (lse[mask] ** 2).mean()
+    hand.backward()
+    assert logged == pytest.approx(float(hand.detach()), rel=1e-9)
+    for a, b in zip(g, (p.grad for p in m.parameters())):
+        # the models' RMSNorm casts to fp32, which rounds the backward's incoming gradient at each
+        # micro-batch's own scale (float64 throughout: tests/test_train_accumulate.py, to 1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    kl = mean_logratio(m, ref_m, [batch], backend="torch")
+    assert kl == pytest.approx(float(((logp - rlogp)[mask]).mean().detach()), rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["Cohere", "Granite"])
+def test_analysis_value_s0_applies_the_logit_scale(arch):
+    """``fdiv-analyze values``' V(s0): lse of the model's own (scaled) logits at each prompt's last token."""
+    from fdiv_kernels.analysis import value_s0
+
+    model = _model(arch)
+    prompts = ["12+7=", "3*4=?", "a"]
+    got = value_s0(model, TOK, prompts, batch_size=2, backend="torch")
+    for p, v in zip(prompts, got):
+        ids = torch.tensor([TOK(p, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            want = torch.logsumexp(model(input_ids=ids).logits[0, -1].double(), -1)
+        assert float(v) == pytest.approx(float(want), rel=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["Cohere", "Granite", "Gemma2"])
 def test_analysis_values_apply_the_logit_transform(arch):
     from fdiv_kernels.analysis import state_values

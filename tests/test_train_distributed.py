@@ -85,6 +85,7 @@ def _worker(rank, world, port, out, engines):
     from fdiv_kernels.train.distributed import barrier, cleanup
 
     try:
+        _exact_log_mean_exp_accumulation(rank, out)
         _patched_model_under_fsdp(rank, out)
         run_command(_cfg(out, "ddp"), "sft")
         for engine in engines:
@@ -100,6 +101,18 @@ def _worker(rank, world, port, out, engines):
             run_command(cfg, "pipeline", resume=True)
     finally:
         cleanup()
+
+
+def _exact_log_mean_exp_accumulation(rank, out):
+    """kl / squared_hellinger over 2 unequal micro-batches per rank under DDP (test_train_accumulate.py)."""
+    from test_train_accumulate import two_rank_grads
+
+    from fdiv_kernels.train.distributed import init_distributed
+
+    init_distributed("cpu")
+    got = two_rank_grads(rank)
+    if rank == 0:
+        torch.save(got, os.path.join(out, "lme_grads.pt"))
 
 
 def _patched_model_under_fsdp(rank, out):
@@ -179,6 +192,15 @@ def test_two_gloo_processes_match_one_process(two_ranks, tmp_path):
     w0 = _weights(two_ranks / "ddp" / "sft" / "checkpoint-3")
     assert all(torch.equal(wb[k], w0[k]) for k in wb)  # final = last checkpoint
     _assert_weights_close(wa, wb, atol=1e-6)
+
+
+def test_log_mean_exp_accumulates_exactly_over_two_ranks(two_ranks):
+    """Two gloo processes, two unequal micro-batches each: the DDP step's ``.grad`` and logged loss
+    are those of the whole batch in one piece (kl, squared_hellinger; values, z_loss)."""
+    from test_train_accumulate import check_two_rank_grads, float64_rms_norm
+
+    with float64_rms_norm():
+        check_two_rank_grads(torch.load(two_ranks / "lme_grads.pt", weights_only=True))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 from ..hf import dpo_loss_module, head_inputs, unwrap
 from ..specs import DPOSpec
-from ..train.data import IGNORE_INDEX, collate_pairs
+from ..collate import IGNORE_INDEX, collate_pairs
 
 
 def _pair_inputs(model, batch, backend: str):

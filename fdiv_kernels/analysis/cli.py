@@ -22,7 +22,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from .. import __version__
-from ..train.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 
 def _prompts_from(path: str, tok) -> List[str]:

@@ -277,35 +277,39 @@ def _convert(cls, value: Any, key: str):
 
 
 def _check_scalar(path: str, default: Any, v: Any, annotation: Any):
-    optional = "Optional" in str(annotation)
+    kind = str(annotation)
     if v is None:
-        if optional:
+        if "Optional" in kind:
             return None
         raise ConfigError(f"config key {path!r} may not be null")
-    if isinstance(default, bool) or "bool" in str(annotation):
-        if not isinstance(v, bool):
-            raise ConfigError(f"config key {path!r} must be true/false, got {v!r}")
-        return v
-    if "float" in str(annotation) or isinstance(default, float):
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                raise ConfigError(f"config key {path!r} must be a number, got {v!r}") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"config key {path!r} must be a number, got {v!r}")
-        return float(v)
-    if "int" in str(annotation) or isinstance(default, int):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"config key {path!r} must be an integer, got {v!r}")
-        return v
-    if "List" in str(annotation):
-        if not isinstance(v, list):
-            raise ConfigError(f"config key {path!r} must be a list, got {v!r}")
-        return v
-    if not isinstance(v, str):
-        raise ConfigError(f"config key {path!r} must be a string, got {v!r}")
+    if isinstance(default, bool) or "bool" in kind:
+        return _typed(path, v, bool, "true/false")
+    if "float" in kind or isinstance(default, float):
+        return _number(path, v)
+    if "int" in kind or isinstance(default, int):
+        return _typed(path, v, int, "an integer")
+    if "List" in kind:
+        return _typed(path, v, list, "a list")
+    return _typed(path, v, str, "a string")
+
+
+def _typed(path: str, v: Any, typ: type, what: str):
+    """``v`` when it is a ``typ`` (a bool is no integer), else a ConfigError naming the key."""
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ConfigError(f"config key {path!r} must be {what}, got {v!r}")
     return v
+
+
+def _number(path: str, v: Any) -> float:
+    """A float from a number or a numeric string (YAML reads ``1e-3`` as a string)."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise ConfigError(f"config key {path!r} must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"config key {path!r} must be a number, got {v!r}")
+    return float(v)
 
 
 def from_dict(d: Dict[str, Any]) -> RunConfig:

@@ -1,4 +1,5 @@
-"""Loaders, schema checks, tokenization with prompt masking, collators and a resumable sampler.
+"""Loaders, schema checks, tokenization with prompt masking and a resumable sampler (the
+collators, :func:`collate` and :func:`collate_pairs`, are :mod:`fdiv_kernels.collate`'s).
 
 Schemas (the Hugging Face data sets the paper trains on):
 
@@ -28,9 +29,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from .errors import DataError  # noqa: F401  (a ConfigError: fdiv-train exits 2)
-
-IGNORE_INDEX = -100
+from ..collate import IGNORE_INDEX, collate, collate_pairs  # noqa: F401  (the collators live there; re-exported)
+from ..errors import DataError  # noqa: F401  (a ConfigError: fdiv-train exits 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,35 +192,6 @@ def prompt_text(tok, messages: Sequence[dict]) -> str:
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
     return _template(tok, msgs, generation_prompt=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Collators
-# ----------------------------------------------------------------------------------------------
-
-def collate(examples: Sequence[Dict[str, List[int]]], *, pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest example: ``input_ids``/``labels``/``attention_mask`` ``[B, T]`` int64.
-
-    ``labels`` are NOT shifted (``labels[t]`` is the token at ``t``); -100 on padding.
-    """
-    if not examples:
-        raise ValueError("collate: empty batch")
-    t = max(len(e["input_ids"]) for e in examples)
-    b = len(examples)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((b, t), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def collate_pairs(examples: Sequence[Dict[str, Dict[str, List[int]]]], *, pad_id: int) -> Dict[str, torch.Tensor]:
-    """Preference pairs as one ``[2B, T]`` batch: rows ``0..B-1`` chosen, ``B..2B-1`` rejected."""
-    return collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id=pad_id)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,6 +68,16 @@ def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
     return t.tolist()
 
 
+def all_gather_floats(value: float, device: torch.device) -> List[float]:
+    """Every process's ``value``, by rank (one all-gather of one float64 each; ``[value]`` alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(value)]
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [float(x) for x in torch.cat(out).tolist()]
+
+
 def reduce_stats(stats: Dict[str, List[float]], device: torch.device) -> Dict[str, float]:
     """``{name: [sum, count]}`` summed over processes -> ``sum / count`` (or ``sum`` when count is 0)."""
     names = sorted(stats)

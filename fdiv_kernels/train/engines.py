@@ -72,6 +72,9 @@ class LocalEngine:
     """One process, or DDP over torch.distributed (gloo on CPU, nccl on CUDA)."""
 
     name = "local"
+    #: whether the accumulated ``.grad`` of ``params`` can be rescaled between micro-batches
+    #: (exact log-mean-exp accumulation, :mod:`.accumulate`)
+    grads_rescalable = True
 
     @staticmethod
     def weights_in_checkpoint(run: RunConfig) -> bool:
@@ -148,6 +151,7 @@ class DeepSpeedEngine(LocalEngine):
     """``deepspeed.initialize`` around the body; ZeRO-1/2/3 per the JSON config."""
 
     name = "deepspeed"
+    grads_rescalable = False  # DeepSpeed owns the gradient buffers
 
     @staticmethod
     def shard_subdir(run: RunConfig) -> Optional[str]:
@@ -224,6 +228,7 @@ class FSDPEngine(LocalEngine):
     """
 
     name = "fsdp"
+    grads_rescalable = False  # every micro-batch's gradients are reduce-scattered (mixed over ranks)
 
     def __init__(self, model, cfg, run, info, device, **kw):
         self.mode = run.fsdp.checkpoint

@@ -19,6 +19,7 @@ import torch
 
 from .config import DPOConfig, EvalConfig, PretrainConfig, SFTConfig
 from .data import collate, collate_pairs
+from .accumulate import add_linear
 from .evaluate import AlignmentEval, mean_logratio
 from .steps import (
     Norm,
@@ -29,6 +30,7 @@ from .steps import (
     pretrain_micro,
     reference_pair_logps,
     reference_token_logp,
+    sft_counts,
     sft_micro,
     sft_units,
 )
@@ -125,6 +127,9 @@ class SFTPhase(_Evaluating, PhaseSpec):
     def units(self, batch) -> float:
         return sft_units(batch, self.cfg)
 
+    def counts(self, batch):
+        return sft_counts(batch)
+
     def micro(self, module, batch, norm: Norm):
         ref_logp = reference_token_logp(self.ref, batch, backend=self.backend) if self.use_ref else None
         loss, st = sft_micro(module, batch, cfg=self.cfg, ref_logp=ref_logp, norm=norm, backend=self.backend)
@@ -135,7 +140,7 @@ class SFTPhase(_Evaluating, PhaseSpec):
             pnorm = Norm(pb["input_ids"].shape[0] // 2 * norm.num_micro, norm.num_micro, norm.world_size)
             extra, st2 = mix_dpo_micro(module, pb, cfg=self.cfg.mix_dpo, lam=self.lam, ref=ref, norm=pnorm,
                                        backend=self.backend)
-            loss = loss + extra
+            loss = add_linear(loss, extra)
             st["loss"] = (st["loss"][0] + float(extra.detach()) / norm.world_size, 0.0)
             st.update(st2)
         return loss, st

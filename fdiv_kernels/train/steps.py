@@ -14,14 +14,15 @@ hold ``2B`` rows, the chosen answers then the rejected ones.
 Normalisation. A micro-batch returns the loss to back-propagate already scaled so that summing
 over the micro-batches of a step and averaging over processes (DDP) gives the loss of the whole
 global batch: ``sum_over_tokens(loss) / global_tokens * world_size`` (rows/pairs for sequence
-level and DPO; :class:`~fdiv_kernels.train.trainer.Norm`). Divergences with a batch-level
-aggregate (``kl``, ``squared_hellinger``: log mean exp), ``values="free"`` and ``z_loss`` are not
-sums over tokens; for them each micro-batch's mean loss is weighted by ``1 / num_micro_batches``
-(exact for one micro-batch on one process).
+level and DPO; :class:`~fdiv_kernels.train.trainer.Norm`); SFT's ``values="free"`` term over the
+global rows and its ``z_loss`` over the global tokens. The log-mean-exp of ``kl`` and
+``squared_hellinger`` is returned as a :class:`~fdiv_kernels.train.accumulate.LogMeanExpLoss`
+(``log sum psi`` of the micro-batch), which the loop combines exactly over the global batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -30,8 +31,9 @@ import fdiv_kernels as fk
 
 from ..dpo import DPOOutput
 from ..hf import HeadInputs, dpo_loss_module, head_inputs
-from ..losses import loss_from_spec
-from ..specs import DPOSpec, FDivSpec
+from ..losses import LossOutput, loss_from_spec
+from ..specs import DPOSpec, FDivSpec, Rows, normalizers
+from .accumulate import LogMeanExpLoss, MicroLoss
 from .config import DPOConfig, MixDPOConfig, SFTConfig
 from .data import IGNORE_INDEX
 from .trainer import Norm, Stats  # noqa: F401  (the loop's contract; Norm re-exported: steps.Norm)
@@ -66,35 +68,88 @@ def count_tokens(batch) -> int:
 
 
 def sft_decomposable(cfg: SFTConfig) -> bool:
-    """True when the SFT loss is a plain sum over tokens/rows (exact across micro-batches)."""
+    """True when the SFT loss is a plain sum over tokens/rows (no log-mean-exp, ``values="free"``
+    or ``z_loss`` term: one fused single-pass call gives every micro-batch's share)."""
     spec = cfg.loss_spec()
     return spec.divergence.aggregate == "mean" and spec.values != "free" and spec.z_loss == 0
 
 
 def sft_units(batch, cfg: SFTConfig) -> int:
     """Units the SFT loss averages over: supervised tokens (token level) or non-empty rows."""
+    return int(sft_counts(batch)["tokens" if cfg.level == "token" else "rows"])
+
+
+def sft_counts(batch) -> Dict[str, float]:
+    """``{"tokens": supervised tokens, "rows": rows with one}``: what the SFT terms divide by."""
     lab = shifted(batch) != IGNORE_INDEX
-    return int(lab.sum()) if cfg.level == "token" else int(lab.any(dim=1).sum())
+    return {"tokens": float(lab.sum()), "rows": float(lab.any(dim=1).sum())}
+
+
+def _norm_counts(norm: Norm, batch, cfg: SFTConfig) -> Norm:
+    """``norm`` with SFT's ``tokens``/``rows`` counts (a norm built by hand for one micro-batch
+    holding only the level's own count gets this micro-batch's other count)."""
+    if {"tokens", "rows"} <= set(norm.counts):
+        return norm
+    if norm.num_micro * norm.world_size != 1:
+        raise ValueError("Norm.counts needs the step's global 'tokens' and 'rows' for SFT over several micro-batches")
+    return Norm(norm.global_count, 1, 1, sft_counts(batch))
+
+
+def _sft_terms(spec: FDivSpec, out: LossOutput, ref_logp: Optional[torch.Tensor]):
+    """``(main, v_sum, z_sum, log_sum)`` of a ``reduction="sum"`` SFT output: the divergence's
+    sum over units (mean aggregates), ``sum_rows V(s0)`` (``values="free"``), ``sum_tokens
+    lse^2`` (``z_loss``) and (log-mean-exp divergences) ``log sum psi``; ``None`` where absent."""
+    mask, zero = out.mask, out.logp.new_zeros(())
+    v_sum = torch.where(mask.any(dim=1), out.value_s0, zero).sum() if spec.values == "free" else None
+    z_sum = torch.where(mask, out.lse * out.lse, zero).sum() if spec.z_loss > 0 else None
+    linear = sum(t for t in (v_sum, None if z_sum is None else spec.z_loss * z_sum) if t is not None)
+    if spec.divergence.aggregate == "mean":
+        return out.loss - linear, v_sum, z_sum, None
+    if v_sum is None and z_sum is None:
+        return None, None, None, out.loss  # the fused single-pass log sum psi (0 when nothing is supervised)
+    ref_tok = zero if ref_logp is None else torch.where(mask, ref_logp.to(zero.dtype), zero)
+    rows = Rows(out.logp, out.lse, mask, ref_tok, None)
+    lme = dataclasses.replace(spec, z_loss=0.0).terms(rows, normalizers(mask)).lme
+    return None, v_sum, z_sum, torch.where(mask.any(), lme, zero)
 
 
 def sft_micro(model, batch, *, cfg: SFTConfig, ref_logp: Optional[torch.Tensor], norm: Norm,
-              backend: str = "auto") -> Tuple[torch.Tensor, Stats]:
+              backend: str = "auto") -> Tuple[MicroLoss, Stats]:
     """SFT loss of one micro-batch (``cfg.loss_spec()``, fused) and its statistics.
 
-    Stats: ``loss``; ``nll`` (mean -logp per supervised token); ``value_s0`` (mean lse at each
-    row's first response position, the paper's V(s0)); ``logratio_ref`` (mean logp - ref_logp per
-    token, a sample estimate of the per-token KL(pi || ref) on the data's answers).
+    Every term is a share of the global batch's loss: the divergence's sum over units, the
+    ``values="free"`` term's sum over rows and the ``z_loss`` term's sum over tokens divided by
+    the step's global counts (``norm.counts``); for ``kl`` and ``squared_hellinger`` a
+    :class:`~fdiv_kernels.train.accumulate.LogMeanExpLoss` whose ``log sum psi`` the loop
+    combines over the global batch (exact accumulation, ``docs/math.md``).
+
+    Stats: ``loss`` (the linear terms; the loop adds the global log-mean-exp); ``nll`` (mean
+    -logp per supervised token); ``value_s0`` (mean lse at each row's first response position,
+    the paper's V(s0)); ``logratio_ref`` (mean logp - ref_logp per token, a sample estimate of
+    the per-token KL(pi || ref) on the data's answers).
     """
     x = _inputs(model, batch, backend)
-    exact = sft_decomposable(cfg)
-    out = loss_from_spec(cfg.loss_spec(reduction="sum" if exact else "mean"), x.hidden, x.weight, shifted(batch),
-                         ref_logp=ref_logp, bias=x.bias, head=x.head, ignore_index=IGNORE_INDEX)
-    loss = out.loss * (norm.sum_scale() if exact else norm.mean_scale())
+    norm = _norm_counts(norm, batch, cfg)
+    spec = cfg.loss_spec(reduction="sum")
+    out = loss_from_spec(spec, x.hidden, x.weight, shifted(batch), ref_logp=ref_logp, bias=x.bias, head=x.head,
+                         ignore_index=IGNORE_INDEX)
+    unit = "tokens" if cfg.level == "token" else "rows"
+    main, v_sum, z_sum, log_sum = _sft_terms(spec, out, ref_logp)
+    linear = out.logp.new_zeros(())
+    if main is not None:
+        linear = linear + main * norm.sum_scale(unit)
+    if v_sum is not None:
+        linear = linear + v_sum * norm.sum_scale("rows")
+    if z_sum is not None:
+        linear = linear + spec.z_loss * z_sum * norm.sum_scale("tokens")
     mask = out.mask
     ntok = float(mask.sum())
     rows = mask.any(dim=1)
+    loss: MicroLoss = linear
+    if log_sum is not None:
+        loss = LogMeanExpLoss(log_sum, ntok if unit == "tokens" else float(rows.sum()), norm.count(unit), linear)
     stats: Stats = {
-        "loss": (float(loss.detach()) / norm.world_size, 0.0),
+        "loss": (float(linear.detach()) / norm.world_size, 0.0),
         "nll": (float(-(out.logp.detach() * mask).sum()), ntok),
         "value_s0": (float(out.value_s0.detach()[rows].sum()), float(rows.sum())),
         "tokens": (ntok, 0.0),

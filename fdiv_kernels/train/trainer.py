@@ -19,12 +19,13 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from . import checkpoint as ckpt
+from .accumulate import LogMeanExpLoss, MicroLoss, StepBackward  # noqa: F401  (the micro-batch loss types)
 from .config import OptimConfig, RunConfig
 from .data import EpochSampler, shard
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, reduce_stats
@@ -47,16 +48,22 @@ SEED_STRIDE, SEED_PHASES = 7919, 100_000
 class Norm:
     """How a micro-batch's loss is scaled (:meth:`PhaseSpec.micro`): the global count of the step's
     units (tokens, rows or pairs, summed over processes), the number of micro-batches on this
-    process, and the world size. Summing the scaled losses over micro-batches and averaging over
-    processes gives the loss of the global batch."""
+    process, and the world size; ``counts``: the global counts of the phase's other units
+    (:meth:`PhaseSpec.counts`, e.g. SFT's ``tokens`` and ``rows``). Summing the scaled losses over
+    micro-batches and averaging over processes gives the loss of the global batch."""
 
     global_count: float
     num_micro: int
     world_size: int
+    counts: Dict[str, float] = field(default_factory=dict)
 
-    def sum_scale(self) -> float:
-        """For a loss that is a sum over units: ``world_size / global_count``."""
-        return self.world_size / max(self.global_count, 1.0)
+    def count(self, unit: str = "") -> float:
+        """The global count of ``unit`` (the phase's own units when empty)."""
+        return self.counts[unit] if unit else self.global_count
+
+    def sum_scale(self, unit: str = "") -> float:
+        """For a loss that is a sum over units: ``world_size / global_count`` (of ``unit``)."""
+        return self.world_size / max(self.count(unit), 1.0)
 
     def mean_scale(self) -> float:
         """For a micro-batch mean (not a sum over units): ``1 / num_micro``."""
@@ -133,7 +140,12 @@ class PhaseSpec:
         """How many loss units (tokens / rows / pairs) the micro-batch holds."""
         raise NotImplementedError
 
-    def micro(self, module, batch: Dict[str, Any], norm: Norm) -> Tuple[torch.Tensor, Stats]:
+    def counts(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """Other units the micro-batch's loss terms divide by (summed over the step into :attr:`Norm.counts`)."""
+        return {}
+
+    def micro(self, module, batch: Dict[str, Any], norm: Norm) -> Tuple[MicroLoss, Stats]:
+        """The micro-batch's loss (a tensor, or a :class:`~.accumulate.LogMeanExpLoss`) and statistics."""
         raise NotImplementedError
 
     def after_step(self, metrics: Dict[str, float]) -> Dict[str, float]:
@@ -257,17 +269,17 @@ class _PhaseRun:
         t0 = time.time()
         idx = shard(sampler.batch(step), rank=info.rank, world_size=info.world_size)
         batches = [spec.collate(idx[i: i + mb]) for i in range(0, len(idx), mb)]
-        global_units = all_reduce_sum([float(sum(spec.units(b) for b in batches))], device)[0]
-        norm = Norm(global_units, len(batches), info.world_size)
+        norm = self._norm(batches)
         acc: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
         n_tokens = 0
         lr_now = engine.lr()
+        backward = StepBackward(engine, num_micro=len(batches), world_size=info.world_size, device=device)
         with engine.head_gathered():  # once per step, not per micro-batch
             for i, b in enumerate(batches):
                 n_tokens += int(b["attention_mask"].sum())
                 with engine.micro_context(i, len(batches)):
                     loss, st = spec.micro(engine.module, b, norm)
-                    engine.backward(loss)
+                    backward(i, loss)
                 for k, (s_, c) in st.items():
                     acc[k][0] += s_
                     acc[k][1] += c
@@ -276,12 +288,26 @@ class _PhaseRun:
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} (step {step + 1})") from None
         metrics = reduce_stats(dict(acc), device)
+        if backward.lme:
+            metrics["loss"] = metrics.get("loss", 0.0) + backward.log_mean_exp()
         n_tokens, stop = all_reduce_sum([float(n_tokens), float(interrupt_requested())], device)
         metrics.update(spec.after_step(metrics))
         dt = time.time() - t0
         rec = {"phase": spec.name, "step": step + 1, **metrics, "grad_norm": gn, "lr": lr_now,
                "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
         return rec, bool(stop)
+
+    def _norm(self, batches: List[Dict[str, Any]]) -> Norm:
+        """The step's :class:`Norm`: its units and other counts summed over processes (one all-reduce)."""
+        spec = self.spec
+        counts: Dict[str, float] = defaultdict(float)
+        for b in batches:
+            for k, v in spec.counts(b).items():
+                counts[k] += float(v)
+        names = sorted(counts)
+        total = all_reduce_sum([float(sum(spec.units(b) for b in batches))] + [counts[k] for k in names],
+                               self.ctx.device)
+        return Norm(total[0], len(batches), self.ctx.dist.world_size, dict(zip(names, total[1:])))
 
     def _log(self, rec: Dict[str, Any], bar) -> None:
         cfg, step = self.cfg, rec["step"]

@@ -215,32 +215,42 @@ def check_model_dir(path: str, what: str) -> None:
     _need(bool(weights), f"{what} {path!r} holds no weights (*.safetensors or *.bin)")
 
 
+def _check_deepspeed(cfg: RunConfig) -> None:
+    """``cfg.deepspeed`` resolved to a readable JSON config, and the package installed."""
+    cfg.deepspeed = resolve_config(cfg.deepspeed, what="deepspeed config")
+    from .engines import read_deepspeed_config
+
+    try:
+        read_deepspeed_config(cfg.deepspeed)
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"deepspeed config {cfg.deepspeed}: {err}") from None
+    import importlib.util
+
+    _need(importlib.util.find_spec("deepspeed") is not None,
+          "deepspeed is set but the deepspeed package is not installed: pip install 'fdiv-kernels[deepspeed]'")
+
+
+def _check_model(m) -> Any:
+    """``model.path`` a loadable model directory; the tokenizer it names (or ``model.tokenizer``), loaded."""
+    if m.path:
+        check_model_dir(m.path, "model.path")
+    if not (m.path or m.tokenizer):
+        return None
+    from ..hf import load_tokenizer
+
+    tok_dir = m.tokenizer or m.path
+    try:
+        return load_tokenizer(tok_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"tokenizer {tok_dir!r}: {' '.join(str(err).split())[:300]}") from None
+
+
 def check_paths(cfg: RunConfig, command: str) -> Prepared:
     """The DeepSpeed config, model and tokenizer directories, and every configured data file."""
     prep = Prepared()
     if cfg.deepspeed:
-        cfg.deepspeed = resolve_config(cfg.deepspeed, what="deepspeed config")
-        from .engines import read_deepspeed_config
-
-        try:
-            read_deepspeed_config(cfg.deepspeed)
-        except ValueError as err:  # json.JSONDecodeError is a ValueError
-            raise ConfigError(f"deepspeed config {cfg.deepspeed}: {err}") from None
-        import importlib.util
-
-        _need(importlib.util.find_spec("deepspeed") is not None,
-              "deepspeed is set but the deepspeed package is not installed: pip install 'fdiv-kernels[deepspeed]'")
-    m = cfg.model
-    if m.path:
-        check_model_dir(m.path, "model.path")
-    if m.path or m.tokenizer:
-        from ..hf import load_tokenizer
-
-        tok_dir = m.tokenizer or m.path
-        try:
-            prep.tok = load_tokenizer(tok_dir)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"tokenizer {tok_dir!r}: {' '.join(str(err).split())[:300]}") from None
+        _check_deepspeed(cfg)
+    prep.tok = _check_model(cfg.model)
     if command in ("dpo", "pipeline") and cfg.dpo.reference not in ("start", "base"):
         check_model_dir(cfg.dpo.reference, "dpo.reference")
     from .data import load_pref, load_sft
