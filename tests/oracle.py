@@ -145,7 +145,7 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
 # ---------------------------------------------------------------------------------------------
 
 class Stats(NamedTuple):
-    """float64 ``[..., T]`` per-token statistics, 0 at ignored positions."""
+    """``[..., T]`` per-token statistics (float64 unless asked otherwise), 0 at ignored positions."""
 
     logp: torch.Tensor
     lse: torch.Tensor
@@ -157,19 +157,20 @@ def leaves64(*tensors):
     return tuple(None if x is None else x.detach().double().requires_grad_() for x in tensors)
 
 
-def logits(hidden, weight, bias=None, softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """``cap(h W^T + b) / T`` in float64, ``cap(x) = c tanh(x / c)``."""
-    z = hidden.double() @ weight.double().T
+def logits(hidden, weight, bias=None, softcap: float | None = None, temperature: float = 1.0,
+           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``cap(h W^T + b) / T``, ``cap(x) = c tanh(x / c)``, computed in ``dtype`` (float64: the
+    oracle; a 16-bit dtype: what plain torch computes in that dtype, a baseline to compare with)."""
+    z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.double()
+        z = z + bias.to(dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature
 
 
 def stats(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> Stats:
-    """``(logp, lse, entropy)`` of float64 logits ``z [..., T, V]`` (differentiable)."""
-    z = z.double()
+    """``(logp, lse, entropy)`` of logits ``z [..., T, V]`` in their dtype (differentiable)."""
     valid = labels != ignore_index
     logq = torch.log_softmax(z, -1)
     lse = torch.logsumexp(z, -1)
@@ -179,9 +180,10 @@ def stats(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> 
     return Stats(torch.where(valid, logp, zero), torch.where(valid, lse, zero), torch.where(valid, ent, zero))
 
 
-def token_stats(hidden, weight, labels, bias=None, softcap=None, temperature=1.0, ignore_index=IGNORE) -> Stats:
-    """What ``fk.token_stats(..., return_entropy=True)`` computes, in float64 on full logits."""
-    return stats(logits(hidden, weight, bias, softcap, temperature), labels, ignore_index)
+def token_stats(hidden, weight, labels, bias=None, softcap=None, temperature=1.0, ignore_index=IGNORE,
+                dtype: torch.dtype = torch.float64) -> Stats:
+    """What ``fk.token_stats(..., return_entropy=True)`` computes, on full logits in ``dtype``."""
+    return stats(logits(hidden, weight, bias, softcap, temperature, dtype), labels, ignore_index)
 
 
 def functional(st, coef) -> torch.Tensor:
