@@ -205,24 +205,31 @@ def sequence_logp(st: Stats, labels, ignore_index=IGNORE):
 # fk.loss
 # ---------------------------------------------------------------------------------------------
 
+def log_softplus(u: torch.Tensor) -> torch.Tensor:
+    """``log(log(1 + e^u))`` without underflow: ``u + log(log1p(x) / x)``, ``x = e^u``, for ``u < 0``."""
+    x = torch.exp(torch.clamp(u, max=0.0))
+    ratio = torch.where(x > 0, torch.log1p(x) / torch.where(x > 0, x, 1.0), 1.0)
+    return torch.where(u < 0, u + torch.log(ratio), torch.log(F.softplus(torch.clamp(u, min=0.0))))
+
+
 def objective(name: str, u: torch.Tensor) -> torch.Tensor:
-    """Per element ``-phi(u)`` (the loss of one reward ``u``), plain float64 formulas; for KL and
-    squared Hellinger this is also ``psi(u) - offset`` (``psi = exp(-u-1)``, ``1/softplus(u)``)."""
-    sp = torch.log1p(torch.exp(u))
+    """Per element ``-phi(u)`` (the loss of one reward ``u``) in float64; for KL and squared
+    Hellinger this is also ``psi(u) - offset`` (``psi = exp(-u-1)``, ``1/softplus(u)``)."""
+    lsp = log_softplus(u)
     return {
         "tv": -u,
-        "reverse_kl": -(1 + torch.log(sp)),
+        "reverse_kl": -(1 + lsp),
         "pearson": -torch.where(u <= 2, u - u * u / 4, torch.ones_like(u)),
-        "neyman": -(2 * torch.sqrt(sp) - 2),
-        "js": -(LOG2 - torch.log1p(torch.exp(-u))),
+        "neyman": -(2 * torch.exp(0.5 * lsp) - 2),
+        "js": -(LOG2 - F.softplus(-u)),
         "kl": torch.exp(-u - 1),
-        "squared_hellinger": 1 / sp - 1,
+        "squared_hellinger": torch.exp(-lsp) - 1,
     }[name]
 
 
-def psi(name: str, u: torch.Tensor) -> torch.Tensor:
-    """The positive ``psi(u)`` whose log-mean is the KL / squared Hellinger loss."""
-    return {"kl": torch.exp(-u - 1), "squared_hellinger": 1 / torch.log1p(torch.exp(u))}[name]
+def log_psi(name: str, u: torch.Tensor) -> torch.Tensor:
+    """``log psi(u)``, the terms whose log-mean-exp is the KL / squared Hellinger loss."""
+    return {"kl": -u - 1, "squared_hellinger": -log_softplus(u)}[name]
 
 
 #: f-divergence generators (``f(0)`` finite) for the primal form ``D_f(onehot(y) || p)``
@@ -313,7 +320,8 @@ def fdiv_loss(st: Stats, labels, *, divergence="sft", ref_logp=None, beta=1.0, l
             out = logp.new_zeros(mask.shape[:1]).index_put((torch.tensor(unit_rows, dtype=torch.long),), objective(name, u))
             return out.reshape(labels.shape[:-1])
         if name in LOG_MEAN_EXP:
-            out = torch.log(reduce(psi(name, u).sum(), n_units)) if u.numel() else zero
+            lme = torch.logsumexp(log_psi(name, u), 0)
+            out = (lme if reduction == "sum" else lme - math.log(int(n_units))) if u.numel() else zero
         else:
             out = reduce(objective(name, u).sum(), n_units)
         out = out + reduce(free, n_rows)
@@ -340,7 +348,7 @@ def _f_score(f: str, logratio: torch.Tensor, a: float) -> torch.Tensor:
 
 
 def dpo_losses(kind: str, pc, pr, rc=None, rr=None, *, beta: float, label_smoothing: float = 0.0,
-               gamma: float = 0.5, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> torch.Tensor:
+               gamma: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> torch.Tensor:
     """Per-pair DPO-family losses as TRL publishes them, from the policy's (``pc``, ``pr``) and the
     reference's (``rc``, ``rr``) sequence log-probs of the chosen/rejected responses.
 

@@ -5,14 +5,12 @@ import subprocess
 import sys
 import textwrap
 
+import oracle
 import pytest
 import torch
 
-import oracle
-
 import fdiv_kernels as fk
 from fdiv_kernels.ops import torch_chunked
-
 
 #: this module's batch for the suite's builder: [3, 11] labels, H=17, V=53, N(0, 1) bias when asked
 BATCH = {"lead": (3,), "t": 11, "h": 17, "v": 53, "ignore_frac": 0.2, "bias_scale": 1.0, "ref_scale": None}
