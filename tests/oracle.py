@@ -334,10 +334,6 @@ def fdiv_loss(st: Stats, labels, *, divergence="sft", ref_logp=None, beta=1.0, l
 # DPO (TRL's formulas)
 # ---------------------------------------------------------------------------------------------
 
-def _logsig(x):
-    return -torch.log1p(torch.exp(-x))  # the plain formula: fine for the moderate values tested
-
-
 def _f_score(f: str, logratio: torch.Tensor, a: float) -> torch.Tensor:
     """TRL 1.16 DPOTrainer's f-divergence scores of a log-ratio (its code, transcribed)."""
     if f == "forward_kl":
@@ -357,15 +353,15 @@ def dpo_losses(kind: str, pc, pr, rc=None, rr=None, *, beta: float, label_smooth
     ls = label_smoothing
     if kind == "simpo":
         x = (pc - pr) - gamma / beta
-        return -_logsig(beta * x) * (1 - ls) - _logsig(-beta * x) * ls
+        return -F.logsigmoid(beta * x) * (1 - ls) - F.logsigmoid(-beta * x) * ls
     if f_divergence == "reverse_kl":
         h = (pc - pr) - (rc - rr)
     else:
         h = _f_score(f_divergence, pc - rc, f_alpha) - _f_score(f_divergence, pr - rr, f_alpha)
     if kind == "sigmoid":
-        return -_logsig(beta * h) * (1 - ls) - _logsig(-beta * h) * ls
+        return -F.logsigmoid(beta * h) * (1 - ls) - F.logsigmoid(-beta * h) * ls
     if kind == "robust":
-        return (-(1 - ls) * _logsig(beta * h) + ls * _logsig(-beta * h)) / (1 - 2 * ls)
+        return (-(1 - ls) * F.logsigmoid(beta * h) + ls * F.logsigmoid(-beta * h)) / (1 - 2 * ls)
     if kind == "hinge":
         return torch.relu(1 - beta * h)
     if kind == "ipo":
