@@ -92,7 +92,8 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
             keeps the first flattened positions supervised whatever else says.
         edge_labels: the first label is the last unmasked column (``V-1``: the last, partial tile)
             and the second the first one (``0``).
-        mask: vocabulary columns masked with a ``-inf`` bias (implies ``bias``); labels avoid them.
+        mask: vocabulary columns masked with a ``-inf`` bias (implies ``bias``); labels avoid them
+            (unless every column is masked).
         ref_scale: references are ``-U(0, ref_scale)``; ``None`` for no reference.
         ref_spread: adds ``spread * r * (-1)^r`` to row ``r``'s reference (rows far apart in reward).
         device: where the tensors are put.
@@ -107,8 +108,8 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
     b = torch.randn(v, generator=g) * bias_scale if bias or len(mask) else None
     if b is not None:
         b[masked] = -math.inf
-    keep = (~masked).nonzero().squeeze(1)
-    labels = keep[torch.randint(0, keep.numel(), shape, generator=g)]
+    keep = (~masked).nonzero().squeeze(1) if not masked.all() else torch.arange(v)  # all masked: any column
+    labels = keep[torch.randint(0, max(keep.numel(), 1), shape, generator=g) % max(keep.numel(), 1)]
     flat = labels.view(-1)
     if edge_labels and flat.numel():
         flat[0] = keep[-1]
@@ -119,7 +120,7 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
         drop[..., :ignore_prefix] = True
     if ignore_suffix:
         drop[..., t - ignore_suffix:] = True
-    rows = drop.view(-1, t) if t else drop.view(-1, 0)
+    rows = drop.view(math.prod(lead), t)
     for r in ignore_rows:
         rows[r] = True
     for pos in ignore_at:
