@@ -59,10 +59,8 @@ def test_primal_finite_for_any_logp(name, dtype):
 
 
 def test_primal_through_fk_loss():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 7, 20, generator=g, requires_grad=True)
-    labels = torch.randint(0, 20, (3, 7), generator=g)
-    labels[0, :2] = -100
+    x = oracle.make_inputs((3,), 7, 16, 20, seed=0, ignore_at=((0, 0), (0, 1)), ref_scale=None)
+    logits, labels = (x.hidden @ x.weight.T).requires_grad_(), x.labels
     kl = fk.loss(logits=logits, labels=labels, divergence="kl", form="primal")
     ce = F.cross_entropy(logits.reshape(-1, 20), labels.reshape(-1))
     torch.testing.assert_close(kl.loss, ce)

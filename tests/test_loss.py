@@ -23,11 +23,9 @@ def plain_loss(name, logits, labels, ref, beta, level, values="drop", length_nor
 
 
 def test_sft_equals_cross_entropy_values_and_grads():
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(4, 13, 24, generator=g, requires_grad=True)
-    weight = torch.randn(97, 24, generator=g, requires_grad=True)
-    labels = torch.randint(0, 97, (4, 13), generator=g)
-    labels[:, :5] = -100
+    x = oracle.make_inputs((4,), 13, 24, 97, seed=0, weight_scale=1.0, ignore_prefix=5, ref_scale=None)
+    hidden, weight, _ = x.leaves()
+    labels = x.labels
     out = fk.loss(hidden, weight, labels, divergence="sft", beta=1.0)
     ce = F.cross_entropy((hidden @ weight.T).reshape(-1, 97), labels.reshape(-1), ignore_index=-100)
     assert abs(out.loss.item() - ce.item()) <= 1e-6 * max(1.0, abs(ce.item()))
@@ -57,12 +55,9 @@ def test_loss_matches_plain_float64_formula(name, level, values):
 @pytest.mark.parametrize("values", ["drop", "free"])
 def test_gradcheck_float64(name, level, values):
     """Analytic gradients equal finite differences ("detach" is excluded: by design it is not the full gradient)."""
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 6, (2, 5), generator=g)
-    labels[0, 0] = -100
-    ref = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 3
+    x = oracle.make_inputs((2,), 5, 4, 6, dtype=torch.float64, seed=1, weight_scale=1.0, ignore_at=((0, 0),))
+    hidden, weight, _ = x.leaves()
+    labels, ref = x.labels, x.ref.double()
 
     def f(h, w):
         return fk.loss(h, w, labels, divergence=name, ref_logp=ref, beta=0.7, level=level, values=values,
@@ -72,10 +67,8 @@ def test_gradcheck_float64(name, level, values):
 
 
 def test_hidden_path_equals_logits_path_for_every_divergence():
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(3, 7, 8, generator=g)
-    weight = torch.randn(19, 8, generator=g)
-    labels = torch.randint(0, 19, (3, 7), generator=g)
+    x = oracle.make_inputs((3,), 7, 8, 19, seed=2, weight_scale=1.0, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     for name in NAMES:
         for level in ("token", "sequence"):
             a = fk.loss(hidden, weight, labels, divergence=name, level=level, beta=0.5)
@@ -115,7 +108,7 @@ def test_token_rewards_sum_to_sequence_reward_and_value_s0():
     tok = fk.loss(logits=logits, labels=labels, ref_logp=ref, beta=0.4, level="token", values="detach")
     seq = fk.loss(logits=logits, labels=labels, ref_logp=ref, beta=0.4, level="sequence", values="detach")
     torch.testing.assert_close(tok.reward.sum(-1), seq.reward, atol=1e-5, rtol=1e-5)
-    lse = torch.logsumexp(logits, -1)
+    lse = oracle.stats(logits.double(), labels).lse.float()
     first = (labels != -100).float().argmax(-1)
     torch.testing.assert_close(seq.value_s0, lse.gather(1, first[:, None]).squeeze(1))
 

@@ -522,10 +522,8 @@ def _dpo_fused_agrees(d, direct) -> None:
     policy values are not constructible, so this checks the fused loss against fk.dpo_loss on the
     fused sequence log-probs, with the drawn references, on every backend."""
     b = len(d["cols"][0])
-    g = torch.Generator().manual_seed(d["seed"])
-    hidden = torch.randn(2 * b, 3, 4, generator=g).to(d["dtype"])
-    weight = torch.randn(9, 4, generator=g).to(d["dtype"])
-    labels = torch.randint(0, 9, (2 * b, 3), generator=g)
+    x = oracle.make_inputs((2 * b,), 3, 4, 9, dtype=d["dtype"], seed=d["seed"], weight_scale=1.0, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     ref = torch.cat([torch.tensor(d["cols"][2]), torch.tensor(d["cols"][3])]).float()
     opts = {k: d[k] for k in ("kind", "f_divergence", "f_alpha", "beta", "label_smoothing", "gamma")}
     results = []

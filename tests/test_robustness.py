@@ -35,10 +35,8 @@ def rel_err(a, b):
                          ids=["1e4-T0.7", "1e6-T0.7", "1e4-T1e-3", "1e6-T1e-12", "1e4-cap1e8"])
 @pytest.mark.parametrize("path", ["two_pass", "one_pass", "recompute"])
 def test_gradients_match_float64_at_large_logits(backend, scale, temperature, softcap, path):
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(16, 8, generator=g) * scale / 8 ** 0.5
-    weight = torch.randn(50, 8, generator=g) / 8 ** 0.5
-    labels = torch.randint(0, 50, (16,), generator=g)
+    x = oracle.make_inputs((), 16, 8, 50, seed=1, scale=scale / 8 ** 0.5, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     (h64,) = oracle.leaves64(hidden)
     st64 = oracle.token_stats(h64, weight, labels, softcap=softcap, temperature=temperature)
     logp64 = st64.logp

@@ -51,10 +51,8 @@ def test_finite_on_a_32k_token_sequence(name, level):
 @pytest.mark.parametrize("name", ["kl", "squared_hellinger", "pearson", "js"])
 def test_fp32_matches_float64_where_float64_is_finite(name):
     """Rewards near -300 nats: the naive fp32 form overflows, float64 does not; fk.loss in fp32 agrees."""
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(2, 6, 30, generator=g)
-    labels = torch.randint(0, 30, (2, 6), generator=g)
-    ref = torch.full((2, 6), 300.0) * torch.rand(2, 6, generator=g)
+    x = oracle.make_inputs((2,), 6, 16, 30, seed=2, ref_scale=300.0)
+    logits, labels, ref = x.hidden @ x.weight.T, x.labels, -x.ref  # references 0 .. +300 nats: rewards near -300
     out = fk.loss(logits=logits, labels=labels, divergence=name, ref_logp=ref, level="token")
     want = oracle.fdiv_loss(oracle.stats(logits.double(), labels), labels, divergence=name, ref_logp=ref)
     assert torch.isfinite(want)

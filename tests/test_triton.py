@@ -280,9 +280,9 @@ def _filter_bound(hidden, weight, bias, labels, coef, eps):
     valid = labels != IGNORE
     h, w = hidden[valid].double(), weight.double()
     z = oracle.logits(h, w, bias)
-    lse = torch.logsumexp(z, -1, keepdim=True)
+    st = oracle.stats(z, labels[valid])
+    lse, ent = st.lse[:, None], st.entropy[:, None]
     p = torch.exp(z - lse)
-    ent = lse - (p * z).sum(-1, keepdim=True)
     g, k, e = (c[valid].double()[:, None] for c in coef)
     dz = (k - g) * p - e * p * (z - (lse - ent))
     onehot = torch.zeros_like(p).scatter_(1, labels[valid, None], 1.0)
