@@ -1,8 +1,7 @@
 """Primal per-token losses, TRL's f-divergence DPO, and the entropy output, against float64 math."""
 
-import math
-
 import mpmath as mp
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,37 +60,22 @@ def test_primal_finite_for_any_logp(name, dtype):
 
 
 def test_primal_loss_matches_closed_forms():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 7, 20, generator=g, requires_grad=True)
-    labels = torch.randint(0, 20, (3, 7), generator=g)
-    labels[0, :2] = -100
+    x = oracle.make_inputs((3,), 7, 16, 20, seed=0, ignore_at=((0, 0), (0, 1)), ref_scale=None)
+    logits, labels = (x.hidden @ x.weight.T).requires_grad_(), x.labels
     kl = fk.primal_loss(logits=logits, labels=labels, divergence="kl")
     ce = F.cross_entropy(logits.reshape(-1, 20), labels.reshape(-1))
     torch.testing.assert_close(kl.loss, ce)
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    m = labels != -100
+    st = oracle.stats(logits.double(), labels)
     tv = fk.primal_loss(logits=logits, labels=labels, divergence="tv")
-    torch.testing.assert_close(tv.loss.double(), (1 - lp.exp())[m].mean(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(tv.loss.double(), oracle.fdiv_loss(st, labels, divergence="tv", form="primal"),
+                               atol=1e-6, rtol=1e-6)
     a = fk.primal_loss(logits=logits, labels=labels, divergence="alpha", alpha=0.5)
-    torch.testing.assert_close(a.loss.double(), ((lp.exp() ** 0.5 - 1) / (0.5 * -0.5))[m].mean(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.loss.double(), oracle.fdiv_loss(st, labels, divergence="alpha", alpha=0.5,
+                                                                 form="primal"), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="no primal form"):
         fk.primal_loss(logits=logits, labels=labels, divergence="neyman")
     with pytest.raises(TypeError, match="ref_logp"):
         fk.primal_loss(logits=logits, labels=labels, divergence="tv", ref_logp=torch.zeros(3, 7))
-
-
-def trl_f_dpo(pc, pr, rc, rr, beta, f, a):
-    """TRL 1.16 DPOTrainer's f-divergence scores followed by the sigmoid loss (its code, transcribed)."""
-    cl, rl = pc - rc, pr - rr
-    if f == "forward_kl":
-        cs, rs = 1 - torch.exp(-cl), 1 - torch.exp(-rl)
-    elif f == "js":
-        cs, rs = math.log(2) + F.logsigmoid(cl), math.log(2) + F.logsigmoid(rl)
-    else:
-        coef = 1.0 / (a - 1.0)
-        cs = (torch.exp(torch.clamp((a - 1) * cl, max=80.0)) - 1.0) * coef
-        rs = (torch.exp(torch.clamp((a - 1) * rl, max=80.0)) - 1.0) * coef
-    return -F.logsigmoid(beta * (cs - rs))
 
 
 @pytest.mark.parametrize("f", ["forward_kl", "js", "alpha"])
@@ -99,14 +83,16 @@ def test_f_divergence_dpo_matches_trl_where_finite(f):
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-torch.rand(32, generator=g, dtype=torch.float64) * 40 for _ in range(4))
     out = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, divergence=TRL_F_DIVERGENCES[f], alpha=0.7)
-    torch.testing.assert_close(out.losses, trl_f_dpo(pc, pr, rc, rr, 0.2, f, 0.7))
+    torch.testing.assert_close(out.losses, oracle.dpo_losses("sigmoid", pc, pr, rc, rr, beta=0.2, f_divergence=f,
+                                                             f_alpha=0.7))
 
 
 @pytest.mark.parametrize("f", ["forward_kl", "js", "alpha"])
 def test_f_divergence_dpo_finite_where_trl_is_not(f):
     pc = torch.tensor([-3e4, -5.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-5.0, -3e4]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
-    trl = trl_f_dpo(pc.detach(), pr, rc, rr, 0.1, f, 1.5 if f == "alpha" else 0.5)
+    trl = oracle.dpo_losses("sigmoid", pc.detach(), pr, rc, rr, beta=0.1, f_divergence=f,
+                            f_alpha=1.5 if f == "alpha" else 0.5)
     out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, divergence=TRL_F_DIVERGENCES[f], alpha=1.5 if f == "alpha" else 0.5)
     (grad,) = torch.autograd.grad(out.loss, pc)
     assert torch.isfinite(out.losses).all() and torch.isfinite(grad).all()
@@ -115,15 +101,11 @@ def test_f_divergence_dpo_finite_where_trl_is_not(f):
 
 
 def test_entropy_output_matches_float64():
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(2, 5, 6, generator=g, requires_grad=True)
-    weight = torch.randn(13, 6, generator=g, requires_grad=True)
-    labels = torch.randint(0, 13, (2, 5), generator=g)
-    labels[1, 0] = -100
+    x = oracle.make_inputs((2,), 5, 6, 13, seed=2, weight_scale=1.0, ignore_at=((1, 0),), ref_scale=None)
+    hidden, weight, _ = x.leaves()
+    labels = x.labels
     out = fk.loss(hidden, weight, labels, return_entropy=True)
-    z = (hidden @ weight.T).double()
-    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
-    ent = torch.where(labels != -100, ent, torch.zeros(()).double())
+    ent = oracle.token_stats(hidden, weight, labels).entropy
     torch.testing.assert_close(out.entropy.double(), ent, atol=1e-5, rtol=1e-5)
     (gh,) = torch.autograd.grad(out.entropy.sum(), hidden)
     (gr,) = torch.autograd.grad(ent.sum(), hidden)

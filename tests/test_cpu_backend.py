@@ -7,6 +7,7 @@ reason; with them, a failing build fails the tests.
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 
@@ -27,18 +28,11 @@ def built():
 
 
 def _inputs(n, h, v, dtype, *, bias, ignore_frac=0.0, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=g) * scale).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype).requires_grad_()
-    b = (torch.randn(v, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
-    labels = torch.randint(0, v, (n,), generator=g)
-    if ignore_frac:
-        drop = torch.rand(n, generator=g) < ignore_frac
-        drop[0] = True  # at least one ignored row
-        if n > 1:
-            drop[-1] = False
-        labels[drop] = -100
-    return hidden, weight, b, labels
+    """``(hidden, weight, bias, labels)`` leaves of ``n`` tokens from the suite's builder (the first
+    position ignored when ``ignore_frac``)."""
+    x = oracle.make_inputs((), n, h, v, dtype=dtype, bias=bias, scale=scale, seed=seed, ignore_frac=ignore_frac,
+                           ignore_at=((0,),) if ignore_frac else (), ref_scale=None)
+    return (*x.leaves(), x.labels)
 
 
 def _run(backend, hidden, weight, bias, labels, *, softcap, temperature, entropy, seed=1):
@@ -87,29 +81,12 @@ def test_matches_torch_backend(shape, softcap, temperature, entropy, bias, dtype
         torch.testing.assert_close(a, b, **gtol)
 
 
-def _float64_reference(hidden, weight, bias, labels, *, softcap, temperature):
-    """Plain autograd in float64 over the full logits (independent of every backend)."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    b = None if bias is None else bias.detach().double().requires_grad_()
-    z = h @ w.T + (0 if b is None else b)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    valid = labels != -100
-    logsm = torch.log_softmax(z, -1)
-    safe = labels.clamp(min=0)
-    logp = torch.where(valid, logsm.gather(1, safe[:, None]).squeeze(1), 0.0)
-    lse = torch.where(valid, torch.logsumexp(z, -1), 0.0)
-    ent = torch.where(valid, -(logsm.exp() * logsm).sum(-1), 0.0)
-    return (h, w, b), (logp, lse, ent)
-
-
 @pytest.mark.parametrize("softcap,temperature,bias", [(None, 1.0, True), (4.0, 0.5, False)])
 def test_float64_reference(softcap, temperature, bias):
     hidden, weight, b, labels = _inputs(40, 24, 300, torch.float32, bias=bias, ignore_frac=0.1, scale=3.0)
     vals, grads = _run("cpu", hidden, weight, b, labels, softcap=softcap, temperature=temperature, entropy=True)
-    leaves, ref = _float64_reference(hidden, weight, b, labels, softcap=softcap, temperature=temperature)
+    leaves = oracle.leaves64(hidden, weight, b)
+    ref = oracle.token_stats(leaves[0], leaves[1], labels, leaves[2], softcap, temperature)
     g = torch.Generator().manual_seed(1)
     loss = sum((torch.randn(r.shape, generator=g, dtype=torch.float32).double() * r).sum() for r in ref)
     loss.backward()
@@ -123,11 +100,11 @@ def test_large_logits_stay_finite():
     """Logits of magnitude ~1e4: the online max keeps exp in range; compare with float64."""
     hidden, weight, _, labels = _inputs(16, 8, 97, torch.float32, bias=False, scale=2e3)
     vals, grads = _run("cpu", hidden, weight, None, labels, softcap=None, temperature=1.0, entropy=True)
-    _, ref = _float64_reference(hidden, weight, None, labels, softcap=None, temperature=1.0)
+    ref = oracle.token_stats(hidden, weight, labels)
     assert all(torch.isfinite(v).all() for v in vals + grads)
-    assert ref[1].abs().max() > 1e3
-    torch.testing.assert_close(vals[1].double(), ref[1].detach(), atol=1e-5, rtol=1e-6)
-    torch.testing.assert_close(vals[0].double(), ref[0].detach(), atol=2e-3, rtol=1e-6)
+    assert ref.lse.abs().max() > 1e3
+    torch.testing.assert_close(vals[1].double(), ref.lse.detach(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(vals[0].double(), ref.logp.detach(), atol=2e-3, rtol=1e-6)
 
 
 def test_multiple_tiles(monkeypatch):
@@ -169,15 +146,10 @@ def test_float64_delegates_to_reference():
 
 @pytest.mark.parametrize("divergence,level", [("js", "token"), ("pearson", "sequence"), ("sft", "token")])
 def test_loss_matches_torch_backend(divergence, level):
-    g = torch.Generator().manual_seed(3)
-    B, T, H, V = 3, 11, 16, 50
-    hidden = torch.randn(B, T, H, generator=g).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / 4).requires_grad_()
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[:, :3] = -100
-    ref = -torch.rand(B, T, generator=g) * 3
-    if level == "sequence":
-        ref = ref.sum(-1)
+    x = oracle.make_inputs((3,), 11, 16, 50, seed=3, weight_scale=0.25, ignore_prefix=3)
+    hidden, weight, _ = x.leaves()
+    labels = x.labels
+    ref = x.ref_per_row() if level == "sequence" else x.ref
     outs = {}
     for backend in ("cpu", "torch"):
         hidden.grad = weight.grad = None
@@ -253,15 +225,8 @@ def test_masked_vocabulary_minus_inf_bias(masked, monkeypatch):
         vals, grads = _run("cpu", hidden, weight, bias, labels, softcap=softcap, temperature=1.0, entropy=True)
         assert all(torch.isfinite(t).all() for t in vals + grads)
         assert (grads[2][::3] == 0).all()
-        h = hidden.detach().double().requires_grad_()
-        w = weight.detach().double().requires_grad_()
-        z = h @ w.T + bias.detach().double()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        logsm = torch.log_softmax(z, -1)
-        p = logsm.exp()
-        ref = [logsm.gather(1, labels[:, None]).squeeze(1), torch.logsumexp(z, -1),
-               -(p * torch.where(p > 0, logsm, 0.0)).sum(-1)]
+        h, w = oracle.leaves64(hidden, weight)
+        ref = oracle.token_stats(h, w, labels, bias.detach(), softcap)
         g = torch.Generator().manual_seed(1)
         sum((torch.randn(r.shape, generator=g).double() * r).sum() for r in ref).backward()
         for a, r in zip(vals, ref):

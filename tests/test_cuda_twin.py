@@ -1,4 +1,4 @@
-"""The CUDA backend's one-pass driver on CPU: its CPU-checkable twin.
+"""The CUDA backend's one-pass driver on CPU (its CPU-checkable twin) against the float64 oracle.
 
 :class:`fdiv_kernels.ops.cuda_backend.ChunkKernels` (chunk buffer, the bf16/fp16 coefficient
 written over the float32 logits' rows, the GEMM wiring with ``alpha``/``beta``) runs here with
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import oracle
 import pytest
 import torch
 
@@ -54,26 +55,21 @@ def twin(monkeypatch):
                                 dict(divergence="js", values="detach"), dict(divergence="pearson", z_loss=0.01)],
                          ids=lambda kw: "-".join(map(str, kw.values())))
 def test_cuda_driver_matches_autograd(twin, dtype, kw):
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 7, 16, generator=g).to(dtype)
-    weight = (torch.randn(41, 16, generator=g) * 0.5).to(dtype)
-    bias = torch.randn(41, generator=g) * 0.1
-    labels = torch.randint(0, 41, (3, 7), generator=g)
-    labels[1, :2] = -100
-    ref = -torch.rand(3, 7, generator=g) * 2
+    x = oracle.make_inputs((3,), 7, 16, 41, seed=0, weight_scale=0.5, bias=True, bias_scale=0.1,
+                           ignore_at=((1, 0), (1, 1)), ref_scale=2.0)
+    hidden, weight, bias, labels, ref = x.hidden.to(dtype), x.weight.to(dtype), x.bias, x.labels, x.ref
     h, w, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
     out = fk.loss(h, w, labels, bias=b.to(dtype), ref_logp=ref, beta=0.5, softcap=5.0, backend=twin, **kw)
     grads = torch.autograd.grad(out.loss, (h, w, b))
-    h2, w2, b2 = (t.detach().float().requires_grad_() for t in (hidden, weight, bias))
-    z = 5.0 * torch.tanh((h2 @ w2.T + b2.to(dtype).float()) / 5.0)
-    want = fk.loss(logits=z, labels=labels, ref_logp=ref, beta=0.5, **kw)
-    wgrads = torch.autograd.grad(want.loss, (h2, w2, b2))
-    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)
+    h2, w2, b2 = oracle.leaves64(hidden, weight, bias.to(dtype))  # the bias as the backend sees it
+    want = oracle.fdiv_loss(oracle.token_stats(h2, w2, labels, b2, softcap=5.0), labels, ref_logp=ref, beta=0.5, **kw)
+    wgrads = torch.autograd.grad(want, (h2, w2, b2))
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-5)
     # 16-bit: the coefficient is rounded to bf16 before the gradient GEMMs (as the CUDA path does)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for a, c in zip(grads, wgrads):
         assert a.dtype == (dtype if a.shape != bias.shape else torch.float32)
-        torch.testing.assert_close(a.float(), c, **tol)
+        torch.testing.assert_close(a.double(), c, **tol)
 
 
 def test_chunk_rows_follow_the_h100_rule():

@@ -1,32 +1,12 @@
-"""fk.dpo_loss against TRL's published formulas (DPOTrainer / CPOTrainer), in float64."""
+"""fk.dpo_loss against TRL's published formulas (DPOTrainer / CPOTrainer; tests/oracle.py), in float64."""
 
 import math
 
+import oracle
 import pytest
 import torch
 
 import fdiv_kernels as fk
-
-
-def logsig(x):
-    return -torch.log1p(torch.exp(-x))  # plain formula, fine for the moderate values used here
-
-
-def trl_reference(kind, pc, pr, rc, rr, beta, ls, gamma):
-    """TRL's formulas as published (trl/trainer/dpo_trainer.py, trl/experimental/cpo for SimPO)."""
-    h = (pc - pr) - (rc - rr)
-    if kind == "sigmoid":  # cDPO form with label smoothing (TRL <= 0.2x; ls=0 is TRL 1.x's sigmoid)
-        return -logsig(beta * h) * (1 - ls) - logsig(-beta * h) * ls
-    if kind == "robust":
-        return (-(1 - ls) * logsig(beta * h) + ls * logsig(-beta * h)) / (1 - 2 * ls)
-    if kind == "hinge":
-        return torch.relu(1 - beta * h)
-    if kind == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-    if kind == "simpo":
-        logits = (pc - pr) - gamma / beta
-        return -logsig(beta * logits) * (1 - ls) - logsig(-beta * logits) * ls
-    raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", fk.DPO_KINDS)
@@ -39,7 +19,7 @@ def test_matches_trl_formulas_in_float64(kind, ls):
     pc.requires_grad_()
     beta, gamma = 0.3, 0.6
     out = fk.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=kind, label_smoothing=ls, gamma=gamma)
-    want = trl_reference(kind, pc, pr, rc, rr, beta, ls, gamma)
+    want = oracle.dpo_losses(kind, pc, pr, rc, rr, beta=beta, label_smoothing=ls, gamma=gamma)
     torch.testing.assert_close(out.losses, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.loss, want.mean())
     (ga,) = torch.autograd.grad(out.loss, pc)
@@ -63,14 +43,10 @@ def test_finite_for_extreme_log_ratios(kind, dtype):
 
 
 def test_sequence_logp_feeds_dpo():
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(4, 6, 8, generator=g)
-    weight = torch.randn(20, 8, generator=g)
-    labels = torch.randint(0, 20, (4, 6), generator=g)
-    labels[:, :2] = -100
+    x = oracle.make_inputs((4,), 6, 8, 20, seed=1, weight_scale=1.0, ignore_prefix=2, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     seq = fk.sequence_logp(hidden, weight, labels)
-    lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    want = (lp * (labels != -100)).sum(-1)
+    want = oracle.sequence_logp(oracle.token_stats(hidden, weight, labels), labels)[0].float()
     torch.testing.assert_close(seq.sum, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(seq.mean, want / 4, atol=1e-5, rtol=1e-5)
     assert seq.count.tolist() == [4, 4, 4, 4]

@@ -1,7 +1,6 @@
 """fk.loss against cross-entropy, plain float64 formulas and autograd's gradcheck."""
 
-import math
-
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,63 +10,22 @@ import fdiv_kernels as fk
 NAMES = sorted(fk.DIVERGENCES)
 
 
-def plain_objective(name, u):
-    """-phi(a(u)) per element, or for KL/squared Hellinger the per-element psi, in plain float64 torch."""
-    sp = torch.log1p(torch.exp(u))
-    return {
-        "tv": -u,
-        "reverse_kl": -(1 + torch.log(sp)),
-        "pearson": -torch.where(u <= 2, u - u * u / 4, torch.ones_like(u)),
-        "neyman": -(2 * torch.sqrt(sp) - 2),
-        "js": -(math.log(2) - torch.log1p(torch.exp(-u))),
-        "kl": torch.exp(-u - 1),
-        "squared_hellinger": 1 / sp,
-    }[name]
+def batch(seed=0, scale=1.0):
+    """``(logits [3, 9, 31], labels, ref)`` from the suite's builder: a few ignored positions per row."""
+    x = oracle.make_inputs((3,), 9, 16, 31, seed=seed, scale=scale, ref_scale=2.0,
+                           ignore_at=((0, 0), (0, 1), (0, 2), (1, -2), (1, -1), (2, 4)))
+    return x.hidden @ x.weight.T, x.labels, x.ref
 
 
 def plain_loss(name, logits, labels, ref, beta, level, values="drop", length_normalize=False):
-    """Straight-line float64 reference of fk.loss's documented math (loops, no package code)."""
-    z = logits.double()
-    lse = torch.logsumexp(z, -1)
-    logp_all = torch.log_softmax(z, -1)
-    us = []
-    for b in range(labels.shape[0]):
-        pos = [t for t in range(labels.shape[1]) if labels[b, t] != -100]
-        if not pos:
-            continue
-        lr = [float(logp_all[b, t, labels[b, t]]) - (float(ref[b, t]) if ref is not None else 0.0) for t in pos]
-        v = [float(lse[b, t]) for t in pos]
-        if level == "token":
-            for i in range(len(pos)):
-                dv = v[i] - v[i + 1] if i + 1 < len(pos) else 0.0
-                us.append(beta * lr[i] + (dv if values != "drop" else 0.0))
-        else:
-            s = sum(lr) / (len(lr) if length_normalize else 1)
-            us.append(beta * s + ((v[0] - v[-1]) if values != "drop" else 0.0))
-    u = torch.tensor(us, dtype=torch.float64)
-    per = plain_objective(name, u)
-    if name in ("kl", "squared_hellinger"):
-        return torch.log(per.mean())
-    return per.mean()
-
-
-def batch(b=3, t=9, v=31, seed=0, scale=1.0, ref_scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, t, v, generator=g) * scale
-    labels = torch.randint(0, v, (b, t), generator=g)
-    labels[0, :3] = -100
-    labels[1, -2:] = -100
-    labels[2, 4] = -100
-    ref = torch.log_softmax(torch.randn(b, t, v, generator=g), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * ref_scale
-    return logits, labels, ref
+    return oracle.fdiv_loss(oracle.stats(logits.double(), labels), labels, divergence=name, ref_logp=ref, beta=beta,
+                            level=level, values=values, length_normalize=length_normalize)
 
 
 def test_sft_equals_cross_entropy_values_and_grads():
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(4, 13, 24, generator=g, requires_grad=True)
-    weight = torch.randn(97, 24, generator=g, requires_grad=True)
-    labels = torch.randint(0, 97, (4, 13), generator=g)
-    labels[:, :5] = -100
+    x = oracle.make_inputs((4,), 13, 24, 97, seed=0, weight_scale=1.0, ignore_prefix=5, ref_scale=None)
+    hidden, weight, _ = x.leaves()
+    labels = x.labels
     out = fk.loss(hidden, weight, labels, divergence="sft", beta=1.0)
     ce = F.cross_entropy((hidden @ weight.T).reshape(-1, 97), labels.reshape(-1), ignore_index=-100)
     assert abs(out.loss.item() - ce.item()) <= 1e-6 * max(1.0, abs(ce.item()))
@@ -97,12 +55,9 @@ def test_loss_matches_plain_float64_formula(name, level, values):
 @pytest.mark.parametrize("values", ["drop", "free"])
 def test_gradcheck_float64(name, level, values):
     """Analytic gradients equal finite differences ("detach" is excluded: by design it is not the full gradient)."""
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 6, (2, 5), generator=g)
-    labels[0, 0] = -100
-    ref = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 3
+    x = oracle.make_inputs((2,), 5, 4, 6, dtype=torch.float64, seed=1, weight_scale=1.0, ignore_at=((0, 0),))
+    hidden, weight, _ = x.leaves()
+    labels, ref = x.labels, x.ref.double()
 
     def f(h, w):
         return fk.loss(h, w, labels, divergence=name, ref_logp=ref, beta=0.7, level=level, values=values,
@@ -112,10 +67,8 @@ def test_gradcheck_float64(name, level, values):
 
 
 def test_hidden_path_equals_logits_path_for_every_divergence():
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(3, 7, 8, generator=g)
-    weight = torch.randn(19, 8, generator=g)
-    labels = torch.randint(0, 19, (3, 7), generator=g)
+    x = oracle.make_inputs((3,), 7, 8, 19, seed=2, weight_scale=1.0, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     for name in NAMES:
         for level in ("token", "sequence"):
             a = fk.loss(hidden, weight, labels, divergence=name, level=level, beta=0.5)
@@ -155,7 +108,7 @@ def test_token_rewards_sum_to_sequence_reward_and_value_s0():
     tok = fk.loss(logits=logits, labels=labels, ref_logp=ref, beta=0.4, level="token", values="detach")
     seq = fk.loss(logits=logits, labels=labels, ref_logp=ref, beta=0.4, level="sequence", values="detach")
     torch.testing.assert_close(tok.reward.sum(-1), seq.reward, atol=1e-5, rtol=1e-5)
-    lse = torch.logsumexp(logits, -1)
+    lse = oracle.stats(logits.double(), labels).lse.float()
     first = (labels != -100).float().argmax(-1)
     torch.testing.assert_close(seq.value_s0, lse.gather(1, first[:, None]).squeeze(1))
 

@@ -1,7 +1,6 @@
 """fdiv_kernels.nn modules against plain float64 torch references (full logits + autograd)."""
 
-import math
-
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,14 +13,11 @@ B, T, H, V = 3, 7, 16, 50
 
 
 def _data(seed=0, dtype=torch.float64, bias=False):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=g, dtype=dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g, dtype=dtype) * 0.5).requires_grad_()
-    b = (torch.randn(V, generator=g, dtype=dtype) * 0.3).requires_grad_() if bias else None
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, :2] = -100
-    labels[2, 4] = -100
-    return hidden, weight, b, labels
+    """``(hidden, weight, bias, labels)`` leaves from the suite's builder: [3, 7] labels, H=16, V=50."""
+    x = oracle.make_inputs((B,), T, H, V, dtype=dtype, seed=seed, weight_scale=0.5, bias=bias, bias_scale=0.3,
+                           ignore_at=((0, 0), (0, 1), (2, 4)), ref_scale=None)
+    hidden, weight, b = x.leaves()
+    return hidden, weight, b, x.labels
 
 
 def _grads(loss, *ts):
@@ -64,11 +60,8 @@ def test_fused_linear_js_with_reference_and_softcap_matches_formula():
     beta, cap, temp = 0.3, 4.0, 1.7
     fn = FusedLinearFDivLoss(divergence="js", beta=beta, softcap=cap, temperature=temp, backend="torch")
     out = fn(hidden, weight, labels, ref_logp=ref_logp, return_output=True)
-    z = cap * torch.tanh((hidden @ weight.T) / cap) / temp
-    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    m = labels != -100
-    u = beta * (logp - ref_logp)
-    ref = -(math.log(2) + F.logsigmoid(u))[m].mean()
+    st = oracle.token_stats(hidden, weight, labels, softcap=cap, temperature=temp)
+    ref = oracle.fdiv_loss(st, labels, divergence="js", ref_logp=ref_logp, beta=beta)
     assert torch.allclose(out.loss, ref, atol=1e-12)
     for a, r in zip(_grads(out.loss, hidden, weight), _grads(ref, hidden, weight)):
         assert torch.allclose(a, r, atol=1e-10)
@@ -85,33 +78,25 @@ def test_fused_linear_matches_logits_module_for_every_divergence():
 
 
 def _seq_logps(hidden, weight, labels, mean):
-    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    m = (labels != -100).to(logp.dtype)
-    s = (logp * m).sum(-1)
-    return s / m.sum(-1) if mean else s
+    s, m, _ = oracle.sequence_logp(oracle.token_stats(hidden, weight, labels), labels)
+    return m if mean else s
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo"])
 def test_fused_linear_dpo_matches_trl_formulas(kind):
+    x = oracle.make_inputs((4,), T, H, V, dtype=torch.float64, seed=3, weight_scale=0.5, ignore_prefix=3,  # prompt
+                           ignore_at=((1, -1),), ref_scale=None)  # padding
+    hidden, weight, _ = x.leaves()
+    labels = x.labels
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(4, T, H, generator=g, dtype=torch.float64).requires_grad_()
     ref_hidden = hidden.detach() + 0.1 * torch.randn(4, T, H, generator=g, dtype=torch.float64)
-    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
-    labels = torch.randint(0, V, (4, T), generator=g)
-    labels[:, :3] = -100  # prompt
-    labels[1, -1] = -100  # padding
     beta = 0.2
     fn = FusedLinearDPOLoss(beta=beta, loss_type=kind, gamma=0.5)
     got = fn(hidden, weight, labels, ref_hidden=None if kind == "simpo" else ref_hidden)
     mean = kind in ("ipo", "simpo")
     pc, pr = _seq_logps(hidden, weight, labels, mean).chunk(2)
     rc, rr = _seq_logps(ref_hidden, weight.detach(), labels, mean).chunk(2)
-    if kind == "sigmoid":
-        ref = -F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()
-    elif kind == "ipo":
-        ref = (((pc - pr) - (rc - rr)) - 1 / (2 * beta)).pow(2).mean()
-    else:
-        ref = -F.logsigmoid(beta * (pc - pr) - 0.5).mean()
+    ref = oracle.dpo_losses(kind, pc, pr, rc, rr, beta=beta, gamma=0.5).mean()
     assert got.dtype == torch.float64 and torch.allclose(got, ref, atol=1e-12)
     for a, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight)):
         assert torch.allclose(a, r, atol=1e-10)
@@ -126,7 +111,7 @@ def test_fused_linear_dpo_precomputed_reference_pair():
     a = fn(hidden, weight, labels, ref_logp=ref)
     b = fn(hidden, weight, labels, ref_logp=tuple(ref.chunk(2)))
     pc, pr = _seq_logps(hidden, weight, labels, False).chunk(2)
-    expect = -F.logsigmoid(0.1 * ((pc - pr) - (ref[:2] - ref[2:]))).mean()
+    expect = oracle.dpo_losses("sigmoid", pc, pr, ref[:2], ref[2:], beta=0.1).mean()
     assert torch.allclose(a, expect, atol=1e-12) and torch.equal(a, b)
 
 
@@ -150,7 +135,7 @@ def test_primal_form_matches_closed_form():
     """Primal losses (a PrimalSpec), tv: D_TV(onehot(y) || p) = 1 - p_y; alpha: expm1((1-a) log p_y) / (a(a-1))."""
     hidden, weight, _, labels = _data(seed=5)
     z = hidden @ weight.T
-    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    logp = oracle.stats(z, labels).logp
     m = labels != -100
     got = FusedLinearFDivLoss(spec=PrimalSpec("tv"))(hidden, weight, labels)
     assert torch.allclose(got, (1 - logp.exp())[m].mean(), atol=1e-12)
@@ -165,9 +150,8 @@ def test_dpo_f_divergence_js_scores():
     hidden, labels = hidden[:2], labels[:2]
     ref = -torch.rand(2, dtype=torch.float64) * 20
     got = FusedLinearDPOLoss(beta=0.5, divergence="js")(hidden, weight, labels, ref_logp=ref)
-    lr = _seq_logps(hidden, weight, labels, False) - ref
-    s = math.log(2) + F.logsigmoid(lr)
-    expect = -F.logsigmoid(0.5 * (s[0] - s[1]))
+    s = _seq_logps(hidden, weight, labels, False)
+    expect = oracle.dpo_losses("sigmoid", s[:1], s[1:], ref[:1], ref[1:], beta=0.5, f_divergence="js")[0]
     assert torch.allclose(got, expect, atol=1e-12)
 
 
@@ -182,10 +166,8 @@ def test_documented_custom_module_with_token_stats_function():
     assert all(torch.equal(a, b) for a, b in zip(old, (logp, lse, ent)))
     m = y != -100
     got = -(logp - 0.01 * lse.pow(2))[m].mean()
-    z = h @ weight.T
-    ref_lse = torch.logsumexp(z, -1)
-    ref_logp = z.gather(-1, y.clamp(min=0)[:, None]).squeeze(-1) - ref_lse
-    ref = -(ref_logp - 0.01 * ref_lse.pow(2))[m].mean()
+    st = oracle.token_stats(h, weight, y)
+    ref = -(st.logp - 0.01 * st.lse.pow(2))[m].mean()
     assert torch.allclose(got, ref, atol=1e-12)
     for a, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight)):
         assert torch.allclose(a, r, atol=1e-10)

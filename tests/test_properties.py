@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+import oracle
 import pytest
 import torch
 
@@ -193,12 +194,9 @@ class Inputs:
 
 
 def make_inputs(c: Case) -> Inputs:
-    g = torch.Generator().manual_seed(c.seed)
-    shape = c.lead + (c.t,)
-    hidden = torch.randn(*shape, c.h, generator=g, dtype=torch.float64) * (c.scale / math.sqrt(c.h))
-    weight = torch.randn(c.v, c.h, generator=g, dtype=torch.float64)
-    if c.ties:  # equal logits: every row of W the same, or duplicated hidden rows
-        weight[1:] = weight[:1]
+    """The suite's builder (tests/oracle.py) for the drawn shape, scale, mask and ignored
+    fraction, then the case's edges: tied logits, a label on a masked column, special references."""
+    g = torch.Generator().manual_seed(c.seed + 1)  # the masked columns and ties (the builder has its own)
     masked = torch.zeros(c.v, dtype=torch.bool)
     if c.mask == "some" and c.v > 1:
         masked[torch.randperm(c.v, generator=g)[: c.v // 2]] = True
@@ -208,24 +206,18 @@ def make_inputs(c: Case) -> Inputs:
         masked[:] = True
     elif c.mask == "label" and c.v > 1:
         masked[0] = True
-    bias = None
-    if c.bias:
-        bias = torch.randn(c.v, generator=g, dtype=torch.float64)
-        bias[masked] = -math.inf
-    keep = (~masked).nonzero().squeeze(1)
-    labels = torch.randint(0, c.v, shape, generator=g)
-    if keep.numel():
-        labels = keep[labels % keep.numel()]
-    if c.ignore == "some":
-        labels[torch.rand(shape, generator=g) < 0.4] = IGNORE
-    elif c.ignore == "all":
-        labels[...] = IGNORE
+    x = oracle.make_inputs(c.lead, c.t, c.h, c.v, dtype=torch.float64, seed=c.seed, scale=c.scale / math.sqrt(c.h),
+                           weight_scale=1.0, bias=c.bias, bias_scale=1.0, mask=tuple(masked.nonzero()[:, 0].tolist()),
+                           ignore_frac={"none": 0.0, "some": 0.4, "all": 1.0}[c.ignore],
+                           ref_scale=None if c.ref == "none" else (1e4 if c.ref == "far" else 3.0))
+    weight, labels = x.weight, x.labels
+    if c.ties:  # equal logits: every row of W the same
+        weight[1:] = weight[:1]
     sup = labels != IGNORE
     if c.mask == "label" and c.v > 1 and bool(sup.any()):
         labels[_first(sup)] = 0  # a supervised label on the masked column
-    ref = None
-    if c.ref != "none":
-        ref = -torch.rand(shape, generator=g, dtype=torch.float64) * (1e4 if c.ref == "far" else 3.0)
+    ref = None if x.ref is None else x.ref.double()
+    if ref is not None:
         if c.ref == "neginf" and bool(sup.any()):
             ref[_first(sup)] = -math.inf
         if c.ref == "nan" and bool(sup.any()):
@@ -236,8 +228,9 @@ def make_inputs(c: Case) -> Inputs:
             ref[_first(~sup)] = math.nan
         if c.ref == "row":
             ref = ref.sum(-1)
-    cast = lambda x: None if x is None else x.to(c.dtype)  # noqa: E731
-    return Inputs(cast(hidden), cast(weight), cast(bias), labels, None if ref is None else ref.float(), masked)
+    cast = lambda t: None if t is None else t.to(c.dtype)  # noqa: E731
+    bias = None if not c.bias else x.bias
+    return Inputs(cast(x.hidden), cast(weight), cast(bias), labels, None if ref is None else ref.float(), x.masked)
 
 
 def _first(m: torch.Tensor):
@@ -537,10 +530,8 @@ def _dpo_fused_agrees(d, direct) -> None:
     policy values are not constructible, so this checks the fused loss against fk.dpo_loss on the
     fused sequence log-probs, with the drawn references, on every backend."""
     b = len(d["cols"][0])
-    g = torch.Generator().manual_seed(d["seed"])
-    hidden = torch.randn(2 * b, 3, 4, generator=g).to(d["dtype"])
-    weight = torch.randn(9, 4, generator=g).to(d["dtype"])
-    labels = torch.randint(0, 9, (2 * b, 3), generator=g)
+    x = oracle.make_inputs((2 * b,), 3, 4, 9, dtype=d["dtype"], seed=d["seed"], weight_scale=1.0, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     ref = torch.cat([torch.tensor(d["cols"][2]), torch.tensor(d["cols"][3])]).float()
     opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
     results = []

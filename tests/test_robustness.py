@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import oracle
 import pytest
 import torch
 
@@ -18,16 +19,6 @@ BACKENDS = [b for b in ("torch", "cpu") if available_backends("cpu").get(b) == "
 TRITON = (["triton"] if triton_backend.interpret_mode() and available_backends("cpu").get("triton") == "available"
           else [])
 IGNORE = -100
-
-
-def head64(hidden, weight, labels, bias=None, softcap=None, temperature=1.0):
-    """float64 logits of the same inputs (plain torch, the oracle)."""
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
 
 
 def rel_err(a, b):
@@ -45,13 +36,11 @@ def rel_err(a, b):
                          ids=["1e4-T0.7", "1e6-T0.7", "1e4-T1e-3", "1e6-T1e-12", "1e4-cap1e8"])
 @pytest.mark.parametrize("path", ["two_pass", "one_pass", "recompute"])
 def test_gradients_match_float64_at_large_logits(backend, scale, temperature, softcap, path):
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(16, 8, generator=g) * scale / 8 ** 0.5
-    weight = torch.randn(50, 8, generator=g) / 8 ** 0.5
-    labels = torch.randint(0, 50, (16,), generator=g)
-    h64 = hidden.double().requires_grad_()
-    z = head64(h64, weight, labels, softcap=softcap, temperature=temperature)
-    logp64 = torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
+    x = oracle.make_inputs((), 16, 8, 50, seed=1, scale=scale / 8 ** 0.5, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
+    (h64,) = oracle.leaves64(hidden)
+    st64 = oracle.token_stats(h64, weight, labels, softcap=softcap, temperature=temperature)
+    logp64 = st64.logp
     want = torch.autograd.grad((-logp64).sum() + (0.5 * logp64.sum() if path == "recompute" else 0.0), h64)[0]
     h = hidden.clone().requires_grad_()
     if path == "two_pass":
@@ -64,7 +53,7 @@ def test_gradients_match_float64_at_large_logits(backend, scale, temperature, so
     assert rel_err(got, want) < 1e-6, rel_err(got, want)  # the torch backend: ~6e-8; before the fix 2e-4 .. inf
     if path == "two_pass":  # the statistics too (triton's tanh lost relative accuracy for small arguments)
         st = fk.token_stats(hidden, weight, labels, backend=backend, softcap=softcap, temperature=temperature)
-        assert rel_err(st.lse, torch.logsumexp(z, -1)) < 1e-6
+        assert rel_err(st.lse, st64.lse) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,17 +61,10 @@ def test_gradients_match_float64_at_large_logits(backend, scale, temperature, so
 # ---------------------------------------------------------------------------------------------
 
 def _masked(dtype=torch.float32, v=23, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2, 5, 6, generator=g, dtype=dtype)
-    weight = torch.randn(v, 6, generator=g, dtype=dtype)
-    bias = torch.randn(v, generator=g, dtype=dtype)
-    masked = torch.zeros(v, dtype=torch.bool)
-    masked[[0, 1, 2, 9, 17]] = True
-    bias[masked] = -math.inf
-    keep = (~masked).nonzero().squeeze(1)
-    labels = keep[torch.randint(0, keep.numel(), (2, 5), generator=g)]
-    labels[1, 0] = IGNORE
-    return hidden, weight, bias, labels, masked
+    """Five vocabulary columns masked with a -inf bias (N(0, 1) weights and bias), no label on them."""
+    x = oracle.make_inputs((2,), 5, 6, v, dtype=dtype, seed=seed, weight_scale=1.0, bias_scale=1.0,
+                           mask=(0, 1, 2, 9, 17), ignore_at=((1, 0),), ref_scale=None)
+    return x.hidden, x.weight, x.bias, x.labels, x.masked
 
 
 @pytest.mark.parametrize("backend", BACKENDS + TRITON)
@@ -94,13 +76,8 @@ def test_masked_vocabulary_entropy_and_gradients_match_float64(backend, dtype, u
     st = fk.token_stats(h, w, labels, bias=b, return_entropy=True, backend=backend)
     total = st.logp.sum() + (0.3 * st.entropy.sum() if use_entropy else 0.0)
     grads = torch.autograd.grad(total, (h, w, b))
-    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
-    z = head64(h64, w64, labels, bias=b64)
-    valid = labels != IGNORE
-    logq = torch.log_softmax(z, -1)
-    logp = torch.where(valid, logq.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
-    p = logq.exp()
-    ent = torch.where(valid, -(p * torch.where(p > 0, logq, 0.0)).sum(-1), 0.0)
+    h64, w64, b64 = oracle.leaves64(hidden, weight, bias)
+    logp, _, ent = oracle.token_stats(h64, w64, labels, b64)
     want = torch.autograd.grad(logp.sum() + (0.3 * ent.sum() if use_entropy else 0.0), (h64, w64, b64))
     assert torch.isfinite(st.entropy).all()
     torch.testing.assert_close(st.entropy.double(), ent.detach(), rtol=1e-5, atol=1e-5)
@@ -150,9 +127,8 @@ def test_fully_masked_vocabulary_or_masked_label_is_an_error(backend, api):
 # ---------------------------------------------------------------------------------------------
 
 def _small(seed=3, rows=2, t=5, v=17):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, t, 6, generator=g), torch.randn(v, 6, generator=g) / 2,
-            torch.randint(0, v, (rows, t), generator=g), -torch.rand(rows, t, generator=g) * 3)
+    x = oracle.make_inputs((rows,), t, 6, v, seed=seed, weight_scale=0.5, ref_scale=3.0)
+    return x.hidden, x.weight, x.labels, x.ref
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -317,10 +293,8 @@ def test_dpo_nan_is_an_error():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_dpo_minus_inf_reference(backend):
-    g = torch.Generator().manual_seed(4)
-    hidden = torch.randn(4, 3, 6, generator=g, requires_grad=True)
-    weight = torch.randn(11, 6, generator=g)
-    labels = torch.randint(0, 11, (4, 3), generator=g)
+    x = oracle.make_inputs((4,), 3, 6, 11, seed=4, weight_scale=1.0, ref_scale=None)
+    hidden, weight, labels = x.hidden.requires_grad_(), x.weight, x.labels
     ref = torch.tensor([-math.inf, -2.0, -1.0, -3.0])  # chosen 0, chosen 1, rejected 0, rejected 1
     loss = fk.nn.FusedLinearDPOLoss(beta=0.1, backend=backend)(hidden, weight, labels, ref_logp=ref)
     (gh,) = torch.autograd.grad(loss, hidden)
@@ -401,11 +375,9 @@ def test_zero_dim_labels_and_empty_vocabulary():
 def _fp16_case():
     """Per-token derivatives of 2e5 with small weights: the true gradients fit float16, the
     coefficient dL/draw does not."""
-    g = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(2, 8, 16, generator=g) / 64).half()
-    weight = (torch.randn(48, 16, generator=g) / 256).half()
-    labels = torch.randint(0, 48, (2, 8), generator=g)
-    return hidden, weight, labels
+    x = oracle.make_inputs((2,), 8, 16, 48, dtype=torch.float16, seed=0, scale=1 / 64, weight_scale=1 / 256,
+                           ref_scale=None)
+    return x.hidden, x.weight, x.labels
 
 
 def _fp16_grads(backend, path):
@@ -471,9 +443,8 @@ def test_fp16_coefficient_scale_bounds_the_coefficient():
 # ---------------------------------------------------------------------------------------------
 
 def _lme_case(seed=6, rows=6, t=4):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, t, 5, generator=g), torch.randn(13, 5, generator=g),
-            torch.randint(0, 13, (rows, t), generator=g), -torch.rand(rows, t, generator=g) * 4)
+    x = oracle.make_inputs((rows,), t, 5, 13, seed=seed, weight_scale=1.0, ref_scale=4.0)
+    return x.hidden, x.weight, x.labels, x.ref
 
 
 def _flat_grad(loss, params):

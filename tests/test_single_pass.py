@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import oracle
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,18 +25,13 @@ TRITON = ["triton"] if available_backends("cpu").get("triton") == "available" el
 NAMES = sorted(fk.DIVERGENCES)
 
 
-def make(rows=3, t=9, h=16, v=37, seed=0, dtype=torch.float32, ref_scale=2.0, spread=0.0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, t, h, generator=g, dtype=dtype)
-    weight = torch.randn(v, h, generator=g, dtype=dtype) * 0.5
-    bias = torch.randn(v, generator=g, dtype=dtype) * 0.1
-    labels = torch.randint(0, v, (rows, t), generator=g)
-    labels[0, :3] = -100
-    labels[-1, -2:] = -100
-    ref = -torch.rand(rows, t, generator=g, dtype=dtype) * ref_scale
-    if spread:  # rows far apart in reward: the log-mean-exp's running max moves between chunks
-        ref = ref + spread * torch.arange(rows, dtype=dtype)[:, None] * (-1) ** torch.arange(rows)[:, None]
-    return hidden, weight, bias, labels, ref
+def make(rows=3, t=9, seed=0, dtype=torch.float32, spread=0.0):
+    """``(hidden, weight, bias, labels, ref)`` from the suite's builder: H=16, V=37, row 0's first
+    three and the last row's last two positions ignored."""
+    x = oracle.make_inputs((rows,), t, 16, 37, dtype=dtype, seed=seed, weight_scale=0.5, bias=True, bias_scale=0.1,
+                           ignore_at=((0, 0), (0, 1), (0, 2), (rows - 1, -2), (rows - 1, -1)), ref_scale=2.0,
+                           ref_spread=spread)
+    return x.hidden, x.weight, x.bias, x.labels, x.ref
 
 
 def _loss(*args, form="variational", **kw):
@@ -44,16 +40,10 @@ def _loss(*args, form="variational", **kw):
 
 
 def reference(hidden, weight, bias, labels, **kw):
-    """The same loss from full logits with plain torch autograd (no fused kernels)."""
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    b = bias.detach().clone().requires_grad_()
+    """The loss (summed for reduction="none") and its gradients from the float64 oracle."""
+    h, w, b = oracle.leaves64(hidden, weight, bias)
     softcap, temperature = kw.pop("softcap", None), kw.pop("temperature", 1.0)
-    z = h @ w.T + b
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    out = _loss(logits=z / temperature, labels=labels, **kw)
-    loss = out.loss if out.loss.dim() == 0 else out.loss.sum()
+    loss = oracle.fdiv_loss(oracle.token_stats(h, w, labels, b, softcap, temperature), labels, **kw).sum()
     return loss, torch.autograd.grad(loss, (h, w, b))
 
 
@@ -68,7 +58,7 @@ def fused_run(hidden, weight, bias, labels, backend, **kw):
 def close(a, b, rtol=1e-5, atol=1e-5):
     """Equal to ``rtol`` elementwise, ``atol`` relative to the tensor's largest entry (fp32 roundoff
     scales with the loss: Pearson's primal form reaches losses of 1e3 here)."""
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, float(b.detach().abs().max())))
+    oracle.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 SPECS = (
@@ -140,12 +130,9 @@ def _spy(fn, calls):
 def test_gradcheck_float64_through_chunks(name, level, monkeypatch):
     """float64 goes to the torch backend's chunk kernels; tiny chunks put every boundary in play."""
     monkeypatch.setattr(chunk_sizes, "TWO_PASS_ELEMENTS", 4 * 7)  # 4 tokens per chunk at V=7
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 7, (3, 5), generator=g)
-    labels[0, 0] = -100
-    ref = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 3
+    x = oracle.make_inputs((3,), 5, 4, 7, dtype=torch.float64, seed=3, weight_scale=1.0, ignore_at=((0, 0),))
+    hidden, weight, _ = x.leaves()
+    labels, ref = x.labels, x.ref.double()
     values = "drop" if fk.DIVERGENCES[name].aggregate == "logmeanexp" else "free"
 
     def f(h, w):
@@ -243,9 +230,12 @@ def test_outputs_used_outside_the_loss_get_their_gradients(backend):
     out = fk.loss(h, w, labels, bias=b, divergence="js", ref_logp=ref, beta=0.5, backend=backend)
     total = out.loss + 0.3 * out.lse.square().sum() - 0.1 * out.reward.sum()
     grads = torch.autograd.grad(total, (h, w, b))
-    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    ref_out = fk.loss(logits=h2 @ w2.T + b2, labels=labels, divergence="js", ref_logp=ref, beta=0.5)
-    want = ref_out.loss + 0.3 * ref_out.lse.square().sum() - 0.1 * ref_out.reward.sum()
+    h2, w2, b2 = oracle.leaves64(hidden, weight, bias)
+    st = oracle.token_stats(h2, w2, labels, b2)
+    reward = torch.where(labels != -100, 0.5 * (st.logp - ref.double()), 0.0)  # js, token level, values="drop"
+    want = oracle.fdiv_loss(st, labels, divergence="js", ref_logp=ref, beta=0.5) + 0.3 * st.lse.square().sum() \
+        - 0.1 * reward.sum()
+    torch.testing.assert_close(out.reward.double(), reward.detach(), rtol=1e-5, atol=1e-5)
     for a, c in zip(grads, torch.autograd.grad(want, (h2, w2, b2))):
         close(a, c, rtol=1e-5, atol=1e-5)
 
@@ -256,8 +246,8 @@ def test_backward_scales_by_grad_output_and_frozen_inputs(backend):
     h, w = hidden.clone().requires_grad_(), weight.clone()  # frozen head
     out = fk.loss(h, w, labels, divergence="kl", ref_logp=ref, beta=0.5, backend=backend)
     (g,) = torch.autograd.grad(out.loss * 2.5, (h,))
-    h2 = hidden.clone().requires_grad_()
-    want = fk.loss(logits=h2 @ weight.T, labels=labels, divergence="kl", ref_logp=ref, beta=0.5).loss
+    (h2,) = oracle.leaves64(hidden)
+    want = oracle.fdiv_loss(oracle.token_stats(h2, weight, labels), labels, divergence="kl", ref_logp=ref, beta=0.5)
     (g2,) = torch.autograd.grad(want * 2.5, (h2,))
     close(g, g2)
 
@@ -283,29 +273,25 @@ def test_all_ignored_and_bf16(backend):
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "robust", "hinge"])
 def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatch):
     _tiny_chunks(monkeypatch, tokens=9)  # one pair per chunk
-    g = torch.Generator().manual_seed(11)
-    b, t, hdim, v = 3, 6, 8, 29
-    hidden = torch.randn(2 * b, t, hdim, generator=g)
-    weight = torch.randn(v, hdim, generator=g) * 0.5
-    labels = torch.randint(0, v, (2 * b, t), generator=g)
-    labels[:, :2] = -100
-    ref = -torch.rand(2 * b, generator=g) * 10
-    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend,
-                                   label_smoothing=0.1 if kind == "sigmoid" else 0)
+    b = 3
+    x = oracle.make_inputs((2 * b,), 6, 8, 29, seed=11, weight_scale=0.5, ignore_prefix=2, ref_scale=None)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
+    ref = -torch.rand(2 * b, generator=torch.Generator().manual_seed(12)) * 10
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
     monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
     out = mod(h, w, labels, ref_logp=None if kind == "simpo" else ref, return_output=True)
     grads = torch.autograd.grad(out.loss, (h, w))
     assert calls
-    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    s = fk.sequence_logp(logits=h2 @ w2.T, labels=labels)
-    seq = s.mean if mod.length_normalize else s.sum
-    want = fk.dpo_loss(seq[:b], seq[b:], None if kind == "simpo" else ref[:b], None if kind == "simpo" else ref[b:],
-                       beta=0.2, loss_type=kind, label_smoothing=0.1 if kind == "sigmoid" else 0)
-    close(out.loss, want.loss)
-    close(out.losses, want.losses)
-    for a, c in zip(grads, torch.autograd.grad(want.loss, (h2, w2))):
+    h2, w2 = oracle.leaves64(hidden, weight)
+    assert mod.length_normalize == (kind in oracle.MEAN_LOGP_KINDS)
+    want, want_losses = oracle.dpo_pair_loss(oracle.token_stats(h2, w2, labels), labels,
+                                             None if kind == "simpo" else ref, kind=kind, beta=0.2,
+                                             label_smoothing=0.1 if kind == "sigmoid" else 0)
+    close(out.loss, want)
+    close(out.losses, want_losses)
+    for a, c in zip(grads, torch.autograd.grad(want, (h2, w2))):
         close(a, c)
 
 

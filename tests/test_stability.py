@@ -1,5 +1,6 @@
 """Finite losses and gradients for every input a real run can produce; literal paper forms fail."""
 
+import oracle
 import pytest
 import torch
 
@@ -11,14 +12,11 @@ NAMES = sorted(fk.DIVERGENCES)
 
 def extreme_batch(dtype, b=3, t=12, h=16, v=40, seed=0):
     """Logits of magnitude ~1e4, a fully ignored row, reference log-probs ~1e3 nats away."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(b, t, h, generator=g) * 25).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) * 25).to(dtype).requires_grad_()
-    labels = torch.randint(0, v, (b, t), generator=g)
-    labels[1] = -100
-    labels[0, :4] = -100
-    ref = torch.where(torch.rand(b, t, generator=g) < 0.5, torch.tensor(-1000.0), torch.tensor(-0.01))
-    return hidden, weight, labels, ref
+    x = oracle.make_inputs((b,), t, h, v, dtype=dtype, seed=seed, scale=25.0, weight_scale=25.0, ignore_rows=(1,),
+                           ignore_at=((0, 0), (0, 1), (0, 2), (0, 3)), ref_scale=1.0)
+    hidden, weight, _ = x.leaves()
+    ref = torch.where(x.ref < -0.5, torch.tensor(-1000.0), torch.tensor(-0.01))  # half of them far away
+    return hidden, weight, x.labels, ref
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -40,13 +38,10 @@ def test_finite_loss_and_grads_on_extreme_inputs(name, level, dtype, values):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_finite_on_a_32k_token_sequence(name, level):
-    g = torch.Generator().manual_seed(1)
-    n, h, v = 32768, 8, 64
-    hidden = (torch.randn(1, n, h, generator=g) * 4).to(torch.bfloat16).requires_grad_()
-    weight = torch.randn(v, h, generator=g).to(torch.bfloat16).requires_grad_()
-    labels = torch.randint(0, v, (1, n), generator=g)
-    labels[0, :100] = -100
-    ref = -torch.rand(1, n, generator=g) * 10
+    x = oracle.make_inputs((1,), 32768, 8, 64, dtype=torch.bfloat16, seed=1, scale=4.0, weight_scale=1.0,
+                           ignore_prefix=100, ref_scale=10.0)
+    hidden, weight, _ = x.leaves()
+    labels, ref = x.labels, x.ref
     out = fk.loss(hidden, weight, labels, divergence=name, ref_logp=ref, beta=1.0, level=level)
     gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
     # the sequence log-prob here is around -1e5 nats: exp() of it is 0 in any float format
@@ -56,20 +51,10 @@ def test_finite_on_a_32k_token_sequence(name, level):
 @pytest.mark.parametrize("name", ["kl", "squared_hellinger", "pearson", "js"])
 def test_fp32_matches_float64_where_float64_is_finite(name):
     """Rewards near -300 nats: the naive fp32 form overflows, float64 does not; fk.loss in fp32 agrees."""
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(2, 6, 30, generator=g)
-    labels = torch.randint(0, 30, (2, 6), generator=g)
-    ref = torch.full((2, 6), 300.0) * torch.rand(2, 6, generator=g)
+    x = oracle.make_inputs((2,), 6, 16, 30, seed=2, ref_scale=300.0)
+    logits, labels, ref = x.hidden @ x.weight.T, x.labels, -x.ref  # references 0 .. +300 nats: rewards near -300
     out = fk.loss(logits=logits, labels=labels, divergence=name, ref_logp=ref, level="token")
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).squeeze(-1)
-    u = (lp - ref.double()).reshape(-1)
-    sp = torch.log1p(torch.exp(u))
-    want = {
-        "kl": torch.log(torch.exp(-u - 1).mean()),
-        "squared_hellinger": torch.log((1 / sp).mean()),
-        "pearson": -torch.where(u <= 2, u - u * u / 4, torch.ones_like(u)).mean(),
-        "js": -(torch.log(torch.tensor(2.0, dtype=torch.float64)) - torch.log1p(torch.exp(-u))).mean(),
-    }[name]
+    want = oracle.fdiv_loss(oracle.stats(logits.double(), labels), labels, divergence=name, ref_logp=ref)
     assert torch.isfinite(want)
     assert abs(out.loss.item() - want.item()) <= 1e-5 * abs(want.item())
 

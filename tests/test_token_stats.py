@@ -5,52 +5,34 @@ import subprocess
 import sys
 import textwrap
 
+import oracle
 import pytest
 import torch
 
 import fdiv_kernels as fk
 from fdiv_kernels.ops import chunk_sizes, torch_chunked
 
-
-def oracle(hidden, weight, labels, bias=None, softcap=None, temperature=1.0, ignore_index=-100):
-    """Float64 full-logits computation of (logp, lse, entropy), zeros at ignored positions."""
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    lse = torch.logsumexp(z, -1)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0).long()
-    logp = z.gather(-1, safe[..., None]).squeeze(-1) - lse
-    p = torch.softmax(z, -1)
-    ent = lse - (p * z).sum(-1)
-    zero = torch.zeros((), dtype=torch.float64)
-    return torch.where(valid, logp, zero), torch.where(valid, lse, zero), torch.where(valid, ent, zero)
+#: this module's batch for the suite's builder: [3, 11] labels, H=17, V=53, N(0, 1) bias when asked
+BATCH = {"lead": (3,), "t": 11, "h": 17, "v": 53, "ignore_frac": 0.2, "bias_scale": 1.0, "ref_scale": None}
 
 
-def make(n=(3, 11), h=17, v=53, dtype=torch.float32, seed=0, ignore_frac=0.2, bias=False):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype)
-    labels = torch.randint(0, v, n, generator=g)
-    labels[torch.rand(n, generator=g) < ignore_frac] = -100
-    b = torch.randn(v, generator=g).to(dtype) if bias else None
-    return hidden, weight, labels, b
+def batch(**kw):
+    return oracle.make_inputs(**{**BATCH, **kw})
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (5.0, 1.0), (None, 0.7), (3.0, 1.3)])
 def test_values_and_grads_match_float64_oracle(bias, softcap, temperature):
-    hidden, weight, labels, b = make(bias=bias)
+    x = batch(bias=bias)
+    hidden, weight, labels, b = x.hidden, x.weight, x.labels, x.bias
     leaves = [t.detach().requires_grad_() for t in (hidden, weight)] + ([b.detach().requires_grad_()] if bias else [])
     hd, wd = leaves[0], leaves[1]
     bd = leaves[2] if bias else None
     out = fk.token_stats(hd, wd, labels, bias=bd, softcap=softcap, temperature=temperature,
                          return_entropy=True, backend="torch")
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = oracle(ref_leaves[0], ref_leaves[1], labels, ref_leaves[2] if bias else None, softcap, temperature)
+    ref = oracle.token_stats(ref_leaves[0], ref_leaves[1], labels, ref_leaves[2] if bias else None, softcap,
+                             temperature)
     for a, r in zip(out, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-5)
@@ -64,7 +46,8 @@ def test_values_and_grads_match_float64_oracle(bias, softcap, temperature):
 
 
 def test_ignored_positions_are_zero_with_no_gradient():
-    hidden, weight, labels, _ = make()
+    x = batch()
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     labels[0] = -100
     hidden.requires_grad_()
     out = fk.token_stats(hidden, weight, labels)
@@ -75,7 +58,8 @@ def test_ignored_positions_are_zero_with_no_gradient():
 
 
 def test_custom_ignore_index_and_int32_labels():
-    hidden, weight, labels, _ = make()
+    x = batch()
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     lab = torch.where(labels == -100, torch.full_like(labels, -1), labels).to(torch.int32)
     a = fk.token_stats(hidden, weight, lab, ignore_index=-1)
     b = fk.token_stats(hidden, weight, labels)
@@ -85,7 +69,8 @@ def test_custom_ignore_index_and_int32_labels():
 
 def test_chunking_never_exceeds_the_chunk_rule(monkeypatch):
     """Many small chunks give the same result, and no logits block exceeds torch_rows(V) * V."""
-    hidden, weight, labels, _ = make(n=(4, 25), v=40)
+    x = batch(lead=(4,), t=25, v=40)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     full = fk.token_stats(hidden, weight, labels, return_entropy=True, backend="torch")
     seen = []
     orig = torch_chunked._logits
@@ -135,9 +120,9 @@ def test_peak_memory_does_not_grow_with_tokens():
 
 
 def test_gradcheck_float64():
-    hidden, weight, labels, b = make(n=(2, 5), h=4, v=7, dtype=torch.float64, bias=True)
-    for t in (hidden, weight, b):
-        t.requires_grad_()
+    x = batch(lead=(2,), t=5, h=4, v=7, dtype=torch.float64, bias=True)
+    hidden, weight, labels, b = x.hidden, x.weight, x.labels, x.bias
+    hidden.requires_grad_(); weight.requires_grad_(); b.requires_grad_()
 
     def f(h, w, bb):
         out = fk.token_stats(h, w, labels, bias=bb, softcap=4.0, temperature=0.9, return_entropy=True)
@@ -147,7 +132,8 @@ def test_gradcheck_float64():
 
 
 def test_from_logits_matches_fused_and_handles_bf16_extremes():
-    hidden, weight, labels, _ = make()
+    x = batch()
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     fused = fk.token_stats(hidden, weight, labels, return_entropy=True)
     from_logits = fk.token_stats_from_logits(hidden @ weight.T, labels, return_entropy=True)
     for a, b in zip(fused, from_logits):
@@ -157,14 +143,15 @@ def test_from_logits_matches_fused_and_handles_bf16_extremes():
     out = fk.token_stats_from_logits(logits, lab)
     out.logp.sum().backward()
     assert torch.isfinite(out.logp).all() and torch.isfinite(logits.grad.float()).all()
-    ref = oracle(logits.detach().double(), torch.eye(50, dtype=torch.float64), lab)  # z = logits @ I
+    ref = oracle.stats(logits.detach().double(), lab)
     torch.testing.assert_close(out.logp.double(), ref[0], atol=1e-3, rtol=1e-6)
 
 
 def test_bf16_error_is_no_worse_than_plain_torch_bf16():
     """CCE-style check: error vs float64 oracle within the error of plain bf16 torch (+ margin)."""
-    hidden, weight, labels, _ = make(n=(8, 16), h=64, v=300, dtype=torch.bfloat16, seed=3)
-    ref = oracle(hidden.double(), weight.double(), labels)
+    x = batch(lead=(8,), t=16, h=64, v=300, dtype=torch.bfloat16, seed=3)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
+    ref = oracle.token_stats(hidden, weight, labels)
     ours = fk.token_stats(hidden, weight, labels, backend="torch")
     plain = fk.token_stats_from_logits((hidden @ weight.T), labels)  # bf16 GEMM, as plain torch does
     for a, p, r in zip(ours[:2], plain[:2], ref[:2]):
@@ -176,7 +163,8 @@ def test_bf16_error_is_no_worse_than_plain_torch_bf16():
 def test_auto_backend_and_listing():
     names = fk.available_backends()
     assert names["torch"] == "available"
-    hidden, weight, labels, _ = make()
+    x = batch()
+    hidden, weight, labels = x.hidden, x.weight, x.labels
     a = fk.token_stats(hidden, weight, labels, backend="auto")
     b = fk.token_stats(hidden, weight, labels, backend="torch")
     torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=5e-4)

@@ -15,6 +15,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
+import oracle  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -47,38 +48,21 @@ IGNORE = -100
 
 
 # ----------------------------------------------------------------------------------------------
-# Independent float64 oracle: full logits, plain torch autograd.
+# The suite's float64 oracle (tests/oracle.py): full logits, plain torch autograd.
 # ----------------------------------------------------------------------------------------------
 
-def oracle_logits(hidden, weight, bias, softcap, temperature):
-    """z = cap(h W^T + b) / T in the tensors' own dtype (float64 for the oracle)."""
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
-def oracle(hidden, weight, bias, labels, coef, *, softcap=None, temperature=1.0, dtype=torch.float64):
-    """(logp, lse, ent) and d/d(h, W, b) of sum(cg*logp + ck*lse + ce*ent) over valid rows.
+def reference(hidden, weight, bias, labels, coef, *, softcap=None, temperature=1.0, dtype=torch.float64):
+    """The oracle's (logp, lse, ent) on valid rows and d/d(h, W, b) of sum(cg*logp + ck*lse + ce*ent).
 
     Computed in ``dtype`` from the given (possibly low-precision) inputs with plain torch ops;
     ``dtype=float64`` is the oracle, a 16-bit dtype is "the plain torch computation in that dtype".
     """
-    h = hidden.detach().to(dtype).requires_grad_()
-    w = weight.detach().to(dtype).requires_grad_()
-    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    h, w, b = (None if t is None else t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias))
+    st = oracle.token_stats(h, w, labels, b, softcap, temperature, dtype=dtype)
+    leaves = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(oracle.functional(st, tuple(c.to(dtype) for c in coef)), leaves)
     valid = labels != IGNORE
-    z = oracle_logits(h[valid], w, b, softcap, temperature)
-    logq = torch.log_softmax(z, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
-    logp = logq.gather(1, labels[valid, None]).squeeze(1)
-    ent = -(logq.exp() * torch.where(torch.isfinite(logq), logq, 0.0)).sum(-1)  # 0 log 0 = 0 (masked columns)
-    cg, ck, ce = (c[valid].to(dtype) for c in coef)
-    (cg * logp + ck * lse + ce * ent).sum().backward()
-    grads = (h.grad, w.grad, None if b is None else b.grad)
-    return (logp.detach(), lse.detach(), ent.detach()), grads
+    return tuple(v.detach()[valid] for v in st), (grads[0], grads[1], grads[2] if b is not None else None)
 
 
 def run_backend(backend, hidden, weight, bias, labels, coef, *, softcap=None, temperature=1.0, entropy=True):
@@ -98,24 +82,12 @@ def run_backend(backend, hidden, weight, bias, labels, coef, *, softcap=None, te
     return vals, (h.grad, w.grad, None if b is None else b.grad), out
 
 
-def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignore_frac=0.2, scale=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen) * scale
-    weight = torch.randn(v, h, generator=gen) / h ** 0.5
-    b = torch.randn(v, generator=gen) * 0.5 if bias else None
-    labels = torch.randint(0, v, (n,), generator=gen)
-    labels[0] = v - 1  # last column (in the last, partial tile)
-    if n > 2:
-        labels[1] = 0
-        drop = torch.rand(n, generator=gen) < ignore_frac
-        drop[:2] = False
-        labels[drop] = IGNORE
-    coef = tuple(torch.randn(n, generator=gen) for _ in range(3))
-
-    def cast(t):
-        return None if t is None else t.to(dtype).to(DEVICE)
-
-    return cast(hidden), cast(weight), cast(b), labels.to(DEVICE), tuple(c.to(DEVICE) for c in coef)
+def batch(n, h, v, *, dtype=torch.float32, bias=True, ignore_frac=0.2, scale=1.0, seed=0):
+    """``(hidden, weight, bias, labels, coef)`` of ``n`` tokens on DEVICE from the suite's builder:
+    the first label in the last (partial) vocabulary tile, the second 0, both supervised."""
+    x = oracle.make_inputs((), n, h, v, dtype=dtype, bias=bias, scale=scale, seed=seed, edge_labels=True,
+                           ignore_frac=ignore_frac if n > 2 else 0.0, keep_first=2, ref_scale=None, device=DEVICE)
+    return x.hidden, x.weight, x.bias, x.labels, x.coef
 
 
 def assert_close(actual, expected, *, atol=ATOL, rtol=RTOL, what=""):
@@ -141,10 +113,10 @@ OPTIONS = [
 @pytest.mark.parametrize("opt", OPTIONS, ids=["plain", "bias", "bias-softcap-temp", "temp"])
 def test_fp32_matches_oracle_and_torch_backend(shape, opt):
     n, hd, v = shape
-    hidden, weight, bias, labels, coef = make_inputs(n, hd, v, bias=opt["bias"], scale=2.0)
+    hidden, weight, bias, labels, coef = batch(n, hd, v, bias=opt["bias"], scale=2.0)
     kw = dict(softcap=opt["softcap"], temperature=opt["temperature"])
     (vals, grads, out) = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
-    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef, **kw)
     t_vals, t_grads, _ = run_backend("torch", hidden, weight, bias, labels, coef, **kw)
     for name, a, r, t in zip(("logp", "lse", "entropy"), vals, ref_vals, t_vals):
         assert a.dtype == torch.float32
@@ -163,14 +135,14 @@ def test_fp32_matches_oracle_and_torch_backend(shape, opt):
 
 def test_without_entropy_and_large_logits():
     """|z| ~ 1e3: the online log-sum-exp must not overflow; entropy off exercises that path."""
-    hidden, weight, bias, labels, coef = make_inputs(29, 24, 77, scale=150.0, seed=3)
+    hidden, weight, bias, labels, coef = batch(29, 24, 77, scale=150.0, seed=3)
     vals, grads, out = run_backend("triton", hidden, weight, bias, labels, coef, entropy=False)
-    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef)
     assert out.entropy is None
     assert ref_vals[1].abs().max() > 300  # really large logits
     assert_close(vals[0], ref_vals[0], rtol=1e-6, atol=2e-3, what="logp")
     assert_close(vals[1], ref_vals[1], rtol=1e-6, atol=2e-3, what="lse")
-    ref_grads = oracle(hidden, weight, bias, labels, (coef[0], coef[1], torch.zeros_like(coef[2])))[1]
+    ref_grads = reference(hidden, weight, bias, labels, (coef[0], coef[1], torch.zeros_like(coef[2])))[1]
     for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
         assert torch.isfinite(a).all(), name
         assert_close(a, r, atol=1e-4, what=name)
@@ -183,12 +155,12 @@ def test_vocab_splits_merge():
         assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (3, 96)
     align = triton_backend._kernels().SPLIT_ALIGN
     v = 6 * align + 8  # 3 splits of 2 alignment units, the last one partial
-    hidden, weight, bias, labels, coef = make_inputs(19, 17, v, seed=5)
+    hidden, weight, bias, labels, coef = batch(19, 17, v, seed=5)
     with triton_options(v_splits=3):
         assert triton_backend.vocab_splits(19, v, align=align, device=hidden.device)[0] == 3
         split = fk.token_stats(hidden, weight, labels, bias=bias, return_entropy=True, backend="triton")
     single = fk.token_stats(hidden, weight, labels, bias=bias, return_entropy=True, backend="triton")
-    ref_vals, _ = oracle(hidden, weight, bias, labels, coef)
+    ref_vals, _ = reference(hidden, weight, bias, labels, coef)
     valid = labels != IGNORE
     for a, b, r in zip(split, single, ref_vals):
         assert_close(a[valid], r)
@@ -196,7 +168,7 @@ def test_vocab_splits_merge():
 
 
 def test_all_rows_ignored():
-    hidden, weight, bias, labels, coef = make_inputs(6, 8, 20)
+    hidden, weight, bias, labels, coef = batch(6, 8, 20)
     labels[:] = IGNORE
     vals, grads, out = run_backend("triton", hidden, weight, bias, labels, coef)
     assert torch.all(out.logp == 0) and torch.all(out.lse == 0) and torch.all(out.entropy == 0)
@@ -204,7 +176,7 @@ def test_all_rows_ignored():
 
 
 def test_backward_is_deterministic():
-    hidden, weight, bias, labels, coef = make_inputs(40, 20, 90, seed=7)
+    hidden, weight, bias, labels, coef = batch(40, 20, 90, seed=7)
     first = run_backend("triton", hidden, weight, bias, labels, coef)[1]
     second = run_backend("triton", hidden, weight, bias, labels, coef)[1]
     for a, b in zip(first, second):
@@ -212,9 +184,9 @@ def test_backward_is_deterministic():
 
 
 def test_float64_falls_back_to_reference():
-    hidden, weight, bias, labels, coef = make_inputs(9, 8, 30, dtype=torch.float64)
+    hidden, weight, bias, labels, coef = batch(9, 8, 30, dtype=torch.float64)
     vals, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
-    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef)
     for a, r in zip(vals + grads, ref_vals + ref_grads):
         assert a.dtype == torch.float64
         assert_close(a, r, atol=1e-12, rtol=1e-10)
@@ -224,7 +196,7 @@ def _masked_vocab_inputs():
     """Columns masked with a -inf bias: the whole leading tile of each of 2 vocabulary splits
     (interpreter: BLOCK_V = SPLIT_ALIGN = 32, V = 133 gives splits [0, 96) and [96, 133)) and a
     few scattered columns; no label on a masked column."""
-    hidden, weight, bias, labels, coef = make_inputs(21, 12, 133, seed=31)
+    hidden, weight, bias, labels, coef = batch(21, 12, 133, seed=31)
     masked = torch.zeros(133, dtype=torch.bool)
     masked[:32] = True
     masked[96:128] = True
@@ -243,7 +215,7 @@ def test_masked_vocabulary_leading_tile_of_a_split(splits, deterministic):
     hidden, weight, bias, labels, coef, masked = _masked_vocab_inputs()
     with triton_options(v_splits=splits, deterministic=deterministic):
         vals, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
-    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef)
     for name, a, r in zip(("logp", "lse", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
                           vals + grads, ref_vals + ref_grads):
         assert torch.isfinite(a).all(), f"{name} has NaN/inf"
@@ -254,11 +226,11 @@ def test_masked_vocabulary_leading_tile_of_a_split(splits, deterministic):
 @pytest.mark.parametrize("opt", OPTIONS[1:3], ids=["bias", "bias-softcap-temp"])
 def test_atomic_backward_matches_oracle(opt):
     """triton_options(deterministic=False): one fused kernel with fp32 atomics, same tolerances."""
-    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, bias=opt["bias"], scale=2.0, seed=29)
+    hidden, weight, bias, labels, coef = batch(47, 31, 123, bias=opt["bias"], scale=2.0, seed=29)
     kw = dict(softcap=opt["softcap"], temperature=opt["temperature"])
     with triton_options(deterministic=False):
         _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
-    _, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    _, ref_grads = reference(hidden, weight, bias, labels, coef, **kw)
     for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
         assert_close(a, r, what=f"{name} (atomic) vs float64 oracle")
 
@@ -277,7 +249,7 @@ def _max_err(a, r):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "softcap"])
 def test_low_precision_no_worse_than_plain_torch(dtype, softcap):
-    hidden, weight, bias, labels, coef = make_inputs(45, 48, 111, dtype=dtype, scale=2.0, seed=11)
+    hidden, weight, bias, labels, coef = batch(45, 48, 111, dtype=dtype, scale=2.0, seed=11)
     kw = dict(softcap=softcap, temperature=0.9)
     valid = labels != IGNORE
     hv, yv = hidden[valid], labels[valid]
@@ -285,8 +257,8 @@ def test_low_precision_no_worse_than_plain_torch(dtype, softcap):
     # the backend contract itself: float32 values and gradients (token_stats rounds grads to dtype)
     logp, lse, ent = triton_backend.forward(hv, weight, bias, yv, return_entropy=True, **kw)
     grads = triton_backend.backward(hv, weight, bias, yv, lse, ent, cg, ck, ce, **kw)
-    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
-    plain_vals, plain_grads = oracle(hidden, weight, bias, labels, coef, dtype=dtype, **kw)
+    ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef, **kw)
+    plain_vals, plain_grads = reference(hidden, weight, bias, labels, coef, dtype=dtype, **kw)
     ref_grads = (ref_grads[0][valid],) + ref_grads[1:]
     plain_grads = (plain_grads[0][valid],) + plain_grads[1:]
     for name, a, r, p in zip(("logp", "lse", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
@@ -307,10 +279,10 @@ def _filter_bound(hidden, weight, bias, labels, coef, eps):
     dropped, so |d grad_h| <= (|dL/dz| [p < eps]) @ |W| and |d grad_W| <= (...)^T @ |h|."""
     valid = labels != IGNORE
     h, w = hidden[valid].double(), weight.double()
-    z = oracle_logits(h, w, None if bias is None else bias.double(), None, 1.0)
-    lse = torch.logsumexp(z, -1, keepdim=True)
+    z = oracle.logits(h, w, bias)
+    st = oracle.stats(z, labels[valid])
+    lse, ent = st.lse[:, None], st.entropy[:, None]
     p = torch.exp(z - lse)
-    ent = lse - (p * z).sum(-1, keepdim=True)
     g, k, e = (c[valid].double()[:, None] for c in coef)
     dz = (k - g) * p - e * p * (z - (lse - ent))
     onehot = torch.zeros_like(p).scatter_(1, labels[valid, None], 1.0)
@@ -325,7 +297,7 @@ def _filter_bound(hidden, weight, bias, labels, coef, eps):
 def test_gradient_filtering_error_is_bounded(deterministic):
     # the softmax mass sits on the first 32 columns (one interpreter tile); labels too, except
     # row 0's (V-1): most other tiles carry p < eps and get skipped
-    hidden, weight, bias, labels, coef = make_inputs(40, 16, 250, seed=13, ignore_frac=0.0)
+    hidden, weight, bias, labels, coef = batch(40, 16, 250, seed=13, ignore_frac=0.0)
     bias[:32] += 8.0
     labels[1:] = labels[1:] % 32
     eps = 2.0 ** -12
@@ -343,7 +315,7 @@ def test_gradient_filtering_error_is_bounded(deterministic):
 
 
 def test_gradient_filtering_with_tiny_eps_is_exact():
-    hidden, weight, bias, labels, coef = make_inputs(20, 16, 70, seed=17)
+    hidden, weight, bias, labels, coef = batch(20, 16, 70, seed=17)
     _, exact, _ = run_backend("triton", hidden, weight, bias, labels, coef)
     with triton_options(filter_eps=1e-30):
         _, filtered, _ = run_backend("triton", hidden, weight, bias, labels, coef)
@@ -373,7 +345,7 @@ def test_backward_uses_the_options_captured_at_forward():
     """Options changed between forward and backward leave the gradients as without the change:
     the autograd function captures them at the forward (a process-wide read at backward time
     would filter with eps = 0.5 and run the atomics kernel here)."""
-    hidden, weight, bias, labels, coef = make_inputs(40, 16, 250, seed=13, ignore_frac=0.0)
+    hidden, weight, bias, labels, coef = batch(40, 16, 250, seed=13, ignore_frac=0.0)
     bias[:32] += 8.0  # most tiles carry p < 0.5: filtering would drop their gradients
     _, want, _ = run_backend("triton", hidden, weight, bias, labels, coef)
     with triton_options(filter_eps=0.5):
@@ -389,7 +361,7 @@ def test_backward_uses_the_options_captured_at_forward():
 
 
 def test_backend_level_errors():
-    hidden, weight, bias, labels, coef = make_inputs(6, 8, 20, ignore_frac=0.0)
+    hidden, weight, bias, labels, coef = batch(6, 8, 20, ignore_frac=0.0)
     with pytest.raises(TypeError, match="share a dtype"):
         triton_backend.forward(hidden, weight.half(), None, labels)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
@@ -404,16 +376,9 @@ def test_backend_level_errors():
 
 @pytest.mark.parametrize("divergence,level", [("js", "token"), ("kl", "sequence"), ("pearson", "token")])
 def test_fk_loss_matches_torch_backend(divergence, level):
-    gen = torch.Generator().manual_seed(23)
-    b, t, hd, v = 3, 9, 20, 57
-    hidden = torch.randn(b, t, hd, generator=gen).to(DEVICE)
-    weight = (torch.randn(v, hd, generator=gen) / hd ** 0.5).to(DEVICE)
-    labels = torch.randint(0, v, (b, t), generator=gen)
-    labels[:, :2] = IGNORE
-    labels = labels.to(DEVICE)
-    ref_logp = (-torch.rand(b, t, generator=gen) * 4).to(DEVICE)
-    if level == "sequence":
-        ref_logp = ref_logp.sum(-1)
+    x = oracle.make_inputs((3,), 9, 20, 57, seed=23, ignore_prefix=2, ref_scale=4.0, device=DEVICE)
+    hidden, weight, labels = x.hidden, x.weight, x.labels
+    ref_logp = x.ref_per_row() if level == "sequence" else x.ref
     results = {}
     for backend in ("triton", "torch"):
         h = hidden.clone().requires_grad_()
@@ -448,10 +413,10 @@ def test_staged_backward_matches_oracle(monkeypatch, stage_h, stage_w):
     end past V (N), a partial last tile, and filtering on spans; all equal the oracle."""
     _only_config(monkeypatch, "token_stats_bwd_hidden_kernel", STAGE=stage_h)
     _only_config(monkeypatch, "token_stats_bwd_weight_kernel", STAGE=stage_w)
-    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, scale=2.0, seed=47)  # 3 token x 4 vocab tiles
+    hidden, weight, bias, labels, coef = batch(47, 31, 123, scale=2.0, seed=47)  # 3 token x 4 vocab tiles
     kw = dict(softcap=2.5, temperature=0.7)
     _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef, **kw)
-    _, ref_grads = oracle(hidden, weight, bias, labels, coef, **kw)
+    _, ref_grads = reference(hidden, weight, bias, labels, coef, **kw)
     for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
         assert_close(a, r, what=f"{name} (STAGE {stage_h}/{stage_w}) vs float64 oracle")
     with triton_options(filter_eps=1e-30):
@@ -465,10 +430,10 @@ def test_atomic_grouped_tile_order_covers_every_tile(monkeypatch, group_n):
     """The atomics kernel's grouped order (GROUP_N token blocks per group; 3 token blocks, so
     GROUP_N=2 leaves a partial last group) visits every tile exactly once."""
     _only_config(monkeypatch, "token_stats_bwd_fused_atomic_kernel", GROUP_N=group_n)
-    hidden, weight, bias, labels, coef = make_inputs(47, 31, 123, scale=2.0, seed=53)
+    hidden, weight, bias, labels, coef = batch(47, 31, 123, scale=2.0, seed=53)
     with triton_options(deterministic=False):
         _, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
-    _, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    _, ref_grads = reference(hidden, weight, bias, labels, coef)
     for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads):
         assert_close(a, r, what=f"{name} (GROUP_N {group_n}) vs float64 oracle")
 
@@ -519,7 +484,7 @@ def test_kernels_launch_on_the_tensors_device(monkeypatch, deterministic):
 
     monkeypatch.setattr(triton_backend, "_on_device", recording_guard)
     _spy_kernels(monkeypatch, wrap)
-    hidden, weight, bias, labels, coef = make_inputs(9, 8, 40, seed=37)
+    hidden, weight, bias, labels, coef = batch(9, 8, 40, seed=37)
     with triton_options(deterministic=deterministic):
         run_backend("triton", hidden, weight, bias, labels, coef)
     names = {name for name, _ in launches}
@@ -559,7 +524,7 @@ def test_autotune_key_includes_the_flags(monkeypatch, deterministic):
         return run
 
     _spy_kernels(monkeypatch, wrap)
-    hidden, weight, bias, labels, coef = make_inputs(9, 8, 40, seed=41)
+    hidden, weight, bias, labels, coef = batch(9, 8, 40, seed=41)
     with triton_options(deterministic=deterministic):
         run_backend("triton", hidden, weight, None, labels, coef, entropy=False)
         off = dict(used)
@@ -581,10 +546,10 @@ def test_interpreter_takes_runtime_loop_bounds():
     import triton
     kern = triton_backend._kernels()
     assert kern.INTERPRETER_INDEX_COMPAT == (triton_backend._version_tuple(triton.__version__)[:2] < (3, 9))
-    hidden, weight, bias, labels, coef = make_inputs(19, 17, 6 * kern.SPLIT_ALIGN + 8, seed=43)
+    hidden, weight, bias, labels, coef = batch(19, 17, 6 * kern.SPLIT_ALIGN + 8, seed=43)
     with triton_options(v_splits=2, filter_eps=1e-30):
         vals, grads, _ = run_backend("triton", hidden, weight, bias, labels, coef)
-    ref_vals, ref_grads = oracle(hidden, weight, bias, labels, coef)
+    ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef)
     for a, r in zip(vals + grads, ref_vals + ref_grads):
         assert_close(a, r)
 

@@ -3,6 +3,7 @@ log-probs, shared by the trainer-step tests (test_train_steps.py, test_hf.py).""
 
 import random
 
+import oracle
 import torch
 
 from fdiv_kernels.train import data as D
@@ -35,5 +36,4 @@ def full_logp(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, logp, torch.zeros_like(logp)), mask, logits
+    return oracle.stats(logits, labels).logp, mask, logits

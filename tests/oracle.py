@@ -1,0 +1,396 @@
+"""The test suite's one float64 oracle and one input builder.
+
+Oracle: plain float64 torch on full logits, written from the formulas of ``docs/math.md`` and
+TRL's published DPO losses, sharing no code path with the package (it imports ``fdiv_kernels``
+only to turn a divergence alias into its canonical name). Gradients come from autograd on the
+oracle's float64 leaves (:func:`leaves64`).
+
+* :func:`logits`, :func:`stats`, :func:`token_stats`: ``z = cap(h W^T + b) / T``; per token
+  ``logp = z_y - lse``, ``lse = logsumexp(z)``, ``entropy = -sum p log p`` (``0 log 0 = 0`` on
+  ``-inf`` columns), 0 at ignored positions.
+* :func:`objective`, :func:`primal`, :func:`fdiv_loss`: ``fk.loss``'s objectives for every
+  divergence x level x values x reduction x z_loss x length normalisation, and the primal form.
+* :func:`sequence_logp`, :func:`dpo_losses`, :func:`dpo_pair_loss`: per-row log-probs and the
+  DPO family per TRL (``trl/trainer/dpo_trainer.py``; SimPO from ``trl/experimental/cpo``).
+
+Builder: :func:`make_inputs` returns an :class:`Inputs` (hidden, weight, bias, labels, per-token
+reference, masked columns, three per-token coefficients), every knob a keyword with a default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+import fdiv_kernels as fk
+
+IGNORE = -100
+LOG2 = math.log(2.0)
+#: divergences whose fk.loss is ``log mean psi`` (Donsker-Varadhan form), not ``mean(-phi)``
+LOG_MEAN_EXP = ("kl", "squared_hellinger")
+#: DPO kinds that TRL scores with average (length-normalised) log-probs
+MEAN_LOGP_KINDS = ("ipo", "simpo")
+
+
+# ---------------------------------------------------------------------------------------------
+# The input builder
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """One drawn batch. Shapes: ``hidden [*lead, T, H]``, ``weight [V, H]``, ``bias [V]`` or None,
+    ``labels [*lead, T]`` (int64, ``IGNORE`` where unsupervised), ``ref [*lead, T]`` per-token
+    reference log-probs (float32, <= 0) or None, ``masked [V]`` bool (columns set to ``-inf``
+    through the bias), ``coef``: three ``[*lead, T]`` float32 weights for a linear functional of
+    ``(logp, lse, entropy)``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels: torch.Tensor
+    ref: torch.Tensor | None
+    masked: torch.Tensor
+    coef: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def leaves(self, dtype: torch.dtype | None = None, bias: bool = True):
+        """Fresh ``(hidden, weight, bias)`` copies (in ``dtype`` if given) that require grad."""
+        def leaf(t):
+            return None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_()
+        return leaf(self.hidden), leaf(self.weight), leaf(self.bias) if bias else None
+
+    def ref_per_row(self) -> torch.Tensor:
+        """The reference summed over each row's supervised tokens (``[*lead]``, sequence level)."""
+        return torch.where(self.labels != IGNORE, self.ref, 0.0).sum(-1)
+
+
+def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37, *,
+                dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0,
+                weight_scale: float | None = None, bias: bool = False, bias_scale: float = 0.5,
+                ignore_frac: float = 0.0, ignore_prefix: int = 0, ignore_suffix: int = 0,
+                ignore_rows: Sequence[int] = (), ignore_at: Sequence[tuple[int, ...]] = (),
+                keep_first: int = 0, edge_labels: bool = False, mask: Sequence[int] = (),
+                ref_scale: float | None = 3.0, ref_spread: float = 0.0, device="cpu") -> Inputs:
+    """A batch for ``fk.token_stats`` / ``fk.loss`` (see :class:`Inputs`).
+
+    Args:
+        lead, t, h, v: leading (row) dims, tokens per row, hidden size, vocabulary size; ``lead=()``
+            gives 1-D labels ``[T]``.
+        dtype: of hidden, weight and bias (drawn in float32, then cast: a bf16 batch is the
+            rounding of the float32 one). Labels are int64, references and coefficients float32.
+        seed: of a private ``torch.Generator`` (the global RNG is never touched).
+        scale: hidden entries are ``N(0, scale^2)``; ``weight_scale`` (default ``1/sqrt(h)``)
+            multiplies ``N(0, 1)`` weights, so logits are ``O(scale)``.
+        bias, bias_scale: a ``N(0, bias_scale^2)`` bias over the vocabulary.
+        ignore_frac: each label is ``IGNORE`` with this probability; ``ignore_prefix``/
+            ``ignore_suffix`` ignore the first/last tokens of every row; ``ignore_rows`` whole rows
+            (indices into the flattened rows); ``ignore_at`` single positions; ``keep_first``
+            keeps the first flattened positions supervised whatever else says.
+        edge_labels: the first label is the last unmasked column (``V-1``: the last, partial tile)
+            and the second the first one (``0``).
+        mask: vocabulary columns masked with a ``-inf`` bias (implies ``bias``); labels avoid them
+            (unless every column is masked).
+        ref_scale: references are ``-U(0, ref_scale)``; ``None`` for no reference.
+        ref_spread: adds ``spread * r * (-1)^r`` to row ``r``'s reference (rows far apart in reward).
+        device: where the tensors are put.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lead = tuple(lead)
+    shape = lead + (t,)
+    hidden = torch.randn(*shape, h, generator=g) * scale
+    weight = torch.randn(v, h, generator=g) * (h ** -0.5 if weight_scale is None else weight_scale)
+    masked = torch.zeros(v, dtype=torch.bool)
+    masked[list(mask)] = True
+    b = torch.randn(v, generator=g) * bias_scale if bias or len(mask) else None
+    if b is not None:
+        b[masked] = -math.inf
+    keep = (~masked).nonzero().squeeze(1) if not masked.all() else torch.arange(v)  # all masked: any column
+    labels = keep[torch.randint(0, max(keep.numel(), 1), shape, generator=g) % max(keep.numel(), 1)]
+    flat = labels.view(-1)
+    if edge_labels and flat.numel():
+        flat[0] = keep[-1]
+        if flat.numel() > 1:
+            flat[1] = keep[0]
+    drop = torch.rand(shape, generator=g) < ignore_frac
+    if ignore_prefix:
+        drop[..., :ignore_prefix] = True
+    if ignore_suffix:
+        drop[..., t - ignore_suffix:] = True
+    rows = drop.view(math.prod(lead), t)
+    for r in ignore_rows:
+        rows[r] = True
+    for pos in ignore_at:
+        drop[pos] = True
+    drop.view(-1)[:keep_first] = False
+    labels[drop] = IGNORE
+    ref = None
+    if ref_scale is not None:
+        ref = -torch.rand(shape, generator=g) * ref_scale
+        if ref_spread:
+            r = torch.arange(rows.shape[0], dtype=torch.float32)
+            ref = ref + (ref_spread * r * (-1) ** r).view(shape[:-1] + (1,))
+    coef = tuple(torch.randn(shape, generator=g) for _ in range(3))
+
+    def put(x):
+        return None if x is None else x.to(device)
+    cast = (lambda x: None if x is None else x.to(dtype).to(device))
+    return Inputs(cast(hidden), cast(weight), cast(b), put(labels), put(ref), masked, tuple(put(c) for c in coef))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token statistics
+# ---------------------------------------------------------------------------------------------
+
+class Stats(NamedTuple):
+    """``[..., T]`` per-token statistics (float64 unless asked otherwise), 0 at ignored positions."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+
+
+def leaves64(*tensors):
+    """float64 copies that require grad (``None`` stays ``None``): the oracle's autograd leaves."""
+    return tuple(None if x is None else x.detach().double().requires_grad_() for x in tensors)
+
+
+def logits(hidden, weight, bias=None, softcap: float | None = None, temperature: float = 1.0,
+           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``cap(h W^T + b) / T``, ``cap(x) = c tanh(x / c)``, computed in ``dtype`` (float64: the
+    oracle; a 16-bit dtype: what plain torch computes in that dtype, a baseline to compare with)."""
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def stats(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> Stats:
+    """``(logp, lse, entropy)`` of logits ``z [..., T, V]`` in their dtype (differentiable)."""
+    valid = labels != ignore_index
+    logq = torch.log_softmax(z, -1)
+    lse = torch.logsumexp(z, -1)
+    logp = logq.gather(-1, torch.where(valid, labels, 0).long()[..., None]).squeeze(-1)
+    ent = -(logq.exp() * torch.where(torch.isfinite(logq), logq, 0.0)).sum(-1)
+    zero = z.new_zeros(())
+    return Stats(torch.where(valid, logp, zero), torch.where(valid, lse, zero), torch.where(valid, ent, zero))
+
+
+def token_stats(hidden, weight, labels, bias=None, softcap=None, temperature=1.0, ignore_index=IGNORE,
+                dtype: torch.dtype = torch.float64) -> Stats:
+    """What ``fk.token_stats(..., return_entropy=True)`` computes, on full logits in ``dtype``."""
+    return stats(logits(hidden, weight, bias, softcap, temperature, dtype), labels, ignore_index)
+
+
+def functional(st, coef) -> torch.Tensor:
+    """``sum(cg logp + ck lse + ce entropy)``: one scalar whose gradient exercises all three."""
+    cg, ck, ce = coef
+    total = (cg * st.logp).sum() + (ck * st.lse).sum()
+    return total if st.entropy is None else total + (ce * st.entropy).sum()
+
+
+def sequence_logp(st: Stats, labels, ignore_index=IGNORE):
+    """``(sum, mean, count)`` of the label log-probs of each row (``mean = sum / max(count, 1)``)."""
+    m = labels != ignore_index
+    s = torch.where(m, st.logp, 0.0).sum(-1)
+    n = m.sum(-1)
+    return s, s / n.clamp(min=1), n
+
+
+# ---------------------------------------------------------------------------------------------
+# fk.loss
+# ---------------------------------------------------------------------------------------------
+
+def log_softplus(u: torch.Tensor) -> torch.Tensor:
+    """``log(log(1 + e^u))`` without underflow: ``u + log(log1p(x) / x)``, ``x = e^u``, for ``u < 0``."""
+    x = torch.exp(torch.clamp(u, max=0.0))
+    ratio = torch.where(x > 0, torch.log1p(x) / torch.where(x > 0, x, 1.0), 1.0)
+    return torch.where(u < 0, u + torch.log(ratio), torch.log(F.softplus(torch.clamp(u, min=0.0))))
+
+
+def objective(name: str, u: torch.Tensor) -> torch.Tensor:
+    """Per element ``-phi(u)`` (the loss of one reward ``u``) in float64; for KL and squared
+    Hellinger this is also ``psi(u) - offset`` (``psi = exp(-u-1)``, ``1/softplus(u)``)."""
+    lsp = log_softplus(u)
+    return {
+        "tv": -u,
+        "reverse_kl": -(1 + lsp),
+        "pearson": -torch.where(u <= 2, u - u * u / 4, torch.ones_like(u)),
+        "neyman": -(2 * torch.exp(0.5 * lsp) - 2),
+        "js": -(LOG2 - F.softplus(-u)),
+        "kl": torch.exp(-u - 1),
+        "squared_hellinger": torch.exp(-lsp) - 1,
+    }[name]
+
+
+def log_psi(name: str, u: torch.Tensor) -> torch.Tensor:
+    """``log psi(u)``, the terms whose log-mean-exp is the KL / squared Hellinger loss."""
+    return {"kl": -u - 1, "squared_hellinger": -log_softplus(u)}[name]
+
+
+#: f-divergence generators (``f(0)`` finite) for the primal form ``D_f(onehot(y) || p)``
+_GENERATORS = {
+    "kl": lambda x, a: torch.where(x > 0, x * torch.log(x), torch.zeros_like(x)),
+    "tv": lambda x, a: (x - 1).abs() / 2,
+    "pearson": lambda x, a: (x - 1) ** 2,
+    "squared_hellinger": lambda x, a: (torch.sqrt(x) - 1) ** 2,
+    "js": lambda x, a: torch.where(x > 0, x * torch.log(x), torch.zeros_like(x)) - (1 + x) * torch.log((1 + x) / 2),
+    "alpha": lambda x, a: (x ** a - 1 - a * (x - 1)) / (a * (a - 1)),
+}
+
+
+def primal(name: str, logp: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
+    """``D_f(onehot(y) || p) = p f(1/p) + (1 - p) f(0)``, ``p = exp(logp)`` (float64, from the
+    definition; exact for moderate ``logp``: the package continues some forms linearly below
+    ``log 1e-8``)."""
+    f = _GENERATORS[name]
+    p = torch.exp(logp.double())
+    return p * f(1 / p, alpha) + (1 - p) * f(torch.zeros_like(p), alpha)
+
+
+def canonical(divergence: str) -> str:
+    """The registry name of a divergence alias (``"sft"`` -> ``"tv"``)."""
+    return fk.get_divergence(divergence).name
+
+
+def fdiv_loss(st: Stats, labels, *, divergence="sft", ref_logp=None, beta=1.0, level="token", values="drop",
+              length_normalize=False, reduction="mean", z_loss=0.0, form="variational", alpha=1.5,
+              ignore_index=IGNORE) -> torch.Tensor:
+    """``fk.loss``'s value from float64 statistics (``docs/math.md`` sections 2-3), row by row.
+
+    Per row with supervised positions ``s_0 .. s_n`` and ``lr_i = logp - ref`` there:
+    token level ``u_i = beta lr_i + dV_i`` with ``dV_i = V(s_i) - V(s_{i+1})`` (0 for the last);
+    sequence level ``u = beta sum_i lr_i (/ n with length_normalize) - ref_row + V(s_0) - V(s_n)``;
+    ``V = lse``, dropped (``values="drop"``), detached (``"detach"``) or with gradient (``"free"``,
+    which also adds ``+V(s_0)`` per row). Loss ``mean/sum(-phi(u))`` over units (tokens or rows),
+    ``log mean/sum psi(u)`` for KL and squared Hellinger, ``-phi(u)`` per unit for
+    ``reduction="none"``; plus ``z_loss * mean/sum(lse^2)`` over tokens. 0 when nothing is supervised.
+    """
+    t = labels.shape[-1]
+    mask = (labels != ignore_index).reshape(-1, t)
+    logp, lse = st.logp.reshape(-1, t), st.lse.reshape(-1, t)
+    zero = logp.new_zeros(())
+    n_tok = mask.sum()
+    n_rows = mask.any(1).sum()
+
+    def reduce(total, count):
+        return total if reduction == "sum" else total / max(int(count), 1)
+
+    if form == "primal":
+        per = torch.where(mask, primal(divergence, logp, alpha), zero)
+        if reduction == "none":
+            return per.reshape(labels.shape)
+        out = reduce(per.sum(), n_tok)
+    else:
+        name = canonical(divergence)
+        per_row_ref = ref_logp is not None and ref_logp.shape != labels.shape
+        ref_tok = torch.zeros_like(logp) if ref_logp is None or per_row_ref else ref_logp.double().reshape(-1, t)
+        ref_row = ref_logp.double().reshape(-1) if per_row_ref else None
+        us, unit_rows, unit_pos, free = [], [], [], zero
+        for r in range(mask.shape[0]):
+            pos = mask[r].nonzero().squeeze(1)
+            if pos.numel() == 0:
+                continue
+            lr = logp[r, pos] - ref_tok[r, pos]
+            v = lse[r, pos] if values == "free" else lse[r, pos].detach()
+            if values == "free":
+                free = free + v[0]
+            if level == "token":
+                dv = torch.cat([v[:-1] - v[1:], v.new_zeros(1)]) if values != "drop" else 0.0
+                us.append(beta * lr + dv)
+                unit_rows.extend([r] * pos.numel())
+                unit_pos.extend(pos.tolist())
+            else:
+                s = lr.sum() / (pos.numel() if length_normalize else 1)
+                if ref_row is not None:
+                    s = s - ref_row[r]
+                us.append((beta * s + (v[0] - v[-1] if values != "drop" else 0.0)).reshape(1))
+                unit_rows.append(r)
+        u = torch.cat(us) if us else logp.new_zeros(0)
+        n_units = n_tok if level == "token" else n_rows
+        if reduction == "none":
+            if level == "token":
+                out = logp.new_zeros(mask.shape).index_put((torch.tensor(unit_rows, dtype=torch.long),
+                                                            torch.tensor(unit_pos, dtype=torch.long)), objective(name, u))
+                return out.reshape(labels.shape)
+            out = logp.new_zeros(mask.shape[:1]).index_put((torch.tensor(unit_rows, dtype=torch.long),), objective(name, u))
+            return out.reshape(labels.shape[:-1])
+        if name in LOG_MEAN_EXP:
+            lme = torch.logsumexp(log_psi(name, u), 0)
+            out = (lme if reduction == "sum" else lme - math.log(int(n_units))) if u.numel() else zero
+        else:
+            out = reduce(objective(name, u).sum(), n_units)
+        out = out + reduce(free, n_rows)
+    if z_loss:
+        out = out + z_loss * reduce(torch.where(mask, lse * lse, zero).sum(), n_tok)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO (TRL's formulas)
+# ---------------------------------------------------------------------------------------------
+
+def _f_score(f: str, logratio: torch.Tensor, a: float) -> torch.Tensor:
+    """TRL 1.16 DPOTrainer's f-divergence scores of a log-ratio (its code, transcribed)."""
+    if f == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if f == "js":
+        return LOG2 + F.logsigmoid(logratio)
+    return (torch.exp(torch.clamp((a - 1) * logratio, max=80.0)) - 1.0) / (a - 1.0)
+
+
+def dpo_losses(kind: str, pc, pr, rc=None, rr=None, *, beta: float, label_smoothing: float = 0.0,
+               gamma: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> torch.Tensor:
+    """Per-pair DPO-family losses as TRL publishes them, from the policy's (``pc``, ``pr``) and the
+    reference's (``rc``, ``rr``) sequence log-probs of the chosen/rejected responses.
+
+    ``sigmoid`` is the cDPO form with label smoothing (TRL <= 0.2x; ``ls = 0`` is TRL 1.x's), the
+    other f-divergences replace the log-ratios by TRL's scores; ``simpo`` needs no reference."""
+    ls = label_smoothing
+    if kind == "simpo":
+        x = (pc - pr) - gamma / beta
+        return -F.logsigmoid(beta * x) * (1 - ls) - F.logsigmoid(-beta * x) * ls
+    if f_divergence == "reverse_kl":
+        h = (pc - pr) - (rc - rr)
+    else:
+        h = _f_score(f_divergence, pc - rc, f_alpha) - _f_score(f_divergence, pr - rr, f_alpha)
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * h) * (1 - ls) - F.logsigmoid(-beta * h) * ls
+    if kind == "robust":
+        return (-(1 - ls) * F.logsigmoid(beta * h) + ls * F.logsigmoid(-beta * h)) / (1 - 2 * ls)
+    if kind == "hinge":
+        return torch.relu(1 - beta * h)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise AssertionError(f"no oracle for DPO kind {kind!r}")
+
+
+def dpo_pair_loss(st: Stats, labels, ref_seq=None, *, kind: str, beta: float, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean loss, per-pair losses)`` of rows laid out ``[chosen_0..chosen_{b-1}, rejected_0..]``
+    (what ``fk.nn.FusedLinearDPOLoss`` takes), ``ref_seq [2b]`` per-row reference log-probs in the
+    same layout; ipo/simpo use mean log-probs (TRL's ``average_log_prob``)."""
+    s, mean, _ = sequence_logp(st, labels)
+    seq = mean if kind in MEAN_LOGP_KINDS else s
+    b = seq.shape[0] // 2
+    rc, rr = (None, None) if ref_seq is None else (ref_seq[:b].double(), ref_seq[b:].double())
+    losses = dpo_losses(kind, seq[:b], seq[b:], rc, rr, beta=beta, **kw)
+    return losses.mean(), losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+# ---------------------------------------------------------------------------------------------
+
+def assert_close(actual, expected, *, rtol: float, atol: float, what: str = "") -> None:
+    """Elementwise ``|a - e| <= atol * max(1, max|e|) + rtol |e|``: ``atol`` is relative to the
+    tensor's largest entry (float32 roundoff scales with it)."""
+    assert actual is not None and expected is not None, what
+    e = expected.detach().double().cpu()
+    scale = max(1.0, float(e.abs().max())) if e.numel() else 1.0
+    torch.testing.assert_close(actual.detach().double().cpu(), e, rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
