@@ -53,20 +53,20 @@ class PrimalLoss:
         return (get_primal, (self.name,)) if PRIMAL_LOSSES.get(self.name) is self else super().__reduce__()
 
     def __call__(self, logp: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
-        return apply_elementwise(lambda l: self.value(l, alpha), lambda l: self.grad(l, alpha), logp)
+        return apply_elementwise(lambda lp: self.value(lp, alpha), lambda lp: self.grad(lp, alpha), logp)
 
 
 def _exp_tail(c: float):
-    """``(expm1(c * -l), d/dl)`` exact for l >= L0 and linear in l below it."""
+    """``(expm1(-c lp), d/dlp)`` of ``lp = log p_y``: exact for lp >= L0 and linear in lp below it."""
 
-    def value(l):
-        lc = torch.clamp(l, min=L0)
+    def value(lp):
+        lc = torch.clamp(lp, min=L0)
         exact = torch.expm1(-c * lc)
         slope = -c * math.exp(-c * L0)
-        return torch.where(l >= L0, exact, exact + slope * (l - L0))
+        return torch.where(lp >= L0, exact, exact + slope * (lp - L0))
 
-    def grad(l):
-        lc = torch.clamp(l, min=L0)
+    def grad(lp):
+        lc = torch.clamp(lp, min=L0)
         return -c * torch.exp(-c * lc)
 
     return value, grad
@@ -75,40 +75,40 @@ def _exp_tail(c: float):
 _pearson_v, _pearson_g = _exp_tail(1.0)
 
 
-def _alpha_value(l, a):
+def _alpha_value(lp, a):
     if abs(a - 1.0) < 1e-6:
-        return -l
+        return -lp
     if a > 1:
         v, _ = _exp_tail(a - 1.0)
-        return v(l) / (a * (a - 1))
-    return torch.expm1((1 - a) * l) / (a * (a - 1))
+        return v(lp) / (a * (a - 1))
+    return torch.expm1((1 - a) * lp) / (a * (a - 1))
 
 
-def _alpha_grad(l, a):
+def _alpha_grad(lp, a):
     if abs(a - 1.0) < 1e-6:
-        return -torch.ones_like(l)
+        return -torch.ones_like(lp)
     if a > 1:
         _, g = _exp_tail(a - 1.0)
-        return g(l) / (a * (a - 1))
-    return (1 - a) * torch.exp((1 - a) * l) / (a * (a - 1))
+        return g(lp) / (a * (a - 1))
+    return (1 - a) * torch.exp((1 - a) * lp) / (a * (a - 1))
 
 
-def _js_value(l, a):
-    p = torch.exp(l)
-    return p * l - (1 + p) * torch.log1p(p) + 2 * LOG2
+def _js_value(lp, a):
+    p = torch.exp(lp)
+    return p * lp - (1 + p) * torch.log1p(p) + 2 * LOG2
 
 
-def _js_grad(l, a):
-    p = torch.exp(l)
-    return p * (l - torch.log1p(p))
+def _js_grad(lp, a):
+    p = torch.exp(lp)
+    return p * (lp - torch.log1p(p))
 
 
 _ENTRIES = [
-    PrimalLoss("kl", "-log p_y", False, lambda l, a: -l, lambda l, a: -torch.ones_like(l)),
-    PrimalLoss("tv", "1 - p_y", True, lambda l, a: -torch.expm1(l), lambda l, a: -torch.exp(l)),
-    PrimalLoss("pearson", "1/p_y - 1", False, lambda l, a: _pearson_v(l), lambda l, a: _pearson_g(l)),
-    PrimalLoss("squared_hellinger", "2 (1 - sqrt(p_y))", True, lambda l, a: -2 * torch.expm1(0.5 * l),
-               lambda l, a: -torch.exp(0.5 * l)),
+    PrimalLoss("kl", "-log p_y", False, lambda lp, a: -lp, lambda lp, a: -torch.ones_like(lp)),
+    PrimalLoss("tv", "1 - p_y", True, lambda lp, a: -torch.expm1(lp), lambda lp, a: -torch.exp(lp)),
+    PrimalLoss("pearson", "1/p_y - 1", False, lambda lp, a: _pearson_v(lp), lambda lp, a: _pearson_g(lp)),
+    PrimalLoss("squared_hellinger", "2 (1 - sqrt(p_y))", True, lambda lp, a: -2 * torch.expm1(0.5 * lp),
+               lambda lp, a: -torch.exp(0.5 * lp)),
     PrimalLoss("js", "p log p - (1+p) log(1+p) + 2 log 2", True, _js_value, _js_grad),
     PrimalLoss("alpha", "(p_y^(1-a) - 1) / (a (a-1))", False, _alpha_value, _alpha_grad),
 ]

@@ -137,7 +137,10 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
 
     def put(x):
         return None if x is None else x.to(device)
-    cast = (lambda x: None if x is None else x.to(dtype).to(device))
+
+    def cast(x):
+        return None if x is None else x.to(dtype).to(device)
+
     return Inputs(cast(hidden), cast(weight), cast(b), put(labels), put(ref), masked, tuple(put(c) for c in coef))
 
 

@@ -21,31 +21,31 @@ GEN = {  # generators, written independently of the package
 }
 
 
-def primal_ref(name, l):
+def primal_ref(name, lp):
     """D_f(onehot(y) || p) = p f(1/p) + (1 - p) f(0) from the definition, p = exp(l)."""
-    p = mp.exp(mp.mpf(l))
+    p = mp.exp(mp.mpf(lp))
     return p * GEN[name](1 / p) + (1 - p) * GEN[name](mp.mpf(0))
 
 
 @pytest.mark.parametrize("name", sorted(GEN))
 def test_primal_matches_definition_in_mpmath(name):
     loss = PRIMAL_LOSSES[name]
-    for l in [-18.0, -7.0, -2.0, -0.5, -1e-3, 0.0]:
-        want = primal_ref(name, l)
-        got = float(loss.value(torch.tensor(l, dtype=torch.float64), 1.5))
-        assert got == pytest.approx(float(want), rel=1e-10, abs=1e-12), (name, l)
-        if l == 0.0:
+    for lp in [-18.0, -7.0, -2.0, -0.5, -1e-3, 0.0]:
+        want = primal_ref(name, lp)
+        got = float(loss.value(torch.tensor(lp, dtype=torch.float64), 1.5))
+        assert got == pytest.approx(float(want), rel=1e-10, abs=1e-12), (name, lp)
+        if lp == 0.0:
             continue  # p_y = 1 is the edge of the domain (tv has its kink there)
-        dwant = mp.diff(lambda x: primal_ref(name, x), mp.mpf(l))
-        dgot = float(loss.grad(torch.tensor(l, dtype=torch.float64), 1.5))
-        assert dgot == pytest.approx(float(dwant), rel=1e-8, abs=1e-12), (name, l)
+        dwant = mp.diff(lambda x: primal_ref(name, x), mp.mpf(lp))
+        dgot = float(loss.grad(torch.tensor(lp, dtype=torch.float64), 1.5))
+        assert dgot == pytest.approx(float(dwant), rel=1e-8, abs=1e-12), (name, lp)
 
 
 def test_unbounded_forms_continue_linearly_below_the_floor():
     for name in ("pearson", "alpha"):
         loss = PRIMAL_LOSSES[name]
-        l = torch.tensor([L0 - 1e-9, L0, L0 + 1e-9, L0 - 100.0], dtype=torch.float64)
-        v, g = loss.value(l, 1.5), loss.grad(l, 1.5)
+        lp = torch.tensor([L0 - 1e-9, L0, L0 + 1e-9, L0 - 100.0], dtype=torch.float64)
+        v, g = loss.value(lp, 1.5), loss.grad(lp, 1.5)
         assert abs(v[0] - v[1]) <= 2e-9 * abs(g[1]) and abs(g[0] - g[2]) < 1e-3 * abs(g[1])  # C1 at the floor
         assert v[3] == pytest.approx(float(v[1] - 100.0 * g[1]), rel=1e-9)
 
@@ -53,9 +53,9 @@ def test_unbounded_forms_continue_linearly_below_the_floor():
 @pytest.mark.parametrize("name", sorted(PRIMAL_LOSSES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_primal_finite_for_any_logp(name, dtype):
-    l = torch.tensor([-1e4, -300.0, -90.0, -20.0, -1.0, 0.0], dtype=dtype, requires_grad=True)
-    v = get_primal(name)(l, 1.5)
-    (g,) = torch.autograd.grad(v.sum(), l)
+    lp = torch.tensor([-1e4, -300.0, -90.0, -20.0, -1.0, 0.0], dtype=dtype, requires_grad=True)
+    v = get_primal(name)(lp, 1.5)
+    (g,) = torch.autograd.grad(v.sum(), lp)
     assert torch.isfinite(v).all() and torch.isfinite(g).all()
 
 

@@ -122,7 +122,8 @@ def test_peak_memory_does_not_grow_with_tokens():
 def test_gradcheck_float64():
     x = batch(lead=(2,), t=5, h=4, v=7, dtype=torch.float64, bias=True)
     hidden, weight, labels, b = x.hidden, x.weight, x.labels, x.bias
-    hidden.requires_grad_(); weight.requires_grad_(); b.requires_grad_()
+    for t in (hidden, weight, b):
+        t.requires_grad_()
 
     def f(h, w, bb):
         out = fk.token_stats(h, w, labels, bias=bb, softcap=4.0, temperature=0.9, return_entropy=True)

@@ -4,7 +4,6 @@ log-probs, shared by the trainer-step tests (test_train_steps.py, test_hf.py).""
 import random
 
 import oracle
-import torch
 
 from fdiv_kernels.train import data as D
 from fdiv_kernels.train.synthetic import near_miss, preference_row, problems, sft_row
