@@ -205,7 +205,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     rr = None if kind == "simpo" else ref_rejected.to(pc.dtype)
     losses = pair_losses(pc, pr, rc, rr, kind=kind, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
                          f_divergence=f_divergence, f_alpha=f_alpha)
-    if _checks.finite_checks_enabled() and not bool(torch.isfinite(losses.detach()).all()):
+    if torch.compiler.is_compiling():  # the same check, inside a custom op (ops/compiled.py)
+        from .ops.compiled import check_dpo
+        losses = check_dpo(losses, pc, pr, rc, rr, kind, float(label_smoothing))
+    elif _checks.finite_checks_enabled() and not bool(torch.isfinite(losses.detach()).all()):
         raise ValueError(explain_pair(pc, pr, rc, rr, losses, kind=kind, label_smoothing=label_smoothing))
     if kind == "simpo":
         chosen_r, rejected_r = beta * pc.detach(), beta * pr.detach()

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _checks
-from . import torch_chunked
+from . import compiled, torch_chunked
 from .backends import resolve_backend
 
 
@@ -119,6 +119,10 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     whose logits are all -inf or not finite, or whose label's logit is -inf.
     """
     _checks.check_head(hidden, weight, labels, bias, ignore_index, softcap, temperature)
+    if compiled.compiling():
+        return TokenStats(*compiled.token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                                softcap=softcap, temperature=temperature,
+                                                return_entropy=return_entropy, backend=backend))
     logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, ignore_index, softcap,
                                               float(temperature), bool(return_entropy), backend)
     _checks.check_token_stats(logp, lse, ent if return_entropy else None, labels, softcap, temperature)
@@ -139,6 +143,8 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
         raise ValueError(f"labels must have logits' leading shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
     _checks.check_same_device(logits=logits, labels=labels)
     _checks.check_labels(labels, logits.shape[-1], ignore_index)
+    if compiled.compiling():
+        labels = compiled.check_labels(labels, logits.shape[-1], ignore_index)
     z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -150,5 +156,7 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
     logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     ent = torch.where(valid, torch_chunked.entropy(z), zero) if return_entropy else None
     out = TokenStats(torch.where(valid, logp, zero), torch.where(valid, lse, zero), ent)
+    if compiled.compiling():
+        return compiled.checked_stats(out, labels)
     _checks.check_token_stats(out.logp, out.lse, out.entropy, labels)
     return out
