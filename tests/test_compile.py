@@ -91,9 +91,22 @@ def test_loss_hidden_weight(case, backend):
     _assert_same(step, (hidden, weight, labels, ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_loss_other_dtypes(dtype):
+    """bf16 (fp32 statistics, bf16 gradients) and float64 (the torch reference computes it)."""
+    hidden, weight, labels, ref = _inputs(seed=14)
+    hidden, weight = (t.to(dtype).requires_grad_() for t in (hidden, weight))
+
+    def step(h, w, y, r):
+        out = fk.loss(h, w, y, divergence="js", ref_logp=r, beta=0.5)
+        return out.loss, out.logp
+
+    _assert_same(step, (hidden, weight, labels, ref))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_stats_outputs_used_in_another_loss(backend):
-    """Gradients of ``out.logp`` / ``out.lse`` / ``out.entropy`` (fused_loss_stats_vjp) and a bias."""
+    """Gradients of ``out.logp`` / ``out.lse`` / ``out.entropy`` (fused_loss_backward) and a bias."""
     hidden, weight, labels, ref = _inputs(seed=1)
     bias = torch.randn(V) * 0.1
     _grad(hidden, weight, bias)
@@ -245,9 +258,14 @@ def test_opcheck_fused_loss():
             compiled.encode_spec(FDivSpec("kl", beta=0.5)), None, 1.0, "torch", -100, True, True, True, False)
     torch.library.opcheck(compiled.fused_loss, args, test_utils=("test_schema", "test_faketensor",
                                                                   "test_autograd_registration"))
-    ts_args = (hidden, weight, None, labels, -100, None, 1.0, True, "torch")
-    torch.library.opcheck(compiled.token_stats_op, ts_args, test_utils=("test_schema", "test_faketensor",
-                                                                        "test_autograd_registration"))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(compiled.fused_loss, args[:2] + (torch.randn(V),) + args[3:11] + (False,) + args[12:],
+                          test_utils=utils)  # a bias, no entropy
+    torch.library.opcheck(compiled.token_stats_op, (hidden, weight, None, labels, -100, None, 1.0, True, "torch"),
+                          test_utils=utils)
+    logp, lse = (torch.randn(2, 5, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(compiled.check_stats, (logp, lse, None, labels, None, 1.0), test_utils=utils)
+    torch.library.opcheck(compiled.check_labels, (labels, V, -100), test_utils=utils)
 
 
 

@@ -10,9 +10,10 @@ whose eager bodies are the package's ordinary eager code:
   checks). Its eager body computes the loss, the token statistics and, in the same pass, the
   gradients with respect to ``hidden``/``weight``/``bias`` at ``grad_output = 1`` (that is what
   :class:`~fdiv_kernels.ops.fused.FusedLossFunction` does); the registered backward multiplies
-  them by ``grad_output``. Gradients of the ``logp``/``lse``/``entropy`` outputs (when they are
-  used in another differentiable expression) come from ``fused_loss_stats_vjp``, which re-runs
-  the eager call under autograd (skipped at run time when those gradients are all zero).
+  them by ``grad_output``. When the ``logp``/``lse``/``entropy`` outputs also have gradients
+  (used in another differentiable expression), ``fused_loss_backward`` re-runs the eager call
+  under autograd with all the gradients (eager's arithmetic; skipped at run time when those
+  gradients are all zero).
 * ``fdiv_kernels::token_stats``: :func:`fdiv_kernels.token_stats` (``fk.token_stats``,
   ``fk.sequence_logp``, the two-pass specs and every no-grad call); backward
   ``token_stats_vjp`` recomputes the forward under autograd (one extra logits GEMM).
@@ -102,7 +103,7 @@ def _leaves(tensors: Sequence[torch.Tensor | None], needs: Sequence[bool]):
     return [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
 
 
-def _grads_or_empty(outputs, grad_outputs, leaves, needs) -> tuple[torch.Tensor, ...]:
+def _grads_or_empty(outputs, grad_outputs, leaves, needs, device) -> tuple[torch.Tensor, ...]:
     """``d(outputs . grad_outputs) / d leaf`` for the needed leaves (zeros when unused), an empty
     tensor for the others."""
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
@@ -113,9 +114,9 @@ def _grads_or_empty(outputs, grad_outputs, leaves, needs) -> tuple[torch.Tensor,
     for leaf, n in zip(leaves, needs):
         if n and leaf is not None:
             g = next(got)
-            out.append(torch.zeros_like(leaf) if g is None else g)
+            out.append(torch.zeros(leaf.shape, dtype=leaf.dtype, device=leaf.device) if g is None else g.contiguous())
         else:
-            out.append(torch.empty(0, device=leaf.device if leaf is not None else "cpu"))
+            out.append(_empty(device))
     return tuple(out)
 
 
@@ -133,7 +134,8 @@ def _stat_like(labels: torch.Tensor, like: torch.Tensor, present: bool = True) -
 
 
 def _grad_like(t: torch.Tensor | None, need: bool, device) -> torch.Tensor:
-    return torch.empty_like(t) if (need and t is not None) else torch.empty(0, device=device)
+    """A gradient of ``t`` as the op bodies return it (contiguous), or an empty tensor."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device) if (need and t is not None) else _empty(device)
 
 
 def _empty(device) -> torch.Tensor:
@@ -169,8 +171,8 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     with _eager_autograd():
         ev, leaves = _run_fused(hidden, weight, bias, labels, ref_tok, ref_seq, spec, softcap, temperature, backend,
                                 ignore_index, return_entropy, needs)
-        grads = _grads_or_empty((ev.loss,), (torch.ones_like(ev.loss),), leaves, needs)
-    ent = ev.stats.entropy.detach() if return_entropy else _empty(labels.device)
+        grads = _grads_or_empty((ev.loss,), (torch.ones_like(ev.loss),), leaves, needs, labels.device)
+    ent = ev.stats.entropy.detach() if return_entropy else _stat_like(labels, hidden, False)
     return (ev.loss.detach().clone(), ev.stats.logp.detach(), ev.stats.lse.detach(), ent) + grads
 
 
@@ -194,47 +196,56 @@ def _fused_setup(ctx, inputs, output):
     ctx.options = inputs[6:12]
 
 
+def _scaled(saved, inputs, needs, g_loss):
+    """The stored gradients times ``grad_output`` (None where not needed)."""
+    return [None if not (n and t is not None) or g_loss is None else (g * g_loss).to(t.dtype)
+            for g, t, n in zip(saved, inputs, needs)]
+
+
 def _fused_backward(ctx, g_loss, g_logp, g_lse, g_ent, *_):
     hidden, weight, bias, labels, ref_tok, ref_seq, gh, gw, gb = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    grads = [None, None, None]
-    if g_loss is not None:
-        grads = [(g * g_loss).to(t.dtype) if (n and t is not None) else None
-                 for g, t, n in zip((gh, gw, gb), (hidden, weight, bias), needs)]
-    if g_logp is not None or g_lse is not None or g_ent is not None:
-        extra = fused_loss_stats_vjp(hidden, weight, bias, labels, ref_tok, ref_seq, g_logp, g_lse, g_ent,
-                                     *ctx.options, *needs)
-        grads = [None if not n else e if g is None else g + e for g, e, n in zip(grads, extra, needs)]
+    if g_logp is None and g_lse is None and g_ent is None:  # the usual loss.backward()
+        grads = _scaled((gh, gw, gb), (hidden, weight, bias), needs, g_loss)
+    else:
+        grads = fused_loss_backward(hidden, weight, bias, labels, ref_tok, ref_seq, gh, gw, gb, g_loss, g_logp,
+                                    g_lse, g_ent, *ctx.options, *needs)
+        grads = [g if n else None for g, n in zip(grads, needs)]
     return (*grads,) + (None,) * 12
 
 
 fused_loss.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::fused_loss_stats_vjp", mutates_args=())
-def fused_loss_stats_vjp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         labels: torch.Tensor, ref_tok: torch.Tensor, ref_seq: torch.Tensor | None,
-                         grad_logp: torch.Tensor | None, grad_lse: torch.Tensor | None,
-                         grad_entropy: torch.Tensor | None, spec: str, softcap: float | None,
-                         temperature: float, backend: str, ignore_index: int, return_entropy: bool, need_h: bool,
-                         need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`fused_loss`'s ``logp``/``lse``/``entropy`` outputs (zeros when the
-    given gradients are all zero, without any GEMM)."""
+@torch.library.custom_op(f"{NAMESPACE}::fused_loss_backward", mutates_args=())
+def fused_loss_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        labels: torch.Tensor, ref_tok: torch.Tensor, ref_seq: torch.Tensor | None,
+                        saved_h: torch.Tensor, saved_w: torch.Tensor, saved_b: torch.Tensor,
+                        grad_loss: torch.Tensor | None, grad_logp: torch.Tensor | None, grad_lse: torch.Tensor | None,
+                        grad_entropy: torch.Tensor | None, spec: str, softcap: float | None,
+                        temperature: float, backend: str, ignore_index: int, return_entropy: bool, need_h: bool,
+                        need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`fused_loss` when its ``logp``/``lse``/``entropy`` outputs have
+    gradients: the eager call re-run under autograd with every output's gradient (eager's
+    rounding); when those gradients are all zero, the stored gradients times ``grad_loss``."""
     needs = (need_h, need_w, need_b and bias is not None)
     given = (grad_logp, grad_lse, grad_entropy if return_entropy else None)
     if _all_zero(given):
-        return tuple(torch.zeros_like(t) if n else _empty(labels.device) for t, n in zip((hidden, weight, bias), needs))
+        scaled = _scaled((saved_h, saved_w, saved_b), (hidden, weight, bias), needs, grad_loss)
+        return tuple(_empty(labels.device) if not n else torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+                     if g is None else g for g, t, n in zip(scaled, (hidden, weight, bias), needs))
     with _eager_autograd():
         ev, leaves = _run_fused(hidden, weight, bias, labels, ref_tok, ref_seq, spec, softcap, temperature, backend,
                                 ignore_index, return_entropy, needs)
-        outs = (ev.stats.logp, ev.stats.lse, ev.stats.entropy if return_entropy else None)
-        return _grads_or_empty([o for o in outs if o is not None], [g for g, o in zip(given, outs) if o is not None],
-                               leaves, needs)
+        outs = (ev.loss, ev.stats.logp, ev.stats.lse, ev.stats.entropy if return_entropy else None)
+        grads = (grad_loss,) + given
+        return _grads_or_empty([o for o in outs if o is not None], [g for g, o in zip(grads, outs) if o is not None],
+                               leaves, needs, labels.device)
 
 
-@fused_loss_stats_vjp.register_fake
-def _(hidden, weight, bias, labels, ref_tok, ref_seq, grad_logp, grad_lse, grad_entropy, spec, softcap, temperature,
-      backend, ignore_index, return_entropy, need_h, need_w, need_b):
+@fused_loss_backward.register_fake
+def _(hidden, weight, bias, labels, ref_tok, ref_seq, saved_h, saved_w, saved_b, grad_loss, grad_logp, grad_lse,
+      grad_entropy, spec, softcap, temperature, backend, ignore_index, return_entropy, need_h, need_w, need_b):
     dev = labels.device
     return _grad_like(hidden, need_h, dev), _grad_like(weight, need_w, dev), _grad_like(bias, need_b, dev)
 
@@ -269,7 +280,7 @@ def token_stats_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """:func:`fdiv_kernels.token_stats` (with its checks): ``(logp, lse, entropy | [0])``."""
     stats, _ = _run_token_stats(hidden, weight, bias, labels, ignore_index, softcap, temperature, return_entropy,
                                 backend, (False, False, False))
-    return stats.logp, stats.lse, (stats.entropy if return_entropy else _empty(labels.device))
+    return stats.logp, stats.lse, (stats.entropy if return_entropy else _stat_like(labels, hidden, False))
 
 
 @token_stats_op.register_fake
@@ -308,7 +319,7 @@ def token_stats_vjp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         stats, leaves = _run_token_stats(hidden, weight, bias, labels, ignore_index, softcap, temperature,
                                          return_entropy, backend, needs)
         outs = [o for o in stats if o is not None]
-        return _grads_or_empty(outs, given[:len(outs)], leaves, needs)
+        return _grads_or_empty(outs, given[:len(outs)], leaves, needs, labels.device)
 
 
 @token_stats_vjp.register_fake
@@ -356,12 +367,12 @@ def check_stats(logp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | N
                 softcap: float | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fdiv_kernels._checks.check_token_stats`; returns copies of the statistics."""
     _checks.check_token_stats(logp, lse, entropy, labels, softcap, temperature)
-    return logp.clone(), lse.clone(), (_empty(lse.device) if entropy is None else entropy.clone())
+    return logp.clone(), lse.clone(), (lse.new_empty(0) if entropy is None else entropy.clone())
 
 
 @check_stats.register_fake
 def _(logp, lse, entropy, labels, softcap, temperature):
-    return torch.empty_like(logp), torch.empty_like(lse), torch.empty_like(lse if entropy is None else entropy)
+    return torch.empty_like(logp), torch.empty_like(lse), (lse.new_empty(0) if entropy is None else torch.empty_like(entropy))
 
 
 def _check_stats_backward(ctx, g_logp, g_lse, g_ent):
