@@ -250,6 +250,13 @@ def test_spec_round_trip(spec):
     assert compiled.decode_spec(compiled.encode_spec(spec)) == spec
 
 
+def test_unregistered_divergence_is_refused():
+    import dataclasses
+    div = dataclasses.replace(fk.get_divergence("js"))  # equal fields, not the registry's object
+    with pytest.raises(ValueError, match="is not a registered entry"):
+        compiled.encode_spec(FDivSpec(div))
+
+
 def test_opcheck_fused_loss():
     """torch.library.opcheck: schema, fake (meta) shapes and dtypes, autograd registration."""
     hidden, weight, labels, ref = _inputs(rows=2, t=5, seed=12)

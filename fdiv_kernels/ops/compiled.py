@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks
+from ..divergences import Divergence, get_divergence
+from ..primal import PrimalLoss, get_primal
 
 NAMESPACE = "fdiv_kernels"
 _SCALARS = (str, int, float, bool, type(None))
@@ -63,9 +65,19 @@ def encode_spec(spec) -> str:
     for name in spec.__dataclass_fields__:
         value = getattr(spec, name)
         if not isinstance(value, _SCALARS):
-            value = value.name
+            value = _registered_name(name, value)
         items.append((name, value))
     return repr((type(spec).__name__, tuple(items)))
+
+
+def _registered_name(field: str, entry) -> str:
+    """The registry name of a spec's divergence / primal loss; an object that the registry does not
+    hold under that name cannot be passed by name, so it is refused (never silently replaced)."""
+    lookup = get_divergence if isinstance(entry, Divergence) else get_primal if isinstance(entry, PrimalLoss) else None
+    if lookup is None or lookup(entry.name) is not entry:
+        raise ValueError(f"{field}={entry!r} is not a registered entry: under torch.compile specs reach the kernels "
+                         f"by name; register it first (fk.register_divergence)")
+    return entry.name
 
 
 @functools.cache
