@@ -304,7 +304,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     rr = ref_rejected.to(pc.dtype) if needs_ref else None
     losses = pair_losses(pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
                          divergence=divergence, alpha=alpha)
-    if _checks.finite_checks_enabled() and not bool(torch.isfinite(losses.detach()).all()):
+    if torch.compiler.is_compiling():  # the same check, inside a custom op (ops/compiled.py)
+        from .ops.compiled import check_dpo
+        losses = check_dpo(losses, pc, pr, rc, rr, loss_type, float(label_smoothing))
+    elif _checks.finite_checks_enabled() and not bool(torch.isfinite(losses.detach()).all()):
         raise ValueError(explain_pair(pc, pr, rc, rr, losses, loss_type=loss_type, label_smoothing=label_smoothing))
     if needs_ref:
         chosen_r, rejected_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()

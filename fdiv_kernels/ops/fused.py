@@ -42,6 +42,7 @@ import torch
 
 from .. import _checks
 from ..specs import HeadSpec, LogSumExpAccumulator, LossSpec, Norms, Rows, Terms
+from . import compiled
 from .backends import Backend, resolve_backend
 from .token_stats import TokenStats, token_stats, token_stats_from_logits, valid_grads, valid_rows
 
@@ -383,6 +384,11 @@ def evaluate(spec: LossSpec, *, hidden=None, weight=None, labels, logits=None, b
         wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                                   (bias is not None and bias.requires_grad))
         if wants_grad and spec.single_pass and single_pass_enabled():
+            if compiled.compiling():  # one custom op runs this whole branch eagerly (ops/compiled.py)
+                loss, logp, lse, ent = compiled.evaluate_fused(spec, hidden=hidden, weight=weight, labels=labels,
+                                                               bias=bias, ref_tok=ref_tok, ref_seq=ref_seq, head=head,
+                                                               ignore_index=ignore_index, return_entropy=return_entropy)
+                return Evaluated(loss, TokenStats(logp, lse, ent), True)
             backend = resolve_backend(head.backend, hidden)
             if backend.single_pass is not None:
                 shape = _flat_rows(labels)
@@ -406,7 +412,10 @@ def evaluate(spec: LossSpec, *, hidden=None, weight=None, labels, logits=None, b
     mask2 = (labels != ignore_index).reshape(shape)
     rows = Rows(stats.logp.reshape(shape), stats.lse.reshape(shape), mask2, ref_tok, ref_seq)
     loss = whole_batch(spec, rows, spec.normalizers(mask2))
-    check_result(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head)
+    if compiled.compiling():
+        loss = compiled.checked_loss(spec, loss, stats, labels, ref_tok, ref_seq, head, ignore_index)
+    else:
+        check_result(spec, loss, stats, labels, mask2, ref_tok, ref_seq, head)
     return Evaluated(loss, stats, False)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import _checks
 from ..specs import HeadSpec
-from . import torch_chunked
+from . import compiled, torch_chunked
 from .backends import resolve_backend
 
 
@@ -208,6 +208,10 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     whose logits are all -inf or not finite, or whose label's logit is -inf.
     """
     _checks.check_head(hidden, weight, labels, bias, ignore_index, softcap, temperature)
+    if compiled.compiling():
+        return _result(*compiled.token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                             softcap=softcap, temperature=temperature,
+                                             return_entropy=return_entropy, backend=backend))
     params = TokenStatsParams(HeadSpec(softcap, temperature, backend), ignore_index, bool(return_entropy))
     logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, params)
     _checks.check_token_stats(logp, lse, ent if return_entropy else None, labels, softcap, temperature)
@@ -238,6 +242,8 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
         raise ValueError(f"labels must have logits' leading shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
     _checks.check_same_device(logits=logits, labels=labels)
     _checks.check_labels(labels, logits.shape[-1], ignore_index)
+    if compiled.compiling():
+        labels = compiled.check_labels(labels, logits.shape[-1], ignore_index)
     z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -249,5 +255,7 @@ def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignor
     logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     ent = torch.where(valid, torch_chunked.entropy(z), zero) if return_entropy else None
     out = _result(torch.where(valid, logp, zero), torch.where(valid, lse, zero), ent)
+    if compiled.compiling():
+        return compiled.checked_stats(out, labels)
     _checks.check_token_stats(out.logp, out.lse, out.entropy, labels)
     return out
