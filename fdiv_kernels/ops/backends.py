@@ -50,6 +50,30 @@ import torch
 logger = logging.getLogger("fdiv_kernels")
 
 
+class ChunkGradBuffers:
+    """The float32 ``grad_weight`` / ``grad_bias`` that a backend's single-pass chunk kernels
+    accumulate over chunks (``grad_w``, ``grad_b``: ``None`` when not needed). The first chunk writes
+    them with ``beta = 0`` (no zero-fill pass); :meth:`results` zero-fills them when no chunk wrote
+    (a batch without supervised rows)."""
+
+    grad_w: Optional[torch.Tensor] = None
+    grad_b: Optional[torch.Tensor] = None
+    _written: bool = False
+
+    def _accumulate_beta(self, beta: float) -> float:
+        """The ``beta`` of this chunk's ``grad = beta * grad + alpha * chunk`` (0 for the first)."""
+        beta = beta if self._written else 0.0
+        self._written = True
+        return beta
+
+    def results(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if not self._written:
+            for t in (self.grad_w, self.grad_b):
+                if t is not None:
+                    t.zero_()
+        return self.grad_w, self.grad_b
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the ``token_stats`` contract.

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from . import chunk_sizes, native
-from .backends import Backend, register_backend
+from .backends import Backend, ChunkGradBuffers, register_backend
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
@@ -76,7 +76,7 @@ def release_workspace() -> None:
     _workspace.buf = None
 
 
-class ChunkKernels:
+class ChunkKernels(ChunkGradBuffers):
     """One-pass chunk kernels of the ``cpu`` backend (contract in :mod:`fdiv_kernels.ops.backends`).
 
     The C++ ``chunk_stats`` keeps the chunk's ``z = cap(h W^T + b) / T`` in a reused float32
@@ -97,7 +97,6 @@ class ChunkKernels:
         v, h = weight.shape
         self.grad_w = torch.empty((v, h), dtype=torch.float32) if need_w else None
         self.grad_b = torch.empty(v, dtype=torch.float32) if need_b else None
-        self._written = False
         self._h = None
 
     def stats(self, h: torch.Tensor, y: torch.Tensor):
@@ -111,18 +110,11 @@ class ChunkKernels:
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         h32, self._h = self._h, None
-        beta = beta if self._written else 0.0
-        self._written = True
+        beta = self._accumulate_beta(beta)
         return self.mod.chunk_grads(h32, self.w, y, self.buf, _f32(lse), _f32(ent) if e is not None else None,
                                     _f32(g), _f32(k), _f32(e), self.cap, self.temperature, self.grad_w, self.grad_b,
                                     float(alpha), float(beta), self.need_h, chunk_sizes.cpu_tile_cols(h32.shape[0]))
 
-    def results(self):
-        if not self._written:
-            for t in (self.grad_w, self.grad_b):
-                if t is not None:
-                    t.zero_()
-        return self.grad_w, self.grad_b
 
 
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import lowp
+from .backends import ChunkGradBuffers
 
 logger = logging.getLogger("fdiv_kernels")
 
@@ -93,7 +94,7 @@ def blocked_addmm_f32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta
             torch.mul(part, alpha, out=blk)
 
 
-class GemmChunkKernels:
+class GemmChunkKernels(ChunkGradBuffers):
     """The driver; subclasses provide :meth:`forward_epilogue` and :meth:`coef_epilogue` and say
     whether the coefficient is written over the logits' rows (``coef_in_place``)."""
 
@@ -112,7 +113,6 @@ class GemmChunkKernels:
         self.grad_b = torch.empty(v, dtype=torch.float32, device=dev) if need_b else None
         self.buf = torch.empty(0, dtype=torch.float32, device=dev)
         self.coef_buf = torch.empty(0, dtype=weight.dtype, device=dev)
-        self._written = False
         self._n = 0
 
     # --- what a backend provides ---
@@ -161,8 +161,7 @@ class GemmChunkKernels:
                 g, k, e = g * s, k * s, (None if e is None else e * s)
                 unscale = 1.0 / s
         self.coef_epilogue(z, coef, y, lse, ent if e is not None else None, g, k, e)
-        beta = beta if self._written else 0.0
-        self._written = True
+        beta = self._accumulate_beta(beta)
         alpha = alpha * unscale
         if self.grad_w is not None:
             addmm_f32(self.grad_w, coef.t(), h, beta=beta, alpha=alpha)
@@ -177,9 +176,3 @@ class GemmChunkKernels:
         gh = mm_f32(coef, self.w)
         return gh if unscale == 1.0 else gh.mul_(unscale)
 
-    def results(self):
-        if not self._written:
-            for t in (self.grad_w, self.grad_b):
-                if t is not None:
-                    t.zero_()
-        return self.grad_w, self.grad_b

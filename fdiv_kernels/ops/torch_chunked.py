@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import chunk_sizes
-from .backends import Backend, register_backend
+from .backends import Backend, ChunkGradBuffers, register_backend
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,7 +135,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return grad_h, grad_w, grad_b
 
 
-class ChunkKernels:
+class ChunkKernels(ChunkGradBuffers):
     """One-pass chunk kernels of the torch backend (the reference twin of the native ones; see
     :mod:`fdiv_kernels.ops.backends`): the chunk's fp32 logits are kept between ``stats`` and
     ``grads``."""
@@ -149,7 +149,6 @@ class ChunkKernels:
         self.need_h = need_h
         self.grad_w = torch.empty(weight.shape, dtype=self.dtype, device=weight.device) if need_w else None
         self.grad_b = torch.empty(bias.shape, dtype=self.dtype, device=bias.device) if need_b else None
-        self._written = False
         self._kept = None
 
     def stats(self, h: torch.Tensor, y: torch.Tensor):
@@ -161,8 +160,7 @@ class ChunkKernels:
         z, t = self._kept
         self._kept = None
         coef = _coef(z, t, y, lse, ent, g, k, e, self.temperature)
-        beta = beta if self._written else 0.0
-        self._written = True
+        beta = self._accumulate_beta(beta)
         if self.grad_w is not None:
             self.grad_w.addmm_(coef.T, h.to(self.dtype), beta=beta, alpha=alpha)
         if self.grad_b is not None:
@@ -172,12 +170,6 @@ class ChunkKernels:
                 torch.mul(coef.sum(0), alpha, out=self.grad_b)
         return coef @ self.w if self.need_h else None
 
-    def results(self):
-        if not self._written:
-            for t in (self.grad_w, self.grad_b):
-                if t is not None:
-                    t.zero_()
-        return self.grad_w, self.grad_b
 
 
 register_backend(Backend(
