@@ -119,6 +119,22 @@ def test_js_with_reference_matches_float64_formula():
     assert not fk_hf.is_patched(model)
 
 
+def test_primal_options_are_deprecated_and_equal_to_a_primal_spec():
+    from fdiv_kernels.specs import PrimalSpec
+    model = _make("Llama")
+    ids, mask, labels = _batch(seed=5)
+    with fk_hf.patched(model, spec=PrimalSpec("alpha", alpha=0.5)):
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with pytest.warns(DeprecationWarning, match="PrimalSpec") as rec:
+        fk_hf.apply(model, divergence="alpha", form="primal", alpha=0.5)
+    assert rec[0].filename == __file__  # attributed to the caller's line
+    try:
+        got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    finally:
+        fk_hf.unapply(model)
+    torch.testing.assert_close(got, want)
+
+
 def test_no_labels_and_generate_unchanged_and_unapply_restores():
     model = _make("Gemma2")
     ids, mask, _ = _batch(seed=4)

@@ -38,6 +38,7 @@ import functools
 import inspect
 import math
 import types
+import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -172,6 +173,10 @@ def _spec_from(spec: Optional[LossSpec], options: Dict[str, Any]) -> LossSpec:
     unknown = sorted(set(options) - set(_LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"apply() got unknown loss option(s) {unknown}; the options are {', '.join(_LOSS_OPTIONS)}")
+    if "form" in options or "alpha" in options:
+        warnings.warn("apply(..., form=, alpha=) is deprecated: pass spec=fk.PrimalSpec(divergence, alpha=...) for "
+                      "the primal family (fk.primal_loss), or drop them for the variational one",
+                      DeprecationWarning, stacklevel=3)
     return make_spec(**options)
 
 
@@ -190,8 +195,8 @@ def apply(model, spec: Optional[LossSpec] = None, *, softcap: Optional[float] = 
             ``labels`` is ``[2B, T]``, chosen rows then rejected, and ``ref_logp`` the ``[2B]``
             reference sequence log-probs in the spec's normalisation), or
         **options: the options of :func:`fdiv_kernels.loss` (``divergence="sft"`` by default: HF's
-            own cross-entropy loss; ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``,
-            ``form``, ``alpha``), validated into a spec.
+            own cross-entropy loss; ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``;
+            ``form``/``alpha`` are deprecated: pass ``spec=PrimalSpec(...)``), validated into a spec.
         softcap: logit soft-cap; ``None`` takes ``config.final_logit_softcapping`` (Gemma 2/3).
         temperature: divides the logits, on top of any scale the config sets
             (:func:`fdiv_kernels.hf.head_spec`).
