@@ -357,7 +357,7 @@ def test_main_paths_emit_no_deprecation_warning():
         fk.primal_loss(hidden, weight, labels, divergence="alpha", backend="torch")
         logp, _ = fk.token_stats(hidden, weight, labels, backend="torch")
         fk.dpo_loss(logp.sum(-1)[:2], logp.sum(-1)[2:], ref[:2], ref[2:], beta=0.1, loss_type="ipo", divergence="js")
-        for spec in (DPOConfig(kind="simpo").spec, DPOConfig(kind="ipo").spec, MixDPOConfig().spec):
+        for spec in (DPOConfig(loss_type="simpo").spec, DPOConfig(loss_type="ipo").spec, MixDPOConfig().spec):
             mod = hf.dpo_loss_module(spec, HeadSpec(backend="torch"))
             mod(hidden, weight, labels, ref_logp=None if not spec.needs_reference else ref, return_output=True)
             repr(mod)

@@ -129,7 +129,7 @@ def test_trainer_sft_step_applies_the_logit_scale(arch):
 @pytest.mark.parametrize("arch,kind", [("Cohere", "sigmoid"), ("Granite", "ipo")])
 def test_trainer_dpo_step_applies_the_logit_scale(arch, kind):
     m, ref_m, batch = _model(arch), _model(arch, seed=1), _pair_batch()
-    cfg = DPOConfig(kind=kind, beta=0.5)
+    cfg = DPOConfig(loss_type=kind, beta=0.5)
     ref = S.reference_pair_logps(ref_m, batch, spec=cfg.spec, backend="torch")
     loss, st = S.dpo_micro(m, batch, cfg=cfg, ref=ref, norm=S.Norm(3, 1, 1), backend="torch")
     with torch.no_grad():
@@ -337,8 +337,8 @@ def test_sft_config_lists_exactly_the_spec_fields():
     assert {k: getattr(sft, k) for k in SFT_LOSS_FIELDS} == spec_fields
     assert SFTConfig(divergence="js", beta=0.5).loss_spec(reduction="sum") == FDivSpec("js", beta=0.5,
                                                                                         reduction="sum")
-    assert DPOConfig(kind="simpo", beta=2.0, gamma=1.0).spec == DPOSpec(loss_type="simpo", beta=2.0, gamma=1.0)
-    assert not DPOConfig(kind="simpo").spec.needs_reference and DPOConfig(kind="ipo").spec.length_normalize
+    assert DPOConfig(loss_type="simpo", beta=2.0, gamma=1.0).spec == DPOSpec(loss_type="simpo", beta=2.0, gamma=1.0)
+    assert not DPOConfig(loss_type="simpo").spec.needs_reference and DPOConfig(loss_type="ipo").spec.length_normalize
     assert math.isclose(SFTConfig().beta, 1.0)
 
 

@@ -102,7 +102,7 @@ def test_config_errors_and_flag_mapping(tmp_path, config_file, capsys):
 
     args = build_parser().parse_args(["dpo", "--lr", "5e-7", "--beta", "0.01", "--kind", "ipo", "--steps", "7"])
     cfg = load_config(config_file, overrides_from_args(args))
-    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.dpo.kind, cfg.dpo.steps) == (5e-7, 0.01, "ipo", 7)
+    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.steps) == (5e-7, 0.01, "ipo", 7)
     assert cfg.sft.beta == 0.5  # untouched
 
 
@@ -114,7 +114,7 @@ def test_example_configs_parse(name):
     if name.startswith("llama3_8b_dpo"):
         assert (cfg.dpo.beta, cfg.dpo.lr, cfg.dpo.batch_size) == (0.01, 5e-7, 128)
     if "simpo" in name:
-        assert (cfg.dpo.kind, cfg.dpo.beta, cfg.dpo.gamma, cfg.dpo.lr) == ("simpo", 2.0, 1.0, 6e-7)
+        assert (cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.gamma, cfg.dpo.lr) == ("simpo", 2.0, 1.0, 6e-7)
 
 
 def test_local_rank_from_the_deepspeed_launcher(monkeypatch, config_file):

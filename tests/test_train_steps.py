@@ -96,7 +96,7 @@ def test_micro_batches_add_up_to_the_full_batch():
 @pytest.mark.parametrize("kind,beta,gamma", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("simpo", 2.0, 1.0)])
 def test_dpo_step_matches_hand_formula(kind, beta, gamma):
     m, ref_m, batch = _model(0), _model(1), _pair_batch(4)
-    cfg = DPOConfig(kind=kind, beta=beta, gamma=gamma)
+    cfg = DPOConfig(loss_type=kind, beta=beta, gamma=gamma)
     ref = S.reference_pair_logps(ref_m, batch, spec=cfg.spec, backend="torch") if kind != "simpo" else None
     loss, st = S.dpo_micro(m, batch, cfg=cfg, ref=ref, norm=S.Norm(4, 1, 1), backend="torch")
     loss.backward()

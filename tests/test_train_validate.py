@@ -77,7 +77,7 @@ TYPOS = {
     "divergence": (["sft", "--divergence", "foo"], "sft: unknown divergence 'foo'; known:"),
     "model": (["sft", "--model", "/nope"], "model.path '/nope' is not a directory"),
     "lr": (["pipeline", "--set", "sft.lr=-1"], "sft.lr must be a finite number > 0, got -1.0"),
-    "dpo kind": (["dpo", "--kind", "simpo2"], "dpo: kind='simpo2' is not supported"),
+    "dpo loss type": (["dpo", "--loss-type", "simpo2"], "dpo: loss_type='simpo2' is not supported"),
     "backend": (["sft", "--backend", "fortran"], "backend: unknown backend 'fortran'"),
     "batch": (["sft", "--set", "sft.micro_batch_size=3"], "sft: per-process batch 4 must be divisible by "
                                                             "micro_batch_size 3"),
@@ -131,10 +131,10 @@ def test_resume_refuses_a_changed_configuration_unless_allowed(finished, capsys,
     shutil.copytree(finished["run"], out / "run")
     base = ["pipeline", "--config", finished["config"], "--output", str(out), "--name", "run", "--resume"]
     before = _digest(out / "run")
-    assert main(base + ["--set", "sft.lr=0.002", "--set", "dpo.kind=ipo"]) == 2
+    assert main(base + ["--set", "sft.lr=0.002", "--set", "dpo.loss_type=ipo"]) == 2
     err = capsys.readouterr().err
     assert "--resume with a configuration that differs" in err and "sft.lr: 0.001 -> 0.002" in err
-    assert 'dpo.kind: "sigmoid" -> "ipo"' in err and "--allow-config-change" in err
+    assert 'dpo.loss_type: "sigmoid" -> "ipo"' in err and "--allow-config-change" in err
     assert _digest(out / "run") == before
     assert main(base + ["--no-progress"]) == 0  # progress (like name, output_dir, threads) may change
     assert main(base + ["--set", "dpo.beta=0.2", "--allow-config-change"]) == 0
@@ -183,3 +183,31 @@ def test_keys_added_since_a_run_are_no_change_at_their_defaults():
     gone = to_dict(RunConfig())
     gone["sft"]["old_key"] = 1  # a key the new version dropped still shows
     assert config_changes(gone, to_dict(RunConfig())) == ['sft.old_key: 1 -> "<absent>"']
+
+
+def test_former_dpo_kind_key_still_reads_and_resumes(tmp_path):
+    """``dpo.kind`` (the name before ``dpo.loss_type``) in YAML, ``--set`` and ``--kind`` gives the same
+    configuration with a FutureWarning; a run saved under it resumes as no change; both keys: error."""
+    from fdiv_kernels.train.cli import build_parser, overrides_from_args
+    from fdiv_kernels.train.config import RunConfig, from_dict, load_config, to_dict
+    from fdiv_kernels.train.validate import config_changes
+
+    with pytest.warns(FutureWarning, match="'dpo.kind' is deprecated: use 'dpo.loss_type'"):
+        cfg = from_dict({"dpo": {"kind": "ipo", "beta": 0.2}})
+    assert (cfg.dpo.loss_type, cfg.dpo.beta) == ("ipo", 0.2)
+    with pytest.warns(FutureWarning):
+        assert load_config(None, ["dpo.kind=simpo"]).dpo.loss_type == "simpo"
+    args = build_parser().parse_args(["dpo", "--kind", "hinge"])
+    assert load_config(None, overrides_from_args(args)).dpo.loss_type == "hinge"
+    with pytest.raises(ConfigError, match="both given"):
+        from_dict({"dpo": {"kind": "ipo", "loss_type": "ipo"}})
+    with pytest.warns(DeprecationWarning, match="loss_type"):
+        assert cfg.dpo.kind == "ipo"
+    from fdiv_kernels.train.config import DPOConfig
+    with pytest.warns(DeprecationWarning, match="loss_type="):
+        assert DPOConfig(kind="simpo", beta=2.0) == DPOConfig(loss_type="simpo", beta=2.0)
+    saved = to_dict(RunConfig())
+    saved["dpo"]["kind"] = saved["dpo"].pop("loss_type")
+    assert config_changes(saved, to_dict(RunConfig())) == []
+    saved["dpo"]["kind"] = "ipo"
+    assert config_changes(saved, to_dict(RunConfig())) == ['dpo.loss_type: "ipo" -> "sigmoid"']

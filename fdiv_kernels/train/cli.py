@@ -4,7 +4,7 @@ Usage::
 
     fdiv-train pipeline --config examples/configs/demo.yaml
     fdiv-train sft --config cfg.yaml --divergence js --beta 0.5 --lr 1e-4 --steps 200
-    fdiv-train dpo --config cfg.yaml --model runs/x/sft/final --kind simpo --beta 2 --gamma 1
+    fdiv-train dpo --config cfg.yaml --model runs/x/sft/final --loss-type simpo --beta 2 --gamma 1
     fdiv-train sft --config cfg.yaml --mix-dpo            # App. D negative control
     fdiv-train pipeline --config cfg.yaml --resume         # continue a stopped run
     fdiv-train pipeline --config cfg.yaml --set sft.lr=5e-6 --set dpo.beta=0.01
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--divergence", help="SFT divergence (fk.DIVERGENCES name or alias)")
         s.add_argument("--level", choices=("token", "sequence"), help="SFT reward level")
         s.add_argument("--mix-dpo", action="store_true", help="SFT + lambda*DPO with adaptive lambda (App. D control)")
-        s.add_argument("--kind", help="DPO kind: sigmoid, ipo, simpo, robust, hinge")
+        s.add_argument("--loss-type", "--kind", dest="loss_type",
+                       help="DPO loss type: sigmoid, ipo, simpo, robust, hinge (--kind: former name)")
         s.add_argument("--gamma", type=float, help="SimPO target margin")
         s.add_argument("--seed", type=int)
         s.add_argument("--backend", help="fdiv_kernels token_stats backend (auto, torch, ...)")
@@ -80,7 +81,7 @@ def overrides_from_args(args: argparse.Namespace) -> List[str]:
     """The explicit flags as ``--set`` assignments (applied after the config's own ``--set``s)."""
     out = list(args.set)
     simple = {"name": "name", "output": "output_dir", "model": "model.path", "deepspeed": "deepspeed",
-              "divergence": "sft.divergence", "level": "sft.level", "kind": "dpo.kind", "gamma": "dpo.gamma",
+              "divergence": "sft.divergence", "level": "sft.level", "loss_type": "dpo.loss_type", "gamma": "dpo.gamma",
               "seed": "seed", "backend": "backend"}
     for attr, key in simple.items():
         v = getattr(args, attr)

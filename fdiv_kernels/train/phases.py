@@ -168,10 +168,10 @@ class DPOPhase(_Evaluating, PhaseSpec):
         self.cfg, self.pairs, self.pad_id, self.device, self.backend = cfg, list(pairs), pad_id, device, backend
         self.spec = cfg.spec
         if self.spec.needs_reference and ref_model is None:
-            raise ValueError(f"DPO kind {cfg.kind!r} needs a reference model")
+            raise ValueError(f"DPO loss_type {cfg.loss_type!r} needs a reference model")
         self.ref = ref_model if self.spec.needs_reference else None
         # the alignment metric is a sigmoid DPO loss: the phase's beta when it is one, else eval.align_beta
-        beta = cfg.beta if cfg.kind == "sigmoid" else eval_cfg.align_beta
+        beta = cfg.beta if cfg.loss_type == "sigmoid" else eval_cfg.align_beta
         self._setup_eval(eval_ref, eval_pairs, kl_batches, pad_id=pad_id, beta=beta, device=device, backend=backend,
                          batch_size=eval_cfg.align_batch_size)
 

@@ -239,7 +239,7 @@ class Pipeline:
         spec = DPOPhase(d, pairs, pad_id=ctx.tok.pad_token_id, device=ctx.device, backend=cfg.backend,
                         ref_model=ref if d.spec.needs_reference else None, eval_ref=start, eval_pairs=self.eval_pairs,
                         kl_batches=self.kl_batches, eval_cfg=cfg.eval)
-        ctx.log(f"[dpo] kind={d.kind} beta={d.beta} gamma={d.gamma} reference={d.reference} rejected={d.rejected}; "
+        ctx.log(f"[dpo] loss_type={d.loss_type} beta={d.beta} gamma={d.gamma} reference={d.reference} rejected={d.rejected}; "
                 f"{len(pairs)} pairs, {d.steps} steps x {d.batch_size}, lr {d.lr}")
         model, self.phases["dpo"] = train_phase(ctx, spec, model, resume=resume)
         if d.rejected == "self":
@@ -274,7 +274,7 @@ class Pipeline:
         summary = {
             "name": cfg.name, "command": command, "run_dir": os.path.abspath(ctx.run_dir),
             "model": cfg.model.path or "tiny Llama (built locally)", "parameters": param_count(model),
-            "sft_divergence": cfg.sft.divergence, "sft_beta": cfg.sft.beta, "dpo_kind": cfg.dpo.kind,
+            "sft_divergence": cfg.sft.divergence, "sft_beta": cfg.sft.beta, "dpo_kind": cfg.dpo.loss_type,
             "dpo_beta": cfg.dpo.beta, "task_accuracy": acc,
             "task_accuracy_per_task": {k: v["per_task"] for k, v in self.accuracy.items()},
             "phases": self.phases, "seconds": round(time.time() - self.t0, 1),
