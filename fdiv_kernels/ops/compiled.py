@@ -434,9 +434,10 @@ check_dpo.register_autograd(_identity_backward(1, 7), setup_context=_identity_se
 
 
 def checked_stats(stats, labels, softcap=None, temperature=1.0):
-    """``stats`` (a :class:`~fdiv_kernels.TokenStats`) after :func:`check_stats`."""
+    """``stats`` (a :class:`~fdiv_kernels.TokenStats` or ``LogpLse``) after :func:`check_stats`."""
+    from .token_stats import _result
     logp, lse, ent = check_stats(stats.logp, stats.lse, stats.entropy, labels, softcap, float(temperature))
-    return type(stats)(logp, lse) if stats.entropy is None else type(stats)(logp, lse, ent)
+    return _result(logp, lse, None if stats.entropy is None else ent)
 
 
 def checked_loss(spec, loss, stats, labels, ref_tok, ref_seq, head, ignore_index):

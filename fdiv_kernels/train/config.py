@@ -229,7 +229,7 @@ class EvalConfig:
     """Greedy-generation task accuracy on held-out prompts (``num_prompts``, generated
     ``batch_size`` at a time), and the periodic evaluation of a phase: the alignment metric on
     ``data.max_eval_pairs`` held-out pairs (``align_batch_size`` pairs per forward; a sigmoid DPO
-    loss with the DPO phase's beta, or ``align_beta`` when the phase's kind is not sigmoid) and
+    loss with the DPO phase's beta, or ``align_beta`` when the phase's loss_type is not sigmoid) and
     ``kl_ref_heldout`` on the first ``kl_prompts`` held-out answers (``kl_batch_size`` per forward)."""
 
     task_accuracy: bool = True
