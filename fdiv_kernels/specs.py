@@ -1,40 +1,48 @@
-"""Loss specs: every loss of the package as a function of complete rows' per-token statistics.
+"""The loss protocol: every loss of the package as a function of complete rows' per-token statistics.
 
 A spec is a frozen, validated description of one loss (the f-divergence SFT objectives of
 :func:`fdiv_kernels.loss`, the primal per-token losses, the DPO family). It is the one object
-the API, the ``nn`` modules, the integrations and the trainer hand to the kernels. Given one
-*chunk* of complete rows (their ``logp``, ``lse``, supervision mask and reference log-probs,
-see :class:`Rows`) a spec returns that chunk's contribution to the loss (:meth:`terms`), and the
-whole-batch loss is put together by :meth:`finish`:
+the API, the ``nn`` modules, the integrations and the trainer hand to the kernels, and the one
+extension point for a new loss (:class:`LossSpec`; ``docs/design.md``, "Adding a loss"). Given
+one *chunk* of complete rows (their ``logp``, ``lse``, supervision mask and reference log-probs,
+:class:`Rows`), a spec returns
+
+* :meth:`~LossSpec.terms`: that chunk's contribution to the loss, differentiable by torch
+  autograd (the two-pass and ``logits=`` paths, and the tests' oracle);
+* :meth:`~LossSpec.coefficients`: the closed-form derivative of the chunk's *target* (``lme`` for
+  the log-mean-exp losses, else ``linear``) with respect to ``logp``, ``lse`` and the references:
+  the per-token coefficients ``g = dL/dlogp``, ``k = dL/dlse`` of the fused one-pass kernels,
+  which need no autograd (so they run inside a ``torch.library`` custom op too). Each spec's
+  coefficients are tested against autograd on :meth:`terms` in float64 (tests/test_specs.py).
+
+The whole-batch loss is put together by :meth:`~LossSpec.finish`:
 
     loss = finish(sum_c linear_c, logsumexp_c lme_c)
 
 * ``linear``: terms that add over chunks (means divide by the batch's token/row/pair count,
-  which :meth:`normalizers` reads off the labels before the first GEMM);
+  which :meth:`~LossSpec.normalizers` reads off the labels before the first GEMM);
 * ``lme``: the log-sum-exp of the log-mean-exp divergences (KL, squared Hellinger), combined
-  across chunks exactly by a running max (see :mod:`fdiv_kernels.ops.fused`).
+  across chunks exactly by :class:`LogSumExpAccumulator`.
 
-The per-token coefficients ``g = dL/dlogp`` and ``k = dL/dlse`` that the fused kernels need are
-the autograd gradients of a chunk's terms: the math is written once, here and in the registry
-(:mod:`fdiv_kernels.divergences`, :mod:`fdiv_kernels.primal`, :mod:`fdiv_kernels.dpo`), and the
-whole-batch path (logits given, ``reduction="none"``, or no gradient needed) calls the same
-:meth:`terms` on the whole batch. Conventions and derivations: ``docs/math.md``.
+Conventions and derivations: ``docs/math.md``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
 
-from . import _checks
-from .divergences import Divergence, exp_linear_tail, get_divergence
-from .dpo import DPO_LOSS_TYPES, TRL_F_DIVERGENCES, explain_pair, pair_losses
-from .dpo import check_options as check_dpo_options, resolve_names as resolve_dpo_names
-from .primal import PrimalLoss, get_primal
+from . import checks
+from .formulas.divergences import Divergence, get_divergence
+from .formulas.preference import DPO_LOSS_TYPES, PreferenceScore, explain_pair, pair_loss_grads, pair_losses
+from .formulas.primal import PrimalLoss
+from .formulas.stable import exp_linear_tail
+
+__all__ = ["DPOSpec", "FDivSpec", "Coefficients", "HeadSpec", "LEVELS", "LogSumExpAccumulator", "LossSpec", "Norms",
+           "PER_ELEMENT_KNEE", "PrimalSpec", "REDUCTIONS", "Rows", "Terms", "VALUE_MODES", "is_loss_spec", "normalizers"]
 
 LEVELS = ("token", "sequence")
 REDUCTIONS = ("mean", "sum", "none")
@@ -79,20 +87,74 @@ class Terms(NamedTuple):
     lme: Optional[torch.Tensor] = None
 
 
+class Coefficients(NamedTuple):
+    """Derivatives of a chunk's target (:class:`LossSpec`) with respect to the fields of
+    :class:`Rows`: ``logp``, ``lse`` ``[r, T]`` (0 where unsupervised), ``ref_tok`` ``[r, T]`` (None
+    when the reference is not per token) and ``ref_seq`` ``[r]`` (None without one)."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    ref_tok: Optional[torch.Tensor] = None
+    ref_seq: Optional[torch.Tensor] = None
+
+
+class LossSpec(Protocol):
+    """What the kernels need of a loss (every spec of this module implements it).
+
+    Attributes: ``reduction`` (``"mean"``, ``"sum"`` or ``"none"``), ``references`` (the reference
+    shapes it takes: ``"token"`` ``[..., T]``, ``"row"`` ``[...]``), ``token_local`` (a token's
+    terms depend on that token alone: chunks may split rows anywhere), ``uses_lme`` (a log-mean-exp
+    part: the target is ``lme``), ``single_pass`` (the one-pass fused path applies), ``divergence``
+    (the registry entry or primal form, reported in the output).
+
+    Methods: ``row_groups(num_rows)`` (rows that must share a chunk, or None), ``normalizers(mask2)``,
+    ``terms(rows, norms)``, ``coefficients(rows, norms)``, ``finish(terms, norms)``,
+    ``per_element(rows)`` (``reduction="none"``), ``rewards(rows)`` (``(u, where it counts,
+    value_s0)``, reported in :class:`fdiv_kernels.LossOutput`), ``explain(rows)`` (why the loss is
+    not finite).
+    """
+
+    reduction: str
+    references: Tuple[str, ...]
+    token_local: bool
+    uses_lme: bool
+    single_pass: bool
+
+    def row_groups(self, num_rows: int) -> Optional[torch.Tensor]: ...
+    def normalizers(self, mask2: torch.Tensor) -> Norms: ...
+    def terms(self, rows: Rows, norms: Norms) -> Terms: ...
+    def coefficients(self, rows: Rows, norms: Norms) -> Coefficients: ...
+    def finish(self, terms: Terms, norms: Norms) -> torch.Tensor: ...
+    def per_element(self, rows: Rows) -> torch.Tensor: ...
+    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def explain(self, rows: Rows) -> Optional[str]: ...
+
+
+def is_loss_spec(obj) -> bool:
+    """Whether ``obj`` has every attribute of :class:`LossSpec` (traceable by ``torch.compile``,
+    unlike ``isinstance`` with a protocol)."""
+    return all(hasattr(obj, name) for name in ("reduction", "references", "token_local", "uses_lme", "single_pass",
+                                               "row_groups", "normalizers", "terms", "coefficients", "finish",
+                                               "per_element", "rewards", "explain"))
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """How logits are formed from the LM head: ``z = cap(h W^T + b) / temperature`` with the
-    soft-cap ``cap(x) = softcap * tanh(x / softcap)`` (``None``: none), and which backend runs it."""
+    soft-cap ``cap(x) = softcap * tanh(x / softcap)`` (``None``: none), and which backend runs it
+    (``"auto"`` or a name of :func:`fdiv_kernels.available_backends`)."""
 
     softcap: Optional[float] = None
     temperature: float = 1.0
     backend: str = "auto"
 
     def __post_init__(self):
-        _checks.check_scalars(self.softcap, self.temperature)
+        checks.check_head_options(self.softcap, self.temperature)
         object.__setattr__(self, "temperature", float(self.temperature))
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a name (str), got {type(self.backend).__name__}")
 
 
 def normalizers(mask2: torch.Tensor, pairs: int = 0) -> Norms:
@@ -100,7 +162,8 @@ def normalizers(mask2: torch.Tensor, pairs: int = 0) -> Norms:
 
 
 def first_last_next(mask2: torch.Tensor):
-    """Indices of each row's first and last supervised position and, per position, the next one."""
+    """Indices of each row's first and last supervised position and, per position, the next one
+    (the position itself when there is none)."""
     b, t = mask2.shape
     if t == 0:  # rows of no tokens: nothing is supervised, every index is a dummy 0
         z = torch.zeros(b, dtype=torch.long, device=mask2.device)
@@ -124,6 +187,14 @@ def _at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[:, None]).squeeze(1)
 
 
+def _scatter_rows(values: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out[r, idx[r]] += values[r]`` into zeros shaped like ``like [r, T]`` (nothing when ``T = 0``)."""
+    out = torch.zeros_like(like)
+    if like.shape[1]:
+        out.scatter_add_(1, idx[:, None], values[:, None].to(like.dtype))
+    return out
+
+
 def value_s0(rows: Rows) -> torch.Tensor:
     """``[r]`` lse at each row's first supervised position (0 for rows with none)."""
     first = first_last_next(rows.mask)[0]
@@ -136,6 +207,20 @@ def _masked_logsumexp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     fill = torch.where(has, x.new_full((), -math.inf), x.new_zeros(()))
     lse = torch.logsumexp(torch.where(w, x, fill).reshape(-1), dim=0)
     return torch.where(has, lse, x.new_full((), -math.inf))
+
+
+def _masked_softmax(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``d/dx`` of :func:`_masked_logsumexp`: the softmax of ``x`` over ``w`` (zeros elsewhere and
+    when ``w`` is all False)."""
+    lse = _masked_logsumexp(x.detach(), w)
+    safe = torch.where(torch.isfinite(lse), lse, lse.new_zeros(()))
+    return torch.where(w, torch.exp(torch.where(w, x, safe) - safe), x.new_zeros(()))
+
+
+def _scale(count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """``1 / max(count, 1)`` for a mean, 1 for a sum (0-d, ``dtype``)."""
+    one = torch.ones((), dtype=dtype, device=count.device)
+    return one if reduction == "sum" else one / count.clamp(min=1).to(dtype)
 
 
 def _mean_or_sum(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -155,11 +240,24 @@ def _finish_lme(linear: torch.Tensor, lme: torch.Tensor, count: torch.Tensor, re
     return linear + torch.where(empty, zero, safe)
 
 
+def _z_loss_k(rows: Rows, norms: Norms, z_loss: float, reduction: str) -> torch.Tensor:
+    """``d/dlse`` of the z-loss term ``z_loss * sum_mask lse^2`` (mean over tokens or sum)."""
+    zero = rows.lse.new_zeros(())
+    if z_loss <= 0:
+        return torch.zeros_like(rows.lse)
+    return torch.where(rows.mask, 2.0 * z_loss * rows.lse, zero) * _scale(norms.tokens, reduction, rows.lse.dtype)
+
+
+def _z_loss_term(rows: Rows, norms: Norms, z_loss: float, reduction: str) -> torch.Tensor:
+    zero = rows.lse.new_zeros(())
+    return z_loss * _mean_or_sum(torch.where(rows.mask, rows.lse * rows.lse, zero).sum(), norms.tokens, reduction)
+
+
 class LogSumExpAccumulator:
     """``L = logsumexp_j A_j`` over parts that arrive one at a time, with the factors that make
     gradients accumulated part by part exact: the log-mean-exp divergences (KL, squared
-    Hellinger) over the chunks of one call (:mod:`fdiv_kernels.ops.fused`) or over the
-    micro-batches of one optimiser step (gradient accumulation; ``docs/math.md``).
+    Hellinger) over the chunks of one call (the fused pass) or over the micro-batches of one
+    optimiser step (gradient accumulation; ``docs/math.md``).
 
     ``A_j`` is a part's ``log sum_i psi_i`` (``fk.loss(..., reduction="sum").loss`` of a batch
     whose loss is a log-mean-exp alone: ``values`` "drop" or "detach", ``z_loss=0``). Since
@@ -167,7 +265,7 @@ class LogSumExpAccumulator:
     running total, ``G <- rescale * G + weight * dA_j``, with ``(rescale, weight) = add(A_j)`` =
     ``(exp(L_old - L_new), exp(A_j - L_new))``, leaves ``G = dL`` after the last part. A trainer:
 
-        acc = LogSumExpAccumulator()
+        acc = fk.LogSumExpAccumulator()
         for mb in micro_batches:
             out = fk.loss(..., divergence="kl", reduction="sum")
             rescale, weight = acc.add(out.loss.detach(), count=int(out.num_tokens))
@@ -226,9 +324,25 @@ def _reference_culprit(rows: Rows, pos: Tuple[int, ...], level: str) -> Optional
     return f"ref_logp is -inf at supervised position {where} (pi_ref = 0)"
 
 
+def _check_z_loss(z_loss: float) -> None:
+    if not (checks.is_real(z_loss) and math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+
+
 # ---------------------------------------------------------------------------------------------
 # f-divergence SFT objectives (the paper's variational form)
 # ---------------------------------------------------------------------------------------------
+
+class _Reward(NamedTuple):
+    """The implicit reward of :meth:`FDivSpec.rewards` and what it is built from."""
+
+    u: torch.Tensor          # [r, T] (token level) or [r] (sequence level), 0 where it does not count
+    weight: torch.Tensor     # bool, where u counts
+    value_s0: torch.Tensor   # [r]
+    first: torch.Tensor      # [r] first supervised position per row
+    last: torch.Tensor       # [r] last one
+    nxt: torch.Tensor        # [r, T] next supervised position (itself when none)
+
 
 @dataclass(frozen=True)
 class FDivSpec:
@@ -248,18 +362,24 @@ class FDivSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "divergence", get_divergence(self.divergence))
-        _checks.check_choice("level", self.level, LEVELS)
-        _checks.check_choice("reduction", self.reduction, REDUCTIONS)
-        _checks.check_choice("values", self.values, VALUE_MODES)
-        _checks.check_beta(self.beta)
-        if not (math.isfinite(self.z_loss) and self.z_loss >= 0):
-            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
+        checks.check_choice("level", self.level, LEVELS)
+        checks.check_choice("reduction", self.reduction, REDUCTIONS)
+        checks.check_choice("values", self.values, VALUE_MODES)
+        checks.check_beta(self.beta)
+        _check_z_loss(self.z_loss)
+        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "z_loss", float(self.z_loss))
         if self.reduction == "none" and (self.values == "free" or self.z_loss > 0):
             raise ValueError("values='free' and z_loss add batch-level terms; use reduction='mean' or 'sum' with them")
         if self.length_normalize and self.level != "sequence":
             raise ValueError("length_normalize=True applies to level='sequence' only")
 
     # --- what the fused kernels need to know ---
+    @property
+    def references(self) -> Tuple[str, ...]:
+        """Per-token references, and per-row ones at sequence level."""
+        return ("token",) if self.level == "token" else ("token", "row")
+
     @property
     def token_local(self) -> bool:
         """True when a token's terms depend on that token alone (chunks may split rows anywhere)."""
@@ -285,9 +405,7 @@ class FDivSpec:
         return normalizers(mask2)
 
     # --- the math ---
-    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(u, weight_mask, value_s0)``: the implicit reward (``[r, T]`` at token level, ``[r]`` at
-        sequence level), where it counts, and ``V(s0)`` per row (see ``docs/math.md`` section 2)."""
+    def _reward(self, rows: Rows) -> _Reward:
         m2, lse2 = rows.mask, rows.lse
         zero = rows.logp.new_zeros(())
         logratio = torch.where(m2, rows.logp - rows.ref_tok, zero)
@@ -299,7 +417,7 @@ class FDivSpec:
             u = self.beta * logratio
             if self.values != "drop":
                 u = u + torch.where(m2, vm - vm.gather(1, nxt), zero)
-            return torch.where(m2, u, zero), m2, v_s0
+            return _Reward(torch.where(m2, u, zero), m2, v_s0, first, last, nxt)
         s = logratio.sum(dim=1)
         if self.length_normalize:
             s = s / m2.sum(dim=1).clamp(min=1)
@@ -308,31 +426,77 @@ class FDivSpec:
         u = self.beta * s
         if self.values != "drop":
             u = u + _at(vm, first) - _at(vm, last)
-        return torch.where(row_valid, u, zero), row_valid, v_s0
+        return _Reward(torch.where(row_valid, u, zero), row_valid, v_s0, first, last, nxt)
+
+    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u, weight_mask, value_s0)``: the implicit reward (``[r, T]`` at token level, ``[r]`` at
+        sequence level), where it counts, and ``V(s0)`` per row (see ``docs/math.md`` section 2)."""
+        rw = self._reward(rows)
+        return rw.u, rw.weight, rw.value_s0
+
+    def _count(self, norms: Norms) -> torch.Tensor:
+        return norms.tokens if self.level == "token" else norms.rows
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
         """This chunk's ``linear`` terms and (KL, squared Hellinger) its log-sum-exp ``lme``."""
-        u, w, v_s0 = self.rewards(rows)
-        n_w = norms.tokens if self.level == "token" else norms.rows
+        rw = self._reward(rows)
+        u, w = rw.u, rw.weight
         div, red = self.divergence, self.reduction
         zero = u.new_zeros(())
         linear, lme = zero, None
         if div.aggregate == "mean":
-            linear = _mean_or_sum(torch.where(w, -div.objective(u), zero).sum(), n_w, red)
+            linear = _mean_or_sum(torch.where(w, -div.objective(u), zero).sum(), self._count(norms), red)
         else:
             lme = _masked_logsumexp(div.neg_log_psi(u), w)
         if self.values == "free":  # the paper's -V(s0) term of J, with gradient
-            linear = linear + _mean_or_sum(torch.where(rows.mask.any(dim=1), v_s0, zero).sum(), norms.rows, red)
+            linear = linear + _mean_or_sum(torch.where(rows.mask.any(dim=1), rw.value_s0, zero).sum(), norms.rows, red)
         if self.z_loss > 0:
-            linear = linear + self.z_loss * _mean_or_sum(
-                torch.where(rows.mask, rows.lse * rows.lse, zero).sum(), norms.tokens, red)
+            linear = linear + _z_loss_term(rows, norms, self.z_loss, red)
         return Terms(linear, lme)
+
+    def coefficients(self, rows: Rows, norms: Norms) -> Coefficients:
+        """Closed-form derivatives of the target (``lme`` for KL and squared Hellinger, else
+        ``linear``): the reward's derivative ``D = dT/du`` (``-phi'(u)`` per unit, or the batch
+        softmax of ``log psi`` times ``(log psi)'``), chained through ``u`` (module docstring of
+        :mod:`fdiv_kernels.specs`; ``docs/math.md``, "The one-pass coefficients")."""
+        with torch.no_grad():
+            rw = self._reward(rows)
+            u, w, div, red = rw.u, rw.weight, self.divergence, self.reduction
+            zero = u.new_zeros(())
+            if div.aggregate == "mean":
+                d = torch.where(w, -div.dphi(u), zero) * _scale(self._count(norms), red, u.dtype)
+            else:
+                d = _masked_softmax(div.log_psi(u), w) * torch.where(w, div.dlog_psi(u), zero)
+            m2 = rows.mask
+            k = torch.zeros_like(rows.lse)
+            if self.level == "token":
+                g = self.beta * d
+                if self.values == "free":  # u_t = ... + V_t - V_next(t)
+                    k = d.clone()
+                    if k.shape[1]:
+                        k.scatter_add_(1, rw.nxt, -d)
+            else:
+                per_tok = self.beta * d
+                if self.length_normalize:
+                    per_tok = per_tok / m2.sum(dim=1).clamp(min=1).to(d.dtype)
+                g = torch.where(m2, per_tok[:, None], zero)
+                if self.values == "free":  # u_r = ... + V(first) - V(last)
+                    k = _scatter_rows(d, rw.first, k) - _scatter_rows(d, rw.last, k)
+            if not self.uses_lme:
+                if self.values == "free":
+                    k = k + _scatter_rows(torch.where(m2.any(dim=1), _scale(norms.rows, red, u.dtype), zero),
+                                          rw.first, k)
+                k = k + _z_loss_k(rows, norms, self.z_loss, red)
+            ref_seq = None
+            if rows.ref_seq is not None:
+                ref_seq = -self.beta * d
+            ref_tok = None if rows.ref_tok.dim() == 0 else -g
+            return Coefficients(torch.where(m2, g, zero), torch.where(m2, k, zero), ref_tok, ref_seq)
 
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         if terms.lme is None:
             return terms.linear
-        n_w = norms.tokens if self.level == "token" else norms.rows
-        return _finish_lme(terms.linear, terms.lme, n_w, self.reduction)
+        return _finish_lme(terms.linear, terms.lme, self._count(norms), self.reduction)
 
     def per_element(self, rows: Rows) -> torch.Tensor:
         """``reduction="none"``: ``-phi(u)`` (``psi - offset`` for log-mean-exp divergences) per
@@ -356,7 +520,7 @@ class FDivSpec:
             unit = "position" if self.level == "token" else "row"
             bad = w & ~torch.isfinite(per) if div.aggregate == "mean" else w & (torch.isnan(per) | (per == math.inf))
             if bool(bad.any()):
-                pos = _checks.first_position(bad)
+                pos = checks.first_position(bad)
                 uu = float(u[pos])
                 culprit = _reference_culprit(rows, pos, self.level)
                 if culprit is None and not math.isfinite(uu):
@@ -383,7 +547,10 @@ class FDivSpec:
 
 @dataclass(frozen=True)
 class PrimalSpec:
-    """The primal per-token loss of ``fk.loss(..., form="primal")`` (see :mod:`fdiv_kernels.primal`)."""
+    """The primal per-token loss of :func:`fdiv_kernels.primal_loss`
+    (:mod:`fdiv_kernels.formulas.primal`). ``divergence``: a registry name with a primal form, or
+    a :class:`~fdiv_kernels.formulas.primal.PrimalLoss`; ``alpha``: Amari's coefficient (> 0) of
+    ``divergence="alpha"``; ``z_loss``: weight of ``lse**2`` per supervised token."""
 
     divergence: Union[str, PrimalLoss] = "kl"
     alpha: float = 1.5
@@ -392,13 +559,17 @@ class PrimalSpec:
 
     def __post_init__(self):
         if not isinstance(self.divergence, PrimalLoss):
-            object.__setattr__(self, "divergence", get_primal(self.divergence))
-        _checks.check_choice("reduction", self.reduction, REDUCTIONS)
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            object.__setattr__(self, "divergence", get_divergence(self.divergence, "primal").primal)
+        checks.check_choice("reduction", self.reduction, REDUCTIONS)
+        if not (checks.is_real(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
-        if not (math.isfinite(self.z_loss) and self.z_loss >= 0):
-            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
+        _check_z_loss(self.z_loss)
+        if self.reduction == "none" and self.z_loss > 0:
+            raise ValueError("z_loss adds a batch-level term; use reduction='mean' or 'sum' with it")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "z_loss", float(self.z_loss))
 
+    references = ()  # a function of log p_y alone
     token_local = True
     uses_lme = False
 
@@ -419,12 +590,19 @@ class PrimalSpec:
         return torch.where(rows.mask, self.divergence(rows.logp, self.alpha), rows.logp.new_zeros(()))
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
-        zero = rows.logp.new_zeros(())
         linear = _mean_or_sum(self.per_element(rows).sum(), norms.tokens, self.reduction)
         if self.z_loss > 0:
-            linear = linear + self.z_loss * _mean_or_sum(
-                torch.where(rows.mask, rows.lse * rows.lse, zero).sum(), norms.tokens, self.reduction)
+            linear = linear + _z_loss_term(rows, norms, self.z_loss, self.reduction)
         return Terms(linear)
+
+    def coefficients(self, rows: Rows, norms: Norms) -> Coefficients:
+        """``g = D'(logp)`` per supervised token (over the token count for a mean), ``k`` the z-loss's."""
+        with torch.no_grad():
+            zero = rows.logp.new_zeros(())
+            g = torch.where(rows.mask, self.divergence.grad(rows.logp, self.alpha), zero)
+            g = g * _scale(norms.tokens, self.reduction, g.dtype)
+            k = _z_loss_k(rows, norms, self.z_loss, self.reduction)
+            return Coefficients(g, k, None if rows.ref_tok.dim() == 0 else torch.zeros_like(g), None)
 
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         return terms.linear
@@ -442,75 +620,64 @@ class PrimalSpec:
 # DPO family on the sequence log-probs of (chosen, rejected) row pairs
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class DPOSpec:
-    """A DPO-family loss on ``2B`` rows (``0..B-1`` chosen, ``B..2B-1`` rejected), mean over pairs.
+    """A DPO-family loss on ``2B`` rows (``0..B-1`` chosen, ``B..2B-1`` rejected), mean over pairs;
+    the one home of the DPO options (validated here; :mod:`fdiv_kernels.formulas.preference`).
 
-    Fields as in :func:`fdiv_kernels.dpo_loss` (``divergence`` is kept as its registry name);
-    ``length_normalize`` uses mean instead of summed sequence log-probs (``None``: the loss type's
-    default in :data:`fdiv_kernels.dpo.DPO_LOSS_TYPES`, True for ipo and simpo as TRL does). The
-    reference is per row (``Rows.ref_seq``, same layout and normalisation); ``simpo`` needs none.
-    ``kind=``, ``f_divergence=`` (TRL's names) and ``f_alpha=`` are the deprecated spellings of
-    ``loss_type``, ``divergence`` and ``alpha`` (``DeprecationWarning``).
+    ``loss_type``: a name of :data:`fdiv_kernels.DPO_LOSS_TYPES`; ``beta`` (> 0);
+    ``label_smoothing`` in [0, 0.5) (read by the loss types that use it); ``gamma``: SimPO's target
+    margin (TRL's ``simpo_gamma``); ``divergence``: the f-DPO score, a registry name or entry that
+    supports ``"dpo"`` (``kl`` is standard DPO); ``alpha``: its coefficient for ``divergence="alpha"``;
+    ``length_normalize``: mean instead of summed sequence log-probs (``None``: the loss type's
+    default, True for ipo and simpo as TRL does). The reference is per row (``Rows.ref_seq``,
+    same layout and normalisation); ``simpo`` needs none.
     """
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.0
-    divergence: str = "kl"
+    divergence: Union[str, Divergence] = "kl"
     alpha: float = 1.0
     length_normalize: Optional[bool] = None
 
-    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.0,
-                 divergence: str = "kl", alpha: float = 1.0, length_normalize: Optional[bool] = None, *,
-                 kind: Optional[str] = None, f_divergence: Optional[str] = None,
-                 f_alpha: Optional[float] = None) -> None:
-        loss_type, divergence, alpha = resolve_dpo_names(loss_type, divergence, alpha, kind=kind,
-                                                         f_divergence=f_divergence, f_alpha=f_alpha, where="DPOSpec")
-        divergence = check_dpo_options(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                                       divergence=divergence, gamma=gamma, alpha=alpha)
+    def __post_init__(self):
+        checks.check_choice("loss_type", self.loss_type, tuple(DPO_LOSS_TYPES))
+        entry = get_divergence(self.divergence, "dpo")
+        if entry.name != "kl" and not DPO_LOSS_TYPES[self.loss_type].needs_reference:
+            refs = ", ".join(t.name for t in DPO_LOSS_TYPES.values() if t.needs_reference)
+            raise ValueError(f"divergence={entry.name!r} scores log-ratios to a reference: it applies to loss types "
+                             f"{refs}, not {self.loss_type}")
+        checks.check_beta(self.beta)
+        if not (checks.is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        checks.check_finite_number("gamma", self.gamma)
+        checks.check_finite_number("alpha", self.alpha)
+        if entry.name == "alpha" and not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 for divergence='alpha', got {self.alpha}")
+        length_normalize = self.length_normalize
         if length_normalize is None:
-            length_normalize = DPO_LOSS_TYPES[loss_type].length_normalized
-        values = {"loss_type": loss_type, "beta": float(beta), "label_smoothing": float(label_smoothing),
-                  "gamma": float(gamma), "divergence": divergence, "alpha": float(alpha),
-                  "length_normalize": bool(length_normalize)}
-        for name, value in values.items():
+            length_normalize = DPO_LOSS_TYPES[self.loss_type].length_normalized
+        for name, value in (("divergence", entry), ("beta", float(self.beta)),
+                            ("label_smoothing", float(self.label_smoothing)), ("gamma", float(self.gamma)),
+                            ("alpha", float(self.alpha)), ("length_normalize", bool(length_normalize))):
             object.__setattr__(self, name, value)
 
-    def _deprecated(self, old: str, new: str):
-        warnings.warn(f"DPOSpec.{old} is deprecated; read DPOSpec.{new}", DeprecationWarning, stacklevel=3)
-        return getattr(self, new)
+    reduction = "mean"
+    references = ("row",)  # sequence log-probs in the spec's normalisation
+    token_local = False
+    uses_lme = False
+    single_pass = True
 
     @property
-    def kind(self) -> str:
-        """Deprecated: :attr:`loss_type`."""
-        return self._deprecated("kind", "loss_type")
-
-    @property
-    def f_divergence(self) -> str:
-        """Deprecated: TRL's name of :attr:`divergence` (``"reverse_kl"`` for ``"kl"``)."""
-        warnings.warn("DPOSpec.f_divergence is deprecated; read DPOSpec.divergence (registry names)",
-                      DeprecationWarning, stacklevel=2)
-        return next(trl for trl, name in TRL_F_DIVERGENCES.items() if name == self.divergence)
-
-    @property
-    def f_alpha(self) -> float:
-        """Deprecated: :attr:`alpha`."""
-        return self._deprecated("f_alpha", "alpha")
+    def score(self) -> PreferenceScore:
+        """The f-DPO score of :attr:`divergence` (what the formulas read)."""
+        return self.divergence.preference
 
     @property
     def needs_reference(self) -> bool:
         return DPO_LOSS_TYPES[self.loss_type].needs_reference
-
-    def loss_options(self) -> dict:
-        """The keywords of :func:`fdiv_kernels.dpo_loss` (and of :func:`fdiv_kernels.dpo.pair_losses`) of this spec."""
-        return {"loss_type": self.loss_type, "beta": self.beta, "label_smoothing": self.label_smoothing,
-                "gamma": self.gamma, "divergence": self.divergence, "alpha": self.alpha}
-
-    token_local = False
-    uses_lme = False
-    single_pass = True
 
     def row_groups(self, num_rows: int) -> torch.Tensor:
         """Pair ``i`` is rows ``i`` and ``i + B``: they share a chunk."""
@@ -526,27 +693,49 @@ class DPOSpec:
         s = torch.where(rows.mask, rows.logp, rows.logp.new_zeros(())).sum(dim=1)
         return s / rows.mask.sum(dim=1).clamp(min=1) if self.length_normalize else s
 
-    def pair_losses(self, rows: Rows) -> torch.Tensor:
-        """``[pairs]`` losses of rows laid out as ``(chosen_0, rejected_0, chosen_1, ...)``."""
+    def _pairs(self, rows: Rows):
+        """``(pc, pr, rc, rr)`` of rows laid out as ``(chosen_0, rejected_0, chosen_1, ...)``."""
         s = self.sequence_logps(rows).view(-1, 2)
         ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
-        return pair_losses(s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
-                           **self.loss_options())
+        return s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1]
+
+    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``([r] beta * (s - ref), rows with a token, value_s0)``: the rows' implicit rewards
+        (``beta * s`` without a reference)."""
+        s = self.sequence_logps(rows)
+        if rows.ref_seq is not None and self.needs_reference:
+            s = s - rows.ref_seq
+        return self.beta * s, rows.mask.any(dim=1), value_s0(rows)
+
+    def pair_losses(self, rows: Rows) -> torch.Tensor:
+        """``[pairs]`` losses of rows laid out as ``(chosen_0, rejected_0, chosen_1, ...)``."""
+        return pair_losses(*self._pairs(rows), self)
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
         return Terms(self.pair_losses(rows).sum() / max(1, norms.pairs))
 
+    def coefficients(self, rows: Rows, norms: Norms) -> Coefficients:
+        """``g = d loss / d s_row`` spread over the row's supervised tokens (divided by their count
+        when length-normalised); the per-row reference gets ``-d loss / d s_row``."""
+        with torch.no_grad():
+            d_c, d_r = pair_loss_grads(*self._pairs(rows), self)
+            ds = torch.stack([d_c, d_r], dim=1).reshape(-1) / max(1, norms.pairs)
+            per_tok = ds / rows.mask.sum(dim=1).clamp(min=1).to(ds.dtype) if self.length_normalize else ds
+            zero = rows.logp.new_zeros(())
+            g = torch.where(rows.mask, per_tok[:, None].to(rows.logp.dtype), zero)
+            ref_seq = None if rows.ref_seq is None or not self.needs_reference else -ds
+            ref_tok = None if rows.ref_tok.dim() == 0 else torch.zeros_like(g)
+            return Coefficients(g, torch.zeros_like(g), ref_tok, ref_seq)
+
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         return terms.linear
 
+    def per_element(self, rows: Rows) -> torch.Tensor:
+        return self.pair_losses(rows)
+
     def explain(self, rows: Rows) -> Optional[str]:
         with torch.no_grad():
-            s = self.sequence_logps(rows).view(-1, 2)
-            ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
-            losses = self.pair_losses(rows)
-        return explain_pair(s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
-                            losses, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            pc, pr, rc, rr = self._pairs(rows)
+            losses = pair_losses(pc, pr, rc, rr, self)
+        return explain_pair(pc, pr, rc, rr, losses, self,
                             names=("policy chosen", "policy rejected", "ref_logp (chosen)", "ref_logp (rejected)"))
-
-
-LossSpec = Union[FDivSpec, PrimalSpec, DPOSpec]

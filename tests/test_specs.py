@@ -1,0 +1,140 @@
+"""The specs' closed-form coefficients (what the fused one-pass kernels use, with no autograd)
+against torch autograd on the same specs' terms, in float64, for every loss the specs describe.
+
+For a spec and a chunk of rows, :meth:`coefficients` is the derivative of the chunk's target
+(``terms.lme`` for the log-mean-exp losses, else ``terms.linear``) with respect to ``logp``,
+``lse`` and the references. Rows are drawn with masks (empty rows, one-token rows, full rows),
+references (per token, per row, ``-inf`` somewhere) and rewards far in the tails, so every branch
+of the stable formulas is crossed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import fdiv_kernels as fk
+from fdiv_kernels.specs import DPOSpec, FDivSpec, PrimalSpec, Rows
+
+R, T = 6, 7
+
+
+def _rows(seed: int, *, ref: str, scale: float = 4.0, pairs: bool = False) -> Rows:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(R, T, generator=g) > 0.35
+    mask[0] = False                 # a row with nothing supervised
+    mask[1] = False
+    mask[1, 3] = True               # a row with one token
+    mask[2] = True                  # a full row
+    if pairs:  # pair 0 = rows (0, 3): chosen empty, rejected not
+        mask[3, 0] = True
+    logp = torch.where(mask, -torch.rand(R, T, generator=g, dtype=torch.float64) * scale, 0.0)
+    logp[2, 1] = -60.0              # a long tail (pearson's linear continuation, the exp knees)
+    lse = torch.where(mask, torch.randn(R, T, generator=g, dtype=torch.float64) * 3, 0.0)
+    ref_tok = torch.zeros((), dtype=torch.float64)
+    ref_seq = None
+    if ref == "token":
+        ref_tok = torch.where(mask, -torch.rand(R, T, generator=g, dtype=torch.float64) * scale, 0.0)
+    elif ref == "row":
+        ref_seq = -torch.rand(R, generator=g, dtype=torch.float64) * scale * T
+    return Rows(logp, lse, mask, ref_tok, ref_seq)
+
+
+def _autograd(spec, rows: Rows):
+    """The target's gradients by torch autograd on :meth:`terms`."""
+    leaves = {"logp": rows.logp.clone().requires_grad_(), "lse": rows.lse.clone().requires_grad_()}
+    if rows.ref_tok.dim():
+        leaves["ref_tok"] = rows.ref_tok.clone().requires_grad_()
+    if rows.ref_seq is not None:
+        leaves["ref_seq"] = rows.ref_seq.clone().requires_grad_()
+    r = Rows(leaves["logp"], leaves["lse"], rows.mask, leaves.get("ref_tok", rows.ref_tok),
+             leaves.get("ref_seq", rows.ref_seq))
+    norms = spec.normalizers(rows.mask)
+    terms = spec.terms(r, norms)
+    target = terms.lme if spec.uses_lme else terms.linear
+    grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
+    out = {k: (torch.zeros_like(v) if gr is None else gr) for (k, v), gr in zip(leaves.items(), grads)}
+    return out, norms
+
+
+def _check(spec, rows: Rows):
+    want, norms = _autograd(spec, rows)
+    got = spec.coefficients(rows, norms)
+    for name in ("logp", "lse"):
+        torch.testing.assert_close(getattr(got, name), want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    for name in ("ref_tok", "ref_seq"):
+        if name in want:
+            mine = getattr(got, name)
+            mine = torch.zeros_like(want[name]) if mine is None else mine
+            torch.testing.assert_close(mine, want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+FDIV_CASES = [
+    dict(level=level, values=values, z_loss=z, length_normalize=ln, reduction=red)
+    for level, values, z, ln, red in itertools.product(("token", "sequence"), ("drop", "detach", "free"),
+                                                       (0.0, 0.3), (False, True), ("mean", "sum"))
+    if not (ln and level == "token")
+]
+
+
+@pytest.mark.parametrize("divergence", sorted(fk.DIVERGENCES))
+@pytest.mark.parametrize("case", range(len(FDIV_CASES)))
+def test_fdiv_coefficients_are_the_autograd_gradients(divergence, case):
+    opts = FDIV_CASES[case]
+    spec = FDivSpec(divergence, beta=0.7, **opts)
+    for seed, ref in enumerate(("none", "token", "row") if opts["level"] == "sequence" else ("none", "token")):
+        _check(spec, _rows(seed, ref=ref))
+
+
+@pytest.mark.parametrize("divergence", sorted(fk.DIVERGENCES))
+def test_fdiv_coefficients_in_the_tails(divergence):
+    """Rewards of +-200 nats (beta 5): the softplus branches, the log-mean-exp softmax, pearson's flat part."""
+    for seed, level in enumerate(("token", "sequence")):
+        _check(FDivSpec(divergence, beta=5.0, level=level), _rows(seed + 10, ref="token", scale=40.0))
+
+
+@pytest.mark.parametrize("name", fk.divergence_names("primal"))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_primal_coefficients_are_the_autograd_gradients(name, reduction):
+    for alpha, z in ((0.5, 0.0), (1.5, 0.2), (2.0, 0.0)):
+        _check(PrimalSpec(name, alpha=alpha, z_loss=z, reduction=reduction), _rows(3, ref="none"))
+
+
+DPO_CASES = [
+    dict(loss_type="sigmoid", label_smoothing=0.1), dict(loss_type="sigmoid"), dict(loss_type="robust", label_smoothing=0.2),
+    dict(loss_type="hinge"), dict(loss_type="ipo"), dict(loss_type="simpo", gamma=0.5, label_smoothing=0.1),
+    dict(loss_type="sigmoid", length_normalize=True), dict(loss_type="ipo", length_normalize=False),
+] + [dict(loss_type=t, divergence=d, alpha=a) for t in ("sigmoid", "robust", "hinge", "ipo")
+     for d, a in (("reverse_kl", 1.0), ("js", 1.0), ("alpha", 0.5), ("alpha", 1.5))]
+
+
+@pytest.mark.parametrize("case", range(len(DPO_CASES)))
+def test_dpo_coefficients_are_the_autograd_gradients(case):
+    """Rows laid out as the fused pass sees them: (chosen_0, rejected_0, chosen_1, ...)."""
+    spec = DPOSpec(beta=0.3, **DPO_CASES[case])
+    for seed in range(3):
+        rows = _rows(seed + 20, ref="row" if spec.needs_reference else "none", pairs=True)
+        _check(spec, rows)
+
+
+def test_dpo_coefficients_past_the_exp_knees():
+    """Log-ratios past the exp knees (50; 30 for ipo): the linear / logarithmic continuations."""
+    for t in ("sigmoid", "ipo"):
+        for d in ("reverse_kl", "alpha"):
+            spec = DPOSpec(loss_type=t, beta=0.05, divergence=d, alpha=2.0)
+            rows = _rows(30, ref="row", scale=1.0, pairs=True)
+            rows = rows._replace(ref_seq=rows.ref_seq * 0 + torch.tensor([-120.0, 80.0, -1.0, 60.0, -90.0, 0.0],
+                                                                          dtype=torch.float64))
+            _check(spec, rows)
+
+
+def test_a_log_mean_exp_chunk_without_finite_terms_has_zero_coefficients():
+    """Every reward +inf (ref_logp = -inf everywhere): lme = -inf, no gradient, no NaN."""
+    rows = _rows(4, ref="token")
+    rows = rows._replace(ref_tok=torch.where(rows.mask, -math.inf, 0.0).double())
+    spec = FDivSpec("kl", beta=1.0)
+    coef = spec.coefficients(rows, spec.normalizers(rows.mask))
+    assert torch.equal(coef.logp, torch.zeros_like(coef.logp)) and not torch.isnan(coef.lse).any()
