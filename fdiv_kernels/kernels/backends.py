@@ -1,28 +1,29 @@
 """Registry of ``token_stats`` backends and the ``backend="auto"`` rule.
 
 A backend is a pure kernel: it implements the fused LM-head primitive and nothing else. The
-autograd functions (:class:`~fdiv_kernels.ops.token_stats.TokenStatsFunction`,
-:class:`~fdiv_kernels.ops.fused.FusedLossFunction`) do the rest once for all of them: they send a
+autograd functions (:class:`~fdiv_kernels.autograd.token_stats.TokenStatsFunction`,
+:class:`~fdiv_kernels.autograd.fused.FusedLossFunction`) do the rest once for all of them: they send a
 dtype the backend does not declare in :attr:`Backend.dtypes` (float64 on the native ones) to the
 ``"torch"`` reference, pass only supervised rows, contiguous tensors and int64 labels, pass
 ``grad_entropy`` only with the forward's ``entropy``, and capture the backend's options
 (:attr:`Backend.options`) at forward for the backward:
 
-``forward(hidden[N, H], weight[V, H], bias[V] | None, labels[N] int64, *, softcap, temperature,
-return_entropy[, options]) -> (logp[N], lse[N], entropy[N] | None)``
+``forward(hidden[N, H], weight[V, H], bias[V] | None, labels[N] int64, *, head, return_entropy[, options])
+-> (logp[N], lse[N], entropy[N] | None)``
 
-``backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None,
-*, softcap, temperature[, options]) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)``
+``backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None, *, head[,
+options]) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)``
 
-``softcap`` is ``None`` for no soft-cap (a kernel's own encoding, e.g. 0.0 for the C++ code, is the
-backend's business). ``options`` is passed only to backends that declare :attr:`Backend.options`.
+``head`` is the call's :class:`~fdiv_kernels.specs.HeadSpec` (``head.softcap``: ``None`` for no
+soft-cap, a kernel's own encoding, e.g. 0.0 for the C++ code, being the backend's business;
+``head.temperature``). ``options`` is passed only to backends that declare :attr:`Backend.options`.
 Outputs are float32 (float64 when the inputs are float64). How many logits a backend holds at
-once is set in :mod:`fdiv_kernels.ops.chunk_sizes`. The math every backend implements
+once is set in :mod:`fdiv_kernels.kernels.chunk_sizes`. The math every backend implements
 is written out in ``docs/math.md`` ("The primitive"). Backends register themselves with
 :func:`register_backend`; ``auto`` takes the available backend with the highest priority for
 the tensors' device type.
 
-Backends with one-pass kernels (used by :mod:`fdiv_kernels.ops.fused`) also provide
+Backends with one-pass kernels (used by :mod:`fdiv_kernels.autograd.fused`) also provide
 ``single_pass(weight, bias, head, *, return_entropy, need_h, need_w, need_b) -> ChunkKernels``
 and ``chunk_tokens(V, H, dtype) -> int`` (supervised tokens per chunk). A ``ChunkKernels``
 object lives for one call and has:

@@ -7,29 +7,28 @@ No backend allocates the ``[N, V]`` logits; each visits them in chunks whose siz
   :func:`torch_rows` whole rows, the cpu backend a ``[rows, cols]`` tile (:func:`cpu_tile_shape`).
 * ``cpu`` backend, one pass: :data:`CPU_SINGLE_PASS_ELEMENTS` = 2**25 float32 logits (128 MiB)
   per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size.
-* GPU backends (``cuda``, ``triton``): :data:`GPU_CHUNK_BYTES`, the one environment variable
-  ``FDIV_CUDA_CHUNK_BYTES`` (default 1 GiB), the float32 logits of a one-pass chunk
+* GPU backends (``cuda``, ``triton``): the knob ``gpu_chunk_bytes`` (``FDIV_CUDA_CHUNK_BYTES``,
+  default 1 GiB; :mod:`fdiv_kernels.knobs`), the float32 logits of a one-pass chunk
   (:func:`gpu_chunk_tokens`; the 16-bit coefficient is written over them); the cuda backend's
-  two-pass chunks hold float32 logits plus a 16-bit coefficient, ``GPU_CHUNK_BYTES / 6``
+  two-pass chunks hold float32 logits plus a 16-bit coefficient, ``gpu_chunk_bytes / 6``
   elements (:func:`cuda_two_pass_rows`).
 
-The functions read these names at each call, so a test (or a benchmark) may set them on this
-module.
+The functions read the knob and these module constants at each call, so a test (or a benchmark)
+may set them (``fk.config(gpu_chunk_bytes=...)``; the constants on this module).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
+
+from .. import knobs
 
 #: float32 logits per chunk of the two-pass torch and cpu kernels (16 MiB)
 TWO_PASS_ELEMENTS = 2 ** 22
 #: float32 logits per one-pass chunk of the cpu backend, and per vocabulary tile within it (128 MiB)
 CPU_SINGLE_PASS_ELEMENTS = 2 ** 25
-#: GPU chunk budget in bytes (``FDIV_CUDA_CHUNK_BYTES``, 1 GiB): a one-pass chunk's float32 logits
-GPU_CHUNK_BYTES = int(os.environ.get("FDIV_CUDA_CHUNK_BYTES", 2 ** 30))
 #: GPU chunks are a multiple of this many rows (GEMM tile rows) when they have that many
 ROW_ALIGN = 256
 
@@ -75,14 +74,14 @@ def aligned_rows(rows: int) -> int:
 
 
 def gpu_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk on a GPU: ``GPU_CHUNK_BYTES // (4 V)`` rounded down to a multiple of
+    """Tokens per one-pass chunk on a GPU: ``gpu_chunk_bytes // (4 V)`` rounded down to a multiple of
     256, at least 256: 2048 at V = 128256 and 1024 at V = 256000 with the default 1 GiB (about the
     fewest rows that keep the grad_weight GEMM, which reads and writes the fp32 ``[V, H]``
     accumulator once per chunk, compute-bound on an H100)."""
-    return max(ROW_ALIGN, aligned_rows(GPU_CHUNK_BYTES // (4 * max(1, vocab_size))))
+    return max(ROW_ALIGN, aligned_rows(knobs.get("gpu_chunk_bytes") // (4 * max(1, vocab_size))))
 
 
 def cuda_two_pass_rows(vocab_size: int) -> int:
-    """Rows per two-pass chunk of the cuda backend: ``GPU_CHUNK_BYTES / 6`` logits (float32 logits
+    """Rows per two-pass chunk of the cuda backend: ``gpu_chunk_bytes / 6`` logits (float32 logits
     plus a 16-bit coefficient) over V, a multiple of 256 (1280 at V = 128256)."""
-    return aligned_rows(GPU_CHUNK_BYTES // 6 // max(1, vocab_size))
+    return aligned_rows(knobs.get("gpu_chunk_bytes") // 6 // max(1, vocab_size))

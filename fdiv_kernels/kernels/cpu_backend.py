@@ -1,6 +1,6 @@
 """The ``"cpu"`` backend: the C++ extension (``csrc/cpu``), ATen GEMMs + a fused C++ epilogue.
 
-Same contract as :mod:`fdiv_kernels.ops.torch_chunked` (valid rows only, float32 outputs).
+Same contract as :mod:`fdiv_kernels.kernels.torch_chunked` (valid rows only, float32 outputs).
 The ``[N, V]`` logits are visited in tiles of ``tile_shape(N, V)`` = (token rows, vocabulary
 columns) with ``rows * cols <= 2**22`` (:mod:`.chunk_sizes`): one GEMM per tile into a reused float32 buffer
 (``hidden @ weight.T + bias``, MKL/OpenBLAS through ATen) and a fused epilogue per row segment,
@@ -32,23 +32,23 @@ from .backends import Backend, ChunkGradBuffers, register_backend
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
-            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
+            head, return_entropy: bool = False):
     """Contract forward; returns ``(logp[N], lse[N], entropy[N] | None)`` float32."""
     mod = native.load("cpu")
     with torch.no_grad():
-        logp, lse, ent = mod.forward(hidden, weight, bias, labels, native.softcap_arg(softcap), float(temperature),
+        logp, lse, ent = mod.forward(hidden, weight, bias, labels, native.softcap_arg(head.softcap), head.temperature,
                                      bool(return_entropy), chunk_sizes.TWO_PASS_ELEMENTS)
     return logp, lse, (ent if return_entropy else None)
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
              lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
-             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+             grad_entropy: Optional[torch.Tensor], *, head):
     """Contract backward; returns ``(grad_hidden[N,H], grad_weight[V,H], grad_bias[V] | None)`` float32."""
     mod = native.load("cpu")
     with torch.no_grad():
         gh, gw, gb = mod.backward(hidden, weight, bias, labels, lse, entropy if grad_entropy is not None else None,
-                                  grad_logp, grad_lse, grad_entropy, native.softcap_arg(softcap), float(temperature),
+                                  grad_logp, grad_lse, grad_entropy, native.softcap_arg(head.softcap), head.temperature,
                                   chunk_sizes.TWO_PASS_ELEMENTS)
     return gh, gw, (gb if bias is not None else None)
 
@@ -77,7 +77,7 @@ def release_workspace() -> None:
 
 
 class ChunkKernels(ChunkGradBuffers):
-    """One-pass chunk kernels of the ``cpu`` backend (contract in :mod:`fdiv_kernels.ops.backends`).
+    """One-pass chunk kernels of the ``cpu`` backend (contract in :mod:`fdiv_kernels.kernels.backends`).
 
     The C++ ``chunk_stats`` keeps the chunk's ``z = cap(h W^T + b) / T`` in a reused float32
     buffer; ``chunk_grads`` turns it into ``dL/draw`` in place and runs both gradient GEMMs tile by

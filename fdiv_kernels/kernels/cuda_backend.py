@@ -1,6 +1,6 @@
 """The ``"cuda"`` backend: cuBLAS GEMMs per chunk + lean CUDA epilogues (``csrc/cuda``).
 
-Same contract as :mod:`fdiv_kernels.ops.torch_chunked`. Per chunk of ``chunk_sizes.cuda_two_pass_rows(V)``
+Same contract as :mod:`fdiv_kernels.kernels.torch_chunked`. Per chunk of ``chunk_sizes.cuda_two_pass_rows(V)``
 token rows:
 
 * forward: ``raw = h @ W.T`` (bf16/fp16 operands with a float32 output through
@@ -47,14 +47,15 @@ def _is_reduced(t: torch.Tensor) -> bool:
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
-            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
+            head, return_entropy: bool = False):
     """Contract forward; returns ``(logp[N], lse[N], entropy[N] | None)`` float32."""
     mod = native.load("cuda")
     with torch.no_grad(), torch.cuda.device(hidden.device):
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
 
         def run(mixed):
-            return mod.forward(hidden, weight, bias, labels, native.softcap_arg(softcap), float(temperature), bool(return_entropy),
+            return mod.forward(hidden, weight, bias, labels, native.softcap_arg(head.softcap), head.temperature,
+                               bool(return_entropy),
                                chunk_sizes.cuda_two_pass_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
 
         logp, lse, ent = _call(run, hidden.dtype)
@@ -63,20 +64,20 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
              lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
-             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+             grad_entropy: Optional[torch.Tensor], *, head):
     """Contract backward; returns ``(grad_hidden, grad_weight, grad_bias | None)`` float32."""
     mod = native.load("cuda")
     with torch.no_grad(), torch.cuda.device(hidden.device):
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
-        # float16: the coefficient is scaled into fp16's range and the fp32 outputs back (ops/lowp.py)
-        scale = lowp.fp16_coef_scale(hidden.dtype, grad_logp, grad_lse, grad_entropy, entropy, temperature)
+        # float16: the coefficient is scaled into fp16's range and the fp32 outputs back (kernels/lowp.py)
+        scale = lowp.fp16_coef_scale(hidden.dtype, grad_logp, grad_lse, grad_entropy, entropy, head.temperature)
         if scale is not None:
             grad_logp, grad_lse = grad_logp * scale, grad_lse * scale
             grad_entropy = None if grad_entropy is None else grad_entropy * scale
 
         def run(mixed):
             return mod.backward(hidden, weight, bias, labels, lse, entropy if grad_entropy is not None else None,
-                                grad_logp, grad_lse, grad_entropy, native.softcap_arg(softcap), float(temperature),
+                                grad_logp, grad_lse, grad_entropy, native.softcap_arg(head.softcap), head.temperature,
                                 chunk_sizes.cuda_two_pass_rows(weight.shape[0]), mixed and _is_reduced(hidden), stream)
 
         gh, gw, gb = _call(run, hidden.dtype)
@@ -88,12 +89,12 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 # --------------------------------------------------------------------------------------------
-# One-pass chunk kernels (fdiv_kernels/ops/fused.py)
+# One-pass chunk kernels (fdiv_kernels/autograd/fused.py)
 # --------------------------------------------------------------------------------------------
 
 class ChunkKernels(GemmChunkKernels):
     """One-pass chunk kernels of the ``cuda`` backend: the shared GEMM driver
-    (:mod:`fdiv_kernels.ops.gemm_chunks`) with the CUDA C epilogues of ``csrc/cuda``; the
+    (:mod:`fdiv_kernels.kernels.gemm_chunks`) with the CUDA C epilogues of ``csrc/cuda``; the
     coefficient is written over the logits' rows. ``mod`` replaces the extension (the CPU twin
     in the tests)."""
 

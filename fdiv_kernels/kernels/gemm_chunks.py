@@ -1,7 +1,7 @@
 """One-pass chunk kernels built from torch (cuBLAS) GEMMs and two epilogue kernels.
 
 The GPU backends (``cuda``: CUDA C epilogues; ``triton``: Triton epilogues) share this driver
-(the contract is in :mod:`fdiv_kernels.ops.backends`). Per chunk of ``n`` token rows:
+(the contract is in :mod:`fdiv_kernels.kernels.backends`). Per chunk of ``n`` token rows:
 
 1. ``z = h W^T`` into a reused float32 buffer (bf16/fp16 operands, fp32 accumulation and output);
 2. the forward epilogue: one read of ``z`` (bias, soft-cap, temperature, online log-sum-exp,
@@ -18,32 +18,35 @@ float16 coefficient is scaled into fp16's range first (:mod:`.lowp`).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 
+from .. import knobs
 from . import lowp
 from .backends import ChunkGradBuffers
 
 logger = logging.getLogger("fdiv_kernels")
 
-#: Whether this torch runs 16-bit x 16-bit GEMMs with a float32 output (``mm``/``addmm`` with
-#: ``out_dtype``, in Python and in the cuda extension): a fact about the installed torch, not an
-#: option, so it is kept for the process once a call found it missing (as :mod:`.native` keeps a
-#: failed build); ``FDIV_CUDA_MIXED_GEMM=0`` starts with False.
-_mixed_gemm = [os.environ.get("FDIV_CUDA_MIXED_GEMM", "1") != "0"]
+class _TorchSupport:
+    """Facts about the installed torch found at run time (kept for the process, as :mod:`.native`
+    keeps a failed build): ``mixed_gemm_failed`` once a 16-bit GEMM with a float32 output was
+    rejected."""
+
+    mixed_gemm_failed = False
 
 
 def mixed_gemm_supported() -> bool:
-    """Whether 16-bit GEMMs with a float32 output are used (see ``_mixed_gemm``)."""
-    return _mixed_gemm[0]
+    """Whether 16-bit x 16-bit GEMMs with a float32 output (``mm``/``addmm`` with ``out_dtype``, in
+    Python and in the cuda extension) are used: the knob ``mixed_gemm`` (``FDIV_CUDA_MIXED_GEMM``)
+    and no earlier call found this torch without them."""
+    return bool(knobs.get("mixed_gemm")) and not _TorchSupport.mixed_gemm_failed
 
 
 def mixed_gemm_unsupported(exc: BaseException, dtype: torch.dtype) -> None:
     """Record that this torch rejected a 16-bit GEMM with a float32 output; warn once."""
-    if _mixed_gemm[0]:
-        _mixed_gemm[0] = False
+    if not _TorchSupport.mixed_gemm_failed:
+        _TorchSupport.mixed_gemm_failed = True
         logger.warning("fdiv_kernels: GEMMs with a float32 output for %s operands are not supported here (%s); "
                        "using float32-output fallbacks", dtype, str(exc).splitlines()[0][:200])
 

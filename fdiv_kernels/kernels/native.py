@@ -46,6 +46,8 @@ from types import ModuleType
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
+from .. import knobs
+
 logger = logging.getLogger("fdiv_kernels")
 
 CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/epilogue_cpu.cpp", "cpu/bindings_cpu.cpp")
@@ -85,8 +87,8 @@ def csrc_dir() -> Path:
     """
     here = Path(__file__).resolve().parent.parent  # .../fdiv_kernels
     candidates = []
-    if os.environ.get("FDIV_KERNELS_CSRC"):
-        candidates.append(Path(os.environ["FDIV_KERNELS_CSRC"]))
+    if knobs.get("csrc"):
+        candidates.append(Path(knobs.get("csrc")))
     candidates += [here / "_csrc", here.parent / "csrc"]
     for c in candidates:
         if (c / CPU_SOURCES[0]).is_file():
@@ -101,7 +103,8 @@ def sources(kind: str) -> List[str]:
 
 
 def jit_enabled() -> bool:
-    return os.environ.get("FDIV_KERNELS_JIT", "1") != "0"
+    """Knob ``jit`` (``FDIV_KERNELS_JIT``): build just in time when no ahead-of-time module exists."""
+    return bool(knobs.get("jit"))
 
 
 def cuda_home_from_nvcc() -> Optional[str]:
@@ -228,8 +231,8 @@ MANIFEST = "manifest.json"
 
 def prebuilt_dir() -> Path:
     """``$FDIV_KERNELS_PREBUILT`` or ``fdiv_kernels/_prebuilt`` (git-ignored)."""
-    env = os.environ.get("FDIV_KERNELS_PREBUILT")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "_prebuilt"
+    folder = knobs.get("prebuilt")
+    return Path(folder) if folder else Path(__file__).resolve().parent.parent / "_prebuilt"
 
 
 def prebuilt_mismatch(kind: str, manifest: Dict[str, str], *, python: Optional[str] = None,

@@ -32,28 +32,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-            softcap: Optional[float], temperature: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], head) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Logits of one chunk and, with a soft-cap, tanh(raw / cap) (needed by the backward)."""
     z = h @ w.T
     if b is not None:
         z = z + b
-    return transform(z, softcap, temperature)
+    return transform(z, head)
 
 
-def transform(z: torch.Tensor, softcap: Optional[float], temperature: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(cap(raw) / T, tanh(raw / cap) or None)`` of raw logits (with the bias added)."""
+def transform(z: torch.Tensor, head) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(cap(raw) / T, tanh(raw / cap) or None)`` of raw logits (with the bias added), for the
+    ``head``'s soft-cap and temperature."""
     t = None
-    if softcap is not None:
-        t = torch.tanh(z / softcap)
-        z = t * softcap
-    if temperature != 1.0:
-        z = z * (1.0 / temperature)  # times the rounded 1/T, as every native backend: the same z bits
+    if head.softcap is not None:
+        t = torch.tanh(z / head.softcap)
+        z = t * head.softcap
+    if head.temperature != 1.0:
+        z = z * (1.0 / head.temperature)  # times the rounded 1/T, as every native backend: the same z bits
     return z, t
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
-            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False):
+            head, return_entropy: bool = False):
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     w = weight.to(cdt)
@@ -64,7 +64,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     step = chunk_sizes.torch_rows(weight.shape[0])
     for s in range(0, n, step):
         e = min(n, s + step)
-        z, _ = _logits(hidden[s:e].to(cdt), w, b, softcap, temperature)
+        z, _ = _logits(hidden[s:e].to(cdt), w, b, head)
         logp[s:e], lse[s:e], ent_c = _stats(z, labels[s:e], return_entropy)
         if ent is not None:
             ent[s:e] = ent_c
@@ -113,7 +113,7 @@ def entropy(z: torch.Tensor) -> torch.Tensor:
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
              lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
-             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0):
+             grad_entropy: Optional[torch.Tensor], *, head):
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     w = weight.to(cdt)
@@ -125,9 +125,9 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     for s in range(0, n, step):
         e = min(n, s + step)
         h = hidden[s:e].to(cdt)
-        z, t = _logits(h, w, b, softcap, temperature)
+        z, t = _logits(h, w, b, head)
         coef = _coef(z, t, labels[s:e], lse[s:e], None if entropy is None else entropy[s:e], grad_logp[s:e],
-                     grad_lse[s:e], None if grad_entropy is None else grad_entropy[s:e], temperature)
+                     grad_lse[s:e], None if grad_entropy is None else grad_entropy[s:e], head.temperature)
         grad_h[s:e] = coef @ w
         grad_w.addmm_(coef.T, h)
         if grad_b is not None:
@@ -137,7 +137,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 class ChunkKernels(ChunkGradBuffers):
     """One-pass chunk kernels of the torch backend (the reference twin of the native ones; see
-    :mod:`fdiv_kernels.ops.backends`): the chunk's fp32 logits are kept between ``stats`` and
+    :mod:`fdiv_kernels.kernels.backends`): the chunk's fp32 logits are kept between ``stats`` and
     ``grads``."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
@@ -145,21 +145,21 @@ class ChunkKernels(ChunkGradBuffers):
         self.dtype = compute_dtype(weight.dtype)
         self.w = weight.to(self.dtype)
         self.b = None if bias is None else bias.to(self.dtype)
-        self.softcap, self.temperature, self.return_entropy = head.softcap, head.temperature, return_entropy
+        self.head, self.return_entropy = head, return_entropy
         self.need_h = need_h
         self.grad_w = torch.empty(weight.shape, dtype=self.dtype, device=weight.device) if need_w else None
         self.grad_b = torch.empty(bias.shape, dtype=self.dtype, device=bias.device) if need_b else None
         self._kept = None
 
     def stats(self, h: torch.Tensor, y: torch.Tensor):
-        z, t = _logits(h.to(self.dtype), self.w, self.b, self.softcap, self.temperature)
+        z, t = _logits(h.to(self.dtype), self.w, self.b, self.head)
         self._kept = (z, t)
         return _stats(z, y, self.return_entropy)
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         z, t = self._kept
         self._kept = None
-        coef = _coef(z, t, y, lse, ent, g, k, e, self.temperature)
+        coef = _coef(z, t, y, lse, ent, g, k, e, self.head.temperature)
         beta = self._accumulate_beta(beta)
         if self.grad_w is not None:
             self.grad_w.addmm_(coef.T, h.to(self.dtype), beta=beta, alpha=alpha)

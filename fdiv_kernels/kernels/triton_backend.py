@@ -1,13 +1,13 @@
 """The ``"triton"`` token_stats backend: launch wrappers and registration.
 
-Implements the contract of :mod:`fdiv_kernels.ops.backends` with the kernels of
-:mod:`fdiv_kernels.ops.triton_kernels` (imported on first use, so ``import fdiv_kernels``
+Implements the contract of :mod:`fdiv_kernels.kernels.backends` with the kernels of
+:mod:`fdiv_kernels.kernels.triton_kernels` (imported on first use, so ``import fdiv_kernels``
 never compiles anything and works without triton)::
 
-    forward(hidden[N, H], weight[V, H], bias[V] | None, labels[N] int64, *, softcap, temperature,
-            return_entropy) -> (logp[N], lse[N], entropy[N] | None)          # float32
-    backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None,
-             *, softcap, temperature) -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)
+    forward(hidden[N, H], weight[V, H], bias[V] | None, labels[N] int64, *, head, return_entropy)
+        -> (logp[N], lse[N], entropy[N] | None)                              # float32
+    backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy | None, *, head)
+        -> (grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)
 
 Inputs: float32, bfloat16 or float16 (``hidden``/``weight`` sharing the dtype), contiguous, int64
 labels; outputs and gradients float32. The autograd functions send float64 inputs to the
@@ -24,7 +24,7 @@ Options (:class:`TritonOptions`): :func:`triton_options` sets them for a block; 
 function captures the options in force at the forward and its backward uses those, whatever is in
 force when ``backward()`` runs::
 
-    from fdiv_kernels.ops.triton_backend import triton_options
+    from fdiv_kernels.kernels.triton_backend import triton_options
     with triton_options(filter_eps=2.0 ** -12):   # gradient filtering (off by default)
         out = fk.loss(h, w, y, divergence="js", backend="triton")
     out.loss.backward()                           # filtered, as captured at the forward
@@ -43,6 +43,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from .. import knobs
 from . import chunk_sizes, lowp
 from .backends import Backend, register_backend
 from .gemm_chunks import GemmChunkKernels
@@ -125,14 +126,16 @@ def interpret_mode() -> bool:
 _kernels_module = None
 
 
-def _kernels():
-    """The kernel module, imported on first use and re-imported if ``TRITON_INTERPRET`` changed
-    since (``@triton.jit`` fixes interpreter vs compiled mode when the module is executed)."""
+def kernels_module():
+    """The kernel module, imported on first use and executed again when ``TRITON_INTERPRET`` or the
+    knob ``triton_autotune`` changed since (``@triton.jit`` fixes interpreter vs compiled mode, and
+    ``@triton.autotune`` its config list, when the module is executed)."""
     global _kernels_module
     if _kernels_module is None:
         from . import triton_kernels
         _kernels_module = triton_kernels
-    if _kernels_module.INTERPRET != interpret_mode():
+    if (_kernels_module.INTERPRET != interpret_mode()
+            or _kernels_module.AUTOTUNE != knobs.get("triton_autotune")):
         _kernels_module = importlib.reload(_kernels_module)
     return _kernels_module
 
@@ -194,9 +197,10 @@ def _input_precision(dtype: torch.dtype, options: TritonOptions) -> str:
     return "tf32"
 
 
-def _scalars(softcap: Optional[float], temperature: float) -> Tuple[float, float]:
-    """The kernels' ``(softcap, 1/T)``; without a soft-cap (``HAS_SOFTCAP=False``) the first is unused."""
-    return (1.0 if softcap is None else float(softcap)), 1.0 / float(temperature)
+def _scalars(head) -> Tuple[float, float]:
+    """The kernels' ``(softcap, 1/T)`` of a :class:`~fdiv_kernels.specs.HeadSpec`; without a soft-cap
+    (``HAS_SOFTCAP=False``) the first is unused."""
+    return (1.0 if head.softcap is None else float(head.softcap)), 1.0 / float(head.temperature)
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,8 +241,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
-            softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False,
-            options: Optional[TritonOptions] = None):
+            head, return_entropy: bool = False, options: Optional[TritonOptions] = None):
     """``(logp[N], lse[N], entropy[N] | None)`` in float32; see the module docstring. ``options``:
     the :class:`TritonOptions` to use (default: those in force)."""
     options = options or _options
@@ -249,12 +252,12 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if n == 0:
         empty = torch.empty(0, dtype=torch.float32, device=dev)
         return empty, empty.clone(), (empty.clone() if return_entropy else None)
-    kern = _kernels()
+    kern = kernels_module()
     splits, split_size = vocab_splits(n, v, align=kern.SPLIT_ALIGN, device=dev, options=options)
     part = torch.empty((4 if return_entropy else 3, splits, n), dtype=torch.float32, device=dev)
     m, s, zy = part[0], part[1], part[2]
     a = part[3] if return_entropy else m  # unused without entropy
-    cap, inv_t = _scalars(softcap, temperature)
+    cap, inv_t = _scalars(head)
 
     def grid(meta):
         return (math.ceil(n / meta["BLOCK_N"]), splits)
@@ -263,7 +266,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         kern.token_stats_fwd_kernel[grid](
             hidden, weight, hidden if bias is None else bias, labels, m, s, a, zy,
             n, v, h, split_size, cap, inv_t,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=bool(return_entropy),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, WITH_ENTROPY=bool(return_entropy),
             DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype, options),
         )
     return merge_splits(m, s, zy, a if return_entropy else None)
@@ -295,8 +298,7 @@ def merge_splits(m: torch.Tensor, s: torch.Tensor, zy: torch.Tensor, a: Optional
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
              lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_lse: torch.Tensor,
-             grad_entropy: Optional[torch.Tensor], *, softcap: Optional[float] = None, temperature: float = 1.0,
-             options: Optional[TritonOptions] = None):
+             grad_entropy: Optional[torch.Tensor], *, head, options: Optional[TritonOptions] = None):
     """``(grad_hidden[N, H], grad_weight[V, H], grad_bias[V] | None)`` in float32.
 
     Deterministic by default (no atomics: one kernel per output); ``grad_entropy`` comes with the
@@ -315,21 +317,21 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return grad_h, torch.zeros((v, h), dtype=torch.float32, device=dev), grad_b
     grad_w = torch.empty((v, h), dtype=torch.float32, device=dev)
     grad_b = None if bias is None else torch.empty(v, dtype=torch.float32, device=dev)
-    kern = _kernels()
+    kern = kernels_module()
     lse_c, g, k = _f32(lse), _f32(grad_logp), _f32(grad_lse)
     ent_c = _f32(entropy) if with_ent else lse_c
     e = _f32(grad_entropy) if with_ent else g
     # float16: the coefficient (cast to fp16 for the GEMMs) is scaled into fp16's range by a power
-    # of two, the fp32 outputs back (ops/lowp.py); on the device, no sync
+    # of two, the fp32 outputs back (kernels/lowp.py); on the device, no sync
     scale = lowp.fp16_coef_scale(hidden.dtype, g, k, e if with_ent else None, ent_c if with_ent else None,
-                                 temperature)
+                                 head.temperature)
     if scale is not None:
         g, k = g * scale, k * scale
         e = e * scale if with_ent else g
-    cap, inv_t = _scalars(softcap, temperature)
+    cap, inv_t = _scalars(head)
     eps = options.filter_eps
     common = dict(
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_ent,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, WITH_ENTROPY=with_ent,
         FILTER=eps is not None, DOT_FP32=kern.INTERPRET, INPUT_PRECISION=_input_precision(hidden.dtype, options),
     )
     b_arg = hidden if bias is None else bias
@@ -358,20 +360,20 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 # --------------------------------------------------------------------------------------------
-# One-pass chunk kernels (fdiv_kernels/ops/fused.py).
+# One-pass chunk kernels (fdiv_kernels/autograd/fused.py).
 # --------------------------------------------------------------------------------------------
 
 class ChunkKernels(GemmChunkKernels):
     """One-pass chunk kernels of the ``triton`` backend: the shared GEMM driver
-    (:mod:`fdiv_kernels.ops.gemm_chunks`, cuBLAS GEMMs) with the Triton chunk epilogues of
-    :mod:`fdiv_kernels.ops.triton_kernels` (no nvcc needed; under ``TRITON_INTERPRET=1`` on CPU
+    (:mod:`fdiv_kernels.kernels.gemm_chunks`, cuBLAS GEMMs) with the Triton chunk epilogues of
+    :mod:`fdiv_kernels.kernels.triton_kernels` (no nvcc needed; under ``TRITON_INTERPRET=1`` on CPU
     tensors too). The coefficient is written over the logits' rows, as the cuda backend does."""
 
     def __init__(self, weight, bias, head, *, return_entropy, need_h, need_w, need_b) -> None:
         super().__init__(weight, bias, head, return_entropy=return_entropy, need_h=need_h, need_w=need_w,
                          need_b=need_b)
-        self.kern = _kernels()
-        self.cap, self.inv_t = _scalars(head.softcap, head.temperature)
+        self.kern = kernels_module()
+        self.cap, self.inv_t = _scalars(head)
 
     def _flags(self, with_entropy: bool) -> dict:
         return dict(HAS_BIAS=self.b is not None, HAS_SOFTCAP=self.softcap is not None, WITH_ENTROPY=with_entropy,

@@ -35,12 +35,12 @@ so the upcast changes nothing but the summation order.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 from triton import knobs as _knobs  # triton >= 3.4 (the supported range starts at 3.6)
+
+from .. import knobs as package_knobs
 
 INTERPRET: bool = bool(_knobs.runtime.interpret)
 """Whether these kernels were built for the Triton interpreter (read once, at import)."""
@@ -127,12 +127,12 @@ def _entry(t: tuple) -> tuple:
     return tuple(t) + (1,) * (6 - len(t))
 
 
-AUTOTUNE = os.environ.get("FDIV_TRITON_AUTOTUNE", "full")
-"""``full`` (default): every config of the lists below is tried; ``first``: only the first config
-per element size (every kernel, dtype and flag setting is still compiled, only the tile search is
-skipped; ``make gpu-check`` uses it to keep compile time in its budget). Read at import."""
-if AUTOTUNE not in ("full", "first"):
-    raise ValueError(f"FDIV_TRITON_AUTOTUNE must be 'full' or 'first', got {AUTOTUNE!r}")
+AUTOTUNE = package_knobs.get("triton_autotune")
+"""The knob ``triton_autotune`` (``FDIV_TRITON_AUTOTUNE``) when this module was executed: ``full``
+(default): every config of the lists below is tried; ``first``: only the first config per element
+size (every kernel, dtype and flag setting is still compiled, only the tile search is skipped;
+``make gpu-check`` uses it to keep compile time in its budget). The backend re-executes this module
+when the knob changes (:func:`fdiv_kernels.kernels.triton_backend.kernels_module`)."""
 
 
 def _no_timing(kernel_call, quantiles):
@@ -622,8 +622,8 @@ def token_stats_bwd_fused_atomic_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# One-pass chunk epilogues (fdiv_kernels/ops/fused.py): the GEMMs run in cuBLAS
-# (fdiv_kernels/ops/gemm_chunks.py); these read a chunk's float32 raw logits z [n, V] (row
+# One-pass chunk epilogues (fdiv_kernels/autograd/fused.py): the GEMMs run in cuBLAS
+# (fdiv_kernels/kernels/gemm_chunks.py); these read a chunk's float32 raw logits z [n, V] (row
 # stride ld), one program per row walking it in BLOCK columns. Launched without FMA contraction
 # (enable_fp_fusion=False), so both kernels compute bit-identical z from the same raw value and
 # the forward's lse bounds p = exp(z - lse) <= 1 in the coefficient.
