@@ -9,18 +9,29 @@ Public API::
     fk.primal_loss(hidden, weight, labels, divergence="alpha", alpha=1.5)
     fk.sequence_logp(hidden, weight, labels)        # per-row sum / mean log-prob
     fk.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="sigmoid", divergence="kl")
+    fk.loss_from_spec(fk.FDivSpec("kl", beta=0.1), hidden, weight, labels, head=fk.HeadSpec(backend="cpu"))
+    fk.nn.FusedLinearFDivLoss, fk.nn.FusedLinearDPOLoss, fk.nn.FDivLoss
     fk.DIVERGENCE_REGISTRY, fk.divergence_names("primal"), fk.DPO_LOSS_TYPES, fk.available_backends()
+    with fk.config(check_finite=False): ...          # the knobs (fdiv_kernels.knobs)
+
+The layers below the API (``docs/design.md``): :mod:`fdiv_kernels.knobs` and
+:mod:`fdiv_kernels.checks`; the math (:mod:`fdiv_kernels.formulas`); the loss protocol
+(:mod:`fdiv_kernels.specs`); the backends (:mod:`fdiv_kernels.kernels`); the autograd functions
+(:mod:`fdiv_kernels.autograd`); the ``torch.compile`` ops (:mod:`fdiv_kernels.compiled`); the entry
+points (:mod:`fdiv_kernels.api`, :mod:`fdiv_kernels.nn`).
 """
 
 from . import nn  # noqa: F401  (fk.nn.FusedLinearFDivLoss, ...)
-from .divergences import (DIVERGENCE_REGISTRY, DIVERGENCES, Divergence, divergence_names, get_divergence,
-                          register_divergence)
-from .dpo import DPO_KINDS, DPO_LOSS_TYPES, DPOLossType, DPOOutput, dpo_loss
-from .losses import LossOutput, SequenceLogp, loss, primal_loss, sequence_logp
-from .ops import (TokenStats, TokenStatsFunction, TokenStatsParams, available_backends, register_backend, token_stats,
-                  token_stats_from_logits)
-from .ops.token_stats import LogpLse
-from .specs import DPOSpec, FDivSpec, HeadSpec, PrimalSpec
+from .api import (DPOOutput, LossOutput, SequenceLogp, dpo_loss, loss, loss_from_spec, primal_loss, sequence_logp,
+                  shift_for_causal_lm, token_stats, token_stats_from_logits)
+from .autograd.token_stats import LogpLse, TokenStats, TokenStatsFunction, TokenStatsParams
+from .formulas.divergences import (DIVERGENCE_REGISTRY, DIVERGENCES, Divergence, divergence_names, get_divergence,
+                                   register_divergence)
+from .formulas.preference import DPO_LOSS_TYPES, TRL_F_DIVERGENCES, DPOLossType
+from .formulas.primal import PrimalLoss
+from .kernels import Backend, available_backends, register_backend
+from .knobs import config
+from .specs import DPOSpec, FDivSpec, HeadSpec, LogSumExpAccumulator, LossSpec, PrimalSpec
 
 __version__ = "0.1.0"
 
@@ -30,10 +41,11 @@ PRIMAL_DIVERGENCES = divergence_names("primal")
 DPO_DIVERGENCES = divergence_names("dpo")
 
 __all__ = [
-    "DIVERGENCES", "DIVERGENCE_REGISTRY", "DPO_DIVERGENCES", "DPO_KINDS", "DPO_LOSS_TYPES", "PRIMAL_DIVERGENCES",
-    "DPOLossType", "DPOOutput", "DPOSpec", "Divergence", "FDivSpec", "HeadSpec", "LogpLse", "LossOutput", "PrimalSpec",
-    "SequenceLogp", "TokenStats", "TokenStatsFunction", "TokenStatsParams", "__version__", "available_backends",
-    "divergence_names",
-    "dpo_loss", "get_divergence", "loss", "nn", "primal_loss", "register_backend", "register_divergence",
-    "sequence_logp", "token_stats", "token_stats_from_logits",
+    "DIVERGENCES", "DIVERGENCE_REGISTRY", "DPO_DIVERGENCES", "DPO_LOSS_TYPES", "PRIMAL_DIVERGENCES",
+    "TRL_F_DIVERGENCES", "Backend", "DPOLossType", "DPOOutput", "DPOSpec", "Divergence", "FDivSpec", "HeadSpec",
+    "LogSumExpAccumulator", "LogpLse", "LossOutput", "LossSpec", "PrimalLoss", "PrimalSpec", "SequenceLogp",
+    "TokenStats", "TokenStatsFunction", "TokenStatsParams", "__version__", "available_backends", "config",
+    "divergence_names", "dpo_loss", "get_divergence", "loss", "loss_from_spec", "nn", "primal_loss",
+    "register_backend", "register_divergence", "sequence_logp", "shift_for_causal_lm", "token_stats",
+    "token_stats_from_logits",
 ]

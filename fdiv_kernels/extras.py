@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 from typing import List
 
+__all__ = ["EXTRA_MODULES", "extra_error", "missing"]
+
 #: what each extra brings that fdiv_kernels imports (pyproject.toml lists the same packages)
 EXTRA_MODULES = {
     "train": ("yaml", "safetensors", "transformers", "tqdm", "matplotlib"),

@@ -38,6 +38,7 @@ from typing import Iterable, NamedTuple, Optional, Tuple
 
 import torch
 
+from .nn import FusedLinearDPOLoss
 from .specs import DPOSpec, HeadSpec
 
 __all__ = ["BodyWithHead", "DTYPES", "HeadInputs", "LOGIT_SCALES", "body_of", "default_deepspeed_accelerator",
@@ -288,8 +289,6 @@ def head_spec(model, *, softcap: Optional[float] = None, temperature: float = 1.
 def dpo_loss_module(spec: DPOSpec, head: HeadSpec = HeadSpec(), *, ignore_index: int = -100):
     """The :class:`fdiv_kernels.nn.FusedLinearDPOLoss` holding a DPO spec and a head spec (for the
     trainer, the alignment metric and the transformers patch)."""
-    from .nn import FusedLinearDPOLoss
-
     return FusedLinearDPOLoss(spec, head, ignore_index=ignore_index)
 
 

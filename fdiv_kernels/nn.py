@@ -21,16 +21,13 @@ With ``divergence="sft"``, ``beta=1`` and no reference, :class:`FDivLoss` and
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn as _tnn
 
-from . import _checks
-from .dpo import DPOOutput, dpo_loss, resolve_names
-from .losses import LossOutput, _deprecated_form_spec, loss_from_spec, sequence_logp, shift_for_causal_lm
-from .ops.fused import evaluate
+from .api import DPOOutput, LossOutput, dpo_output, loss_from_spec, sequence_logp, shift_for_causal_lm
+from .formulas.preference import pair_losses
 from .specs import DPOSpec, FDivSpec, HeadSpec, PrimalSpec, Rows
 
 __all__ = ["FDivLoss", "FusedLinearDPOLoss", "FusedLinearFDivLoss", "shift_for_causal_lm"]
@@ -63,14 +60,12 @@ def _built(types, given, options: Dict[str, Any], build, what: str):
     return given
 
 
-def _fdiv_spec(**options) -> Union[FDivSpec, PrimalSpec]:
-    """The spec of the keywords of :func:`fdiv_kernels.loss` (``form=``/``alpha=`` deprecated)."""
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FDivSpec)} - {"form", "alpha"})
+def _fdiv_spec(**options) -> FDivSpec:
+    """The spec of the keywords of :func:`fdiv_kernels.loss`."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FDivSpec)})
     if unknown:
-        raise TypeError(f"unknown loss option(s) {unknown}; the options are the fields of FDivSpec")
-    form, alpha = options.pop("form", None), options.pop("alpha", None)
-    if form is not None or alpha is not None:
-        return _deprecated_form_spec(form, alpha, stacklevel=5, **options)  # the user's FDivLoss(...) call
+        raise TypeError(f"unknown loss option(s) {unknown}; the options are the fields of FDivSpec "
+                        f"(a primal loss: spec=fk.PrimalSpec(...))")
     return FDivSpec(**options)
 
 
@@ -96,10 +91,10 @@ class FDivLoss(_SpecModule):
 
     The loss is one spec: ``FDivLoss(spec=FDivSpec(...))`` (or a
     :class:`~fdiv_kernels.specs.PrimalSpec` for the primal losses of :func:`fdiv_kernels.primal_loss`),
-    or the keywords of :func:`fdiv_kernels.loss` that build it (``divergence``, ``beta``,
-    ``level``, ``reduction``, ``values``, ``z_loss``, ``length_normalize``; ``form``/``alpha``
-    deprecated), validated once here. Plus ``ignore_index`` and ``shift_labels`` (HF causal-LM
-    shift, see the module docstring). The spec's fields read through (``loss_fn.beta``).
+    or the keywords of :func:`fdiv_kernels.loss` that build an ``FDivSpec`` (``divergence``,
+    ``beta``, ``level``, ``reduction``, ``values``, ``z_loss``, ``length_normalize``), validated once
+    here. Plus ``ignore_index`` and ``shift_labels`` (HF causal-LM shift, see the module docstring).
+    The spec's fields read through (``loss_fn.beta``).
 
     ``forward(logits, labels, *, ref_logp=None, return_output=False)``: ``ref_logp`` is the
     reference model's per-token log-probs (``[..., T]``, aligned with ``labels``) or per-row
@@ -162,20 +157,22 @@ class FusedLinearDPOLoss(_SpecModule):
 
     * rows ``0..B-1`` are the chosen responses, rows ``B..2B-1`` the rejected ones (TRL's layout);
       ``labels`` is ``ignore_index`` on prompt and padding tokens;
-    * policy sequence log-probs come from :func:`fdiv_kernels.sequence_logp` (sum over supervised
-      tokens, or the mean when ``length_normalize``), then :func:`fdiv_kernels.dpo_loss`;
+    * policy sequence log-probs are summed over supervised tokens (or averaged when
+      ``length_normalize``), then the DPO formula of the spec (:func:`fdiv_kernels.dpo_loss`), all
+      in the fused single pass;
     * the reference is either ``ref_logp`` (``[2B]`` sequence log-probs in the same layout and the
       same normalisation, or a ``(ref_chosen [B], ref_rejected [B])`` pair), or the reference
-      model's ``ref_hidden [2B, T, H]`` with ``ref_weight`` (defaults to ``weight``), evaluated
-      under ``torch.no_grad()``. Loss types that need no reference (``simpo``) take none.
+      model's ``ref_hidden [2B, T, H]`` through its head, evaluated under ``torch.no_grad()``: the
+      head is ``ref_weight`` (a tensor with ``ref_bias``, or a module with its own bias) when given,
+      else the policy's ``weight`` with ``ref_bias`` when given, else with the policy's bias. Loss
+      types that need no reference (``simpo``) take none.
 
     Options: ``spec=DPOSpec(...)`` and ``head=HeadSpec(...)``, or their keywords: ``beta``,
     ``loss_type`` (sigmoid, robust, hinge, ipo, simpo; :data:`fdiv_kernels.DPO_LOSS_TYPES`),
     ``label_smoothing``, ``gamma`` (SimPO margin), ``length_normalize`` (default: the loss type's,
     True for ipo and simpo, as TRL does), ``divergence``/``alpha`` (f-DPO scores: kl, reverse_kl,
-    js, alpha; see :mod:`fdiv_kernels.dpo`); ``softcap``, ``temperature``, ``backend``. Plus
-    ``ignore_index`` and ``shift_labels``. ``kind``, ``f_divergence`` and ``f_alpha`` are the
-    deprecated spellings (``DeprecationWarning``).
+    js, alpha; :mod:`fdiv_kernels.formulas.preference`); ``softcap``, ``temperature``, ``backend``.
+    Plus ``ignore_index`` and ``shift_labels``.
 
     Returns the mean loss over pairs (float32), or the :class:`fdiv_kernels.DPOOutput` with
     ``return_output=True``.
@@ -185,20 +182,9 @@ class FusedLinearDPOLoss(_SpecModule):
                  ignore_index: int = -100, shift_labels: bool = False, **options) -> None:
         super().__init__()
         head_options = {k: options.pop(k) for k in _HEAD_FIELDS if k in options}
-        legacy = {k: options.pop(k) for k in ("kind", "f_divergence", "f_alpha") if k in options}
-        if legacy:
-            names = resolve_names(options.get("loss_type", "sigmoid"), options.get("divergence", "kl"),
-                                  options.get("alpha", 1.0), where="FusedLinearDPOLoss", **legacy)
-            options.update(zip(("loss_type", "divergence", "alpha"), names))
         self.spec = _built(DPOSpec, spec, options, DPOSpec, "spec")
         self.head = _built(HeadSpec, head, head_options, HeadSpec, "head")
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
-
-    @property
-    def kind(self) -> str:
-        """Deprecated: ``spec.loss_type``."""
-        warnings.warn("FusedLinearDPOLoss.kind is deprecated; read .spec.loss_type", DeprecationWarning, stacklevel=2)
-        return self.spec.loss_type
 
     def sequence_logps(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -210,6 +196,7 @@ class FusedLinearDPOLoss(_SpecModule):
         s = sequence_logp(hidden, w, labels, bias=b, ignore_index=self.ignore_index, softcap=self.head.softcap,
                           temperature=self.head.temperature, backend=self.head.backend)
         return s.mean if self.spec.length_normalize else s.sum
+
     def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None,
                 ref_logp: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
@@ -220,18 +207,19 @@ class FusedLinearDPOLoss(_SpecModule):
         ref = self._reference(hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias)
         if self.shift_labels:
             hidden, labels, _ = shift_for_causal_lm(hidden, labels)
-        _checks.check_head(hidden, w, labels, b, self.ignore_index, self.head.softcap, self.head.temperature)
-        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        ref_seq = None if ref is None else ref.to(cdt)
-        zero = torch.zeros((), dtype=cdt, device=labels.device)
-        ev = evaluate(self.spec, hidden=hidden, weight=w, labels=labels, bias=b, ref_tok=zero, ref_seq=ref_seq,
-                      head=self.head, ignore_index=self.ignore_index, return_entropy=False)
-        rows = Rows(ev.stats.logp, ev.stats.lse, labels != self.ignore_index, zero, ref_seq)
+        out = loss_from_spec(self.spec, hidden, w, labels, bias=b, ref_logp=ref, head=self.head,
+                             ignore_index=self.ignore_index)
+        if not return_output:
+            return out.loss
+        zero = out.logp.new_zeros(())
+        rows = Rows(out.logp, out.lse, out.mask, zero, None)
         pc, pr = self.spec.sequence_logps(rows).chunk(2, dim=0)
-        rc, rr = (None, None) if ref_seq is None else ref_seq.chunk(2, dim=0)
-        out = dpo_loss(pc, pr, rc, rr, **self.spec.loss_options())
-        out.loss = ev.loss  # the same number, with the single-pass gradients
-        return out if return_output else out.loss
+        rc, rr = (None, None) if ref is None else ref.to(pc.dtype).chunk(2, dim=0)
+        with torch.no_grad():  # the loss was checked by the fused call
+            losses = pair_losses(pc, pr, rc, rr, self.spec)
+        result = dpo_output(self.spec, losses, pc, pr, rc, rr)
+        result.loss = out.loss  # the mean of these losses, with the single-pass gradients
+        return result
 
     def _reference(self, hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias):
         """``[2B]`` reference sequence log-probs (chosen then rejected), or None for simpo."""
@@ -241,9 +229,15 @@ class FusedLinearDPOLoss(_SpecModule):
             if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
                 raise ValueError(f"ref_hidden must have hidden's shape [2B, T, *] = {tuple(hidden.shape[:-1])}, "
                                  f"got {tuple(ref_hidden.shape)}")
+            if ref_weight is None:  # the policy's head, with ref_bias when given
+                head, head_bias = weight, (ref_bias if ref_bias is not None else bias)
+            else:
+                head, head_bias = ref_weight, ref_bias
             with torch.no_grad():
-                return self.sequence_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
-                                           bias=ref_bias if ref_weight is not None else bias)
+                return self.sequence_logps(ref_hidden, head, labels, bias=head_bias)
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight and ref_bias apply to ref_hidden (the reference model's hidden states); "
+                             "with ref_logp the reference log-probs are already computed")
         if isinstance(ref_logp, (tuple, list)):
             if len(ref_logp) != 2:
                 raise ValueError("ref_logp as a sequence must be (ref_chosen, ref_rejected)")

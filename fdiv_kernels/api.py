@@ -1,0 +1,472 @@
+"""The public entry points: ``fk.loss``, ``fk.primal_loss``, ``fk.dpo_loss``, ``fk.token_stats``,
+``fk.token_stats_from_logits``, ``fk.sequence_logp`` and ``fk.loss_from_spec``.
+
+Each one validates its inputs once (:mod:`fdiv_kernels.checks`: after that line everything below
+trusts them), builds the spec of its options (:mod:`fdiv_kernels.specs`) and calls the autograd
+layer (:mod:`fdiv_kernels.autograd.evaluate`) with its eager primitives, or with their custom ops
+under ``torch.compile`` (:mod:`fdiv_kernels.compiled`): this module is the only place that chooses.
+
+Conventions of :func:`loss` (derivations in ``docs/math.md``):
+
+* Rows are the leading dims of ``labels`` except the last; a 1-D ``labels`` is one row.
+* ``logratio[t] = logp[t] - ref_logp[t]`` on supervised tokens (``ref_logp = 0`` when absent).
+* Values come from the log-sum-exp of the logits: ``V(s_t) = lse[t]`` at the position that
+  predicts token ``t``. ``s0`` is a row's first supervised position, ``s_T`` its last one.
+* Implicit reward ``u``:
+    - ``level="token"``: ``u[t] = beta * logratio[t] + dV[t]``, ``dV[t] = V(s_t) - V(s_next(t))``
+      (``s_next`` = the row's next supervised position; 0 for the last one), so that the
+      per-token rewards of a row sum to the sequence-level reward;
+    - ``level="sequence"``: ``u = beta * sum_t logratio[t] + V(s0) - V(s_T)`` (``sum`` becomes a
+      mean with ``length_normalize=True``).
+* ``values`` fixes the gauge of V (the free direction of Theorem 2): ``"drop"`` (default) sets
+  dV = 0; ``"detach"`` uses dV without gradient; ``"free"`` uses dV with gradient and adds the
+  ``+V(s0)`` term of the paper's objective, which has a free direction: pair it with
+  ``z_loss > 0``.
+* Loss: ``-phi(u)`` reduced by mean/sum over supervised tokens (token level) or over rows with
+  at least one supervised token (sequence level), or the ``logmeanexp`` form for KL/squared
+  Hellinger; plus ``z_loss * mean(lse**2)`` over supervised tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional, Tuple, Union, overload
+
+import torch
+
+from . import checks, compiled
+from .autograd.evaluate import EAGER, Primitives, evaluate, evaluate_logits
+from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, stats_result
+from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
+from .formulas.divergences import Divergence
+from .formulas.preference import pair_losses
+from .formulas.primal import PrimalLoss
+from .specs import DPOSpec, FDivSpec, HeadSpec, LossSpec, PrimalSpec, Rows, is_loss_spec
+
+__all__ = ["DPOOutput", "LossOutput", "SequenceLogp", "dpo_loss", "loss", "loss_from_spec", "primal_loss",
+           "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits"]
+
+
+def primitives() -> Primitives:
+    """The autograd layer's primitives: the custom ops while ``torch.compile`` traces, else eager."""
+    return compiled.OPS if compiled.compiling() else EAGER
+
+
+@dataclass
+class LossOutput:
+    """What :func:`loss` returns.
+
+    Attributes:
+        loss: the scalar loss (a tensor of per-token / per-row losses for ``reduction="none"``).
+        logp, lse: per-token ``[..., T]`` log-prob of the label and log-sum-exp (0 at ignored positions).
+        reward: implicit reward ``u``: ``[..., T]`` at token level, ``[...]`` at sequence level.
+        value_s0: ``[...]`` lse at each row's first supervised position (0 for all-ignored rows).
+        mask: ``[..., T]`` bool, supervised positions.
+        num_tokens: number of supervised tokens (a 0-dim tensor).
+        divergence: the registry entry used (a :class:`~fdiv_kernels.formulas.primal.PrimalLoss` for
+            :func:`primal_loss`).
+        entropy: ``[..., T]`` per-token entropy of the policy when ``return_entropy=True``.
+
+    ``logp``, ``lse``, ``entropy``, ``reward`` and ``value_s0`` are differentiable: using them in
+    another loss adds their gradients (computed by the backend's recompute kernels).
+    """
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    lse: torch.Tensor
+    reward: torch.Tensor
+    value_s0: torch.Tensor
+    mask: torch.Tensor
+    num_tokens: torch.Tensor
+    divergence: Union[Divergence, PrimalLoss]
+    entropy: Optional[torch.Tensor] = None
+
+
+class SequenceLogp(NamedTuple):
+    """Per-row sums and means of the label log-probs (what DPO-family losses consume)."""
+
+    sum: torch.Tensor
+    mean: torch.Tensor
+    count: torch.Tensor
+
+
+@dataclass
+class DPOOutput:
+    """``loss``: mean over pairs. ``losses``: ``[B]``. ``chosen_rewards``/``rejected_rewards``:
+    ``beta * (pi - ref)`` (``beta * pi`` for simpo), detached. ``accuracy``: fraction of pairs
+    with chosen reward > rejected reward. ``margin``: mean reward margin."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# The causal-LM shift and the input checks shared by the entry points
+# ---------------------------------------------------------------------------------------------
+
+def shift_for_causal_lm(x: torch.Tensor, labels: torch.Tensor,
+                        ref_logp: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Hugging Face causal-LM shift: ``x[..., :-1, :]`` predicts ``labels[..., 1:]``.
+
+    ``x`` is ``[..., T, D]`` (hidden states or logits), ``labels`` ``[..., T]``; a per-token
+    ``ref_logp [..., T]`` (aligned with the unshifted labels) is shifted like the labels; one of
+    shape ``[..., T-1]`` (already shifted, e.g. ``LossOutput.logp`` of a reference computed with
+    ``shift=True``) and a per-row ``ref_logp`` are returned unchanged.
+    """
+    if labels.dim() < 1 or labels.shape[-1] < 1:
+        raise ValueError(f"the causal-LM shift needs labels with a sequence dimension, got shape {tuple(labels.shape)}")
+    if tuple(x.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"labels must have shape {tuple(x.shape[:-1])} (the leading dims of the input), "
+                         f"got {tuple(labels.shape)}")
+    if ref_logp is not None and tuple(ref_logp.shape) == tuple(labels.shape):
+        ref_logp = ref_logp[..., 1:]
+    return x[..., :-1, :], labels[..., 1:], ref_logp
+
+
+def _shifted(hidden, logits, labels, ref_logp):
+    """:func:`shift_for_causal_lm` applied to whichever of ``hidden``/``logits`` is given."""
+    if labels is None or (hidden if logits is None else logits) is None:
+        return hidden, logits, labels, ref_logp  # the input checks name what is missing
+    if logits is not None:
+        logits, labels, ref_logp = shift_for_causal_lm(logits, labels, ref_logp)
+    else:
+        hidden, labels, ref_logp = shift_for_causal_lm(hidden, labels, ref_logp)
+    return hidden, logits, labels, ref_logp
+
+
+def _one_input(hidden, weight, labels, logits, bias, head: HeadSpec) -> None:
+    """Either ``logits`` or ``(hidden, weight)``, with labels (what is given, not its shapes)."""
+    if logits is not None:
+        if hidden is not None or weight is not None:
+            raise ValueError("pass either logits= or (hidden, weight), not both")
+        if labels is None:
+            raise ValueError("labels are required")
+        if head.softcap is not None or head.temperature != 1.0 or bias is not None:
+            raise ValueError("softcap, temperature and bias apply to (hidden, weight) only; apply them to the logits "
+                             "yourself")
+    elif hidden is None or weight is None or labels is None:
+        raise ValueError("the loss needs (hidden, weight, labels) or (logits=..., labels=...)")
+
+
+def _check_inputs(hidden, weight, labels, logits, bias, head: HeadSpec) -> None:
+    """:func:`_one_input`, then the shapes, dtypes and devices of what is given."""
+    _one_input(hidden, weight, labels, logits, bias, head)
+    if logits is not None:
+        checks.check_logits(logits, labels)
+    else:
+        checks.check_head(hidden, weight, labels, bias)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, T]`` view of ``t [..., T]`` (a 1-D ``t`` is one row; ``T`` may be 0)."""
+    return t.reshape(1, -1) if t.dim() == 1 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _reference(ref_logp, labels, spec: LossSpec, m2, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token reference log-probs ``[R, T]`` (masked; a 0-d zero when absent) and/or per-row
+    ``[R]``, in the shapes the spec takes (:attr:`LossSpec.references`)."""
+    zero = torch.zeros((), dtype=dtype, device=labels.device)
+    if ref_logp is None:
+        return zero, None
+    if not spec.references:
+        raise ValueError(f"{type(spec).__name__} takes no reference (ref_logp): the primal losses read log p_y alone")
+    if checks.check_reference(ref_logp, labels, spec.references) == "token":
+        return torch.where(m2, _rows(ref_logp).to(dtype), zero), None
+    return zero, ref_logp.reshape(-1).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+         labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
+         divergence: str = "sft", ref_logp: Optional[torch.Tensor] = None, beta: float = 1.0,
+         level: str = "token", ignore_index: int = -100, reduction: str = "mean",
+         backend: str = "auto", bias: Optional[torch.Tensor] = None, length_normalize: bool = False,
+         values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
+         temperature: float = 1.0, return_entropy: bool = False, shift: bool = False) -> LossOutput:
+    """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
+
+    Args:
+        hidden: ``[..., T, H]`` hidden states before the LM head; with ``weight [V, H]``.
+        labels: ``[..., T]`` target ids, ``ignore_index`` where unsupervised: already shifted
+            (``labels[t]`` is predicted from ``hidden[t]``), or unshifted with ``shift=True``.
+        logits: ``[..., T, V]`` instead of ``hidden``/``weight``.
+        divergence: a name in :data:`fdiv_kernels.DIVERGENCES` (``"sft"`` = ``"tv"`` = NLL): the
+            registry entries with a variational objective.
+        ref_logp: reference model log-probs, ``[..., T]`` per token, or ``[...]`` per row at
+            sequence level. ``None`` means ``pi_ref = 1`` (no anchor). Gradients reach it when it
+            requires grad (a trained reference).
+        beta: the KL-anchor weight in ``u = beta * log(pi / pi_ref) + ...``.
+        level: ``"token"`` or ``"sequence"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        length_normalize: sequence level only: use the mean log-ratio of a row instead of the sum.
+        values: ``"drop"``, ``"detach"`` or ``"free"``: how V = lse enters the reward.
+        z_loss: weight of ``mean(lse**2)`` over supervised tokens (fixes the gauge of V).
+        bias, softcap, temperature, backend, ignore_index: as in :func:`token_stats`.
+        return_entropy: also compute the per-token entropy (``out.entropy``), in the same pass.
+        shift: the Hugging Face causal-LM shift inside (:func:`shift_for_causal_lm`): ``labels =
+            input_ids [..., T]`` as they are, ``labels[..., 1:]`` predicted from
+            ``hidden[..., :-1, :]`` (``logits[..., :-1, :]``); a per-token ``ref_logp [..., T]`` is
+            shifted the same way (``[..., T-1]`` and per-row ones pass unchanged). The outputs
+            then have ``T - 1`` positions.
+
+    Returns:
+        :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
+        ``F.cross_entropy(logits, labels, ignore_index=ignore_index)``.
+
+    When gradients are needed, the loss and its gradients come from one pass over the logits
+    (3 GEMMs, :mod:`fdiv_kernels.autograd.fused`); under ``torch.no_grad`` only the logits GEMM runs.
+    """
+    spec = FDivSpec(divergence, beta=beta, level=level, values=values, z_loss=z_loss,
+                    length_normalize=length_normalize, reduction=reduction)
+    if shift:
+        hidden, logits, labels, ref_logp = _shifted(hidden, logits, labels, ref_logp)
+    return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
+                          head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
+                          return_entropy=return_entropy)
+
+
+def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
+                divergence: str = "kl", alpha: float = 1.5, ignore_index: int = -100, reduction: str = "mean",
+                z_loss: float = 0.0, backend: str = "auto", bias: Optional[torch.Tensor] = None,
+                softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False,
+                shift: bool = False) -> LossOutput:
+    """Primal per-token f-divergence loss ``D_f(onehot(y) || p)`` (:mod:`fdiv_kernels.formulas.primal`),
+    fused with the LM head (or from ``logits=``); a function of ``log p_y`` alone, no reference.
+
+    Args:
+        divergence: a registry name with a primal form (``kl`` = NLL, ``tv``, ``pearson``,
+            ``squared_hellinger``, ``js``, ``alpha``; :func:`fdiv_kernels.divergence_names` with
+            ``"primal"``). ``reverse_kl`` and ``neyman`` have ``f(0) = inf``: no primal form.
+        alpha: the coefficient ``a`` of ``divergence="alpha"`` (Amari; > 0).
+        reduction: ``"mean"`` (over supervised tokens), ``"sum"`` or ``"none"``.
+        z_loss: weight of ``mean(lse**2)`` over supervised tokens (with ``reduction`` mean or sum).
+        hidden, weight, labels, logits, bias, softcap, temperature, backend, ignore_index,
+        return_entropy, shift: as in :func:`loss`.
+
+    Returns:
+        :class:`LossOutput` (``reward`` holds ``logp``; ``divergence`` the primal form).
+        ``divergence="kl"`` equals ``F.cross_entropy``.
+    """
+    spec = PrimalSpec(divergence, alpha=alpha, z_loss=z_loss, reduction=reduction)
+    if shift:
+        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
+    return loss_from_spec(spec, hidden, weight, labels, logits=logits, bias=bias,
+                          head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
+                          return_entropy=return_entropy)
+
+
+def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                   labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
+                   ref_logp: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   head: HeadSpec = HeadSpec(), ignore_index: int = -100,
+                   return_entropy: bool = False) -> LossOutput:
+    """:func:`loss` for an already built spec (:class:`~fdiv_kernels.specs.FDivSpec`,
+    :class:`~fdiv_kernels.specs.PrimalSpec`, :class:`~fdiv_kernels.specs.DPOSpec` on ``2B`` rows
+    with per-row references, or any :class:`~fdiv_kernels.specs.LossSpec`) and head
+    (:class:`~fdiv_kernels.specs.HeadSpec`): what the ``fk.nn`` modules, the integrations and the
+    trainer call. Arguments as in :func:`loss` (``labels`` already shifted)."""
+    if not is_loss_spec(spec):
+        raise TypeError(f"spec must implement fdiv_kernels.specs.LossSpec (FDivSpec, PrimalSpec, DPOSpec), "
+                        f"got {type(spec).__name__}")
+    _check_inputs(hidden, weight, labels, logits, bias, head)
+    checks.check_rows(labels)
+    prims = primitives()
+    x = logits if logits is not None else hidden
+    labels = prims.check_labels(labels, x.shape[-1] if logits is not None else weight.shape[0], ignore_index)
+    mask = labels != ignore_index
+    m2 = _rows(mask)
+    ref_tok, ref_seq = _reference(ref_logp, labels, spec, m2, _compute_dtype(x))
+    if logits is not None:
+        ev = evaluate_logits(spec, prims, logits=logits, labels=labels, ref_tok=ref_tok, ref_seq=ref_seq,
+                             ignore_index=ignore_index, return_entropy=return_entropy)
+    else:
+        ev = evaluate(spec, prims, hidden=hidden, weight=weight, bias=bias, labels=labels, ref_tok=ref_tok,
+                      ref_seq=ref_seq, head=head, ignore_index=ignore_index, return_entropy=return_entropy)
+    rows = Rows(_rows(ev.logp), _rows(ev.lse), m2, ref_tok, ref_seq)
+    u, _, v_s0 = spec.rewards(rows)
+    row_shape = labels.shape[:-1] if labels.dim() > 1 else ()
+    reward = u.reshape(labels.shape) if u.shape == m2.shape else u.reshape(row_shape)
+    out_loss = ev.loss
+    if spec.reduction == "none":
+        out_loss = out_loss.reshape(labels.shape) if out_loss.shape == m2.shape else out_loss.reshape(row_shape)
+    return LossOutput(loss=out_loss, logp=ev.logp, lse=ev.lse, reward=reward, value_s0=v_s0.reshape(row_shape),
+                      mask=mask, num_tokens=mask.sum(), divergence=spec.divergence, entropy=ev.entropy)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: Optional[torch.Tensor] = None, ref_rejected: Optional[torch.Tensor] = None, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.0,
+             divergence: str = "kl", alpha: float = 1.0) -> DPOOutput:
+    """DPO / IPO / hinge / robust DPO / SimPO loss on ``[B]`` sequence log-probs.
+
+    Args:
+        policy_chosen, policy_rejected: ``[B]`` policy sequence log-probs (e.g. from
+            :func:`sequence_logp`), with gradient.
+        ref_chosen, ref_rejected: ``[B]`` reference log-probs; required by the loss types that
+            need a reference (all but ``simpo``; :data:`fdiv_kernels.DPO_LOSS_TYPES`). A NaN or
+            ``+inf`` reference is not a log-probability: ``ValueError`` naming it and the pair.
+        beta, loss_type, label_smoothing, gamma, divergence, alpha: the fields of
+            :class:`~fdiv_kernels.specs.DPOSpec` (validated there; the formulas and TRL's names:
+            :mod:`fdiv_kernels.formulas.preference`).
+    """
+    spec = DPOSpec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                   divergence=divergence, alpha=alpha)
+    for name, t in (("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected)):
+        checks.check_floating(name, t)
+    if policy_chosen.shape != policy_rejected.shape:
+        raise ValueError(f"policy_chosen {tuple(policy_chosen.shape)} and policy_rejected "
+                         f"{tuple(policy_rejected.shape)} must have the same shape")
+    if spec.needs_reference:
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"loss_type={loss_type!r} needs ref_chosen and ref_rejected")
+        for name, t in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+            checks.check_floating(name, t)
+            if t.shape != policy_chosen.shape:
+                raise ValueError(f"{name} must have shape {tuple(policy_chosen.shape)}, got {tuple(t.shape)}")
+    checks.check_same_device(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                             ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    cdt = _compute_dtype(policy_chosen)
+    pc, pr = policy_chosen.to(cdt), policy_rejected.to(cdt)
+    rc = ref_chosen.to(cdt) if spec.needs_reference else None
+    rr = ref_rejected.to(cdt) if spec.needs_reference else None
+    losses = primitives().check_pairs(spec, pair_losses(pc, pr, rc, rr, spec), pc, pr, rc, rr)
+    return dpo_output(spec, losses, pc, pr, rc, rr)
+
+
+def dpo_output(spec: DPOSpec, losses: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor],
+               rr: Optional[torch.Tensor]) -> DPOOutput:
+    """The :class:`DPOOutput` of checked pair ``losses`` ``[B]`` and their sequence log-probs."""
+    if spec.needs_reference and rc is not None:
+        chosen_r, rejected_r = spec.beta * (pc - rc).detach(), spec.beta * (pr - rr).detach()
+    else:
+        chosen_r, rejected_r = spec.beta * pc.detach(), spec.beta * pr.detach()
+    empty = losses.numel() == 0
+    return DPOOutput(
+        loss=losses.sum() if empty else losses.mean(),
+        losses=losses,
+        chosen_rewards=chosen_r,
+        rejected_rewards=rejected_r,
+        accuracy=losses.new_zeros(()) if empty else (chosen_r > rejected_r).float().mean(),
+        margin=losses.new_zeros(()) if empty else (chosen_r - rejected_r).mean(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused primitive and sequence log-probs
+# ---------------------------------------------------------------------------------------------
+
+@overload
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
+                temperature: float = ..., return_entropy: Literal[False] = ..., backend: str = ...,
+                shift: bool = ...) -> LogpLse: ...
+
+
+@overload
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
+                temperature: float = ..., return_entropy: Literal[True], backend: str = ...,
+                shift: bool = ...) -> TokenStats: ...
+
+
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                softcap: Optional[float] = None, temperature: float = 1.0,
+                return_entropy: bool = False, backend: str = "auto", shift: bool = False) -> Union[LogpLse, TokenStats]:
+    """Fused LM head + log-softmax statistics, without storing the ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` float32/bfloat16/float16/float64 hidden states.
+        weight: ``[V, H]`` LM-head weight (``nn.Linear(H, V).weight``), same dtype as ``hidden``.
+        labels: ``[...]`` int32/int64 targets in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` bias.
+        softcap: optional logit soft-cap ``c``: ``z = c * tanh(z / c)`` (Gemma 2).
+        temperature: logits are divided by it after the soft-cap.
+        return_entropy: also return the per-token entropy of ``softmax(z)``.
+        backend: "auto", "torch", or any name in :func:`fdiv_kernels.available_backends`.
+        shift: the causal-LM shift of :func:`loss` (``labels = input_ids [..., T]``; the outputs
+            have ``T - 1`` positions, aligned with ``fk.loss(..., shift=True)``'s).
+
+    Returns:
+        ``(logp, lse)`` (a :class:`~fdiv_kernels.LogpLse`), or with ``return_entropy=True`` a
+        :class:`~fdiv_kernels.TokenStats` ``(logp, lse, entropy)``; each with the shape of
+        ``labels``, float32 (float64 for float64 inputs), 0 at ignored positions, where
+        ``z = hidden @ weight.T + bias``, ``lse = logsumexp(z)`` and ``logp = z[label] - lse``.
+        Gradients flow to ``hidden``, ``weight`` and ``bias``.
+
+    Logits of -inf (a vocabulary masked through ``bias``) add exact zeros to every output and
+    gradient. ``ValueError`` (data checks, :mod:`fdiv_kernels.checks`): a supervised token whose
+    logits are all -inf or not finite, or whose label's logit is -inf.
+    """
+    head = HeadSpec(softcap, temperature, backend)
+    if shift:
+        checks.check_labels_dtype(labels)
+        hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+    checks.check_head(hidden, weight, labels, bias)
+    prims = primitives()
+    labels = prims.check_labels(labels, weight.shape[0], ignore_index)
+    logp, lse, ent = prims.token_stats(hidden, weight, bias, labels,
+                                       TokenStatsParams(head, ignore_index, bool(return_entropy)))
+    return stats_result(*prims.check_token_stats(logp, lse, ent, labels, head))
+
+
+@overload
+def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                            return_entropy: Literal[False] = ...) -> LogpLse: ...
+
+
+@overload
+def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                            return_entropy: Literal[True]) -> TokenStats: ...
+
+
+def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                            return_entropy: bool = False) -> Union[LogpLse, TokenStats]:
+    """:func:`token_stats` for users who already hold ``logits [..., V]`` (same return types).
+
+    Plain torch autograd in float32 (float64 for float64 logits): the logits are upcast, so
+    bf16/fp16 logits of any magnitude give finite results.
+    """
+    checks.check_logits(logits, labels)
+    prims = primitives()
+    labels = prims.check_labels(labels, logits.shape[-1], ignore_index)
+    logp, lse, ent = _stats_from_logits(logits, labels, ignore_index, return_entropy)
+    return stats_result(*prims.check_token_stats(logp, lse, ent, labels, HeadSpec()))
+
+
+def sequence_logp(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                  labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                  softcap: Optional[float] = None, temperature: float = 1.0,
+                  backend: str = "auto", shift: bool = False) -> SequenceLogp:
+    """Per-row sum and mean of ``log pi(y_t | s_t)`` over supervised tokens, from the fused primitive.
+
+    ``labels [..., T]`` -> ``sum``, ``mean`` (float32) and ``count`` (int64), each ``[...]``.
+    All-ignored rows give sum = mean = 0. Log space only: no sequence probability is formed.
+    ``shift``: the causal-LM shift of :func:`loss`.
+    """
+    if shift:
+        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
+    _one_input(hidden, weight, labels, logits, bias, HeadSpec(softcap, temperature, backend))
+    checks.check_rows(labels)
+    if logits is not None:
+        stats = token_stats_from_logits(logits, labels, ignore_index=ignore_index)
+    else:
+        stats = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
+                            temperature=temperature, backend=backend)
+    count = (labels != ignore_index).sum(dim=-1)
+    s = stats.logp.sum(dim=-1)
+    return SequenceLogp(s, s / count.clamp(min=1).to(s.dtype), count)

@@ -1,0 +1,185 @@
+"""The loss of a spec by the cheapest exact path, and the primitives each path is built from.
+
+Two paths for ``(hidden, weight)`` inputs (:func:`evaluate`):
+
+* **fused** (:mod:`.fused`): when gradients are needed, the spec has a one-pass form
+  (:attr:`LossSpec.single_pass`) and the knob ``single_pass`` is on (default): loss, statistics
+  and gradients in one pass over the logits, three GEMMs;
+* **two-pass**: the token statistics (:mod:`.token_stats`, one logits GEMM, or none for
+  ``logits=``), then the spec's :meth:`~fdiv_kernels.specs.LossSpec.terms` on the whole batch with
+  torch autograd; the backward recomputes the logits (three more GEMMs). Every loss a spec does not
+  make single-pass (``reduction="none"``, a log-mean-exp mixed with linear terms), every call
+  without gradients (only the logits GEMM runs) and :func:`evaluate_logits`.
+
+Both are put together from :class:`Primitives`: the fused loss, the token statistics and the
+data checks. :data:`EAGER` holds the eager ones; :mod:`fdiv_kernels.compiled` holds the same as
+``torch.library`` custom ops, and the API layer (:mod:`fdiv_kernels.api`) chooses between them:
+the paths themselves are written once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .. import checks, knobs
+from ..formulas.preference import explain_pair
+from ..specs import HeadSpec, LossSpec, Norms, Rows
+from .fused import FusedLossFunction, flat_rows, prepare, row_order
+from .token_stats import TokenStatsParams, token_stats, token_stats_from_logits
+
+__all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "explain_loss", "fused_applies",
+           "whole_batch"]
+
+
+class Evaluated(NamedTuple):
+    """What :func:`evaluate` returns: the loss and the per-token statistics (shape of ``labels``;
+    ``entropy`` None unless asked for)."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: Optional[torch.Tensor]
+
+
+class Primitives(NamedTuple):
+    """The steps the paths are built from (eager: :data:`EAGER`; ops: ``fdiv_kernels.compiled.OPS``).
+
+    * ``fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head, ignore_index,
+      return_entropy) -> (loss, logp, lse, entropy | None)``, its data check included;
+    * ``token_stats(hidden, weight, bias, labels, params) -> (logp, lse, entropy | None)``;
+    * ``check_labels(labels, vocab_size, ignore_index) -> labels``;
+    * ``check_token_stats(logp, lse, entropy, labels, head) -> (logp, lse, entropy)``;
+    * ``check_loss(spec, loss, logp, lse, entropy, labels, ref_tok, ref_seq, head, ignore_index) -> loss``;
+    * ``check_pairs(spec, losses, pc, pr, rc, rr) -> losses``.
+
+    Each check returns what it checked, so a traced graph keeps it before its use.
+    """
+
+    fused_loss: Callable
+    token_stats: Callable
+    check_labels: Callable
+    check_token_stats: Callable
+    check_loss: Callable
+    check_pairs: Callable
+
+
+# ---------------------------------------------------------------------------------------------
+# The two-pass loss and the explanation of a failed data check
+# ---------------------------------------------------------------------------------------------
+
+def whole_batch(spec: LossSpec, rows: Rows, norms: Norms) -> torch.Tensor:
+    """The loss of a whole batch from its per-token statistics (the two-pass and logits paths):
+    the spec's :meth:`terms` on all rows (in the spec's row order), differentiable by autograd."""
+    order = row_order(spec, rows.mask.shape[0], rows.mask.device)
+    if order is not None:
+        rows = rows.select(order)
+    if spec.reduction == "none":
+        return spec.per_element(rows)
+    return spec.finish(spec.terms(rows, norms), norms)
+
+
+def explain_loss(spec: LossSpec, logp: torch.Tensor, lse: torch.Tensor, mask2: torch.Tensor, ref_tok: torch.Tensor,
+                 ref_seq: Optional[torch.Tensor]) -> Callable[[], Optional[str]]:
+    """The spec's explanation of a non-finite loss, as the data check's callable."""
+
+    def explain() -> Optional[str]:
+        shape = mask2.shape
+        rows = Rows(logp.detach().reshape(shape), lse.detach().reshape(shape), mask2, ref_tok.detach(),
+                    None if ref_seq is None else ref_seq.detach())
+        order = row_order(spec, shape[0], mask2.device)
+        return spec.explain(rows if order is None else rows.select(order))
+
+    return explain
+
+
+def _mask2(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (labels != ignore_index).reshape(flat_rows(labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager primitives
+# ---------------------------------------------------------------------------------------------
+
+def eager_fused_loss(spec: LossSpec, hidden, weight, bias, labels, ref_tok, ref_seq, head: HeadSpec,
+                     ignore_index: int, return_entropy: bool):
+    """The fused path (:class:`~.fused.FusedLossFunction`) and its data check."""
+    params = prepare(spec, head, hidden, weight, labels, ignore_index, return_entropy)
+    loss, logp, lse, ent, finite = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params)
+    ent = ent if return_entropy else None
+    mask2 = _mask2(labels, ignore_index)
+    checks.check_loss_data(loss, logp, lse, ent, labels, mask2, ref_tok, ref_seq, head,
+                           explain_loss(spec, logp, lse, mask2, ref_tok, ref_seq), finite)
+    return loss, logp, lse, ent
+
+
+def _check_labels(labels, vocab_size, ignore_index):
+    checks.check_label_values(labels, vocab_size, ignore_index)
+    return labels
+
+
+def _check_token_stats(logp, lse, entropy, labels, head: HeadSpec):
+    checks.check_token_stats(logp, lse, entropy, labels, head)
+    return logp, lse, entropy
+
+
+def _check_loss(spec, loss, logp, lse, entropy, labels, ref_tok, ref_seq, head: HeadSpec, ignore_index):
+    mask2 = _mask2(labels, ignore_index)
+    checks.check_loss_data(loss, logp, lse, entropy, labels, mask2, ref_tok, ref_seq, head,
+                           explain_loss(spec, logp, lse, mask2, ref_tok, ref_seq))
+    return loss
+
+
+def _check_pairs(spec, losses, pc, pr, rc, rr):
+    refs = (("ref_chosen", rc), ("ref_rejected", rr)) if spec.needs_reference else ()
+    checks.check_pairs(losses, refs, lambda: explain_pair(pc, pr, rc, rr, losses, spec))
+    return losses
+
+
+EAGER = Primitives(fused_loss=eager_fused_loss, token_stats=token_stats, check_labels=_check_labels,
+                   check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paths
+# ---------------------------------------------------------------------------------------------
+
+def fused_applies(spec: LossSpec, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`evaluate` takes the fused path (module docstring)."""
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                              (bias is not None and bias.requires_grad))
+    return wants_grad and spec.single_pass and bool(knobs.get("single_pass"))
+
+
+def evaluate(spec: LossSpec, prims: Primitives, *, hidden: torch.Tensor, weight: torch.Tensor,
+             bias: Optional[torch.Tensor], labels: torch.Tensor, ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor],
+             head: HeadSpec, ignore_index: int, return_entropy: bool) -> Evaluated:
+    """The loss of ``spec`` and the token statistics from the LM head (module docstring).
+
+    Inputs are validated by the caller (``ref_tok`` ``[R, T]`` masked or a 0-d zero, ``ref_seq``
+    ``[R]`` or ``None``, both in the compute dtype); the data check runs once, at the end.
+    """
+    if fused_applies(spec, hidden, weight, bias):
+        return Evaluated(*prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head, ignore_index,
+                                           return_entropy))
+    params = TokenStatsParams(head, ignore_index, bool(return_entropy))
+    logp, lse, ent = prims.token_stats(hidden, weight, bias, labels, params)
+    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
+
+
+def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, labels: torch.Tensor,
+                    ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], ignore_index: int,
+                    return_entropy: bool) -> Evaluated:
+    """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits)."""
+    logp, lse, ent = token_stats_from_logits(logits, labels, ignore_index, return_entropy)
+    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index)
+
+
+def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index) -> Evaluated:
+    shape = flat_rows(labels)
+    mask2 = (labels != ignore_index).reshape(shape)
+    rows = Rows(logp.reshape(shape), lse.reshape(shape), mask2, ref_tok, ref_seq)
+    loss = whole_batch(spec, rows, spec.normalizers(mask2))
+    loss = prims.check_loss(spec, loss, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
+    return Evaluated(loss, logp, lse, ent)
