@@ -3,9 +3,9 @@
 * :mod:`fdiv_kernels.integrations.transformers`: ``apply(model, divergence=...)`` patches a Hugging
   Face causal LM so that ``model(input_ids, labels=labels).loss`` is the fused f-divergence loss.
 * :mod:`fdiv_kernels.integrations.trl`: ``FDivSFTTrainer`` and ``FDivDPOTrainer`` (TRL subclasses).
-* :mod:`fdiv_kernels.integrations.deepspeed`: ZeRO-3 helpers (gathering the LM-head weight).
+* ZeRO-3 and FSDP2 helpers (gathering the LM-head weight) live in :mod:`fdiv_kernels.hf`.
 
 See ``docs/integrations.md``.
 """
 
-__all__ = ["deepspeed", "transformers", "trl"]
+__all__ = ["transformers", "trl"]

@@ -27,7 +27,7 @@ Model specifics handled from the config: Gemma-2/3 ``final_logit_softcapping`` (
 Cohere ``logit_scale``, Granite ``logits_scaling`` and Falcon-H1 ``lm_head_multiplier``
 (-> ``temperature``), tied input/output embeddings (the head weight *is* the embedding; its
 gradient accumulates as in HF), an LM-head bias, and DeepSpeed ZeRO-3 (the head weight is gathered
-with ``deepspeed.zero.GatheredParameters``; see :mod:`fdiv_kernels.integrations.deepspeed`).
+with ``deepspeed.zero.GatheredParameters``; see :func:`fdiv_kernels.hf.gathered`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import functools
 import inspect
 import math
 import types
-import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -46,18 +45,15 @@ import torch
 try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as exc:  # the [hf] extra
-    from .._extras import extra_error
+    from ..extras import extra_error
     raise extra_error("fdiv_kernels.integrations.transformers", "hf", exc) from exc
 
 from .. import hf
-from ..losses import loss_from_spec, make_spec
+from ..api import loss_from_spec
 from ..specs import DPOSpec, FDivSpec, HeadSpec, LossSpec, PrimalSpec
 
 __all__ = ["FDivCausalLMOutput", "PatchConfig", "TokenHeadStats", "apply", "unapply", "patched", "is_patched",
-           "patch_config", "head_of", "body_of", "logit_transform", "token_head_metrics", "token_head_stats"]
-
-# moved to fdiv_kernels.hf (shared with the trainer and the analysis tools); the names still work here
-head_of, body_of, logit_transform = hf.head_of, hf.body_of, hf.logit_transform
+           "patch_config", "token_head_metrics", "token_head_stats"]
 
 _ATTR = "_fdiv_patch"
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict",
@@ -93,11 +89,6 @@ class FDivCausalLMOutput(CausalLMOutputWithPast):
 _OWN_FIELDS = {"loss", "logits"} | ({f.name for f in dataclasses.fields(FDivCausalLMOutput)}
                                    - {f.name for f in dataclasses.fields(CausalLMOutputWithPast)})
 
-# the options PatchConfig had as fields before it held specs: read-only views, with their defaults
-_LOSS_VIEWS = {"beta": 1.0, "level": "token", "values": "drop", "z_loss": 0.0, "length_normalize": False,
-               "alpha": 1.5}
-
-
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
     """Options of a patched model (see :func:`apply`).
@@ -106,9 +97,7 @@ class PatchConfig:
     :class:`~fdiv_kernels.specs.PrimalSpec` or :class:`~fdiv_kernels.specs.DPOSpec`), with
     ``reduction="mean"`` (the patch sums over ``num_items_in_batch`` itself); ``head``: the
     :class:`~fdiv_kernels.specs.HeadSpec` with the model's logit scale and soft-cap folded in
-    (:func:`fdiv_kernels.hf.head_spec`). The former fields (``divergence``, ``beta``, ``level``,
-    ``values``, ``z_loss``, ``length_normalize``, ``form``, ``alpha``, ``softcap``, ``temperature``,
-    ``backend``) read through to them.
+    (:func:`fdiv_kernels.hf.head_spec`).
     """
 
     loss: LossSpec = FDivSpec()
@@ -123,22 +112,6 @@ class PatchConfig:
                              f"give a spec with reduction='mean', got {self.loss.reduction!r}")
         if not isinstance(self.head, HeadSpec):
             raise TypeError(f"head must be a HeadSpec, got {type(self.head).__name__}")
-
-    def __getattr__(self, name):  # only for names that are not fields
-        if name in _LOSS_VIEWS:
-            return getattr(self.loss, name, _LOSS_VIEWS[name])
-        if name in ("softcap", "temperature", "backend"):
-            return getattr(self.head, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def divergence(self) -> str:
-        """The loss's registry name (``"dpo"`` for a DPO spec)."""
-        return "dpo" if isinstance(self.loss, DPOSpec) else self.loss.divergence.name
-
-    @property
-    def form(self) -> str:
-        return "primal" if isinstance(self.loss, PrimalSpec) else "variational"
 
     @property
     def sums_over_num_items(self) -> bool:
@@ -161,8 +134,8 @@ class _PatchState:
     param_names: Tuple[str, ...]
 
 
-# the options of fk.loss that apply() passes on (make_spec's, less what the patch decides per call)
-_LOSS_OPTIONS = tuple(n for n in inspect.signature(make_spec).parameters if n not in ("reduction", "ref_logp_given"))
+# the options of fk.loss that apply() takes as keywords (FDivSpec's fields, less what the patch decides per call)
+_LOSS_OPTIONS = tuple(f.name for f in dataclasses.fields(FDivSpec) if f.name != "reduction")
 
 
 def _spec_from(spec: Optional[LossSpec], options: Dict[str, Any]) -> LossSpec:
@@ -172,12 +145,9 @@ def _spec_from(spec: Optional[LossSpec], options: Dict[str, Any]) -> LossSpec:
         return spec
     unknown = sorted(set(options) - set(_LOSS_OPTIONS))
     if unknown:
-        raise TypeError(f"apply() got unknown loss option(s) {unknown}; the options are {', '.join(_LOSS_OPTIONS)}")
-    if "form" in options or "alpha" in options:
-        warnings.warn("apply(..., form=, alpha=) is deprecated: pass spec=fk.PrimalSpec(divergence, alpha=...) for "
-                      "the primal family (fk.primal_loss), or drop them for the variational one",
-                      DeprecationWarning, stacklevel=3)
-    return make_spec(**options)
+        raise TypeError(f"apply() got unknown loss option(s) {unknown}; the options are {', '.join(_LOSS_OPTIONS)} "
+                        f"(a primal loss: spec=fk.PrimalSpec(...); DPO: spec=fk.DPOSpec(...))")
+    return FDivSpec(**options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +165,8 @@ def apply(model, spec: Optional[LossSpec] = None, *, softcap: Optional[float] = 
             ``labels`` is ``[2B, T]``, chosen rows then rejected, and ``ref_logp`` the ``[2B]``
             reference sequence log-probs in the spec's normalisation), or
         **options: the options of :func:`fdiv_kernels.loss` (``divergence="sft"`` by default: HF's
-            own cross-entropy loss; ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``;
-            ``form``/``alpha`` are deprecated: pass ``spec=PrimalSpec(...)``), validated into a spec.
+            own cross-entropy loss; ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``),
+            validated into an :class:`~fdiv_kernels.specs.FDivSpec`.
         softcap: logit soft-cap; ``None`` takes ``config.final_logit_softcapping`` (Gemma 2/3).
         temperature: divides the logits, on top of any scale the config sets
             (:func:`fdiv_kernels.hf.head_spec`).

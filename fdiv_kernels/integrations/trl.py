@@ -20,7 +20,7 @@ logging and checkpointing, and only replace ``compute_loss``:
   pass over the head, no ``[2B, T, V]`` logits); the reference's sequence log-probs come from the
   same fused head. Supported: ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as
   TRL), ``hinge``, ``robust``; every ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence,
-  alpha_divergence, with the stable scores of :func:`fdiv_kernels.dpo.divergence_score`)
+  alpha_divergence, with the stable scores of :mod:`fdiv_kernels.formulas.preference`)
   except ``ipo`` with one other than reverse_kl; no ``ld_alpha``, no ``use_weighting``, no MoE
   router aux loss; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
 
@@ -42,7 +42,7 @@ from typing import Any, Dict, Mapping, Union
 
 import torch
 
-from ..dpo import TRL_F_DIVERGENCES
+from .. import TRL_F_DIVERGENCES
 from ..specs import DPOSpec, FDivSpec, PrimalSpec
 from . import transformers as fk_hf
 

@@ -17,7 +17,7 @@ try:
     from .cli import main
     from .config import RunConfig, load_config
 except ImportError as exc:  # yaml, transformers, ...: the [train] extra
-    from .._extras import extra_error
+    from ..extras import extra_error
     raise extra_error("fdiv_kernels.train", "train", exc) from exc
 
 __all__ = ["RunConfig", "load_config", "main"]

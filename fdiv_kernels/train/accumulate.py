@@ -36,7 +36,7 @@ from typing import List, NamedTuple, Optional, Union
 
 import torch
 
-from ..specs import LogSumExpAccumulator
+from .. import LogSumExpAccumulator
 from .distributed import all_gather_floats
 
 

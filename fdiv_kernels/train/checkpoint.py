@@ -103,7 +103,7 @@ def _write_checksums(d: str, names) -> None:
 
 def expected_weights(model: torch.nn.Module) -> List[Tuple[List[str], Tuple[int, ...]]]:
     """``[(names, full shape)]`` of every tensor ``save_pretrained`` must write (tied names grouped)."""
-    from ..integrations.deepspeed import full_shape
+    from ..hf import full_shape
 
     m = unwrap(model)
     return [(names, tuple(full_shape(t))) for names, t in tensor_aliases(m) if persistent(m, names[0])]

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--divergence", help="SFT divergence (fk.DIVERGENCES name or alias)")
         s.add_argument("--level", choices=("token", "sequence"), help="SFT reward level")
         s.add_argument("--mix-dpo", action="store_true", help="SFT + lambda*DPO with adaptive lambda (App. D control)")
-        s.add_argument("--loss-type", "--kind", dest="loss_type",
-                       help="DPO loss type: sigmoid, ipo, simpo, robust, hinge (--kind: former name)")
+        s.add_argument("--loss-type", dest="loss_type",
+                       help="DPO loss type: sigmoid, ipo, simpo, robust, hinge")
         s.add_argument("--gamma", type=float, help="SimPO target margin")
         s.add_argument("--seed", type=int)
         s.add_argument("--backend", help="fdiv_kernels token_stats backend (auto, torch, ...)")

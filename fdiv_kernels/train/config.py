@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .._checks import check_choice
-from ..dpo import DPO_KINDS
+from .. import DPO_LOSS_TYPES
+from ..checks import check_choice
 from ..specs import DPOSpec, FDivSpec
 from .errors import ConfigError
 
@@ -196,32 +194,9 @@ class DPOConfig(OptimConfig):
     @property
     def spec(self) -> DPOSpec:
         """The validated :class:`~fdiv_kernels.specs.DPOSpec` (``ValueError`` naming the bad option)."""
-        check_choice("loss_type", self.loss_type, DPO_KINDS)  # named as the config key
+        check_choice("loss_type", self.loss_type, tuple(DPO_LOSS_TYPES))  # named as the config key
         return DPOSpec(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma)
 
-    @property
-    def kind(self) -> str:
-        """Deprecated name of :attr:`loss_type`."""
-        warnings.warn("DPOConfig.kind is deprecated: use DPOConfig.loss_type", DeprecationWarning, stacklevel=2)
-        return self.loss_type
-
-
-def _accept_former_kind(init):
-    """``DPOConfig(kind=...)``, the former name of ``loss_type=``, still accepted (with a warning)."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, kind: Optional[str] = None, **kwargs):
-        if kind is not None:
-            if "loss_type" in kwargs:
-                raise TypeError("DPOConfig() got both kind= (deprecated) and loss_type=")
-            warnings.warn("DPOConfig(kind=) is deprecated: use loss_type=", DeprecationWarning, stacklevel=2)
-            kwargs["loss_type"] = kind
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-DPOConfig.__init__ = _accept_former_kind(DPOConfig.__init__)
 
 
 @dataclass
@@ -339,30 +314,9 @@ def _number(path: str, v: Any) -> float:
     return float(v)
 
 
-#: former config keys -> their names now (still read, with a FutureWarning: shown to CLI users)
-RENAMED_KEYS = {"dpo.kind": "dpo.loss_type"}
-
-
-def _warn_renamed(old: str) -> str:
-    warnings.warn(f"config key {old!r} is deprecated: use {RENAMED_KEYS[old]!r}", FutureWarning, stacklevel=4)
-    return RENAMED_KEYS[old]
-
-
-def rename_former_keys(d: Dict[str, Any]) -> Dict[str, Any]:
-    """The nested mapping ``d`` with the former key names of :data:`RENAMED_KEYS` renamed (in place)."""
-    for old, new in RENAMED_KEYS.items():
-        section, old_k = old.split(".")
-        sub = d.get(section)
-        if isinstance(sub, dict) and old_k in sub:
-            if new.split(".")[1] in sub:
-                raise ConfigError(f"config keys {old!r} (deprecated) and {new!r} both given; keep {new!r}")
-            sub[_warn_renamed(old).split(".")[1]] = sub.pop(old_k)
-    return d
-
-
 def from_dict(d: Dict[str, Any]) -> RunConfig:
-    """A :class:`RunConfig` from a (possibly partial) nested mapping (former key names renamed)."""
-    return _convert(RunConfig, rename_former_keys(copy.deepcopy(d)) if isinstance(d, dict) else d, "")
+    """A :class:`RunConfig` from a (possibly partial) nested mapping."""
+    return _convert(RunConfig, copy.deepcopy(d) if isinstance(d, dict) else d, "")
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:
@@ -377,8 +331,6 @@ def set_dotted(d: Dict[str, Any], assignment: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    if ".".join(parts) in RENAMED_KEYS:
-        parts = _warn_renamed(".".join(parts)).split(".")
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -439,7 +391,6 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> RunConfig:
         d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
-    rename_former_keys(d)  # before the overrides, which may set the new name
     for a in overrides:
         try:
             set_dotted(d, a)

@@ -2,18 +2,17 @@
 plain rebuild after a sharded engine).
 
 Loading, the LM head, the body and the hidden states are :mod:`fdiv_kernels.hf` (shared with the
-analysis tools and the integrations); the names this module had for them still work.
+analysis tools and the integrations).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from ..hf import DTYPES, BodyWithHead, body_of, hidden_states, load_model, load_tokenizer, torch_dtype, unwrap, use_head  # noqa: F401
+from ..hf import torch_dtype, unwrap
 from .config import ModelConfig
 
 
@@ -33,32 +32,6 @@ def build_tiny_model(cfg: ModelConfig, tok) -> torch.nn.Module:
     )
     model = LlamaForCausalLM(config)
     return model.to(torch_dtype(cfg.dtype))
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"fdiv_kernels.train.modeling.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
-
-
-def decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """Deprecated: :func:`fdiv_kernels.hf.body_of`."""
-    _deprecated("decoder", "fdiv_kernels.hf.body_of")
-    return body_of(model)
-
-
-def lm_head(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
-    """Deprecated: ``(weight, bias, config.final_logit_softcapping)``, which misses the logit scales
-    of Cohere, Granite, ...: use :func:`fdiv_kernels.hf.head_of` and :func:`fdiv_kernels.hf.head_spec`."""
-    _deprecated("lm_head", "fdiv_kernels.hf.head_of and fdiv_kernels.hf.head_spec")
-    from ..hf import head_of
-
-    w, b = head_of(model)
-    return w, b, getattr(unwrap(model).config, "final_logit_softcapping", None)
-
-
-def head_override(model: torch.nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """Deprecated: :func:`fdiv_kernels.hf.use_head`."""
-    _deprecated("head_override", "fdiv_kernels.hf.use_head")
-    return use_head(model, weight, bias)
 
 
 def param_count(model: torch.nn.Module) -> int:

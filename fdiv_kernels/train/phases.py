@@ -25,6 +25,7 @@ from .steps import (
     Norm,
     adapt_lambda,
     count_tokens,
+    dpo_counts,
     dpo_micro,
     mix_dpo_micro,
     pretrain_micro,
@@ -183,6 +184,9 @@ class DPOPhase(_Evaluating, PhaseSpec):
 
     def units(self, batch) -> float:
         return batch["input_ids"].shape[0] // 2
+
+    def counts(self, batch):
+        return dpo_counts(batch)
 
     def micro(self, module, batch, norm: Norm):
         ref = (reference_pair_logps(self.ref, batch, spec=self.spec, backend=self.backend)

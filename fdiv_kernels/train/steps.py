@@ -2,7 +2,7 @@
 
 Every function runs the model body to the last hidden states and calls a fused loss with the
 LM-head weight (:func:`fdiv_kernels.hf.head_inputs`: the model's logit scale and soft-cap
-included): SFT :func:`fdiv_kernels.losses.loss_from_spec` with the config's
+included): SFT :func:`fdiv_kernels.loss_from_spec` with the config's
 :class:`~fdiv_kernels.specs.FDivSpec`, DPO :class:`fdiv_kernels.nn.FusedLinearDPOLoss` with its
 :class:`~fdiv_kernels.specs.DPOSpec`, pretraining :func:`fdiv_kernels.token_stats`. The
 ``[B, T, V]`` logits are never formed.
@@ -22,17 +22,15 @@ global rows and its ``z_loss`` over the global tokens. The log-mean-exp of ``kl`
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
 
 import fdiv_kernels as fk
 
-from ..dpo import DPOOutput
+from ..api import DPOOutput, LossOutput, loss_from_spec
 from ..hf import HeadInputs, dpo_loss_module, head_inputs
-from ..losses import LossOutput, loss_from_spec
-from ..specs import DPOSpec, FDivSpec, Rows, normalizers
+from ..specs import DPOSpec, FDivSpec
 from .accumulate import LogMeanExpLoss, MicroLoss
 from .config import DPOConfig, MixDPOConfig, SFTConfig
 from .data import IGNORE_INDEX
@@ -85,32 +83,28 @@ def sft_counts(batch) -> Dict[str, float]:
     return {"tokens": float(lab.sum()), "rows": float(lab.any(dim=1).sum())}
 
 
-def _norm_counts(norm: Norm, batch, cfg: SFTConfig) -> Norm:
-    """``norm`` with SFT's ``tokens``/``rows`` counts (a norm built by hand for one micro-batch
-    holding only the level's own count gets this micro-batch's other count)."""
-    if {"tokens", "rows"} <= set(norm.counts):
+def _with_counts(norm: Norm, counts: Dict[str, float]) -> Norm:
+    """``norm`` with the counts a micro-batch's terms divide by: a norm built by hand for one
+    micro-batch on one process (holding only the phase's own units) gets this micro-batch's."""
+    if set(counts) <= set(norm.counts):
         return norm
     if norm.num_micro * norm.world_size != 1:
-        raise ValueError("Norm.counts needs the step's global 'tokens' and 'rows' for SFT over several micro-batches")
-    return Norm(norm.global_count, 1, 1, sft_counts(batch))
+        raise ValueError(f"Norm.counts needs the step's global {sorted(counts)} over several micro-batches")
+    return Norm(norm.global_count, 1, 1, {**counts, **norm.counts})
 
 
-def _sft_terms(spec: FDivSpec, out: LossOutput, ref_logp: Optional[torch.Tensor]):
+def _sft_terms(spec: FDivSpec, out: LossOutput):
     """``(main, v_sum, z_sum, log_sum)`` of a ``reduction="sum"`` SFT output: the divergence's
     sum over units (mean aggregates), ``sum_rows V(s0)`` (``values="free"``), ``sum_tokens
-    lse^2`` (``z_loss``) and (log-mean-exp divergences) ``log sum psi``; ``None`` where absent."""
+    lse^2`` (``z_loss``) and (log-mean-exp divergences) ``log sum psi`` (0 when nothing is
+    supervised); ``None`` where absent. The summed loss is ``main or log_sum`` plus the linear terms."""
     mask, zero = out.mask, out.logp.new_zeros(())
     v_sum = torch.where(mask.any(dim=1), out.value_s0, zero).sum() if spec.values == "free" else None
     z_sum = torch.where(mask, out.lse * out.lse, zero).sum() if spec.z_loss > 0 else None
     linear = sum(t for t in (v_sum, None if z_sum is None else spec.z_loss * z_sum) if t is not None)
     if spec.divergence.aggregate == "mean":
         return out.loss - linear, v_sum, z_sum, None
-    if v_sum is None and z_sum is None:
-        return None, None, None, out.loss  # the fused single-pass log sum psi (0 when nothing is supervised)
-    ref_tok = zero if ref_logp is None else torch.where(mask, ref_logp.to(zero.dtype), zero)
-    rows = Rows(out.logp, out.lse, mask, ref_tok, None)
-    lme = dataclasses.replace(spec, z_loss=0.0).terms(rows, normalizers(mask)).lme
-    return None, v_sum, z_sum, torch.where(mask.any(), lme, zero)
+    return None, v_sum, z_sum, out.loss - linear
 
 
 def sft_micro(model, batch, *, cfg: SFTConfig, ref_logp: Optional[torch.Tensor], norm: Norm,
@@ -129,12 +123,12 @@ def sft_micro(model, batch, *, cfg: SFTConfig, ref_logp: Optional[torch.Tensor],
     the per-token KL(pi || ref) on the data's answers).
     """
     x = _inputs(model, batch, backend)
-    norm = _norm_counts(norm, batch, cfg)
+    norm = _with_counts(norm, sft_counts(batch))
     spec = cfg.loss_spec(reduction="sum")
     out = loss_from_spec(spec, x.hidden, x.weight, shifted(batch), ref_logp=ref_logp, bias=x.bias, head=x.head,
                          ignore_index=IGNORE_INDEX)
     unit = "tokens" if cfg.level == "token" else "rows"
-    main, v_sum, z_sum, log_sum = _sft_terms(spec, out, ref_logp)
+    main, v_sum, z_sum, log_sum = _sft_terms(spec, out)
     linear = out.logp.new_zeros(())
     if main is not None:
         linear = linear + main * norm.sum_scale(unit)
@@ -209,8 +203,10 @@ def dpo_micro(model, batch, *, cfg: DPOConfig, ref: Optional[torch.Tensor], norm
               backend: str = "auto") -> Tuple[torch.Tensor, Stats]:
     """DPO-family loss of a micro-batch of pairs (sum over pairs / global pairs).
 
-    With ``cfg.sft_weight > 0`` adds ``sft_weight * NLL`` of the chosen answers (per token, the
-    fused NLL of the chosen rows). Stats: ``loss``, ``dpo_loss``, ``accuracy``, ``margin``,
+    With ``cfg.sft_weight > 0`` adds ``sft_weight * NLL`` of the chosen answers: the fused NLL of
+    the chosen rows summed over their tokens, over the step's global count of chosen tokens
+    (``norm.counts["chosen_tokens"]``, :func:`dpo_counts`), so one process, gradient accumulation
+    and data-parallel ranks optimise the same objective. Stats: ``loss``, ``dpo_loss``, ``accuracy``, ``margin``,
     ``chosen_reward``, ``rejected_reward``, ``logp_chosen`` (mean per-token log-prob of the chosen
     answers), ``tokens``.
     """
@@ -223,7 +219,7 @@ def dpo_micro(model, batch, *, cfg: DPOConfig, ref: Optional[torch.Tensor], norm
     if cfg.sft_weight > 0:
         nll = loss_from_spec(FDivSpec("sft", reduction="sum"), x.hidden[:b], x.weight, labels[:b], bias=x.bias,
                              head=x.head, ignore_index=IGNORE_INDEX).loss
-        loss = loss + cfg.sft_weight * nll / counts[:b].sum().clamp(min=1) * norm.mean_scale()
+        loss = loss + cfg.sft_weight * nll * _with_counts(norm, dpo_counts(batch)).sum_scale("chosen_tokens")
         chosen_sum = -float(nll.detach())
     else:
         s = policy_logps(out, ref, spec)[:b]
@@ -238,6 +234,13 @@ def dpo_micro(model, batch, *, cfg: DPOConfig, ref: Optional[torch.Tensor], norm
         "tokens": (float(counts.sum()), 0.0),
     }
     return loss, stats
+
+
+def dpo_counts(batch) -> Dict[str, float]:
+    """``{"chosen_tokens": supervised tokens of the chosen rows}`` of a pair batch: what the NLL term
+    of :func:`dpo_micro` divides by (summed over the step into ``Norm.counts``)."""
+    labels = shifted(batch)
+    return {"chosen_tokens": float((labels[: labels.shape[0] // 2] != IGNORE_INDEX).sum())}
 
 
 def mix_dpo_micro(model, pair_batch, *, cfg: MixDPOConfig, lam: float, ref: torch.Tensor, norm: Norm,

@@ -25,7 +25,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-from .config import RENAMED_KEYS, RunConfig, resolve_config, to_dict
+from .config import RunConfig, resolve_config, to_dict
 from .errors import ConfigError, DataError, ResumeMismatchError, RunDirectoryError
 
 #: files and folders of a run directory (``--overwrite`` removes exactly these)
@@ -302,7 +302,6 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     change: the old run used that default.
     """
     a, b = _flat(old), _flat(new)
-    a = {RENAMED_KEYS.get(k, k): v for k, v in a.items()}  # a run saved under a former key name
     defaults = _flat(to_dict(RunConfig()))
     out = []
     for k in sorted(set(a) | set(b)):
