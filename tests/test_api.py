@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fdiv_kernels as fk
 from fdiv_kernels import hf
-from fdiv_kernels.dpo import DPO_LOSS_TYPES, TRL_F_DIVERGENCES
+from fdiv_kernels import DPO_LOSS_TYPES, TRL_F_DIVERGENCES
 from fdiv_kernels.nn import FDivLoss, FusedLinearDPOLoss, FusedLinearFDivLoss
 from fdiv_kernels.specs import DPOSpec, FDivSpec, HeadSpec, PrimalSpec
 
@@ -123,7 +123,7 @@ def test_primal_loss_shift_and_nn_shift_share_the_helper():
     c = FusedLinearFDivLoss(spec=PrimalSpec("tv"), shift_labels=True, backend="torch")(hidden, weight, labels)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
-    assert fk.nn.shift_for_causal_lm is fk.losses.shift_for_causal_lm
+    assert fk.nn.shift_for_causal_lm is fk.api.shift_for_causal_lm
     with pytest.raises(ValueError, match="labels must have shape"):
         fk.loss(hidden, weight, labels[:, :-1], shift=True)
 
@@ -158,22 +158,20 @@ def test_primal_loss_values_and_gradients_against_float64(name):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
 
 
-def test_loss_form_primal_is_deprecated_and_equal_to_primal_loss():
+@pytest.mark.parametrize("call", [
+    lambda h, w, y: fk.loss(h, w, y, divergence="alpha", form="primal", alpha=1.5),
+    lambda h, w, y: fk.dpo_loss(y[0].float(), y[0].float(), y[0].float(), y[0].float(), beta=0.1, kind="ipo"),
+    lambda h, w, y: fk.dpo_loss(y[0].float(), y[0].float(), y[0].float(), y[0].float(), beta=0.1,
+                                f_divergence="forward_kl"),
+    lambda h, w, y: DPOSpec(kind="ipo"),
+    lambda h, w, y: FusedLinearDPOLoss(f_alpha=2.0, divergence="alpha"),
+    lambda h, w, y: FDivLoss(divergence="pearson", form="primal"),
+])
+def test_former_names_are_gone(call):
+    """0.x renames leave no alias (CHANGELOG lists them): a former keyword is a TypeError."""
     hidden, weight, labels = data(seed=6)
-    new = fk.primal_loss(hidden, weight, labels, divergence="alpha", alpha=1.5, backend="torch")
-    with pytest.warns(DeprecationWarning, match="fk.primal_loss"):
-        old = fk.loss(hidden, weight, labels, divergence="alpha", form="primal", alpha=1.5, backend="torch")
-    assert torch.equal(old.loss, new.loss)
-    with pytest.warns(DeprecationWarning) as rec:
-        fk.dpo_loss(new.loss[None], new.loss[None], new.loss[None], new.loss[None], beta=0.1, kind="ipo")
-        DPOSpec(kind="ipo").kind  # noqa: B018
-        FusedLinearDPOLoss(f_alpha=2.0, divergence="alpha")
-    assert [w.filename for w in rec] == [__file__] * 4  # each attributed to the user's line
-    with pytest.warns(DeprecationWarning, match="form="):
-        same = fk.loss(hidden, weight, labels, form="variational", backend="torch")
-    assert torch.equal(same.loss, fk.loss(hidden, weight, labels, backend="torch").loss)
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="per-token loss of log p_y alone"):
-        fk.loss(hidden, weight, labels, divergence="tv", form="primal", beta=0.5)
+    with pytest.raises(TypeError, match="unexpected keyword|unknown loss option"):
+        call(hidden, weight, labels)
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,7 +181,7 @@ def test_loss_form_primal_is_deprecated_and_equal_to_primal_loss():
 def test_registry_says_what_each_entry_supports():
     reg = fk.DIVERGENCE_REGISTRY
     assert set(fk.DIVERGENCES) == {n for n, d in reg.items() if "variational" in d.supports}
-    assert set(fk.PRIMAL_DIVERGENCES) == set(fk.primal.PRIMAL_LOSSES) == set(fk.divergence_names("primal"))
+    assert set(fk.PRIMAL_DIVERGENCES) == set(fk.formulas.primal.PRIMAL_LOSSES) == set(fk.divergence_names("primal"))
     assert set(fk.DPO_DIVERGENCES) == {"kl", "reverse_kl", "js", "alpha"}
     assert reg["kl"].supports == ("variational", "primal", "dpo")
     assert reg["reverse_kl"].supports == ("variational", "dpo") and reg["neyman"].supports == ("variational",)
@@ -238,53 +236,24 @@ def test_dpo_loss_type_table():
             for t in fk.DPO_LOSS_TYPES.values()}
     assert rows == {"sigmoid": (True, False, True), "robust": (True, False, True), "hinge": (True, False, False),
                     "ipo": (True, True, False), "simpo": (False, True, True)}
-    assert tuple(rows) == fk.DPO_KINDS
     for name, t in DPO_LOSS_TYPES.items():
         spec = DPOSpec(loss_type=name)
         assert spec.needs_reference == t.needs_reference and spec.length_normalize == t.length_normalized
         assert FusedLinearDPOLoss(loss_type=name).length_normalize == t.length_normalized
 
 
-def test_dpo_loss_former_names_warn_and_agree():
-    g = torch.Generator().manual_seed(9)
-    pc, pr, rc, rr = (-torch.rand(5, generator=g, dtype=torch.float64) * 20 for _ in range(4))
-    for trl_name, name in (("reverse_kl", "kl"), ("forward_kl", "reverse_kl"), ("js", "js"), ("alpha", "alpha")):
-        new = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="robust", label_smoothing=0.1, divergence=name,
-                          alpha=0.6)
-        with pytest.warns(DeprecationWarning) as rec:
-            old = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, kind="robust", label_smoothing=0.1, f_divergence=trl_name,
-                              f_alpha=0.6)
-        said = " ".join(str(w.message) for w in rec)
-        assert "kind=" in said and "loss_type=" in said and f"divergence={name!r}" in said and "alpha=" in said
-        assert torch.equal(old.losses, new.losses)
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
-        fk.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="ipo", loss_type="hinge")
-    with pytest.warns(DeprecationWarning):
-        old = fk.dpo.f_divergence_score(pc, "forward_kl")
-    torch.testing.assert_close(old, fk.dpo.divergence_score(pc, "reverse_kl"))
-
-
-def test_dpo_spec_former_names_warn_and_agree():
+def test_dpo_spec_positional_and_keyword_agree():
     new = DPOSpec(loss_type="ipo", beta=0.3, divergence="js")
-    with pytest.warns(DeprecationWarning) as rec:
-        old = DPOSpec(kind="ipo", beta=0.3, f_divergence="js")
-    said = [str(w.message) for w in rec]
-    assert any("kind=" in m for m in said) and any("divergence='js'" in m for m in said)
-    assert old == new and DPOSpec("ipo", 0.3, divergence="js") == new
-    with pytest.warns(DeprecationWarning, match="loss_type"):
-        assert new.kind == "ipo"
-    with pytest.warns(DeprecationWarning):
-        assert DPOSpec().f_divergence == "reverse_kl" and DPOSpec(divergence="alpha", alpha=2).f_alpha == 2.0
+    assert DPOSpec("ipo", 0.3, divergence="js") == new and new.divergence is fk.DIVERGENCE_REGISTRY["js"]
+    assert new.score is fk.DIVERGENCE_REGISTRY["js"].preference
 
 
-def test_fused_linear_dpo_spec_head_keywords_and_former_names_agree():
+def test_fused_linear_dpo_spec_and_head_keywords_agree():
     hidden, weight, labels = data(seed=10)
     ref = -torch.rand(4, dtype=torch.float64) * 20
     spec, head = DPOSpec(loss_type="hinge", beta=0.4, divergence="reverse_kl"), HeadSpec(softcap=3.0, backend="torch")
     mods = [FusedLinearDPOLoss(spec=spec, head=head), hf.dpo_loss_module(spec, head),
             FusedLinearDPOLoss(loss_type="hinge", beta=0.4, divergence="reverse_kl", softcap=3.0, backend="torch")]
-    with pytest.warns(DeprecationWarning):
-        mods.append(FusedLinearDPOLoss(kind="hinge", beta=0.4, f_divergence="forward_kl", softcap=3.0, backend="torch"))
     outs = [grads(lambda h, w, m=m: m(h, w, labels, ref_logp=ref), hidden, weight) for m in mods]
     # float64 reference: TRL's forward_kl score on soft-capped logits, hinge
     z = 3.0 * torch.tanh((hidden @ weight.T) / 3.0)
@@ -331,12 +300,8 @@ def test_fdiv_modules_hold_a_spec_built_from_keywords_or_given():
         FDivLoss(divergance="js")
     with pytest.raises(ValueError, match="beta must be"):
         FDivLoss(beta=-1.0)
-    with pytest.warns(DeprecationWarning, match="primal_loss") as rec:
-        old = FDivLoss(divergence="pearson", form="primal")
-    assert old.spec == PrimalSpec("pearson") and rec[0].filename == __file__  # attributed to this call
-    with pytest.warns(DeprecationWarning, match="loss_type") as rec:
-        assert FusedLinearDPOLoss(loss_type="ipo").kind == "ipo"
-    assert rec[0].filename == __file__
+    assert FDivLoss(PrimalSpec("pearson")).spec == PrimalSpec("pearson")
+    assert FusedLinearDPOLoss(loss_type="ipo").loss_type == "ipo"
     assert "spec=FDivSpec" in repr(given) and "HeadSpec" in repr(given)
 
 

@@ -73,7 +73,7 @@ def test_one_tiny_bench_case_end_to_end(tmp_path):
         assert prov[key], key
     # the triton backend cannot run on CPU tensors: it must be listed as skipped with a reason
     skipped = [s for s in data["fdiv"]["skipped"] if s["impl"] == "fk[triton]"]
-    from fdiv_kernels.ops.backends import backend_names
+    from fdiv_kernels.kernels.backends import backend_names
     if "triton" in backend_names() and not torch.cuda.is_available():
         assert skipped and skipped[0]["reason"]
     from bench import report

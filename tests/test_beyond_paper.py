@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fdiv_kernels as fk
-from fdiv_kernels.dpo import TRL_F_DIVERGENCES
-from fdiv_kernels.primal import L0, PRIMAL_LOSSES, get_primal
+from fdiv_kernels import TRL_F_DIVERGENCES
+from fdiv_kernels.formulas.primal import L0, PRIMAL_LOSSES
 
 mp.mp.dps = 40
 GEN = {  # generators, written independently of the package
@@ -54,7 +54,7 @@ def test_unbounded_forms_continue_linearly_below_the_floor():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_primal_finite_for_any_logp(name, dtype):
     lp = torch.tensor([-1e4, -300.0, -90.0, -20.0, -1.0, 0.0], dtype=dtype, requires_grad=True)
-    v = get_primal(name)(lp, 1.5)
+    v = PRIMAL_LOSSES[name](lp, 1.5)
     (g,) = torch.autograd.grad(v.sum(), lp)
     assert torch.isfinite(v).all() and torch.isfinite(g).all()
 
@@ -82,7 +82,7 @@ def test_primal_loss_matches_closed_forms():
 def test_f_divergence_dpo_matches_trl_where_finite(f):
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-torch.rand(32, generator=g, dtype=torch.float64) * 40 for _ in range(4))
-    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, divergence=TRL_F_DIVERGENCES[f], alpha=0.7)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.2, divergence=TRL_F_DIVERGENCES.get(f, f), alpha=0.7)
     torch.testing.assert_close(out.losses, oracle.dpo_losses("sigmoid", pc, pr, rc, rr, beta=0.2, f_divergence=f,
                                                              f_alpha=0.7))
 
@@ -93,7 +93,7 @@ def test_f_divergence_dpo_finite_where_trl_is_not(f):
     pr, rc, rr = torch.tensor([-5.0, -3e4]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
     trl = oracle.dpo_losses("sigmoid", pc.detach(), pr, rc, rr, beta=0.1, f_divergence=f,
                             f_alpha=1.5 if f == "alpha" else 0.5)
-    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, divergence=TRL_F_DIVERGENCES[f], alpha=1.5 if f == "alpha" else 0.5)
+    out = fk.dpo_loss(pc, pr, rc, rr, beta=0.1, divergence=TRL_F_DIVERGENCES.get(f, f), alpha=1.5 if f == "alpha" else 0.5)
     (grad,) = torch.autograd.grad(out.loss, pc)
     assert torch.isfinite(out.losses).all() and torch.isfinite(grad).all()
     if f == "forward_kl":

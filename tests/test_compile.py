@@ -1,4 +1,4 @@
-"""``torch.compile(fullgraph=True)`` of every entry point (fdiv_kernels/ops/compiled.py).
+"""``torch.compile(fullgraph=True)`` of every entry point (fdiv_kernels/compiled.py).
 
 Each case runs one training step (loss and gradients) eagerly and compiled, on fresh copies of
 the same inputs, and compares values and gradients (the compiled graph runs the same eager
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import compiled, native
+from fdiv_kernels import compiled
+from fdiv_kernels.kernels import native
 from fdiv_kernels.specs import DPOSpec, FDivSpec, PrimalSpec
 
 V, H = 40, 16
@@ -263,23 +264,28 @@ def test_unregistered_divergence_is_refused():
         compiled.encode_spec(FDivSpec(div))
 
 
-def test_opcheck_fused_loss():
+def test_opcheck_ops():
     """torch.library.opcheck: schema, fake (meta) shapes and dtypes, autograd registration."""
     hidden, weight, labels, ref = _inputs(rows=2, t=5, seed=12)
     _grad(hidden, weight)
-    args = (hidden, weight, None, labels, torch.where(labels != -100, ref, 0.0), None,
-            compiled.encode_spec(FDivSpec("kl", beta=0.5)), None, 1.0, "torch", -100, True, True, True, False)
-    torch.library.opcheck(compiled.fused_loss, args, test_utils=("test_schema", "test_faketensor",
-                                                                  "test_autograd_registration"))
+    ref_tok = torch.where(labels != -100, ref, 0.0).requires_grad_()
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(compiled.fused_loss, args[:2] + (torch.randn(V),) + args[3:11] + (False,) + args[12:],
+    # fused_loss(hidden, weight, bias, labels, ref_tok, ref_seq, spec, softcap, temperature, backend, ignore_index,
+    #            return_entropy, need_h, need_w, need_b, need_ref_tok, need_ref_seq)
+    args = (hidden, weight, None, labels, ref_tok, None, compiled.encode_spec(FDivSpec("kl", beta=0.5)), None, 1.0,
+            "torch", -100, True, True, True, False, True, False)
+    torch.library.opcheck(compiled.fused_loss_op, args, test_utils=utils)
+    torch.library.opcheck(compiled.fused_loss_op, args[:2] + (torch.randn(V),) + args[3:11] + (False,) + args[12:],
                           test_utils=utils)  # a bias, no entropy
-    torch.library.opcheck(compiled.token_stats_op, (hidden, weight, None, labels, -100, None, 1.0, True, "torch"),
+    seq = compiled.encode_spec(FDivSpec("js", level="sequence", beta=0.5))
+    torch.library.opcheck(compiled.fused_loss_op, args[:4] + (torch.zeros(()), -torch.rand(2).requires_grad_(), seq)
+                          + args[7:15] + (False, True), test_utils=utils)  # a per-row reference
+    torch.library.opcheck(compiled.token_stats_op, (hidden, weight, None, labels, None, 1.0, "torch", -100, True),
                           test_utils=utils)
     logp, lse = (torch.randn(2, 5, requires_grad=True) for _ in range(2))
-    torch.library.opcheck(compiled.check_stats, (logp, lse, None, labels, None, 1.0), test_utils=utils)
-    torch.library.opcheck(compiled.check_labels, (labels, V, -100), test_utils=utils)
-
+    torch.library.opcheck(compiled.check_token_stats_op, (logp, lse, torch.empty(0), labels, None, 1.0),
+                          test_utils=utils)
+    torch.library.opcheck(compiled.check_labels_op, (labels, V, -100), test_utils=utils)
 
 
 def test_new_sequence_length_and_changed_option():

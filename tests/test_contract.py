@@ -3,7 +3,7 @@
 Parametrized over every backend (``torch``; ``cpu`` when the C++ extension builds; ``triton``
 under ``TRITON_INTERPRET=1`` on CPU tensors, or compiled on a GPU; ``cuda`` on a GPU; each
 skipped with its reason otherwise), both loss paths (``single``: the one-pass fused function of
-``fdiv_kernels/ops/fused.py``; ``two``: ``fused.two_pass()``, token statistics + the spec on the
+``fdiv_kernels/autograd/fused.py``; ``two``: ``fused.two_pass()``, token statistics + the spec on the
 whole batch with the backend's recompute kernels) and fp32/bf16 inputs:
 
 * ``fk.token_stats`` values and the gradients of a random linear functional of
@@ -42,7 +42,8 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import fused, triton_backend
+from fdiv_kernels.autograd import fused
+from fdiv_kernels.kernels import triton_backend
 
 NAMES = sorted(fk.DIVERGENCES)
 LEVELS = ("token", "sequence")
@@ -94,7 +95,7 @@ def _path(path, monkeypatch):
         return orig(*args)
 
     monkeypatch.setattr(fused.FusedLossFunction, "apply", spy)
-    with (fused.two_pass() if path == "two" else contextlib.nullcontext()):
+    with fk.config(single_pass=(path != "two")):
         yield
     assert bool(calls) == (path == "single"), f"the {path}-pass path was not taken"
 
@@ -206,7 +207,7 @@ def test_loss_contract(backend, device, path, dt, kw, monkeypatch):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("path", ["single", "two"])
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("kind", fk.DPO_KINDS)
+@pytest.mark.parametrize("kind", tuple(fk.DPO_LOSS_TYPES))
 def test_dpo_contract(backend, device, path, dt, kind, monkeypatch):
     shape = dict(_shape(backend, device), lead=(4,))  # 2 pairs: chosen rows 0-1, rejected rows 2-3
     x = oracle.make_inputs(**shape, dtype=DTYPES[dt], seed=11 + len(kind), ignore_prefix=2, ignore_at=((1, -1),),

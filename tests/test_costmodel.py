@@ -7,7 +7,8 @@ import json
 import pytest
 
 from bench import costmodel, rank_backends
-from fdiv_kernels.ops import backends, chunk_sizes
+import fdiv_kernels as fk
+from fdiv_kernels.kernels import backends, chunk_sizes
 
 
 def test_one_pass_paths_within_aim_and_floor_is_three_gemms():
@@ -24,8 +25,8 @@ def test_model_follows_the_chunk_rule(monkeypatch):
     base = costmodel.model(8192, 4096, 128256)["cuda"]
     gemm = [k for k in base["kernels"] if k.name.startswith("grad_weight")][0]
     assert gemm.calls == 8192 // chunk_sizes.gpu_chunk_tokens(128256, 4096, None)
-    monkeypatch.setattr(chunk_sizes, "GPU_CHUNK_BYTES", 2 ** 28)
-    small = costmodel.model(8192, 4096, 128256)["cuda"]
+    with fk.config(gpu_chunk_bytes=2 ** 28):
+        small = costmodel.model(8192, 4096, 128256)["cuda"]
     assert [k for k in small["kernels"] if k.name.startswith("grad_weight")][0].calls == 16
     assert small["time_s"] > base["time_s"]
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import chunk_sizes, native
-from fdiv_kernels.ops.backends import get_backend
+from fdiv_kernels.kernels import chunk_sizes, native
+from fdiv_kernels.kernels.backends import get_backend
 
 _problem = native._toolchain_problem("cpu")
 pytestmark = pytest.mark.skipif(_problem is not None, reason=f"cannot build the C++ extension: {_problem}")
@@ -198,7 +198,7 @@ def test_missing_compiler_falls_back_to_torch(tmp_path):
     import sys
 
     code = ("import fdiv_kernels as fk\n"
-            "from fdiv_kernels.ops.backends import get_backend\n"
+            "from fdiv_kernels.kernels.backends import get_backend\n"
             "r = fk.available_backends('cpu')['cpu']\n"
             "assert 'no C++ compiler' in r, r\n"
             "assert get_backend('auto', 'cpu').name == 'torch'\n"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import native
+from fdiv_kernels.kernels import native
 
 CSRC = native.csrc_dir()
 CU_FILES = sorted(CSRC.rglob("*.cu"))
@@ -107,7 +107,7 @@ def _run(backend, hidden, weight, bias, labels, *, softcap, temperature, entropy
 
 @needs_gpu
 def test_cuda_backend_is_available():
-    ok, reason = fk.ops.get_backend("cuda", "cuda").is_available()
+    ok, reason = fk.kernels.get_backend("cuda", "cuda").is_available()
     assert ok, reason
 
 
@@ -136,13 +136,11 @@ def test_cuda_matches_torch_backend(shape, softcap, temperature, entropy, bias, 
 
 @needs_gpu
 def test_cuda_multiple_chunks(monkeypatch):
-    from fdiv_kernels.ops import chunk_sizes
-
     args = _inputs(50, 32, 64, torch.float32, bias=True)
     kw = dict(softcap=3.0, temperature=1.3, entropy=True)
     one = _run("cuda", *args, **kw)
-    monkeypatch.setattr(chunk_sizes, "GPU_CHUNK_BYTES", 6 * 7 * 64)  # 7 rows of 64 per two-pass chunk
-    many = _run("cuda", *args, **kw)
+    with fk.config(gpu_chunk_bytes=6 * 7 * 64):  # 7 rows of 64 per two-pass chunk
+        many = _run("cuda", *args, **kw)
     for a, b in zip(one[0] + one[1], many[0] + many[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=5e-4)
 

@@ -1,6 +1,6 @@
 """The CUDA backend's one-pass driver on CPU (its CPU-checkable twin) against the float64 oracle.
 
-:class:`fdiv_kernels.ops.cuda_backend.ChunkKernels` (chunk buffer, the bf16/fp16 coefficient
+:class:`fdiv_kernels.kernels.cuda_backend.ChunkKernels` (chunk buffer, the bf16/fp16 coefficient
 written over the float32 logits' rows, the GEMM wiring with ``alpha``/``beta``) runs here with
 torch stand-ins for its two CUDA epilogues that honour the same storage contract; the epilogues
 themselves are compile-checked (tests/test_cuda_compile.py) and run on a GPU there.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import backends, chunk_sizes, cuda_backend, gemm_chunks, torch_chunked
+from fdiv_kernels.kernels import backends, chunk_sizes, cuda_backend, gemm_chunks, torch_chunked
 
 
 class FakeEpilogues:
@@ -78,7 +78,7 @@ def test_chunk_rows_follow_the_h100_rule():
     assert chunk_sizes.gpu_chunk_tokens(10 ** 7, 64, torch.bfloat16) == 256  # never below one GEMM tile row block
     for v in (32000, 50257, 128256, 151936, 256000):
         rows = chunk_sizes.gpu_chunk_tokens(v, 4096, torch.bfloat16)
-        assert rows % 256 == 0 and rows * v * 4 <= max(chunk_sizes.GPU_CHUNK_BYTES, 256 * v * 4)
+        assert rows % 256 == 0 and rows * v * 4 <= max(fk.knobs.get("gpu_chunk_bytes"), 256 * v * 4)
 
 
 def test_blocked_addmm_fallback_equals_fused(monkeypatch):

@@ -1,4 +1,4 @@
-"""The native-extension loader: environment-keyed JIT cache and prebuilt modules (fdiv_kernels/ops/native.py).
+"""The native-extension loader: environment-keyed JIT cache and prebuilt modules (fdiv_kernels/kernels/native.py).
 
 The prebuilt test builds the CPU extension through the same JIT cache the CPU backend's tests use
 (seconds when it is cached, ~45 s on 2 cores when not), then loads it in fresh interpreters with
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdiv_kernels.ops import native
+from fdiv_kernels.kernels import native
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_prebuilt_mismatch_names_each_difference():
 _LOAD = r'''
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-from fdiv_kernels.ops import native
+from fdiv_kernels.kernels import native
 try:
     mod = native.load("cpu")
 except native.NativeBuildError as exc:

@@ -161,9 +161,6 @@ def test_documented_custom_module_with_token_stats_function():
     h, y = hidden.reshape(-1, H), labels.reshape(-1)
     logp, lse, ent = fk.TokenStatsFunction.apply(h, weight, None, y, fk.TokenStatsParams(ignore_index=-100))
     assert ent.numel() == 0
-    with pytest.warns(DeprecationWarning, match="TokenStatsParams"):  # the old nine-argument form
-        old = fk.TokenStatsFunction.apply(h, weight, None, y, -100, None, 1.0, False, "auto")
-    assert all(torch.equal(a, b) for a, b in zip(old, (logp, lse, ent)))
     m = y != -100
     got = -(logp - 0.01 * lse.pow(2))[m].mean()
     st = oracle.token_stats(h, weight, y)

@@ -46,8 +46,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
 
 import fdiv_kernels as fk  # noqa: E402
-from fdiv_kernels.ops import triton_backend  # noqa: E402
-from fdiv_kernels.dpo import TRL_F_DIVERGENCES  # noqa: E402
+from fdiv_kernels.kernels import triton_backend  # noqa: E402
+from fdiv_kernels import TRL_F_DIVERGENCES  # noqa: E402
 
 PROFILE = os.environ.get("FDIV_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
@@ -462,13 +462,13 @@ _DPO_VALUES = (-1.0, -5.0, -45.0, -300.0, -1e4, 0.0, -math.inf, math.nan)
 
 @st.composite
 def dpo_cases(draw):
-    kind = draw(st.sampled_from(fk.DPO_KINDS))
+    kind = draw(st.sampled_from(tuple(fk.DPO_LOSS_TYPES)))
     f = "reverse_kl" if kind == "simpo" else draw(st.sampled_from(("reverse_kl", "forward_kl", "js", "alpha")))
     b = draw(st.sampled_from((1, 3)))
     finite, special = st.sampled_from(_DPO_VALUES[:6]), st.sampled_from(_DPO_VALUES[6:])
     vals = st.one_of(finite, finite, finite, finite, finite, special)  # about 1 in 6 infinite or NaN
     cols = [[draw(vals) for _ in range(b)] for _ in range(4)]
-    return dict(loss_type=kind, divergence=TRL_F_DIVERGENCES[f], alpha=draw(st.sampled_from((0.5, 1.5, 2.0))),
+    return dict(loss_type=kind, divergence=TRL_F_DIVERGENCES.get(f, f), alpha=draw(st.sampled_from((0.5, 1.5, 2.0))),
                 beta=draw(st.sampled_from((0.1, 1.0, 1e3))),
                 label_smoothing=draw(st.sampled_from((0.0, 0.1))) if kind in ("sigmoid", "robust", "simpo") else 0.0,
                 gamma=draw(st.sampled_from((0.0, 1.0))) if kind == "simpo" else 0.0,
@@ -477,11 +477,15 @@ def dpo_cases(draw):
 
 
 def _dpo_expected_error(d) -> bool:
+    """NaN inputs, and a reference that is not a log-probability (NaN or +inf; docs/math.md's
+    contract table: one rule for fk.loss, fk.dpo_loss and the fused module), are errors."""
     pc, pr, rc, rr = (torch.tensor(col, dtype=torch.float64) for col in d["cols"])
     used = (pc, pr) if d["loss_type"] == "simpo" else (pc, pr, rc, rr)
     if any(bool(torch.isnan(t).any()) for t in used):
         return True
-    return False  # infinite inputs: an error only where the limit is not finite (checked below)
+    if d["loss_type"] != "simpo" and any(bool((t == math.inf).any()) for t in (rc, rr)):
+        return True
+    return False  # other infinite inputs: an error only where the limit is not finite (checked below)
 
 
 @_settings(examples=800)
@@ -498,7 +502,7 @@ def test_dpo_contract(d):
     except ValueError as exc:
         event("dpo outcome: error")
         assert any(n in str(exc) for n in ARGUMENT_NAMES[-4:]), f"error does not name an input: {exc}"
-        assert not _dpo_limit_is_finite(d), f"{d}: the limit is finite, yet {exc}"
+        assert _dpo_expected_error(d) or not _dpo_limit_is_finite(d), f"{d}: the limit is finite, yet {exc}"
         return
     event("dpo outcome: values" + ("" if bool(torch.isfinite(torch.tensor(d["cols"])).all()) else " (infinite inputs)"))
     assert not _dpo_expected_error(d), f"{d}: NaN input gave {out.loss}"
@@ -519,9 +523,9 @@ def _dpo_limit_is_finite(d) -> bool:
     if d["loss_type"] == "simpo":
         rc = rr = None
     opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
-    from fdiv_kernels.dpo import pair_losses
+    from fdiv_kernels.formulas.preference import pair_losses
     with torch.no_grad():
-        losses = pair_losses(pc, pr, rc, rr, **opts)
+        losses = pair_losses(pc, pr, rc, rr, fk.DPOSpec(**opts))
     return bool(torch.isfinite(losses).all())
 
 

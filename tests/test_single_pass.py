@@ -1,4 +1,4 @@
-"""The single-pass fused loss (fdiv_kernels/ops/fused.py) against plain torch autograd on full logits.
+"""The single-pass fused loss (fdiv_kernels/autograd/fused.py) against plain torch autograd on full logits.
 
 Every spec (divergence x level x values mode x z_loss x reduction, primal forms, DPO kinds) on
 every backend with chunk kernels: values and gradients equal the float32 autograd reference,
@@ -17,7 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import available_backends, chunk_sizes, cpu_backend, fused
+from fdiv_kernels.autograd import fused
+from fdiv_kernels.kernels import available_backends, chunk_sizes, cpu_backend
 
 BACKENDS = [b for b in ("torch", "cpu") if available_backends("cpu").get(b) == "available"]
 #: the triton chunk epilogues under the interpreter (slow: a representative subset of specs)
@@ -161,10 +162,10 @@ def test_log_mean_exp_rescaling_across_chunks(backend, name, level, monkeypatch)
 
 def _tiny_chunks(monkeypatch, tokens):
     for name in ("torch", "cpu"):
-        b = fk.ops.backends._BACKENDS.get(name)
+        b = fk.kernels.backends._BACKENDS.get(name)
         if b is not None:
-            monkeypatch.setitem(fk.ops.backends._BACKENDS, name,
-                                fk.ops.backends.Backend(**{**b.__dict__, "chunk_tokens": lambda v, h, dt: tokens}))
+            monkeypatch.setitem(fk.kernels.backends._BACKENDS, name,
+                                fk.kernels.backends.Backend(**{**b.__dict__, "chunk_tokens": lambda v, h, dt: tokens}))
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 5, 1000])
@@ -311,5 +312,5 @@ def test_cpu_workspace_is_reused_per_thread_and_released():
     t.start()
     t.join()
     assert other[0] is not buf  # never shared between threads
-    fk.ops.release_workspaces()
+    fk.kernels.release_workspaces()
     assert cpu_backend.workspace(1) is not buf

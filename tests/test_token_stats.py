@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.ops import chunk_sizes, torch_chunked
+from fdiv_kernels.kernels import chunk_sizes, torch_chunked
 
 #: this module's batch for the suite's builder: [3, 11] labels, H=17, V=53, N(0, 1) bias when asked
 BATCH = {"lead": (3,), "t": 11, "h": 17, "v": 53, "ignore_frac": 0.2, "bias_scale": 1.0, "ref_scale": None}

@@ -32,12 +32,13 @@ def _cfg(out, name, *, micro=0):
 
 
 def _pipeline_cfg(out, name, **extra):
-    """SFT then DPO, 2 micro-batches per process per step on 2 processes, evaluations under the
-    engine, a checkpoint every step of which the newest 2 are kept (engine folders pruned with them)."""
+    """SFT then DPO with its NLL term (``sft_weight``), 2 micro-batches per process per step on 2
+    processes, evaluations under the engine, a checkpoint every step of which the newest 2 are kept
+    (engine folders pruned with them)."""
     phase = {"steps": 3, "batch_size": 8, "micro_batch_size": 2, "lr": 2e-3, "eval_every": 2, "save_every": 1,
              "keep_checkpoints": 2, "warmup_steps": 1}
     return tiny_run(out, name, layers=2, sft={**phase, "divergence": "js", "beta": 0.5},
-                    dpo={**phase, "beta": 0.1, "rejected": "data"}, **extra)
+                    dpo={**phase, "beta": 0.1, "rejected": "data", "sft_weight": 0.5}, **extra)
 
 
 def _fp32_deepspeed(stage, out_dir):
@@ -51,7 +52,8 @@ def _fp32_deepspeed(stage, out_dir):
 
 
 def _engine_settings(engine, out_dir):
-    return {"zero2": {"deepspeed": _fp32_deepspeed(2, out_dir)}, "zero3": {"deepspeed": _fp32_deepspeed(3, out_dir)},
+    return {"ddp": {}, "zero2": {"deepspeed": _fp32_deepspeed(2, out_dir)},
+            "zero3": {"deepspeed": _fp32_deepspeed(3, out_dir)},
             "zero3-bf16": {"deepspeed": os.path.join(CONFIGS, "zero3.json")},
             "fsdp": {"fsdp": {"enabled": True}},
             "fsdp-sharded": {"fsdp": {"enabled": True, "checkpoint": "sharded"}}}[engine]
@@ -63,9 +65,9 @@ def _env(rank, world, port, ext_dir):
                        "TORCH_EXTENSIONS_DIR": ext_dir})
 
 
-ENGINES = ["zero2", "zero3", "fsdp", "fsdp-sharded"]
+ENGINES = ["ddp", "zero2", "zero3", "fsdp", "fsdp-sharded"]
 BF16 = ["zero3-bf16"]  # the shipped zero3.json as is: resume only (bf16 is not comparable to fp32)
-SHARD_DIRS = {"zero2": "deepspeed", "zero3": "deepspeed", "fsdp": None, "fsdp-sharded": "fsdp",
+SHARD_DIRS = {"ddp": None, "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": None, "fsdp-sharded": "fsdp",
               "zero3-bf16": "deepspeed"}
 
 
@@ -87,7 +89,7 @@ def _worker(rank, world, port, out, engines):
     try:
         _exact_log_mean_exp_accumulation(rank, out)
         _patched_model_under_fsdp(rank, out)
-        run_command(_cfg(out, "ddp"), "sft")
+        run_command(_cfg(out, "ddp-sft"), "sft")
         for engine in engines:
             cfg = _pipeline_cfg(out, engine, **_engine_settings(engine, out))
             run_command(cfg, "pipeline")
@@ -183,13 +185,13 @@ def test_two_gloo_processes_match_one_process(two_ranks, tmp_path):
     run_command(_cfg(tmp_path, "single"), "sft")
     run_command(_cfg(tmp_path, "accum", micro=2), "sft")  # 4 micro-batches of 2: same global batch
 
-    one, accum, two = (_losses(d / n) for d, n in ((tmp_path, "single"), (tmp_path, "accum"), (two_ranks, "ddp")))
+    one, accum, two = (_losses(d / n) for d, n in ((tmp_path, "single"), (tmp_path, "accum"), (two_ranks, "ddp-sft")))
     assert len(one) == len(two) == 3
     assert two == pytest.approx(one, rel=1e-5)
     assert accum == pytest.approx(one, rel=1e-5)
     wa = _weights(tmp_path / "single" / "sft" / "final")
-    wb = _weights(two_ranks / "ddp" / "sft" / "final")
-    w0 = _weights(two_ranks / "ddp" / "sft" / "checkpoint-3")
+    wb = _weights(two_ranks / "ddp-sft" / "sft" / "final")
+    w0 = _weights(two_ranks / "ddp-sft" / "sft" / "checkpoint-3")
     assert all(torch.equal(wb[k], w0[k]) for k in wb)  # final = last checkpoint
     _assert_weights_close(wa, wb, atol=1e-6)
 

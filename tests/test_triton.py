@@ -22,8 +22,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import fdiv_kernels as fk  # noqa: E402
-from fdiv_kernels.ops import get_backend, triton_backend  # noqa: E402
-from fdiv_kernels.ops.triton_backend import triton_options  # noqa: E402
+from fdiv_kernels.kernels import get_backend, triton_backend  # noqa: E402
+from fdiv_kernels.kernels.triton_backend import triton_options  # noqa: E402
 
 triton_backend.register()  # fdiv_kernels may have been imported before TRITON_INTERPRET was set
 
@@ -153,7 +153,7 @@ def test_vocab_splits_merge():
     assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (1, 224)
     with triton_options(v_splits=3):
         assert triton_backend.vocab_splits(19, 200, align=32, device=torch.device("cpu")) == (3, 96)
-    align = triton_backend._kernels().SPLIT_ALIGN
+    align = triton_backend.kernels_module().SPLIT_ALIGN
     v = 6 * align + 8  # 3 splits of 2 alignment units, the last one partial
     hidden, weight, bias, labels, coef = batch(19, 17, v, seed=5)
     with triton_options(v_splits=3):
@@ -255,8 +255,8 @@ def test_low_precision_no_worse_than_plain_torch(dtype, softcap):
     hv, yv = hidden[valid], labels[valid]
     cg, ck, ce = (c[valid] for c in coef)
     # the backend contract itself: float32 values and gradients (token_stats rounds grads to dtype)
-    logp, lse, ent = triton_backend.forward(hv, weight, bias, yv, return_entropy=True, **kw)
-    grads = triton_backend.backward(hv, weight, bias, yv, lse, ent, cg, ck, ce, **kw)
+    logp, lse, ent = triton_backend.forward(hv, weight, bias, yv, return_entropy=True, head=fk.HeadSpec(**kw))
+    grads = triton_backend.backward(hv, weight, bias, yv, lse, ent, cg, ck, ce, head=fk.HeadSpec(**kw))
     ref_vals, ref_grads = reference(hidden, weight, bias, labels, coef, **kw)
     plain_vals, plain_grads = reference(hidden, weight, bias, labels, coef, dtype=dtype, **kw)
     ref_grads = (ref_grads[0][valid],) + ref_grads[1:]
@@ -363,11 +363,11 @@ def test_backward_uses_the_options_captured_at_forward():
 def test_backend_level_errors():
     hidden, weight, bias, labels, coef = batch(6, 8, 20, ignore_frac=0.0)
     with pytest.raises(TypeError, match="share a dtype"):
-        triton_backend.forward(hidden, weight.half(), None, labels)
+        triton_backend.forward(hidden, weight.half(), None, labels, head=fk.HeadSpec())
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        triton_backend.forward(hidden.int(), weight.int(), None, labels)
+        triton_backend.forward(hidden.int(), weight.int(), None, labels, head=fk.HeadSpec())
     with pytest.raises(ValueError, match=r"labels must have shape \[N\]"):
-        triton_backend.forward(hidden, weight, None, labels[:3])
+        triton_backend.forward(hidden, weight, None, labels[:3], head=fk.HeadSpec())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_registration_under_interpreter():
 
 def _only_config(monkeypatch, name, **knob):
     """Run kernel ``name`` with the interpreter's tile and the given knob (STAGE / GROUP_N)."""
-    kern = triton_backend._kernels()
+    kern = triton_backend.kernels_module()
     (value,) = knob.values()
     cfg = kern._config(16, 32, 16, 1, 1, value, knob=kern.KNOBS[name])
     monkeypatch.setattr(getattr(kern, name), "configs", [cfg])
@@ -445,7 +445,7 @@ KERNEL_NAMES = ("token_stats_fwd_kernel", "token_stats_bwd_hidden_kernel", "toke
 def _spy_kernels(monkeypatch, wrap):
     """Replace the kernel module the backend launches from by a copy whose kernels are wrapped:
     ``wrap(name, launch)`` returns the callable that ``kernel[grid]`` gives."""
-    real = triton_backend._kernels()
+    real = triton_backend.kernels_module()
 
     class Spy:
         def __init__(self, name):
@@ -499,7 +499,7 @@ def test_autotune_key_includes_the_flags(monkeypatch, deterministic):
     """A tile tuned with bias/soft-cap/entropy/filter off must not be reused with them on: with
     two configs and a fake benchmark that prefers the first with the flags off and the second
     with them on, every kernel must pick the second in the flags-on run."""
-    kern = triton_backend._kernels()
+    kern = triton_backend.kernels_module()
     flag_names = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER")
     first, second = {}, {}
     for name in KERNEL_NAMES:
@@ -544,7 +544,7 @@ def test_interpreter_takes_runtime_loop_bounds():
     if DEVICE != "cpu":
         pytest.skip("interpreter-only check")
     import triton
-    kern = triton_backend._kernels()
+    kern = triton_backend.kernels_module()
     assert kern.INTERPRETER_INDEX_COMPAT == (triton_backend._version_tuple(triton.__version__)[:2] < (3, 9))
     hidden, weight, bias, labels, coef = batch(19, 17, 6 * kern.SPLIT_ALIGN + 8, seed=43)
     with triton_options(v_splits=2, filter_eps=1e-30):
@@ -585,7 +585,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fdiv_kernels.ops import triton_kernels as K
+from fdiv_kernels.kernels import triton_kernels as K
 
 assert not K.INTERPRET
 FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "WITH_ENTROPY", "FILTER")
