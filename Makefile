@@ -24,9 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fdiv-train pipeline --config demo --overwrite
 
-# ruff with the configuration of pyproject.toml (its default rule set)
+# ruff with the configuration of pyproject.toml (its default rule set), then import-linter: the layers
+# of docs/design.md and no import cycle (pyproject.toml [tool.importlinter])
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest -q tests

@@ -6,7 +6,7 @@
 * With ``FDIV_BUILD_EXT=1``, the ahead-of-time extensions ``fdiv_kernels._C_cpu`` (always) and
   ``fdiv_kernels._C_cuda`` (when nvcc and a CUDA build of torch are present, unless
   ``FDIV_BUILD_CUDA=0``), built with ninja from the sources and flags of the just-in-time build
-  (``fdiv_kernels/ops/native.py``). See docs/building.md.
+  (``fdiv_kernels/kernels/native.py``). See docs/building.md.
 
 Install on a CPU machine (never pulls a CUDA torch): ``make install``, or
 
@@ -48,8 +48,8 @@ class BuildPyWithData(build_py):
 
 
 def _native_build_description():
-    """fdiv_kernels/ops/native.py (sources and flags) loaded by path: no package import, no torch."""
-    spec = importlib.util.spec_from_file_location("_fdiv_native_build", os.path.join(HERE, "fdiv_kernels", "ops",
+    """fdiv_kernels/kernels/native.py (sources and flags) loaded by path: no package import, no torch."""
+    spec = importlib.util.spec_from_file_location("_fdiv_native_build", os.path.join(HERE, "fdiv_kernels", "kernels",
                                                                                      "native.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

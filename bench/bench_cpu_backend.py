@@ -81,7 +81,7 @@ def _child(args) -> None:
             loss.backward()
 
     if impl == "cpu":
-        from fdiv_kernels.ops import chunk_sizes, native
+        from fdiv_kernels.kernels import chunk_sizes, native
         if ":" in args.impl:  # cpu:<elements>: the two-pass tile size
             chunk_sizes.TWO_PASS_ELEMENTS = int(args.impl.split(":")[1])
         native.load("cpu")  # load the extension before the memory baseline

@@ -84,7 +84,7 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> Dict[str, fl
     """Run ``fn()`` once; return ``{"peak_mib", "time_s", "mem_method"}`` (peak above baseline)."""
     import time
 
-    from fdiv_kernels.ops import release_workspaces
+    from fdiv_kernels.kernels import release_workspaces
 
     release_workspaces()  # buffers a warm-up left for reuse count in the measured call's peak
     gc.collect()

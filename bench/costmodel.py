@@ -6,7 +6,7 @@ For every GPU backend and path, per kernel: FLOPs, DRAM bytes read and written, 
 time ``max(FLOPs / peak, bytes / bandwidth)``; kernels run one after another (no overlap), so a
 path's time is the sum. The ratio is to the 3-GEMM floor (``3 x 2 N H V`` FLOPs at the tensor-core
 peak). The model follows the code's launch configuration: one-pass chunk rows from
-``fdiv_kernels/ops/chunk_sizes.gpu_chunk_tokens`` (both GPU backends), two-pass chunk rows
+``fdiv_kernels/kernels/chunk_sizes.gpu_chunk_tokens`` (both GPU backends), two-pass chunk rows
 from ``chunk_sizes.cuda_two_pass_rows``, the Triton tile shapes from the first entry of each autotune list
 (what ``FDIV_TRITON_AUTOTUNE=first`` and ``make gpu-check`` use).
 
@@ -70,7 +70,7 @@ def gemm_floor(n: int, h: int, v: int, s: int) -> List[Kernel]:
 
 
 def one_pass(n: int, h: int, v: int, s: int, rows: int, coef_in_place: bool) -> List[Kernel]:
-    """fdiv_kernels/ops/gemm_chunks.py per chunk (the cuda and triton backends' one-pass path)."""
+    """fdiv_kernels/kernels/gemm_chunks.py per chunk (the cuda and triton backends' one-pass path)."""
     out: List[Kernel] = []
     agg: Dict[str, Kernel] = {}
 
@@ -119,7 +119,7 @@ def _l2_miss(programs: int, tile_bytes: float, l2: float) -> float:
 
 
 def triton_flash(n: int, h: int, v: int, s: int, gpu: dict, cfg: Dict[str, tuple], atomic: bool) -> List[Kernel]:
-    """backend='triton' two-pass path: the flash kernels of fdiv_kernels/ops/triton_kernels.py."""
+    """backend='triton' two-pass path: the flash kernels of fdiv_kernels/kernels/triton_kernels.py."""
     sms, l2 = gpu["sms"], gpu["l2"]
     bn, bv, _bh, *_ = cfg["fwd"]
     tb = math.ceil(n / bn)
@@ -155,7 +155,7 @@ def triton_configs() -> Dict[str, tuple]:
     """The first bf16 entry of each autotune list (imports the kernel tables without a GPU)."""
     import os
     os.environ.setdefault("TRITON_INTERPRET", "0")
-    from fdiv_kernels.ops import triton_kernels as K
+    from fdiv_kernels.kernels import triton_kernels as K
     return {"fwd": K._entry(K._FWD[2][0]), "bwd_h": K._entry(K._BWD_H[2][0]), "bwd_w": K._entry(K._BWD_W[2][0]),
             "atomic": K._entry(K._BWD_FUSED[2][0])}
 
@@ -164,7 +164,7 @@ def model(n: int, h: int, v: int, dtype: str = "bf16", gpu: str = "h100") -> Dic
     """``{path: {"kernels": [...], "time_s": ..., "x_floor": ...}}`` for every GPU backend path."""
     import torch
 
-    from fdiv_kernels.ops import chunk_sizes
+    from fdiv_kernels.kernels import chunk_sizes
 
     g = GPUS[gpu]
     s = ELEM[dtype]

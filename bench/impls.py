@@ -214,9 +214,9 @@ def _build_gemm(case, x):
 @contextlib.contextmanager
 def _two_pass(deterministic: bool = True):
     """The two-pass path (``fk.token_stats`` + recompute backward): the Triton flash kernels."""
-    from fdiv_kernels.ops.fused import two_pass
-    from fdiv_kernels.ops.triton_backend import triton_options
-    with two_pass(), triton_options(deterministic=deterministic):
+    from fdiv_kernels import config as fk_config
+    from fdiv_kernels.kernels.triton_backend import triton_options
+    with fk_config(single_pass=False), triton_options(deterministic=deterministic):
         yield
 
 

@@ -1,11 +1,11 @@
-"""Write ``fdiv_kernels/ops/measured_ranking.json`` (what ``backend="auto"`` reads) from GPU results.
+"""Write ``fdiv_kernels/kernels/measured_ranking.json`` (what ``backend="auto"`` reads) from GPU results.
 
     python -m bench.rank_backends [bench/results/*-gpu-check-*.json ...]
 
 For every device in the GPU check results (``scripts/gpu_check.py``), the fk backends whose
 one-pass rows ran correctly at the headline shape (``llama``: 8192 x 4096 x 128256 bf16,
 forward + backward) ordered by their best time; the newest result file of a device wins. Devices
-without results keep the cost-model priorities (``fdiv_kernels/ops/backends.py``).
+without results keep the cost-model priorities (``fdiv_kernels/kernels/backends.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-from fdiv_kernels.ops.backends import MEASURED_RANKING
+from fdiv_kernels.kernels.backends import MEASURED_RANKING
 
 HEADLINE = "llama"
 

@@ -41,7 +41,7 @@ GPU_TARGET = {"python": "3.12", "torch": "2.11.0+cu130"}
 WHEELS = REPO / ".gpu-wheels"
 SITE = REPO / "build" / "gpu-check" / "site"
 NEEDED_FILES = ("tests/test_triton.py", "tests/test_cuda_compile.py", "bench/headline.py", "bench/impls.py",
-                "fdiv_kernels/ops/native.py", "fdiv_kernels/ops/triton_kernels.py")
+                "fdiv_kernels/kernels/native.py", "fdiv_kernels/kernels/triton_kernels.py")
 HEADLINE_ROUNDS = 3
 
 
@@ -80,7 +80,7 @@ class Outcome:
 
 
 def load_native():
-    """fdiv_kernels/ops/native.py by path (no torch, no package import needed for the checks)."""
+    """fdiv_kernels/kernels/native.py by path (no torch, no package import needed for the checks)."""
     spec = importlib.util.spec_from_file_location("_fdiv_native_check", REPO / "fdiv_kernels" / "ops" / "native.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -125,7 +125,7 @@ EXTENSION_SCRIPT = r'''
 import logging, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 t0 = time.perf_counter()
-from fdiv_kernels.ops import native
+from fdiv_kernels.kernels import native
 mod = native.load("cuda")
 src = "prebuilt" if "_prebuilt" in (mod.__file__ or "") else "built here"
 print(f"cuda extension {src}: {mod.__file__} in {time.perf_counter() - t0:.1f} s")

@@ -3,7 +3,7 @@
 Run with the GPU machine's Python and torch (``.venv-gpu``: Python 3.12, torch 2.11.0+cu130, made
 by ``make gpu-prebuild``); nvcc must be on PATH. Writes ``fdiv_kernels/_prebuilt/cuda/`` (the
 library and ``manifest.json``: Python, torch, the sources' digest, build time), which
-``fdiv_kernels.ops.native.load("cuda")`` imports first when everything matches, and then imports
+``fdiv_kernels.kernels.native.load("cuda")`` imports first when everything matches, and then imports
 the result in a fresh interpreter (no GPU needed to import). See docs/gpu.md.
 
     .venv-gpu/bin/python scripts/gpu_prebuild.py [--kind cuda] [--out DIR]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_native():
-    """fdiv_kernels/ops/native.py by path: this venv has torch only (no transformers, numpy...)."""
+    """fdiv_kernels/kernels/native.py by path: this venv has torch only (no transformers, numpy...)."""
     spec = importlib.util.spec_from_file_location("_fdiv_native", REPO / "fdiv_kernels" / "ops" / "native.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
