@@ -4,7 +4,7 @@ A knob is a setting of the machine or the session, not of one loss (those are th
 the API and the fields of the specs). Each has a name, an environment variable, a type and a
 default (:data:`KNOBS`; the table is also in ``docs/api.md``). :func:`get` returns its value now:
 
-1. the innermost :func:`config` block that sets it (this thread / async task only), else
+1. the innermost :func:`config` block that sets it (process-wide, as ``torch``'s own flags), else
 2. its environment variable, read at this call (one parser for every variable), else
 3. its default.
 
@@ -22,12 +22,9 @@ variable, at the first call that reads it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
-
-import torch
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["KNOBS", "Knob", "config", "get", "knob_table"]
 
@@ -102,7 +99,8 @@ KNOBS: Dict[str, Knob] = {
         "directory of prebuilt extensions (default: fdiv_kernels/_prebuilt; make gpu-prebuild)"),
 }
 
-_overrides: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("fdiv_kernels_config", default={})
+#: the values set by the :func:`config` blocks in force (a plain dict: ``torch.compile`` reads it while tracing)
+_overrides: Dict[str, Any] = {}
 
 
 def _check_name(name: str) -> Knob:
@@ -111,14 +109,12 @@ def _check_name(name: str) -> Knob:
     return KNOBS[name]
 
 
-@torch.compiler.assume_constant_result
 def get(name: str) -> Any:
     """The value of knob ``name`` now (module docstring: block, environment, default). Under
     ``torch.compile`` it is read when the graph is traced."""
     knob = _check_name(name)
-    overrides = _overrides.get()
-    if name in overrides:
-        return overrides[name]
+    if name in _overrides:
+        return _overrides[name]
     text = os.environ.get(knob.env)
     if text is None or not text.strip():
         return knob.default
@@ -130,18 +126,21 @@ def get(name: str) -> Any:
 
 @contextlib.contextmanager
 def config(**values: Any) -> Iterator[None]:
-    """Set knobs for a block (this thread or async task; restored on exit), e.g.
-    ``with fk.config(check_finite=False): ...``. Values are given as Python values
-    (``True``, ``2 ** 28``, ``"first"``); ``None`` for a path knob means the default."""
+    """Set knobs for a block (process-wide; restored on exit, nested blocks included), e.g.
+    ``with fk.config(check_finite=False): ...``. Values are Python values (``True``, ``2 ** 28``,
+    ``"first"``) or the environment variables' words (``"off"``); ``None`` for a path knob means the
+    default."""
     for name, value in values.items():
         knob = _check_name(name)
         if isinstance(value, str) and knob.parse is not _parse_path:
             values[name] = knob.parse(value)
-    token = _overrides.set({**_overrides.get(), **values})
+    saved = dict(_overrides)
+    _overrides.update(values)
     try:
         yield
     finally:
-        _overrides.reset(token)
+        _overrides.clear()
+        _overrides.update(saved)
 
 
 def knob_table() -> Tuple[Tuple[str, str, str, str], ...]:

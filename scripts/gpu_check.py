@@ -81,7 +81,7 @@ class Outcome:
 
 def load_native():
     """fdiv_kernels/kernels/native.py by path (no torch, no package import needed for the checks)."""
-    spec = importlib.util.spec_from_file_location("_fdiv_native_check", REPO / "fdiv_kernels" / "ops" / "native.py")
+    spec = importlib.util.spec_from_file_location("_fdiv_native_check", REPO / "fdiv_kernels" / "kernels" / "native.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def load_native():
     """fdiv_kernels/kernels/native.py by path: this venv has torch only (no transformers, numpy...)."""
-    spec = importlib.util.spec_from_file_location("_fdiv_native", REPO / "fdiv_kernels" / "ops" / "native.py")
+    spec = importlib.util.spec_from_file_location("_fdiv_native", REPO / "fdiv_kernels" / "kernels" / "native.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -24,7 +24,7 @@ class FakeEpilogues:
     @staticmethod
     def _z(z, bias, softcap, temperature):
         raw = z.clone() if bias is None else z + bias
-        return torch_chunked.transform(raw, softcap if softcap > 0 else None, temperature)
+        return torch_chunked.transform(raw, fk.HeadSpec(softcap if softcap > 0 else None, temperature))
 
     def chunk_forward_epilogue(self, z, bias, labels, softcap, temperature, return_entropy, stream):
         assert z.dtype == torch.float32 and z.stride(1) == 1

@@ -7,6 +7,8 @@ import types
 
 import pytest
 import torch
+
+import fdiv_kernels as fk
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
@@ -119,20 +121,17 @@ def test_js_with_reference_matches_float64_formula():
     assert not fk_hf.is_patched(model)
 
 
-def test_primal_options_are_deprecated_and_equal_to_a_primal_spec():
+def test_a_primal_loss_is_given_as_a_spec():
     from fdiv_kernels.specs import PrimalSpec
     model = _make("Llama")
     ids, mask, labels = _batch(seed=5)
     with fk_hf.patched(model, spec=PrimalSpec("alpha", alpha=0.5)):
-        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    with pytest.warns(DeprecationWarning, match="PrimalSpec") as rec:
-        fk_hf.apply(model, divergence="alpha", form="primal", alpha=0.5)
-    assert rec[0].filename == __file__  # attributed to the caller's line
-    try:
         got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    finally:
-        fk_hf.unapply(model)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    want = fk.primal_loss(logits=logits, labels=labels, shift=True, divergence="alpha", alpha=0.5).loss
     torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['alpha', 'form'\]"):
+        fk_hf.apply(model, divergence="alpha", form="primal", alpha=0.5)  # the former spelling is gone
 
 
 def test_no_labels_and_generate_unchanged_and_unapply_restores():

@@ -185,29 +185,9 @@ def test_keys_added_since_a_run_are_no_change_at_their_defaults():
     assert config_changes(gone, to_dict(RunConfig())) == ['sft.old_key: 1 -> "<absent>"']
 
 
-def test_former_dpo_kind_key_still_reads_and_resumes(tmp_path):
-    """``dpo.kind`` (the name before ``dpo.loss_type``) in YAML, ``--set`` and ``--kind`` gives the same
-    configuration with a FutureWarning; a run saved under it resumes as no change; both keys: error."""
-    from fdiv_kernels.train.cli import build_parser, overrides_from_args
-    from fdiv_kernels.train.config import RunConfig, from_dict, load_config, to_dict
-    from fdiv_kernels.train.validate import config_changes
+def test_the_former_dpo_kind_key_is_an_unknown_key():
+    """``dpo.kind`` was renamed ``dpo.loss_type`` before 1.0 (no alias): a one-line config error."""
+    from fdiv_kernels.train.config import from_dict
 
-    with pytest.warns(FutureWarning, match="'dpo.kind' is deprecated: use 'dpo.loss_type'"):
-        cfg = from_dict({"dpo": {"kind": "ipo", "beta": 0.2}})
-    assert (cfg.dpo.loss_type, cfg.dpo.beta) == ("ipo", 0.2)
-    with pytest.warns(FutureWarning):
-        assert load_config(None, ["dpo.kind=simpo"]).dpo.loss_type == "simpo"
-    args = build_parser().parse_args(["dpo", "--kind", "hinge"])
-    assert load_config(None, overrides_from_args(args)).dpo.loss_type == "hinge"
-    with pytest.raises(ConfigError, match="both given"):
-        from_dict({"dpo": {"kind": "ipo", "loss_type": "ipo"}})
-    with pytest.warns(DeprecationWarning, match="loss_type"):
-        assert cfg.dpo.kind == "ipo"
-    from fdiv_kernels.train.config import DPOConfig
-    with pytest.warns(DeprecationWarning, match="loss_type="):
-        assert DPOConfig(kind="simpo", beta=2.0) == DPOConfig(loss_type="simpo", beta=2.0)
-    saved = to_dict(RunConfig())
-    saved["dpo"]["kind"] = saved["dpo"].pop("loss_type")
-    assert config_changes(saved, to_dict(RunConfig())) == []
-    saved["dpo"]["kind"] = "ipo"
-    assert config_changes(saved, to_dict(RunConfig())) == ['dpo.loss_type: "ipo" -> "sigmoid"']
+    with pytest.raises(ConfigError, match="kind"):
+        from_dict({"dpo": {"kind": "ipo", "beta": 0.2}})

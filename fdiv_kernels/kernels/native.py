@@ -46,7 +46,12 @@ from types import ModuleType
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
-from .. import knobs
+if __package__:  # imported as fdiv_kernels.kernels.native
+    from .. import knobs
+else:  # loaded by path, without the package (setup.py, scripts/gpu_check.py): the knobs module beside it
+    _spec = importlib.util.spec_from_file_location("_fdiv_knobs", Path(__file__).resolve().parents[1] / "knobs.py")
+    knobs = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(knobs)
 
 logger = logging.getLogger("fdiv_kernels")
 
