@@ -321,9 +321,19 @@ def existing_run(run_dir: str) -> List[str]:
     return [n for n in RUN_MARKERS if os.path.exists(os.path.join(run_dir, n))]
 
 
+def _runs_beside(output_dir: str) -> str:
+    """``"; runs in runs/: a, b"``: the runs a mistyped ``--name`` may have meant (empty: none)."""
+    names = sorted(n for n in os.listdir(output_dir) if existing_run(os.path.join(output_dir, n))) \
+        if os.path.isdir(output_dir) else []
+    if not names:
+        return ""
+    return f"; runs in {output_dir}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+
+
 def check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, allow_config_change: bool) -> List[str]:
-    """Refuse to replace a run without ``overwrite``; refuse to resume with another configuration
-    without ``allow_config_change``. Returns the accepted configuration changes."""
+    """Refuse to replace a run without ``overwrite``; refuse to resume a run that does not exist, or
+    with another configuration without ``allow_config_change``. Returns the accepted configuration
+    changes."""
     run_dir = os.path.join(cfg.output_dir, cfg.name)
     found = existing_run(run_dir)
     if resume and overwrite:
@@ -334,6 +344,9 @@ def check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, allow_config
                                 f"--overwrite to replace it, or --name to write a new run")
     if not resume:
         return []
+    if not found:
+        raise RunDirectoryError(f"--resume: nothing to resume in {run_dir} (no run there{_runs_beside(cfg.output_dir)}); "
+                                "to start it, run the same command without --resume")
     saved = os.path.join(run_dir, "config.json")
     if not os.path.exists(saved):
         return []
