@@ -32,9 +32,11 @@ def _pair(pattern, text):
 
 
 def test_plain_pytorch_sft_matches_cross_entropy_and_js_runs():
-    out = _run("plain_pytorch.py", "--steps", "2", "--divergence", "sft", "--beta", "1")
-    fused, naive = _pair(r"fused ([-\d.]+) vs naive cross-entropy ([-\d.]+)", out)
-    assert abs(fused - naive) < 1e-5
+    """`--divergence sft` is the cross-entropy (beta 1 by default; beta times it with --beta)."""
+    for beta in ([], ["--beta", "0.5"]):
+        out = _run("plain_pytorch.py", "--steps", "2", "--divergence", "sft", *beta)
+        fused, naive = _pair(r"fused ([-\d.]+) vs naive cross-entropy ([-\d.]+)", out)
+        assert abs(fused - naive) < 1e-5, out
     out = _run("plain_pytorch.py", "--steps", "3", "--divergence", "js")
     assert out.count("step ") == 3
 
