@@ -25,7 +25,7 @@ from .distributed import barrier, broadcast_object, default_deepspeed_accelerato
 from .errors import ConfigError
 from .evaluate import greedy_answers, task_accuracy
 from .interrupt import graceful_stop
-from .modeling import build_tiny_model, param_count
+from .modeling import build_tiny_model, enable_checkpointing, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
 from .plots import plot_run
 from .reporting import make_reporters
@@ -83,7 +83,7 @@ def base_model(ctx: RunContext) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         m = build_tiny_model(cfg.model, ctx.tok)
     if cfg.model.gradient_checkpointing and hasattr(m, "gradient_checkpointing_enable"):
-        m.gradient_checkpointing_enable()
+        enable_checkpointing(m)
     return m.to(ctx.device)
 
 
