@@ -78,7 +78,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Paths are JSONL (``.jsonl``/``.json``) or parquet files.
+    """Data sets: JSONL (``.jsonl``/``.json``) or parquet files (a directory of them, a glob), or
+    ``datasets`` data sets: a ``save_to_disk`` directory, a local data set folder or a Hugging
+    Face Hub id, with ``:split`` (``HuggingFaceH4/ultrachat_200k:train_sft``; :mod:`.data`).
 
     ``sft_train``/``eval_prompts``: UltraChat-200K schema; ``dpo_train``/``eval_pref``:
     UltraFeedback-binarized schema; ``pretrain``: plain text. Empty paths use the synthetic set.
