@@ -52,9 +52,10 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    """``path``: a local Hugging Face model directory (AutoModelForCausalLM); ``None`` builds
-    the tiny model and the character tokenizer. ``tokenizer``: tokenizer directory (default:
-    ``path``). ``dtype``: float32 | bfloat16 | float16 (weights and compute)."""
+    """``path``: a local Hugging Face model directory or a Hub id (``meta-llama/Meta-Llama-3-8B``)
+    (AutoModelForCausalLM); ``None`` builds the tiny model and the character tokenizer.
+    ``tokenizer``: tokenizer directory or Hub id (default: ``path``). ``dtype``: float32 |
+    bfloat16 | float16 (weights and compute)."""
 
     path: Optional[str] = None
     tokenizer: Optional[str] = None
@@ -179,7 +180,7 @@ class DPOConfig(OptimConfig):
     use length-averaged log-probs and that simpo needs no reference).
 
     ``reference``: ``start`` (the model DPO starts from), ``base`` (the pipeline's SFT start
-    model) or a local model path. ``rejected``: ``data`` (rejected answers as given) or
+    model) or a local model path or Hub id. ``rejected``: ``data`` (rejected answers as given) or
     ``self`` (the start model's own wrong greedy answers where it has one, else the data's;
     synthetic tasks only). ``sft_weight``: optional NLL term on the chosen answers (RPO).
     """
