@@ -45,6 +45,17 @@ def load_model_and_tokenizer(name_or_path: str | None, *, seed: int = 0):
     return AutoModelForCausalLM.from_pretrained(name_or_path), tok
 
 
+def checkpointing(config_cls, enabled: bool) -> dict:
+    """The keyword that turns activation checkpointing on or off in a TrainingArguments subclass
+    (TRL's ``SFTConfig``, ``DPOConfig``): ``activation_checkpointing`` where transformers has it
+    (``gradient_checkpointing``, which TRL sets by default, is then a deprecated alias that raises a
+    FutureWarning), else ``gradient_checkpointing``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def sft_texts():
     return ["the cat sat on the mat", "a dog ran fast", "the big red dog sat", "a small blue cat ran slow",
             "the dog and the cat sat", "a red cat then ran"] * 4

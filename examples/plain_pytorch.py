@@ -44,10 +44,14 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny sizes (V=128, H=32), seconds on CPU")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--divergence", default="js")
-    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=None,
+                   help="beta of the divergence (default 0.5; 1 for sft/tv, whose loss is then the plain NLL)")
     p.add_argument("--no-ref", action="store_true", help="no reference model (pi_ref = 1); implied by sft/tv")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    nll = args.divergence in ("sft", "tv")  # loss = -beta * mean log p: beta times the cross-entropy
+    if args.beta is None:
+        args.beta = 1.0 if nll else 0.5
     vocab, hidden, batch, seq = (128, 32, 8, 16) if args.tiny else (32000, 1024, 8, 512)
     torch.manual_seed(0)
     model = TinyLM(vocab, hidden).to(args.device)
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = FusedLinearFDivLoss(divergence=args.divergence, beta=args.beta, shift_labels=True)  # drop-in 1/2
     ref_stats = FusedLinearFDivLoss(shift_labels=True)  # only its per-token logp is used
-    use_ref = not args.no_ref and args.divergence not in ("sft", "tv")
+    use_ref = not args.no_ref and not nll
 
     data = torch.randint(0, vocab, (64, seq), device=args.device)
     data[:, 1::2] = (data[:, 0::2] * 7 + 3) % vocab  # a learnable pattern: every odd token follows the previous one
@@ -71,9 +75,10 @@ def main(argv=None) -> int:
                 ref = ref_stats(ref_model.body(x), ref_model.head, labels, return_output=True).logp
         h = model.body(x)
         loss = loss_fn(h, model.head, labels, ref_logp=ref)  # drop-in 2/2
-        if step == 0 and args.divergence in ("sft", "tv"):
-            naive = F.cross_entropy(model.head(h)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-            print(f"check: fused {loss.item():.6f} vs naive cross-entropy {naive.item():.6f}")
+        if step == 0 and nll:
+            naive = args.beta * F.cross_entropy(model.head(h)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                ignore_index=-100)
+            print(f"check: fused {loss.item():.6f} vs naive cross-entropy {naive.item():.6f} (beta {args.beta} x)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import load_model_and_tokenizer, preference_pairs
+from _tiny import checkpointing, load_model_and_tokenizer, preference_pairs
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     cpu = not torch.cuda.is_available()
     config = DPOConfig(output_dir=args.output_dir or tempfile.mkdtemp(prefix="fdiv_dpo_"), max_steps=args.steps,
                        per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, report_to=[],
-                       save_strategy="no", use_cpu=cpu, bf16=not cpu, gradient_checkpointing=not args.tiny,
+                       save_strategy="no", use_cpu=cpu, bf16=not cpu, **checkpointing(DPOConfig, not args.tiny),
                        beta=args.beta, loss_type=[args.loss_type], f_divergence_type=args.f_divergence,
                        label_smoothing=0.1 if args.loss_type == "robust" else 0.0,
                        deepspeed=args.deepspeed, disable_tqdm=True)

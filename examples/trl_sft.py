@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import load_model_and_tokenizer, sft_texts
+from _tiny import checkpointing, load_model_and_tokenizer, sft_texts
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     cpu = not torch.cuda.is_available()
     config = SFTConfig(output_dir=args.output_dir or tempfile.mkdtemp(prefix="fdiv_sft_"), max_steps=args.steps,
                        per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, report_to=[],
-                       save_strategy="no", use_cpu=cpu, bf16=not cpu, gradient_checkpointing=not args.tiny,
+                       save_strategy="no", use_cpu=cpu, bf16=not cpu, **checkpointing(SFTConfig, not args.tiny),
                        deepspeed=args.deepspeed, disable_tqdm=True)
     trainer = FDivSFTTrainer(model=model, args=config, processing_class=tok,
                              train_dataset=datasets.Dataset.from_dict({"text": sft_texts()}),

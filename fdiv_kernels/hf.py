@@ -22,7 +22,8 @@ that knows it (``docs/integrations.md``, "What the patch reads from the model"):
   step (tied weights gathered once);
 * :func:`head_inputs`: all of the above for one batch; :func:`dpo_loss_module`: the fused DPO
   module of a :class:`~fdiv_kernels.specs.DPOSpec` and a head;
-* :func:`load_model`, :func:`load_tokenizer`, :func:`torch_dtype`: loading from local directories;
+* :func:`load_model`, :func:`load_tokenizer`, :func:`torch_dtype`: loading from local directories
+  or Hugging Face Hub ids;
   :func:`default_deepspeed_accelerator` keeps DeepSpeed's import quiet on CPU machines.
 
 Only ``torch`` is imported here; ``transformers`` and ``deepspeed`` are imported when a function
@@ -69,21 +70,19 @@ def torch_dtype(name: str) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 def load_model(path: str, *, dtype: str = "float32") -> torch.nn.Module:
-    """``AutoModelForCausalLM`` from a local directory, in ``dtype``."""
+    """``AutoModelForCausalLM`` in ``dtype`` from a local directory or a Hugging Face Hub id
+    (``meta-llama/Meta-Llama-3-8B``: transformers downloads and caches it; ``HF_TOKEN``,
+    ``HF_HUB_OFFLINE`` apply). A name that is neither raises ``OSError``."""
     from transformers import AutoModelForCausalLM
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (no hub access: give a local path)")
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
 
 
 def load_tokenizer(path: str):
-    """``AutoTokenizer`` from a local directory: fast (offsets), with a chat template, right
-    padding, and a pad token (eos) if it has none."""
+    """``AutoTokenizer`` from a local directory or a Hugging Face Hub id (as :func:`load_model`):
+    fast (offsets), with a chat template, right padding, and a pad token (eos) if it has none."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (no hub access: give a local path)")
     tok = AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"{path}: a fast tokenizer is required (offset mapping for prompt masking)")

@@ -81,7 +81,7 @@ def test_segment_values_pick_the_last_token_of_each_step(tiny):
     torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
 
 
-def test_values_cli_over_checkpoints(tiny, tmp_path):
+def test_values_cli_over_checkpoints(tiny, tmp_path, capsys):
     model, tok = tiny
     phase = tmp_path / "sft"
     for step in (10, 20):
@@ -101,6 +101,8 @@ def test_values_cli_over_checkpoints(tiny, tmp_path):
     assert [r["step"] for r in res] == [10, 20]
     assert res[0]["mean"] != res[1]["mean"]
     assert os.path.getsize(out / "value_s0.png") > 1000
+    captured = capsys.readouterr()
+    assert f"fdiv-analyze: wrote {out / 'value_s0.png'} and {out / 'value_s0.json'}" in captured.err  # not stdout
 
 
 def test_rank_labels_are_unique(tmp_path):

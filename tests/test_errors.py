@@ -90,3 +90,15 @@ def test_devices_that_differ():
     h, w, y = ok()
     with pytest.raises(ValueError, match="one device"):
         fk.token_stats(h, w, y.to("meta"))
+
+
+def test_a_backend_this_machine_cannot_run_suggests_auto():
+    """backend="cuda" with CPU tensors, or on a CPU-only torch: the error says what to use instead."""
+    from fdiv_kernels.kernels.backends import get_backend
+
+    h, w, y = ok()
+    with pytest.raises(ValueError, match=r"runs on cuda tensors, got cpu tensors; backend='auto' picks"):
+        fk.token_stats(h, w, y, backend="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: .*; backend='auto' picks"):
+            get_backend("cuda", "cuda")

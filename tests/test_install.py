@@ -86,3 +86,29 @@ def test_named_demo_config_runs_from_the_installed_wheel_outside_the_repo(instal
     assert (run / "dpo" / "final" / "model.safetensors").exists() and (run / "summary.json").exists()
     version = _run(installed, ["-m", "fdiv_kernels.train", "--version"], tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("fdiv-train ")
+
+
+def _code_lines(markdown: str):
+    """The lines of the ```bash blocks of ``markdown``, block by block."""
+    import re
+
+    return [[line for line in block.splitlines() if line.strip()]
+            for block in re.findall(r"```bash\n(.*?)```", markdown, re.S)]
+
+
+def test_readme_starts_with_make_and_installs_the_right_torch_first():
+    """README starts with `make demo` and `make test` (which takes about 10 minutes); its pip
+    section says first which torch to install on a CPU-only and on a CUDA machine: a plain
+    `pip install torch` pulls the multi-GB CUDA build on a CPU-only Linux machine (issue 26, item 7)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    first = _code_lines(readme)[0]
+    assert readme.startswith("# fdiv_kernels\n\n```bash\n")
+    assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
+    assert "about 10 minutes" in first[1]
+    pip = readme[readme.index("## Install with pip"):]
+    pip = pip[: pip.index("\n## ", 1)]
+    commands = [line for block in _code_lines(pip) for line in block if not line.startswith("#")]
+    assert commands[0] == "pip install torch --index-url https://download.pytorch.org/whl/cpu", commands
+    assert commands[1].startswith("pip install torch --index-url https://download.pytorch.org/whl/cu"), commands
+    assert not [c for c in commands if c.split("#")[0].split() == ["pip", "install", "torch"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_jit_cache_is_keyed_by_environment(monkeypatch, tmp_path):
     rebuilds over the other's cache (issue 18, item 8)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     here = Path(native._build_dir("fdiv_kernels_cpu", "cpu"))
-    assert here.parent.parent == tmp_path and here.name == "fdiv_kernels_cpu"
+    assert here.parent.parent == tmp_path and here.name == f"fdiv_kernels_cpu-{native.install_key()}"
     monkeypatch.setattr(torch, "__version__", "9.9.9+other")
     other_torch = Path(native._build_dir("fdiv_kernels_cpu", "cpu"))
     monkeypatch.undo()
@@ -46,6 +47,77 @@ def test_jit_cache_is_keyed_by_environment(monkeypatch, tmp_path):
     other_compiler = Path(native._build_dir("fdiv_kernels_cpu", "cpu"))
     assert len({here, other_torch, other_compiler}) == 3
     assert all(p.is_dir() for p in (here, other_torch, other_compiler))
+
+
+_LOAD_FROM = r'''
+import json
+from fdiv_kernels.kernels import native
+mod = native.load("cpu")
+print(json.dumps({"file": mod.__file__, "csrc": str(native.csrc_dir())}))
+'''
+
+
+def _load_install(csrc: Path, ext_dir: Path, tmp_path: Path) -> subprocess.Popen:
+    """``native.load("cpu")`` in a fresh interpreter whose sources are ``csrc`` (see :func:`_loaded`)."""
+    env = {**os.environ, "FDIV_KERNELS_CSRC": str(csrc), "TORCH_EXTENSIONS_DIR": str(ext_dir),
+           "FDIV_KERNELS_PREBUILT": str(tmp_path / "no-prebuilt"), "FDIV_KERNELS_JIT": "1"}
+    return subprocess.Popen([sys.executable, "-c", _LOAD_FROM], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _loaded(proc: subprocess.Popen, csrc: Path, ext_dir: Path) -> tuple:
+    """(library, its mtime, stderr) of a :func:`_load_install` process."""
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert Path(result["csrc"]) == csrc and Path(result["file"]).is_relative_to(ext_dir), result
+    return result["file"], os.stat(result["file"]).st_mtime_ns, err
+
+
+def test_two_installs_sharing_the_cache_do_not_rebuild_each_other(tmp_path):
+    """Two installs (a repository's .venv and a pip wheel, two clones: the same Python, torch and
+    compiler, sources in two places) alternating on one TORCH_EXTENSIONS_DIR build once each and
+    then load their own build: no silent 20-30 s rebuild at each switch (issue 26, item 6). The
+    two builds run side by side (~45 s on 2 cores: each is one 30 s translation unit long)."""
+    problem = native._toolchain_problem("cpu")
+    if problem:
+        pytest.skip(problem)
+    installs = [tmp_path / name / "csrc" for name in ("venv", "wheel")]
+    for csrc in installs:
+        shutil.copytree(REPO / "csrc", csrc)
+    ext = tmp_path / "torch_extensions"
+    procs = [_load_install(csrc, ext, tmp_path) for csrc in installs]
+    first = [_loaded(proc, csrc, ext) for proc, csrc in zip(procs, installs)]
+    for lib, _, log in first:
+        assert "compiling the C++ extension" in log and "cpu extension built in" in log, log
+    assert first[0][0] != first[1][0]
+    for (lib, mtime, _), csrc in zip(first, installs):
+        again, again_mtime, log = _loaded(_load_install(csrc, ext, tmp_path), csrc, ext)
+        assert (again, again_mtime) == (lib, mtime), f"{csrc} was rebuilt"
+        assert "fdiv_kernels:" not in log, log
+
+
+def test_a_rebuild_of_what_looked_cached_prints_a_line(monkeypatch, tmp_path, capsys):
+    """torch rebuilds a cached extension when a header or a flag changed: that build prints a line too."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_toolchain_problem", lambda kind: None)
+    build = Path(native._build_dir("fdiv_kernels_cpu", "cpu"))
+    lib = build / "fdiv_kernels_cpu.so"
+    lib.write_bytes(b"old")
+    os.utime(lib, ns=(1 << 62, 1 << 62))  # newer than the sources: looks cached
+
+    def fake_load(**kwargs):
+        assert kwargs["build_directory"] == str(build)
+        lib.write_bytes(b"new")  # torch's ninja decided otherwise
+        return "module"
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert native._jit_build("cpu") == "module"
+    err = capsys.readouterr().err
+    assert "fdiv_kernels: cpu extension rebuilt in" in err and str(build) in err, err
+    assert err.count("\n") == 1
 
 
 def test_prebuilt_mismatch_names_each_difference():

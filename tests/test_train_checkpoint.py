@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from fdiv_kernels.train import checkpoint as ckpt
 from fdiv_kernels.train.config import ModelConfig, TinyModelConfig
-from fdiv_kernels.train.modeling import build_tiny_model, rebuild_plain, tensor_aliases
+from fdiv_kernels.train.modeling import build_tiny_model, enable_checkpointing, rebuild_plain, tensor_aliases
 from fdiv_kernels.train.tokenizer import build_char_tokenizer
 
 
@@ -76,9 +76,11 @@ def test_tied_weights_save_and_verify(tmp_path):
     assert ckpt.final_problem(str(tmp_path / "final"), model) is None
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # transformers' deprecated gradient_checkpointing_* names
 @pytest.mark.parametrize("tied", [False, True])
 def test_rebuild_plain_holds_the_values_and_keeps_ties(tied):
     model, _ = _model(tied=tied)
+    enable_checkpointing(model)  # what model.gradient_checkpointing: true does; the rebuild keeps it
     full = {names[0]: t.detach().clone() + 1.0 for names, t in tensor_aliases(model)}
     plain = rebuild_plain(model, full)
     assert plain is not model and type(plain) is type(model)
@@ -89,6 +91,8 @@ def test_rebuild_plain_holds_the_values_and_keeps_ties(tied):
         assert torch.equal(sd[k], v + 1.0), k
     assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tied
     assert all(p.requires_grad for p in plain.parameters())
+    assert plain.is_activation_checkpointing if hasattr(type(plain), "is_activation_checkpointing") \
+        else plain.is_gradient_checkpointing
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():  # the rebuilt model computes (rotary buffers and all)
         assert torch.isfinite(plain(ids).logits).all()

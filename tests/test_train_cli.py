@@ -115,6 +115,12 @@ def test_example_configs_parse(name):
         assert (cfg.dpo.beta, cfg.dpo.lr, cfg.dpo.batch_size) == (0.01, 5e-7, 128)
     if "simpo" in name:
         assert (cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.gamma, cfg.dpo.lr) == ("simpo", 2.0, 1.0, 6e-7)
+    if name != "demo.yaml":  # the paper's models and data sets as a TRL user names them (Hub id, id:split)
+        from fdiv_kernels.train.data import hub_id
+
+        assert hub_id(cfg.model.path) or name.startswith(("llama3_8b_dpo", "llama3_8b_simpo")), cfg.model.path
+        assert cfg.data.sft_train == "HuggingFaceH4/ultrachat_200k:train_sft"
+        assert cfg.data.eval_pref == "HuggingFaceH4/ultrafeedback_binarized:test_prefs"
 
 
 def test_local_rank_from_the_deepspeed_launcher(monkeypatch, config_file):

@@ -154,3 +154,69 @@ def test_generated_dataset_has_the_schemas_and_disjoint_held_out(tmp_path):
         assert set(r) == {"prompt", "prompt_id", "chosen", "rejected", "score_chosen", "score_rejected"}
     assert set(sft[0]) == {"prompt", "prompt_id", "messages"}
     assert open(paths["pretrain"]).read().startswith("Q: ")
+
+
+# ----------------------------------------------------------------------------------------------
+# `datasets` data sets (issue 26, item 10): save_to_disk directories, local data set folders with
+# splits, Hub ids. No hub access here: the local forms run the real datasets code paths
+# (load_from_disk, load_dataset on a folder); Hub ids are checked for their error messages.
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def hf_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    return datasets
+
+
+def _sft_rows(n):
+    return [_sft(f"add {i}+1", str(i + 1)) for i in range(n)]
+
+
+def test_save_to_disk_directories_are_read_with_datasets(tmp_path, hf_datasets):
+    rows = _sft_rows(5)
+    one = hf_datasets.Dataset.from_list(rows)
+    one.save_to_disk(str(tmp_path / "one"))
+    hf_datasets.DatasetDict({"train_sft": one, "test_sft": one.select(range(2))}).save_to_disk(str(tmp_path / "dd"))
+    assert D.load_sft(str(tmp_path / "one")) == rows
+    assert D.load_sft(f"{tmp_path / 'dd'}:test_sft") == rows[:2]
+    with pytest.raises(D.DataError, match=r"dd: name a split: .*dd:SPLIT with SPLIT one of train_sft, test_sft"):
+        D.load_sft(str(tmp_path / "dd"))
+    with pytest.raises(D.DataError, match=r"dd:valid: no split 'valid'"):
+        D.load_sft(f"{tmp_path / 'dd'}:valid")
+    bad = dict(rows[1], messages=[{"role": "user", "content": "no answer"}])
+    hf_datasets.Dataset.from_list([rows[0], bad]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(D.DataError, match=rf"{tmp_path / 'bad'}:2: 'messages' has no assistant message"):
+        D.load_sft(str(tmp_path / "bad"))
+
+
+def test_a_local_parquet_folder_with_splits_goes_through_load_dataset(tmp_path, hf_datasets):
+    """The layout of a Hub data set's snapshot: data/<split>-0000k-of-0000n.parquet shards."""
+    rows = _sft_rows(6)
+    ds = hf_datasets.Dataset.from_list(rows)
+    (tmp_path / "ultrachat" / "data").mkdir(parents=True)
+    for k, part in enumerate((range(0, 3), range(3, 6))):
+        ds.select(part).to_parquet(str(tmp_path / "ultrachat" / "data" / f"train_sft-0000{k}-of-00002.parquet"))
+    ds.select(range(2)).to_parquet(str(tmp_path / "ultrachat" / "data" / "test_sft-00000-of-00001.parquet"))
+    folder = str(tmp_path / "ultrachat")
+    assert D.load_sft(f"{folder}:train_sft") == rows
+    assert D.load_sft(f"{folder}:train_sft[:4]") == rows[:4]  # a datasets slice
+    with pytest.raises(D.DataError, match=r"name a split: .*ultrachat:SPLIT with SPLIT one of test_sft, train_sft"):
+        D.load_sft(folder)
+    with pytest.raises(D.DataError, match=r"ultrachat:dev: datasets cannot read it \(Unknown split"):
+        D.load_sft(f"{folder}:dev")
+    # a flat folder of files is still read file by file, as before
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    ds.to_parquet(str(flat / "a.parquet"))
+    assert D.load_sft(str(flat)) == rows
+
+
+def test_hub_ids_need_a_split_and_a_missing_file_stays_a_missing_file(tmp_path):
+    with pytest.raises(D.DataError, match=r"HuggingFaceH4/ultrachat_200k: no such file or directory, and a "
+                                          r"Hugging Face Hub data set needs a split: HuggingFaceH4/ultrachat_200k:SPLIT"):
+        D.load_sft("HuggingFaceH4/ultrachat_200k")
+    with pytest.raises(D.DataError, match=r"data/sft.jsonl: no such file$"):
+        D.load_sft("data/sft.jsonl")
+    assert D.hub_id("HuggingFaceH4/ultrachat_200k") and D.hub_id("gpt2")
+    assert not any(D.hub_id(p) for p in ("/data/x", "./x", "~/x", "runs/demo/sft/final", "a b/c"))

@@ -285,3 +285,23 @@ def test_transformers_patch_under_fsdp2_reduces_the_head_gradient(two_ranks):
     assert g["fsdp"].keys() == g["one"].keys() and "lm_head.weight" in g["fsdp"]
     for k in g["one"]:
         torch.testing.assert_close(g["fsdp"][k], g["one"][k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+def test_ddp_wrapper_raises_no_future_warning(tmp_path):
+    """wrap_ddp turns off the per-forward buffer broadcast with the flag this torch names
+    (forward_sync_buffers; broadcast_buffers is deprecated with a FutureWarning in torch 2.13)."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from fdiv_kernels.train.distributed import DistInfo, wrap_ddp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            # DistInfo as a 2-process run sees it (DDP itself only needs the group)
+            ddp = wrap_ddp(torch.nn.Linear(2, 2), DistInfo(rank=0, world_size=2), torch.device("cpu"))
+        assert not getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", True))
+    finally:
+        dist.destroy_process_group()

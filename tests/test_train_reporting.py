@@ -24,11 +24,14 @@ def _rows(run_dir):
     return [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if r.get("phase") == "sft" and "loss" in r]
 
 
-def test_tensorboard_holds_the_logged_metrics(tmp_path):
+def test_tensorboard_holds_the_logged_metrics(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_command(_cfg(tmp_path, "tb", ["tensorboard"]), "sft")
+    summary = run_command(_cfg(tmp_path, "tb", ["tensorboard"]), "sft")
+    folder = str(tmp_path / "tb" / "tensorboard")
+    assert summary["tensorboard"] == folder  # the summary names the folder
+    assert f"tensorboard: {folder}  (tensorboard --logdir {folder})" in capsys.readouterr().out
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]

@@ -106,6 +106,17 @@ def test_a_rerun_with_a_typo_keeps_the_run_and_exits_2_before_any_model(finished
     assert (finished["run"] / "dpo" / "final" / "model.safetensors").exists()
 
 
+def test_resume_of_a_run_that_does_not_exist_exits_2(finished, no_model, capsys):
+    """A typo in --name with --resume: one line naming the missing run and the runs there, no training
+    from scratch (issue 26, item 8)."""
+    assert main(["pipeline", "--config", finished["config"], "--output", finished["out"], "--name", "rnu",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fdiv-train: error: --resume: nothing to resume in "), err
+    assert f"runs in {finished['out']}: run)" in err and "without --resume" in err, err
+    assert not os.path.exists(os.path.join(finished["out"], "rnu"))
+
+
 def test_a_finished_run_is_never_cleared_without_overwrite(finished, capsys, monkeypatch):
     before = _digest(finished["run"])
     base = ["pipeline", "--config", finished["config"], "--output", finished["out"], "--name", "run"]

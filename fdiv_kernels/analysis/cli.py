@@ -2,7 +2,7 @@
 
     fdiv-analyze values --phase-dir runs/demo/sft --eval data/eval.jsonl [--out runs/demo/analysis]
         V(s0) (lse at the first response position) of held-out prompts for every checkpoint:
-        JSON + PNG curve.
+        JSON (also printed) + PNG curve in --out (default <phase-dir>/analysis; the paths go to stderr).
     fdiv-analyze rank --model runs/a/sft/final --model base=runs/demo/pretrain/final --data traj.jsonl
         Values at segment boundaries of each response, per model; Kendall tau between models'
         value rankings and with the outcome ranking (rows: {"prompt", "response", "score"}).
@@ -64,6 +64,8 @@ def cmd_values(args) -> dict:
     fig.savefig(os.path.join(out, "value_s0.png"), dpi=120)
     plt.close(fig)
     print(json.dumps(rows, indent=1))
+    print(f"fdiv-analyze: wrote {os.path.join(out, 'value_s0.png')} and {os.path.join(out, 'value_s0.json')}",
+          file=sys.stderr)  # stdout carries the JSON only
     return {"rows": rows, "out": out}
 
 

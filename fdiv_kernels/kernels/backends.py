@@ -181,10 +181,12 @@ def get_backend(name: str, device_type: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {sorted(_BACKENDS)}")
     b = _BACKENDS[name]
     if device_type not in b.device_types:
-        raise ValueError(f"backend {name!r} runs on {', '.join(b.device_types)} tensors, got {device_type} tensors")
+        raise ValueError(f"backend {name!r} runs on {', '.join(b.device_types)} tensors, got {device_type} tensors; "
+                         f"backend='auto' picks the fastest available one for {device_type} tensors")
     ok, reason = b.is_available()
     if not ok:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        raise RuntimeError(f"backend {name!r} is not available: {reason}; backend='auto' picks the fastest "
+                           "available one (fk.available_backends() lists them)")
     return b
 
 

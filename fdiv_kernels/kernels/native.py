@@ -20,9 +20,11 @@ Where a module comes from, in this order:
    when its ``manifest.json`` names this Python (major.minor), this torch version and the
    digest of the current sources and flags; anything else is logged and skipped;
 2. the ahead-of-time module installed with ``FDIV_BUILD_EXT=1`` (``fdiv_kernels._C_*``);
-3. a just-in-time build, cached per environment: ``<root>/<environment tag>/<name>``, the tag
-   naming Python, torch, its CUDA and the compilers (:func:`environment_tag`), so that two
-   environments sharing one ``$TORCH_EXTENSIONS_DIR`` never rebuild over each other's cache.
+3. a just-in-time build, cached per environment and install: ``<root>/<environment tag>/<name>-<install key>``,
+   the tag naming Python, torch, its CUDA and the compilers (:func:`environment_tag`), the key
+   hashing the sources' directory (:func:`install_key`), so that two environments or two installs
+   sharing one ``$TORCH_EXTENSIONS_DIR`` never rebuild over each other's cache. Every build
+   prints a line to stderr.
 
 Build instructions: ``docs/building.md``.
 """
@@ -220,9 +222,18 @@ def jit_root() -> str:
                                                                   "torch_extensions")
 
 
-def _build_dir(name: str, kind: str) -> str:
-    """``<jit_root()>/<environment tag>/<name>``."""
-    path = os.path.join(jit_root(), environment_tag(environment(kind)), name)
+def install_key() -> str:
+    """Short hash of the sources' directory (:func:`csrc_dir`): one per install or clone.
+
+    torch's build files name the sources by their absolute path, so two installs sharing a build
+    directory (a repository's ``.venv`` and a pip wheel, two clones) would rebuild over each other
+    at every switch; each gets its own directory instead."""
+    return hashlib.sha256(str(csrc_dir().resolve()).encode()).hexdigest()[:10]
+
+
+def _build_dir(name: str, kind: str, root: Optional[str] = None) -> str:
+    """``<root>/<environment tag>/<name>-<install key>``, root :func:`jit_root` by default."""
+    path = os.path.join(root or jit_root(), environment_tag(environment(kind)), f"{name}-{install_key()}")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -296,7 +307,7 @@ def _import_prebuilt(kind: str) -> Optional[ModuleType]:
 def prebuild(kind: str, out_root: Optional[Path] = None, *, build_root: Optional[Path] = None) -> Path:
     """Compile ``kind`` here (no GPU needed) into ``<out_root>/<kind>/`` with a manifest that
     :func:`load` checks; returns the library path. Build files go to
-    ``<build_root>/<environment tag>/<name>`` (default root ``build/prebuild`` in the source tree);
+    ``<build_root>/<environment tag>/<name>-<install key>`` (default root ``build/prebuild`` in the source tree);
     only the library and the manifest are kept in ``out_root`` (default :func:`prebuilt_dir`)."""
     from torch.utils import cpp_extension
 
@@ -305,9 +316,8 @@ def prebuild(kind: str, out_root: Optional[Path] = None, *, build_root: Optional
         raise NativeBuildError(problem)
     spec = _SPECS[kind]
     out = Path(out_root or prebuilt_dir()) / kind
-    # same layout as the JIT cache (<root>/<tag>/<name>): build_root=$TORCH_EXTENSIONS_DIR reuses a JIT build
-    build = Path(build_root or csrc_dir().parent / "build" / "prebuild") / environment_tag(environment(kind)) / spec["jit"]
-    build.mkdir(parents=True, exist_ok=True)
+    # same layout as the JIT cache (_build_dir): build_root=$TORCH_EXTENSIONS_DIR reuses a JIT build
+    build = Path(_build_dir(spec["jit"], kind, str(build_root or csrc_dir().parent / "build" / "prebuild")))
     t0 = time.perf_counter()
     cpp_extension.load(**_load_kwargs(kind, str(build)))
     seconds = time.perf_counter() - t0
@@ -357,10 +367,9 @@ def _jit_build(kind: str) -> ModuleType:
     build_dir = _build_dir(spec["jit"], kind)
     cached = _looks_cached(build_dir, srcs)
     if not cached:
-        msg = (f"fdiv_kernels: compiling the {'C++' if kind == 'cpu' else 'CUDA'} extension "
-               f"(first use, ~1-2 min; cached in {build_dir})...")
-        print(msg, file=sys.stderr, flush=True)
-        logger.info(msg)
+        _say(f"fdiv_kernels: compiling the {'C++' if kind == 'cpu' else 'CUDA'} extension "
+             f"(first use, ~1-2 min; cached in {build_dir})...")
+    before = _libraries(build_dir)
     t0 = time.perf_counter()
     kwargs = _load_kwargs(kind, build_dir)
     try:
@@ -368,10 +377,21 @@ def _jit_build(kind: str) -> ModuleType:
     except Exception as exc:  # compiler errors come as RuntimeError/CalledProcessError
         raise NativeBuildError(f"building the {kind} extension failed: {exc}") from exc
     if not cached:
-        msg = f"fdiv_kernels: {kind} extension built in {time.perf_counter() - t0:.0f} s"
-        print(msg, file=sys.stderr, flush=True)
-        logger.info(msg)
+        _say(f"fdiv_kernels: {kind} extension built in {time.perf_counter() - t0:.0f} s")
+    elif _libraries(build_dir) != before:  # torch rebuilt what looked cached (a header or a flag changed)
+        _say(f"fdiv_kernels: {kind} extension rebuilt in {time.perf_counter() - t0:.0f} s (sources or flags "
+             f"changed since the build cached in {build_dir})")
     return mod
+
+
+def _libraries(build_dir: str) -> Dict[str, int]:
+    """The built libraries of ``build_dir`` and their modification times (ns): what a build changes."""
+    return {p.name: p.stat().st_mtime_ns for pattern in ("*.so", "*.pyd") for p in Path(build_dir).glob(pattern)}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+    logger.info(msg)
 
 
 def _import_aot(kind: str) -> Optional[ModuleType]:

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override any config key, e.g. --set sft.lr=1e-4 (repeatable; values parsed as YAML)")
         s.add_argument("--name", help="run name (runs/<name>)")
         s.add_argument("--output", help="output directory holding run directories (default runs)")
-        s.add_argument("--model", help="local Hugging Face model directory (default: the tiny built-in Llama)")
+        s.add_argument("--model", help="local Hugging Face model directory or Hub id, e.g. meta-llama/Meta-Llama-3-8B "
+                                       "(default: the tiny built-in Llama)")
         s.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoints")
         s.add_argument("--overwrite", action="store_true", help="replace the run directory's previous run")
         s.add_argument("--allow-config-change", action="store_true",

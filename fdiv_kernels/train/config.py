@@ -50,9 +50,10 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    """``path``: a local Hugging Face model directory (AutoModelForCausalLM); ``None`` builds
-    the tiny model and the character tokenizer. ``tokenizer``: tokenizer directory (default:
-    ``path``). ``dtype``: float32 | bfloat16 | float16 (weights and compute)."""
+    """``path``: a local Hugging Face model directory or a Hub id (``meta-llama/Meta-Llama-3-8B``)
+    (AutoModelForCausalLM); ``None`` builds the tiny model and the character tokenizer.
+    ``tokenizer``: tokenizer directory or Hub id (default: ``path``). ``dtype``: float32 |
+    bfloat16 | float16 (weights and compute)."""
 
     path: Optional[str] = None
     tokenizer: Optional[str] = None
@@ -76,7 +77,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Paths are JSONL (``.jsonl``/``.json``) or parquet files.
+    """Data sets: JSONL (``.jsonl``/``.json``) or parquet files (a directory of them, a glob), or
+    ``datasets`` data sets: a ``save_to_disk`` directory, a local data set folder or a Hugging
+    Face Hub id, with ``:split`` (``HuggingFaceH4/ultrachat_200k:train_sft``; :mod:`.data`).
 
     ``sft_train``/``eval_prompts``: UltraChat-200K schema; ``dpo_train``/``eval_pref``:
     UltraFeedback-binarized schema; ``pretrain``: plain text. Empty paths use the synthetic set.
@@ -175,7 +178,7 @@ class DPOConfig(OptimConfig):
     use length-averaged log-probs and that simpo needs no reference).
 
     ``reference``: ``start`` (the model DPO starts from), ``base`` (the pipeline's SFT start
-    model) or a local model path. ``rejected``: ``data`` (rejected answers as given) or
+    model) or a local model path or Hub id. ``rejected``: ``data`` (rejected answers as given) or
     ``self`` (the start model's own wrong greedy answers where it has one, else the data's;
     synthetic tasks only). ``sft_weight``: optional NLL term on the chosen answers (RPO).
     """

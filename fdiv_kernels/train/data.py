@@ -9,8 +9,18 @@ Schemas (the Hugging Face data sets the paper trains on):
   "rejected": [messages], "score_chosen": float, "score_rejected": float}``; ``chosen`` and
   ``rejected`` end with an assistant message and share the messages before it.
 
-Files are JSON lines (``.jsonl``/``.json``, one object per line) or parquet. A malformed row
-raises :class:`DataError` naming the file and the 1-based line (row for parquet).
+A data set is given as (:func:`read_rows`)
+
+* a JSON lines (``.jsonl``/``.json``, one object per line) or parquet file, a directory of such
+  files or a glob (read here);
+* a ``datasets`` data set, read with ``datasets`` (which does the caching, revisions and auth):
+  a directory written by ``save_to_disk``, a local data set folder (parquet / JSON shards such as
+  ``data/train_sft-00000-of-00003.parquet``, or a README naming the splits), or a Hugging Face
+  Hub id, each with ``:split`` where it has several (``HuggingFaceH4/ultrachat_200k:train_sft``,
+  ``/data/ultrachat_200k:test_sft``, ``...:train_sft[:1000]``); a Hub id always names its split.
+
+A malformed row raises :class:`DataError` naming the file and the 1-based line (row for parquet
+and ``datasets``).
 
 Tokenization uses the tokenizer's chat template. Labels are the input ids on the tokens of the
 supervised assistant messages (their content and the end-of-turn token the template adds) and
@@ -24,8 +34,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,18 +48,61 @@ from ..errors import DataError  # noqa: F401  (a ConfigError: fdiv-train exits 2
 # Reading and validating
 # ----------------------------------------------------------------------------------------------
 
-def read_rows(path: str) -> List[Tuple[int, dict]]:
-    """``[(line_or_row_number, row_dict), ...]`` from a JSONL or parquet file.
+#: ``NAME:SPLIT`` (a split may carry a ``datasets`` slice: ``train_sft[:1000]``)
+_SPLIT = re.compile(r"^(?P<name>[^:]+):(?P<split>[A-Za-z0-9_.-]+(\[[^\]]*\])?)$")
 
-    A directory or a glob pattern (``data/train_sft-*.parquet``) reads every matching file in
-    sorted order (row numbers restart per file; errors name the file).
+
+def hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face Hub id (``org/name`` or ``name``) rather than a
+    local path (``/x``, ``./x``, ``~/x``, ``a/b/c``)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers and datasets
+        return False
+    except ValueError:  # HFValidationError
+        return False
+    return True
+
+
+def _saved_to_disk(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _data_files(path: str) -> List[str]:
+    pattern = os.path.join(path, "*") if os.path.isdir(path) else path
+    return sorted(f for f in glob.glob(pattern) if f.endswith((".jsonl", ".json", ".parquet")))
+
+
+def read_rows(path: str) -> List[Tuple[int, dict]]:
+    """``[(line_or_row_number, row_dict), ...]`` of a data set (the forms of the module docstring).
+
+    A file is read here; a directory or a glob pattern (``data/train_sft-*.parquet``) reads every
+    matching file in sorted order (row numbers restart per file; errors name the file). A
+    ``save_to_disk`` directory, a data set folder without data files at its top, ``PATH:SPLIT``
+    and a Hub id go to :func:`read_dataset`.
     """
+    named = _SPLIT.match(path)
+    if named and not os.path.exists(path) and (os.path.isdir(named["name"]) or hub_id(named["name"])):
+        return read_dataset(named["name"], named["split"])
+    if os.path.isdir(path) and (_saved_to_disk(path) or not _data_files(path)):
+        return read_dataset(path, None)
+    if not os.path.exists(path) and hub_id(path) and not path.endswith((".jsonl", ".json", ".parquet")):
+        raise DataError(f"{path}: no such file or directory, and a Hugging Face Hub data set needs a split: "
+                        f"{path}:SPLIT (e.g. HuggingFaceH4/ultrachat_200k:train_sft)")
     if os.path.isdir(path) or any(c in path for c in "*?["):
-        pattern = os.path.join(path, "*") if os.path.isdir(path) else path
-        files = sorted(f for f in glob.glob(pattern) if f.endswith((".jsonl", ".json", ".parquet")))
+        files = _data_files(path)
         if not files:
             raise DataError(f"{path}: no .jsonl/.json/.parquet files")
-        return [(f"{f}:{n}", r) for f in files for n, r in read_rows(f)]
+        return [(f"{f}:{n}", r) for f in files for n, r in _read_file(f)]
+    return _read_file(path)
+
+
+def _read_file(path: str) -> List[Tuple[int, dict]]:
+    """``[(line_or_row_number, row_dict), ...]`` of one JSONL or parquet file."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if path.endswith(".parquet"):
@@ -72,6 +126,42 @@ def read_rows(path: str) -> List[Tuple[int, dict]]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def read_dataset(name: str, split: Optional[str]) -> List[Tuple[int, dict]]:
+    """``[(row_number, row_dict), ...]`` of split ``split`` of a ``datasets`` data set: a
+    ``save_to_disk`` directory (``datasets.load_from_disk``), else a local data set folder or a
+    Hugging Face Hub id (``datasets.load_dataset(name, split=split)``; downloads and caches a Hub
+    data set). ``split=None``: the only split there is. Problems raise a one-line :class:`DataError`."""
+    where = f"{name}:{split}" if split else name
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{where}: reading a data set by name needs the datasets package: "
+                        "pip install datasets") from None
+    try:
+        if os.path.isdir(name) and _saved_to_disk(name):
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+            split = split or "?"  # load_dataset without a split gave every split
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None and len(ds) == 1:
+                split = next(iter(ds))
+            if split not in ds:
+                raise DataError(f"{where}: {'name a split' if split in (None, '?') else f'no split {split!r}'}: "
+                                f"{name}:SPLIT with SPLIT one of {', '.join(ds)}")
+            ds = ds[split]
+    except (OSError, ValueError) as err:  # ConnectionError (offline), DatasetNotFoundError, unknown split
+        if isinstance(err, DataError):
+            raise
+        hint = "" if os.path.exists(name) else ("; check the name, the network and HF_HUB_OFFLINE / "
+                                                "HF_DATASETS_OFFLINE, or give a local path")
+        raise DataError(f"{where}: datasets cannot read it ({' '.join(str(err).split())[:300]}){hint}") from None
+    rows = ds.to_list()
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    return list(enumerate(rows, 1))
 
 
 def _check_messages(where: str, key: str, msgs) -> None:

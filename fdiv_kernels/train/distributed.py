@@ -109,7 +109,12 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> t
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
-    return DDP(module, device_ids=ids, broadcast_buffers=False)
+    # no buffer broadcast before every forward (the buffers are equal on every rank); torch >= 2.13 calls the
+    # flag forward_sync_buffers (broadcast_buffers raises a FutureWarning there)
+    import inspect
+
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(module, device_ids=ids, **{flag: False})
 
 
 def no_sync(module: torch.nn.Module, active: bool):

@@ -91,6 +91,13 @@ def rebuild_plain(model: torch.nn.Module, full: Dict[str, torch.Tensor]) -> torc
         raise RuntimeError(f"rebuild_plain: {type(m).__name__} has tensors the source model lacks: {left[:5]}")
     flag = "is_activation_checkpointing" if hasattr(type(m), "is_activation_checkpointing") else "is_gradient_checkpointing"
     if getattr(m, flag, False):
-        fresh.gradient_checkpointing_enable()
+        enable_checkpointing(fresh)
     fresh.train(m.training)
     return fresh
+
+
+def enable_checkpointing(m: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing of a transformers model: ``activation_checkpointing_enable``
+    where transformers has it (its ``gradient_checkpointing_enable`` is then a deprecated alias that
+    raises a FutureWarning), else ``gradient_checkpointing_enable``."""
+    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()

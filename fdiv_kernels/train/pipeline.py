@@ -25,7 +25,7 @@ from .distributed import barrier, broadcast_object, default_deepspeed_accelerato
 from .errors import ConfigError
 from .evaluate import greedy_answers, task_accuracy
 from .interrupt import graceful_stop
-from .modeling import build_tiny_model, param_count
+from .modeling import build_tiny_model, enable_checkpointing, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
 from .plots import plot_run
 from .reporting import make_reporters
@@ -83,7 +83,7 @@ def base_model(ctx: RunContext) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         m = build_tiny_model(cfg.model, ctx.tok)
     if cfg.model.gradient_checkpointing and hasattr(m, "gradient_checkpointing_enable"):
-        m.gradient_checkpointing_enable()
+        enable_checkpointing(m)
     return m.to(ctx.device)
 
 
@@ -279,6 +279,7 @@ class Pipeline:
             "task_accuracy_per_task": {k: v["per_task"] for k, v in self.accuracy.items()},
             "phases": self.phases, "seconds": round(time.time() - self.t0, 1),
             "metrics": os.path.join(ctx.run_dir, "metrics.jsonl"), "plots": os.path.join(ctx.run_dir, "plots"),
+            **{name: os.path.join(ctx.run_dir, name) for name in cfg.report_to},  # tensorboard/, wandb/
             "checkpoints": {p: os.path.join(ctx.run_dir, p, "final") for p in ("pretrain", "sft", "dpo")
                             if os.path.isdir(os.path.join(ctx.run_dir, p, "final"))},
         }
@@ -304,6 +305,10 @@ def format_summary(s: Dict[str, Any]) -> str:
             lines.append(f"  {t:<9} " + " ".join(f"{100 * s['task_accuracy_per_task'][lab].get(t, 0):9.1f}%"
                                                  for lab in labels))
     lines += [f"metrics:     {s['metrics']}", f"plots:       {s['plots']}"]
+    if "tensorboard" in s:
+        lines.append(f"tensorboard: {s['tensorboard']}  (tensorboard --logdir {s['tensorboard']})")
+    if "wandb" in s:
+        lines.append(f"wandb:       {s['wandb']}")
     for p, d in s["checkpoints"].items():
         lines.append(f"checkpoint:  {p:<9} {d}")
     lines.append(f"summary:     {os.path.join(s['run_dir'], 'summary.json')}")

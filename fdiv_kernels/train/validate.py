@@ -7,9 +7,11 @@ anything the run cannot use, in this order, all of it before a model is built:
 1. values: ranges, choices, batch divisibility for the number of processes, engine settings;
    the loss options by a dry call of ``fk.loss`` / ``fk.dpo_loss`` on a few numbers, so the
    choices are the library's own;
-2. paths: the DeepSpeed config, the model directory (``config.json`` read with ``AutoConfig``,
-   a weights file present), the tokenizer (loaded: fast, with a chat template), every data file
-   (read and validated row by row; the rows are handed on, not read twice);
+2. paths: the DeepSpeed config, the model (a local directory: ``config.json`` read with
+   ``AutoConfig``, a weights file present; a Hugging Face Hub id: its config resolved by
+   ``transformers``), the tokenizer (loaded: fast, with a chat template), every data set (a
+   file, or a ``datasets`` data set by path or Hub id: read and validated row by row; the rows
+   are handed on, not read twice);
 3. the run directory: a directory that holds a run is not cleared without ``overwrite``; a
    ``resume`` with a configuration that differs from the run's is refused without
    ``allow_config_change`` (:func:`config_changes` lists the differences);
@@ -203,7 +205,8 @@ def check_backend(cfg: RunConfig) -> None:
 
 def check_model_dir(path: str, what: str) -> None:
     """A local Hugging Face model directory: ``config.json`` readable by ``AutoConfig`` and weights."""
-    _need(os.path.isdir(path), f"{what} {path!r} is not a directory (no hub access: give a local model directory)")
+    _need(os.path.isdir(path), f"{what} {path!r} is not a directory (give a local model directory or a "
+          "Hugging Face Hub id such as meta-llama/Meta-Llama-3-8B)")
     _need(os.path.isfile(os.path.join(path, "config.json")), f"{what} {path!r} has no config.json")
     try:
         from transformers import AutoConfig
@@ -213,6 +216,34 @@ def check_model_dir(path: str, what: str) -> None:
         raise ConfigError(f"{what} {path!r}: config.json cannot be read ({' '.join(str(err).split())[:200]})") from None
     weights = [f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")]
     _need(bool(weights), f"{what} {path!r} holds no weights (*.safetensors or *.bin)")
+
+
+def check_model(name: str, what: str) -> None:
+    """A local model directory (:func:`check_model_dir`) or a Hugging Face Hub id whose config
+    ``transformers`` resolves (downloading it, or from its cache; ``HF_HUB_OFFLINE``, ``HF_TOKEN``
+    apply): what ``AutoModelForCausalLM.from_pretrained`` will load."""
+    from .data import hub_id
+
+    if os.path.isdir(name) or not hub_id(name):
+        check_model_dir(name, what)
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        text = " ".join(str(err).split())
+        if "couldn't connect" in text.lower() or "offline" in text.lower():
+            why = ("the Hugging Face Hub is unreachable (no network, or HF_HUB_OFFLINE=1) and it is not in the "
+                   "local cache; run where the hub is reachable (HF_HUB_OFFLINE unset) to download it")
+        elif "gated" in text.lower() or "401" in text or "403" in text:
+            why = "a gated or private model: accept its licence on the Hub and log in (hf auth login, or HF_TOKEN)"
+        elif "not a valid model identifier" in text or "404" in text:
+            why = "no such model on the Hugging Face Hub (or a private one: log in with hf auth login or HF_TOKEN)"
+        else:
+            why = text[:200]
+        raise ConfigError(f"{what} {name!r} is not a local directory, and as a Hugging Face Hub id: {why}; "
+                          "or give a local model directory") from None
 
 
 def _check_deepspeed(cfg: RunConfig) -> None:
@@ -231,9 +262,10 @@ def _check_deepspeed(cfg: RunConfig) -> None:
 
 
 def _check_model(m) -> Any:
-    """``model.path`` a loadable model directory; the tokenizer it names (or ``model.tokenizer``), loaded."""
+    """``model.path`` a loadable model (directory or Hub id); the tokenizer it names (or
+    ``model.tokenizer``), loaded."""
     if m.path:
-        check_model_dir(m.path, "model.path")
+        check_model(m.path, "model.path")
     if not (m.path or m.tokenizer):
         return None
     from ..hf import load_tokenizer
@@ -252,7 +284,7 @@ def check_paths(cfg: RunConfig, command: str) -> Prepared:
         _check_deepspeed(cfg)
     prep.tok = _check_model(cfg.model)
     if command in ("dpo", "pipeline") and cfg.dpo.reference not in ("start", "base"):
-        check_model_dir(cfg.dpo.reference, "dpo.reference")
+        check_model(cfg.dpo.reference, "dpo.reference")
     from .data import load_pref, load_sft
 
     d = cfg.data
@@ -320,9 +352,19 @@ def existing_run(run_dir: str) -> List[str]:
     return [n for n in RUN_MARKERS if os.path.exists(os.path.join(run_dir, n))]
 
 
+def _runs_beside(output_dir: str) -> str:
+    """``"; runs in runs/: a, b"``: the runs a mistyped ``--name`` may have meant (empty: none)."""
+    names = sorted(n for n in os.listdir(output_dir) if existing_run(os.path.join(output_dir, n))) \
+        if os.path.isdir(output_dir) else []
+    if not names:
+        return ""
+    return f"; runs in {output_dir}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+
+
 def check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, allow_config_change: bool) -> List[str]:
-    """Refuse to replace a run without ``overwrite``; refuse to resume with another configuration
-    without ``allow_config_change``. Returns the accepted configuration changes."""
+    """Refuse to replace a run without ``overwrite``; refuse to resume a run that does not exist, or
+    with another configuration without ``allow_config_change``. Returns the accepted configuration
+    changes."""
     run_dir = os.path.join(cfg.output_dir, cfg.name)
     found = existing_run(run_dir)
     if resume and overwrite:
@@ -333,6 +375,9 @@ def check_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, allow_config
                                 f"--overwrite to replace it, or --name to write a new run")
     if not resume:
         return []
+    if not found:
+        raise RunDirectoryError(f"--resume: nothing to resume in {run_dir} (no run there{_runs_beside(cfg.output_dir)}); "
+                                "to start it, run the same command without --resume")
     saved = os.path.join(run_dir, "config.json")
     if not os.path.exists(saved):
         return []
