@@ -39,12 +39,13 @@ from typing import Iterable, NamedTuple, Optional, Tuple
 
 import torch
 
+from .errors import ConfigError
 from .nn import FusedLinearDPOLoss
 from .specs import DPOSpec, HeadSpec
 
-__all__ = ["BodyWithHead", "DTYPES", "HeadInputs", "LOGIT_SCALES", "body_of", "default_deepspeed_accelerator",
-           "dpo_loss_module", "full_shape", "full_tensor", "gathered", "gathered_head", "head_inputs", "head_of",
-           "head_spec", "hidden_states", "is_zero3_param", "load_model", "load_tokenizer", "logit_transform",
+__all__ = ["BodyWithHead", "DTYPES", "HeadInputs", "LOGIT_SCALES", "body_of", "check_model", "check_model_dir",
+           "default_deepspeed_accelerator", "dpo_loss_module", "full_shape", "full_tensor", "gathered", "gathered_head", "head_inputs", "head_of",
+           "head_spec", "hidden_states", "hub_id", "is_zero3_param", "load_model", "load_tokenizer", "logit_transform",
            "register_external", "torch_dtype", "unwrap", "use_head"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
@@ -92,6 +93,66 @@ def load_tokenizer(path: str):
         raise ValueError(f"{path}: the tokenizer has no chat template")
     tok.padding_side = "right"
     return tok
+
+
+def hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face Hub id (``org/name`` or ``name``) rather than a
+    local path (``/x``, ``./x``, ``~/x``, ``a/b/c``)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers and datasets
+        return False
+    except ValueError:  # HFValidationError
+        return False
+    return True
+
+
+def check_model_dir(path: str, what: str) -> None:
+    """A local Hugging Face model directory: ``config.json`` readable by ``AutoConfig`` and weights."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is not a directory (give a local model directory or a "
+                          "Hugging Face Hub id such as meta-llama/Meta-Llama-3-8B)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{what} {path!r} has no config.json")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{what} {path!r}: config.json cannot be read ({' '.join(str(err).split())[:200]})") from None
+    weights = [f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")]
+    if not weights:
+        raise ConfigError(f"{what} {path!r} holds no weights (*.safetensors or *.bin)")
+
+
+def check_model(name: str, what: str) -> None:
+    """A local model directory (:func:`check_model_dir`) or a Hugging Face Hub id whose config
+    ``transformers`` resolves (downloading it, or from its cache; ``HF_HUB_OFFLINE``, ``HF_TOKEN``
+    apply): what ``AutoModelForCausalLM.from_pretrained`` will load."""
+    if os.path.isdir(name) or not hub_id(name):
+        check_model_dir(name, what)
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        text = " ".join(str(err).split())
+        if "couldn't connect" in text.lower() or "offline" in text.lower():
+            why = ("the Hugging Face Hub is unreachable (no network, or HF_HUB_OFFLINE=1) and it is not in the "
+                   "local cache; run where the hub is reachable (HF_HUB_OFFLINE unset) to download it")
+        elif "gated" in text.lower() or "401" in text or "403" in text:
+            why = "a gated or private model: accept its licence on the Hub and log in (hf auth login, or HF_TOKEN)"
+        elif "not a valid model identifier" in text or "404" in text:
+            why = "no such model on the Hugging Face Hub (or a private one: log in with hf auth login or HF_TOKEN)"
+        else:
+            why = text[:200]
+        raise ConfigError(f"{what} {name!r} is not a local directory, and as a Hugging Face Hub id: {why}; "
+                          "or give a local model directory") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_values_cli_over_checkpoints(tiny, tmp_path, capsys):
 
 def test_rank_labels_are_unique(tmp_path):
     from fdiv_kernels.analysis.cli import model_labels
-    from fdiv_kernels.train.errors import ConfigError
+    from fdiv_kernels.errors import ConfigError
 
     a, b, c = (str(tmp_path / r / "sft" / "final") for r in ("run_a", "run_b", "run_c"))
     assert model_labels([a, b, c]) == [(os.path.join(r, "sft", "final"), p)

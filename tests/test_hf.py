@@ -18,7 +18,7 @@ from train_batches import full_logp as _full_logp  # noqa: E402
 import fdiv_kernels as fk  # noqa: E402
 from fdiv_kernels import hf  # noqa: E402
 from fdiv_kernels.specs import DPOSpec, FDivSpec, HeadSpec  # noqa: E402
-from fdiv_kernels.train import data as D  # noqa: E402
+from fdiv_kernels import collate as C  # noqa: E402
 from fdiv_kernels.train import steps as S  # noqa: E402
 from fdiv_kernels.train.config import DPOConfig, SFTConfig  # noqa: E402
 
@@ -223,7 +223,7 @@ def test_analysis_values_apply_the_logit_transform(arch):
     pairs = pair_rows(3)
     res = AlignmentEval(ref_m, pairs, pad_id=TOK.pad_token_id, beta=0.5, batch_size=2, device=torch.device("cpu"),
                         backend="torch")(model)
-    pb = D.collate_pairs(pairs, pad_id=TOK.pad_token_id)
+    pb = C.collate_pairs(pairs, pad_id=TOK.pad_token_id)
     with torch.no_grad():
         s, _, _ = _full_logp(model, pb)
         r, _, _ = _full_logp(ref_m, pb)

@@ -51,7 +51,7 @@ def _rel(path: Path) -> str:
 #: below the API (formulas, kernels, autograd, compiled, knobs: internals)
 PUBLIC_MODULES = {"fdiv_kernels", "fdiv_kernels.api", "fdiv_kernels.nn", "fdiv_kernels.specs", "fdiv_kernels.hf",
                   "fdiv_kernels.checks", "fdiv_kernels.errors", "fdiv_kernels.collate", "fdiv_kernels.extras",
-                  "fdiv_kernels.runs"}
+                  "fdiv_kernels.runs", "fdiv_kernels.data"}
 
 
 def _public_names(module: str):
@@ -87,7 +87,7 @@ def test_the_generic_training_loop_knows_no_loss():
 
 
 def test_shared_modules_depend_on_no_tool():
-    for name in ("errors.py", "collate.py", "runs.py", "hf.py"):
+    for name in ("errors.py", "collate.py", "runs.py", "data.py", "hf.py"):
         for m in _modules(PKG / name):
             assert not m.startswith(tuple(f"fdiv_kernels.{c}" for c in CONSUMERS)), (name, m)
     top = {m for m in _modules(PKG / "hf.py")}

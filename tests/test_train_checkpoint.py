@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fdiv_kernels.errors import CheckpointError
+from fdiv_kernels.runs import list_checkpoints
 from fdiv_kernels.train import checkpoint as ckpt
 from fdiv_kernels.train.config import ModelConfig, TinyModelConfig
 from fdiv_kernels.train.modeling import build_tiny_model, enable_checkpointing, rebuild_plain, tensor_aliases
@@ -60,13 +62,13 @@ def test_an_incomplete_save_fails_loudly(tmp_path, monkeypatch, damage):
 
     monkeypatch.setattr(type(model), "save_pretrained", broken_save)
     msg = {"nothing": "was not written", "missing": r"1 tensor\(s\) missing \(lm_head.weight", "shape": "wrong shape"}
-    with pytest.raises(ckpt.CheckpointError, match=msg[damage]):
+    with pytest.raises(CheckpointError, match=msg[damage]):
         ckpt.save_model(model, tok, str(tmp_path / "final"))
     assert not (tmp_path / "final").exists()  # nothing half-written under the final name
-    with pytest.raises(ckpt.CheckpointError):
+    with pytest.raises(CheckpointError):
         ckpt.save_checkpoint(str(tmp_path), step=1, model=model, tok=tok, optimizer_state={},
                              scheduler=_sched(model))
-    assert ckpt.list_checkpoints(str(tmp_path)) == []
+    assert list_checkpoints(str(tmp_path)) == []
 
 
 def test_tied_weights_save_and_verify(tmp_path):

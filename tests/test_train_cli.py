@@ -71,7 +71,7 @@ def test_pipeline_smoke_writes_everything(tmp_path, config_file, capsys):
 
     # the dpo command from a saved checkpoint (local HF dir + its tokenizer), SimPO, no reference model
     assert main(["dpo", "--config", config_file, "--output", out, "--name", "simpo", "--no-progress",
-                 "--model", os.path.join(run, "sft", "final"), "--kind", "simpo", "--beta", "2", "--gamma", "1",
+                 "--model", os.path.join(run, "sft", "final"), "--loss-type", "simpo", "--beta", "2", "--gamma", "1",
                  "--steps", "2", "--set", "dpo.rejected=data"]) == 0
     s2 = json.load(open(os.path.join(out, "simpo", "summary.json")))
     assert s2["dpo_kind"] == "simpo" and set(s2["task_accuracy"]) == {"start", "dpo"}
@@ -100,7 +100,7 @@ def test_config_errors_and_flag_mapping(tmp_path, config_file, capsys):
     assert "--lr is ambiguous; use --set sft.lr=0.0001 or --set dpo.lr=0.0001" in capsys.readouterr().err
     from fdiv_kernels.train.cli import build_parser, overrides_from_args
 
-    args = build_parser().parse_args(["dpo", "--lr", "5e-7", "--beta", "0.01", "--kind", "ipo", "--steps", "7"])
+    args = build_parser().parse_args(["dpo", "--lr", "5e-7", "--beta", "0.01", "--loss-type", "ipo", "--steps", "7"])
     cfg = load_config(config_file, overrides_from_args(args))
     assert (cfg.dpo.lr, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.steps) == (5e-7, 0.01, "ipo", 7)
     assert cfg.sft.beta == 0.5  # untouched
@@ -116,7 +116,7 @@ def test_example_configs_parse(name):
     if "simpo" in name:
         assert (cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.gamma, cfg.dpo.lr) == ("simpo", 2.0, 1.0, 6e-7)
     if name != "demo.yaml":  # the paper's models and data sets as a TRL user names them (Hub id, id:split)
-        from fdiv_kernels.train.data import hub_id
+        from fdiv_kernels.hf import hub_id
 
         assert hub_id(cfg.model.path) or name.startswith(("llama3_8b_dpo", "llama3_8b_simpo")), cfg.model.path
         assert cfg.data.sft_train == "HuggingFaceH4/ultrachat_200k:train_sft"

@@ -5,7 +5,10 @@ import random
 
 import pytest
 
-from fdiv_kernels.train import data as D
+from fdiv_kernels import collate as C
+from fdiv_kernels import data as D
+from fdiv_kernels.errors import DataError
+from fdiv_kernels.train import sampling
 from fdiv_kernels.train import synthetic as S
 from fdiv_kernels.train.tokenizer import build_char_tokenizer
 
@@ -53,7 +56,7 @@ def test_jsonl_and_parquet_loaders_agree(tmp_path):
 ])
 def test_malformed_sft_rows_name_file_and_line(tmp_path, bad, needle):
     path = _write(tmp_path / "sft.jsonl", [_sft(), "", bad])  # the bad row is on line 3
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         D.load_sft(path)
     assert f"{path}:3:" in str(e.value) and needle in str(e.value)
 
@@ -68,13 +71,13 @@ def test_malformed_pref_rows_name_file_and_line(tmp_path, mutate, needle):
     bad = json.loads(json.dumps(_pref()))  # no shared message objects
     mutate(bad)
     path = _write(tmp_path / "pref.jsonl", [_pref(), bad])
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         D.load_pref(path)
     assert f"{path}:2:" in str(e.value) and needle in str(e.value)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(D.DataError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         D.load_sft(str(tmp_path / "nope.jsonl"))
 
 
@@ -83,10 +86,10 @@ def test_prompt_tokens_are_masked(tok):
     ids, labels = enc["input_ids"], enc["labels"]
     text = tok.decode(ids)
     assert text == "<s><|user|>add 12+5<|assistant|>17</s>"
-    supervised = [i for i, lab in zip(ids, labels) if lab != D.IGNORE_INDEX]
+    supervised = [i for i, lab in zip(ids, labels) if lab != C.IGNORE_INDEX]
     assert tok.decode(supervised) == "17</s>"  # answer and end-of-turn only
-    assert all(lab in (D.IGNORE_INDEX, i) for i, lab in zip(ids, labels))
-    assert labels[: len(ids) - 3] == [D.IGNORE_INDEX] * (len(ids) - 3)
+    assert all(lab in (C.IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+    assert labels[: len(ids) - 3] == [C.IGNORE_INDEX] * (len(ids) - 3)
 
 
 def test_multi_turn_supervises_every_assistant_turn_and_last_only_for_pairs(tok):
@@ -104,13 +107,13 @@ def test_truncation_and_right_padding(tok):
     long = D.encode_messages(tok, _sft("reverse abcdefghij", "jihgfedcba")["messages"], max_length=20)
     short = D.encode_messages(tok, _sft("add 1+2", "3")["messages"], max_length=20)
     assert len(long["input_ids"]) == 20 and len(long["labels"]) == 20
-    b = D.collate([long, short], pad_id=tok.pad_token_id)
+    b = C.collate([long, short], pad_id=tok.pad_token_id)
     n = len(short["input_ids"])
     assert b["input_ids"].shape == (2, 20)
     assert b["attention_mask"][1].tolist() == [1] * n + [0] * (20 - n)
     assert (b["input_ids"][1, n:] == tok.pad_token_id).all() and (b["labels"][1, n:] == -100).all()
     assert b["input_ids"][1, :n].tolist() == short["input_ids"]
-    pairs = D.collate_pairs(D.encode_pref(tok, [_pref(), _pref("sort 31", "13", "31")], max_length=32),
+    pairs = C.collate_pairs(D.encode_pref(tok, [_pref(), _pref("sort 31", "13", "31")], max_length=32),
                             pad_id=tok.pad_token_id)
     assert pairs["input_ids"].shape[0] == 4
     assert tok.decode([i for i, lab in zip(pairs["input_ids"][2].tolist(), pairs["labels"][2].tolist())
@@ -118,14 +121,14 @@ def test_truncation_and_right_padding(tok):
 
 
 def test_epoch_sampler_is_a_pure_function_of_the_step():
-    s1, s2 = D.EpochSampler(10, 4, seed=3), D.EpochSampler(10, 4, seed=3)
+    s1, s2 = sampling.EpochSampler(10, 4, seed=3), sampling.EpochSampler(10, 4, seed=3)
     seq = [s1.batch(k) for k in range(5)]
     assert [s2.batch(k) for k in reversed(range(5))][::-1] == seq
     flat = [i for b in seq for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert D.shard([0, 1, 2, 3], rank=1, world_size=2) == [2, 3]
+    assert sampling.shard([0, 1, 2, 3], rank=1, world_size=2) == [2, 3]
     with pytest.raises(ValueError, match="divisible"):
-        D.shard([0, 1, 2], rank=0, world_size=2)
+        sampling.shard([0, 1, 2], rank=0, world_size=2)
 
 
 def test_synthetic_answers_checker_and_near_misses():
@@ -180,13 +183,13 @@ def test_save_to_disk_directories_are_read_with_datasets(tmp_path, hf_datasets):
     hf_datasets.DatasetDict({"train_sft": one, "test_sft": one.select(range(2))}).save_to_disk(str(tmp_path / "dd"))
     assert D.load_sft(str(tmp_path / "one")) == rows
     assert D.load_sft(f"{tmp_path / 'dd'}:test_sft") == rows[:2]
-    with pytest.raises(D.DataError, match=r"dd: name a split: .*dd:SPLIT with SPLIT one of train_sft, test_sft"):
+    with pytest.raises(DataError, match=r"dd: name a split: .*dd:SPLIT with SPLIT one of train_sft, test_sft"):
         D.load_sft(str(tmp_path / "dd"))
-    with pytest.raises(D.DataError, match=r"dd:valid: no split 'valid'"):
+    with pytest.raises(DataError, match=r"dd:valid: no split 'valid'"):
         D.load_sft(f"{tmp_path / 'dd'}:valid")
     bad = dict(rows[1], messages=[{"role": "user", "content": "no answer"}])
     hf_datasets.Dataset.from_list([rows[0], bad]).save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(D.DataError, match=rf"{tmp_path / 'bad'}:2: 'messages' has no assistant message"):
+    with pytest.raises(DataError, match=rf"{tmp_path / 'bad'}:2: 'messages' has no assistant message"):
         D.load_sft(str(tmp_path / "bad"))
 
 
@@ -201,9 +204,9 @@ def test_a_local_parquet_folder_with_splits_goes_through_load_dataset(tmp_path, 
     folder = str(tmp_path / "ultrachat")
     assert D.load_sft(f"{folder}:train_sft") == rows
     assert D.load_sft(f"{folder}:train_sft[:4]") == rows[:4]  # a datasets slice
-    with pytest.raises(D.DataError, match=r"name a split: .*ultrachat:SPLIT with SPLIT one of test_sft, train_sft"):
+    with pytest.raises(DataError, match=r"name a split: .*ultrachat:SPLIT with SPLIT one of test_sft, train_sft"):
         D.load_sft(folder)
-    with pytest.raises(D.DataError, match=r"ultrachat:dev: datasets cannot read it \(Unknown split"):
+    with pytest.raises(DataError, match=r"ultrachat:dev: datasets cannot read it \(Unknown split"):
         D.load_sft(f"{folder}:dev")
     # a flat folder of files is still read file by file, as before
     flat = tmp_path / "flat"
@@ -213,10 +216,10 @@ def test_a_local_parquet_folder_with_splits_goes_through_load_dataset(tmp_path, 
 
 
 def test_hub_ids_need_a_split_and_a_missing_file_stays_a_missing_file(tmp_path):
-    with pytest.raises(D.DataError, match=r"HuggingFaceH4/ultrachat_200k: no such file or directory, and a "
+    with pytest.raises(DataError, match=r"HuggingFaceH4/ultrachat_200k: no such file or directory, and a "
                                           r"Hugging Face Hub data set needs a split: HuggingFaceH4/ultrachat_200k:SPLIT"):
         D.load_sft("HuggingFaceH4/ultrachat_200k")
-    with pytest.raises(D.DataError, match=r"data/sft.jsonl: no such file$"):
+    with pytest.raises(DataError, match=r"data/sft.jsonl: no such file$"):
         D.load_sft("data/sft.jsonl")
     assert D.hub_id("HuggingFaceH4/ultrachat_200k") and D.hub_id("gpt2")
     assert not any(D.hub_id(p) for p in ("/data/x", "./x", "~/x", "runs/demo/sft/final", "a b/c"))

@@ -30,7 +30,7 @@ TINY = {"backend": "torch", "seed": 1, "num_threads": 1, "progress": False,
 def named(tmp_path_factory):
     """A cached Hub model, a save_to_disk data set, a local parquet data set folder, a config."""
     datasets = pytest.importorskip("datasets")
-    from fdiv_kernels.train.data import load_sft
+    from fdiv_kernels.data import load_sft
     from fdiv_kernels.train.modeling import build_tiny_model
     from fdiv_kernels.train.synthetic import generate_dataset
     from fdiv_kernels.train.tokenizer import build_char_tokenizer

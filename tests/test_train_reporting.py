@@ -10,7 +10,7 @@ import pytest
 
 from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.config import load_config
-from fdiv_kernels.train.errors import ConfigError
+from fdiv_kernels.errors import ConfigError
 from fdiv_kernels.train.pipeline import run_command
 from train_configs import tiny_run
 

@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+
+from fdiv_kernels import runs
 from safetensors.torch import load_file
 
 from fdiv_kernels.train import checkpoint as ckpt
@@ -39,7 +41,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     run_dir = tmp_path / "resumed"
     assert not (run_dir / "sft" / "final").exists()
-    assert ckpt.latest_checkpoint(str(run_dir / "sft")).endswith("checkpoint-3")
+    assert runs.latest_checkpoint(str(run_dir / "sft")).endswith("checkpoint-3")
     state = ckpt.load_trainer_state(str(run_dir / "sft" / "checkpoint-3"))  # weights_only=True load
     assert state["step"] == 3 and "exp_avg" in str(state["optimizer"]["state"][0].keys())
 

@@ -15,7 +15,7 @@ import yaml
 
 from fdiv_kernels.train import pipeline
 from fdiv_kernels.train.cli import main
-from fdiv_kernels.train.errors import ConfigError, DataError, ResumeMismatchError, RunDirectoryError
+from fdiv_kernels.errors import ConfigError, DataError, ResumeMismatchError, RunDirectoryError
 
 TINY = {
     "backend": "torch", "seed": 1, "num_threads": 1, "progress": False,

@@ -5,7 +5,8 @@ import random
 
 import oracle
 
-from fdiv_kernels.train import data as D
+from fdiv_kernels import collate as C
+from fdiv_kernels import data as D
 from fdiv_kernels.train.synthetic import near_miss, preference_row, problems, sft_row
 from fdiv_kernels.train.tokenizer import build_char_tokenizer
 
@@ -14,7 +15,7 @@ TOK = build_char_tokenizer()
 
 def sft_batch(n=6, seed=0):
     rows = [sft_row(p) for p in problems(n, seed=seed)]
-    return D.collate(D.encode_sft(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
+    return C.collate(D.encode_sft(TOK, rows, max_length=40), pad_id=TOK.pad_token_id)
 
 
 def pair_rows(n=4, seed=0):
@@ -26,7 +27,7 @@ def pair_rows(n=4, seed=0):
 
 def pair_batch(n=4, seed=0):
     """``[2n, T]``: the chosen answers, then the rejected ones."""
-    return D.collate_pairs(pair_rows(n, seed), pad_id=TOK.pad_token_id)
+    return C.collate_pairs(pair_rows(n, seed), pad_id=TOK.pad_token_id)
 
 
 def full_logp(model, batch):

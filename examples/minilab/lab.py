@@ -22,7 +22,7 @@ import torch
 
 import regime
 from fdiv_kernels.train.config import load_config
-from fdiv_kernels.train.data import load_sft
+from fdiv_kernels.data import load_sft
 from fdiv_kernels.hf import load_model, load_tokenizer
 from fdiv_kernels.train.pipeline import run_command
 

@@ -32,7 +32,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from fdiv_kernels.train.data import collate, encode_sft, prompt_text
+from fdiv_kernels.collate import collate
+from fdiv_kernels.data import encode_sft, prompt_text
 from fdiv_kernels.train.evaluate import greedy_answers
 from fdiv_kernels.train.steps import shifted, token_logp
 from fdiv_kernels.train.synthetic import (TASKS, make_problem, near_miss, preference_row, sft_row,

@@ -27,7 +27,8 @@ import torch
 
 import fdiv_kernels as fk
 from fdiv_kernels.reference import paper_forms
-from fdiv_kernels.train.data import collate, encode_sft
+from fdiv_kernels.collate import collate
+from fdiv_kernels.data import encode_sft
 from fdiv_kernels.train.synthetic import problems, sft_row
 from fdiv_kernels.train.tokenizer import build_char_tokenizer
 

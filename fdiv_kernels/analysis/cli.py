@@ -26,14 +26,14 @@ from ..errors import ConfigError, DataError
 
 
 def _prompts_from(path: str, tok) -> List[str]:
-    from ..train.data import load_sft, prompt_text
+    from ..data import load_sft, prompt_text
 
     return [prompt_text(tok, r["messages"]) for r in load_sft(path)]
 
 
 def cmd_values(args) -> dict:
     from ..hf import load_tokenizer
-    from ..train.checkpoint import list_checkpoints
+    from ..runs import list_checkpoints
     from .values import value_s0_curve
 
     ckpts = list_checkpoints(args.phase_dir)
@@ -104,7 +104,7 @@ def model_labels(specs: List[str]) -> List[Tuple[str, str]]:
 
 
 def _trajectories(path: str) -> List[dict]:
-    from ..train.data import read_rows
+    from ..data import read_rows
 
     rows = []
     for where, r in read_rows(path):
@@ -117,7 +117,7 @@ def _trajectories(path: str) -> List[dict]:
 
 def cmd_rank(args) -> dict:
     from ..hf import load_model, load_tokenizer
-    from ..train.validate import check_model_dir
+    from ..hf import check_model_dir
     from .ranking import rank_agreement
     from .values import segment_values
 
@@ -147,8 +147,8 @@ def cmd_align(args) -> dict:
     import torch
 
     from ..hf import load_model, load_tokenizer
-    from ..train.data import encode_pref, load_pref
-    from ..train.validate import check_model_dir
+    from ..data import encode_pref, load_pref
+    from ..hf import check_model_dir
     from .alignment import AlignmentEval
 
     check_model_dir(args.model, "--model")

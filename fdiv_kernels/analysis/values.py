@@ -90,7 +90,7 @@ def value_s0_curve(phase_dir: str, prompts: Sequence[str], *, backend: str = "au
     ``phase_dir`` is e.g. ``runs/demo/sft``; each ``checkpoint-<step>`` (and ``final``) is loaded with
     transformers (safetensors). Returns ``[{"step", "mean", "std", "path"}]`` ordered by step.
     """
-    from ..train.checkpoint import list_checkpoints  # the trainer's run layout
+    from ..runs import list_checkpoints  # the trainer's run layout
 
     ckpts = [(int(os.path.basename(p).split("-")[1]), p) for p in list_checkpoints(phase_dir)]
     if not ckpts:

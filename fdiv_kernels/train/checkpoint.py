@@ -27,12 +27,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..errors import CheckpointError
 from ..hf import unwrap
-from .errors import CheckpointError  # noqa: F401  (re-exported: checkpoint.CheckpointError)
+from ..runs import STATE_FILE, WEIGHTS, list_checkpoints
 from .modeling import persistent, tensor_aliases
-
-STATE_FILE = "trainer_state.pt"
-WEIGHTS = "model.safetensors"
 
 
 def _atomic_dir(final_dir: str):
@@ -249,23 +247,6 @@ def final_problem(final_dir: str, model: Optional[torch.nn.Module] = None) -> Op
         except CheckpointError as e:
             return str(e)
     return None
-
-
-def list_checkpoints(phase_dir: str):
-    """Complete checkpoint directories of a phase, oldest first."""
-    if not os.path.isdir(phase_dir):
-        return []
-    found = []
-    for d in os.listdir(phase_dir):
-        m = re.fullmatch(r"checkpoint-(\d+)", d)
-        if m and os.path.exists(os.path.join(phase_dir, d, STATE_FILE)):
-            found.append((int(m.group(1)), os.path.join(phase_dir, d)))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(phase_dir: str) -> Optional[str]:
-    ck = list_checkpoints(phase_dir)
-    return ck[-1] if ck else None
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: str) -> None:

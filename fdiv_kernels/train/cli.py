@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from .. import __version__
 from .config import load_config
-from .errors import ConfigError, TrainingInterrupted
+from ..errors import ConfigError, TrainingInterrupted
 
 PHASE_FLAGS = (("lr", float, "peak learning rate"), ("steps", int, "optimizer steps"),
                ("beta", float, "beta of the SFT divergence / DPO loss"),

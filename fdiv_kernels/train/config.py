@@ -29,7 +29,7 @@ import yaml
 from .. import DPO_LOSS_TYPES
 from ..checks import check_choice
 from ..specs import DPOSpec, FDivSpec
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: the fields of :class:`fdiv_kernels.specs.FDivSpec` that ``sft.*`` holds (flat in the YAML); the
 #: reduction is the trainer's (a sum over the step's tokens, or a mean)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..hf import default_deepspeed_accelerator  # noqa: F401  (re-exported: distributed.default_deepspeed_accelerator)
 
 
 @dataclass
@@ -136,7 +136,6 @@ def deepspeed_initialize(module: torch.nn.Module, optimizer, scheduler, config_p
         import deepspeed.ops
     except ImportError as e:
         raise RuntimeError("--deepspeed needs the deepspeed package: pip install 'fdiv-kernels[deepspeed]'") from e
-    from .engines import read_deepspeed_config
 
     # The CPU accelerator JIT-builds its shared-memory all-reduce (2-3 min) at the first
     # initialize; only inference uses it, training all-reduces through torch.distributed.
@@ -178,3 +177,12 @@ def local_device(name: str, info: Optional[DistInfo] = None) -> torch.device:
         torch.cuda.set_device(idx)
         return torch.device("cuda", idx)
     return torch.device(name)
+
+
+def read_deepspeed_config(path: str) -> Dict[str, Any]:
+    """The DeepSpeed JSON config at ``path`` (a mapping)."""
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object")
+    return cfg

@@ -24,7 +24,6 @@ training, owns the optimizer (AdamW) and the learning-rate schedule, and gives t
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from typing import Any, Dict, Optional
@@ -34,7 +33,7 @@ import torch
 from ..hf import BodyWithHead, gathered_head, torch_dtype
 from .config import OptimConfig, RunConfig
 from .distributed import DistInfo, no_sync, wrap_ddp
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .modeling import rebuild_plain, tensor_aliases
 
 
@@ -340,12 +339,3 @@ class FSDPEngine(LocalEngine):
 def engine_class(run: RunConfig):
     """The engine the run's config asks for: ``deepspeed``, ``fsdp.enabled`` or neither."""
     return DeepSpeedEngine if run.deepspeed else FSDPEngine if run.fsdp.enabled else LocalEngine
-
-
-def read_deepspeed_config(path: str) -> Dict[str, Any]:
-    """The DeepSpeed JSON config at ``path`` (a mapping)."""
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object")
-    return cfg

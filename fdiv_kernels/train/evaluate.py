@@ -2,9 +2,8 @@
 
 * :func:`greedy_answers` / :func:`task_accuracy`: batched greedy decoding (left-padded prompts,
   ``model.generate``) of held-out prompts, graded by the synthetic checker.
-* :class:`AlignmentEval` (:mod:`fdiv_kernels.analysis.alignment`, re-exported here): the paper's
-  Sec. 4.5 metric, the DPO loss and accuracy (sigmoid, ``beta``) of the current model against a
-  reference (the start model) on held-out preference pairs.
+* the paper's Sec. 4.5 alignment metric is :class:`fdiv_kernels.analysis.alignment.AlignmentEval`
+  (the DPO loss and accuracy of the current model against a reference on held-out pairs).
 * :func:`mean_logratio`: mean per-token ``logp - ref_logp`` on held-out answers.
 """
 
@@ -15,9 +14,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..analysis.alignment import AlignmentEval  # noqa: F401  (re-exported: train.evaluate.AlignmentEval)
 from ..hf import unwrap
-from .data import IGNORE_INDEX, prompt_text
+from ..collate import IGNORE_INDEX
+from ..data import prompt_text
 from .synthetic import check_answer
 
 
@@ -83,4 +82,4 @@ def mean_logratio(model, ref_model, batches: Sequence[dict], *, backend: str = "
     return tot / n if n else None
 
 
-__all__ = ["AlignmentEval", "greedy_answers", "mean_logratio", "task_accuracy"]
+__all__ = ["greedy_answers", "mean_logratio", "task_accuracy"]

@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .config import DPOConfig, EvalConfig, PretrainConfig, SFTConfig
-from .data import collate, collate_pairs
+from ..collate import collate, collate_pairs
 from .accumulate import add_linear
-from .evaluate import AlignmentEval, mean_logratio
+from ..analysis.alignment import AlignmentEval
+from .evaluate import mean_logratio
 from .steps import (
     Norm,
     adapt_lambda,

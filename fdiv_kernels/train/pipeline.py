@@ -17,19 +17,20 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..hf import load_model
+from ..collate import collate
+from ..data import encode_pref, encode_sft, encode_text, load_pref, load_sft, prompt_text
+from ..errors import ConfigError
+from ..hf import default_deepspeed_accelerator, load_model
 from . import checkpoint as ckpt
 from .config import RunConfig, to_dict
-from .data import collate, encode_pref, encode_sft, encode_text, load_pref, load_sft, prompt_text
-from .distributed import barrier, broadcast_object, default_deepspeed_accelerator, init_distributed, local_device
-from .errors import ConfigError
+from .distributed import barrier, broadcast_object, init_distributed, local_device
 from .evaluate import greedy_answers, task_accuracy
 from .interrupt import graceful_stop
 from .modeling import build_tiny_model, enable_checkpointing, param_count
 from .phases import DPOPhase, PretrainPhase, SFTPhase
 from .plots import plot_run
 from .reporting import make_reporters
-from .synthetic import check_answer, generate_dataset, solve
+from .synthetic import check_answer, checkable, generate_dataset
 from .tokenizer import build_char_tokenizer
 from .trainer import MetricsLog, RunContext, train_phase
 from .validate import RUN_OUTPUTS, Prepared, check_run_dir, existing_run, preflight
@@ -111,20 +112,6 @@ def data_paths(ctx: RunContext) -> Dict[str, Optional[str]]:
                                seed=s.seed, tasks=s.tasks, pretrain_noise=s.pretrain_noise)
     syn = broadcast_object(syn)  # the other processes wait here until the files exist
     return {k: v or syn[k] for k, v in paths.items()}
-
-
-#: how many rows :func:`checkable` reads to tell synthetic (gradable) prompts from others
-CHECKABLE_ROWS = 20
-
-
-def checkable(rows: List[dict]) -> bool:
-    """Whether the first rows' prompts are synthetic tasks (their answers can be graded)."""
-    try:
-        for r in rows[:CHECKABLE_ROWS]:
-            solve(r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else "")
-        return True
-    except (ValueError, KeyError, IndexError):
-        return False
 
 
 class Pipeline:

@@ -18,7 +18,7 @@ import importlib.util
 import os
 from typing import Any, Dict, List, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 REPORTERS = ("tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

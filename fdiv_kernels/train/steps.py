@@ -33,8 +33,8 @@ from ..hf import HeadInputs, dpo_loss_module, head_inputs
 from ..specs import DPOSpec, FDivSpec
 from .accumulate import LogMeanExpLoss, MicroLoss
 from .config import DPOConfig, MixDPOConfig, SFTConfig
-from .data import IGNORE_INDEX
-from .trainer import Norm, Stats  # noqa: F401  (the loop's contract; Norm re-exported: steps.Norm)
+from ..collate import IGNORE_INDEX
+from .trainer import Norm, Stats
 
 
 def shifted(batch: Dict[str, torch.Tensor]) -> torch.Tensor:

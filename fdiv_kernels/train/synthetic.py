@@ -194,3 +194,17 @@ def generate_dataset(out_dir: str, *, n_sft: int, n_pref: int, n_eval: int, n_pr
             f.write(pretrain_text(p, rng, noise=pretrain_noise))
     os.replace(tmp, paths["pretrain"])
     return paths
+
+
+#: how many rows :func:`checkable` reads to tell synthetic (gradable) prompts from others
+CHECKABLE_ROWS = 20
+
+
+def checkable(rows: List[dict]) -> bool:
+    """Whether the first rows' prompts are synthetic tasks (their answers can be graded)."""
+    try:
+        for r in rows[:CHECKABLE_ROWS]:
+            solve(r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else "")
+        return True
+    except (ValueError, KeyError, IndexError):
+        return False

@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 
 from . import checkpoint as ckpt
-from .accumulate import LogMeanExpLoss, MicroLoss, StepBackward  # noqa: F401  (the micro-batch loss types)
+from .accumulate import MicroLoss, StepBackward
 from .config import OptimConfig, RunConfig
-from .data import EpochSampler, shard
+from .sampling import EpochSampler, shard
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, reduce_stats
-from .engines import engine_class, lr_lambda  # noqa: F401  (lr_lambda: re-exported)
-from .errors import TrainingInterrupted
+from .engines import engine_class
+from ..errors import TrainingInterrupted
 from .interrupt import interrupt_requested
 
 # name -> (sum, count), summed over micro-batches and processes; reported as sum / count, or as

@@ -28,7 +28,10 @@ import os
 from typing import Any, Dict, List, Optional
 
 from .config import RunConfig, resolve_config, to_dict
-from .errors import ConfigError, DataError, ResumeMismatchError, RunDirectoryError
+from .synthetic import TASKS, checkable
+from ..data import load_pref, load_sft
+from ..errors import ConfigError, DataError, ResumeMismatchError, RunDirectoryError
+from ..hf import check_model
 
 #: files and folders of a run directory (``--overwrite`` removes exactly these)
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "config.json", "config-history.jsonl", "plots", "pretrain", "sft",
@@ -77,7 +80,6 @@ def phases_of(cfg: RunConfig, command: str) -> List[str]:
 def check_values(cfg: RunConfig, command: str, world_size: int = 1) -> None:
     """Ranges and choices of every key the command uses (no file access)."""
     from ..hf import DTYPES
-    from .synthetic import TASKS
 
     _need(command in ("sft", "dpo", "pipeline"), f"unknown command {command!r}")
     _need(bool(cfg.name) and cfg.name not in (".", "..") and not os.path.isabs(cfg.name),
@@ -203,53 +205,10 @@ def check_backend(cfg: RunConfig) -> None:
 # 2. paths
 # ----------------------------------------------------------------------------------------------
 
-def check_model_dir(path: str, what: str) -> None:
-    """A local Hugging Face model directory: ``config.json`` readable by ``AutoConfig`` and weights."""
-    _need(os.path.isdir(path), f"{what} {path!r} is not a directory (give a local model directory or a "
-          "Hugging Face Hub id such as meta-llama/Meta-Llama-3-8B)")
-    _need(os.path.isfile(os.path.join(path, "config.json")), f"{what} {path!r} has no config.json")
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{what} {path!r}: config.json cannot be read ({' '.join(str(err).split())[:200]})") from None
-    weights = [f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")]
-    _need(bool(weights), f"{what} {path!r} holds no weights (*.safetensors or *.bin)")
-
-
-def check_model(name: str, what: str) -> None:
-    """A local model directory (:func:`check_model_dir`) or a Hugging Face Hub id whose config
-    ``transformers`` resolves (downloading it, or from its cache; ``HF_HUB_OFFLINE``, ``HF_TOKEN``
-    apply): what ``AutoModelForCausalLM.from_pretrained`` will load."""
-    from .data import hub_id
-
-    if os.path.isdir(name) or not hub_id(name):
-        check_model_dir(name, what)
-        return
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        text = " ".join(str(err).split())
-        if "couldn't connect" in text.lower() or "offline" in text.lower():
-            why = ("the Hugging Face Hub is unreachable (no network, or HF_HUB_OFFLINE=1) and it is not in the "
-                   "local cache; run where the hub is reachable (HF_HUB_OFFLINE unset) to download it")
-        elif "gated" in text.lower() or "401" in text or "403" in text:
-            why = "a gated or private model: accept its licence on the Hub and log in (hf auth login, or HF_TOKEN)"
-        elif "not a valid model identifier" in text or "404" in text:
-            why = "no such model on the Hugging Face Hub (or a private one: log in with hf auth login or HF_TOKEN)"
-        else:
-            why = text[:200]
-        raise ConfigError(f"{what} {name!r} is not a local directory, and as a Hugging Face Hub id: {why}; "
-                          "or give a local model directory") from None
-
-
 def _check_deepspeed(cfg: RunConfig) -> None:
     """``cfg.deepspeed`` resolved to a readable JSON config, and the package installed."""
     cfg.deepspeed = resolve_config(cfg.deepspeed, what="deepspeed config")
-    from .engines import read_deepspeed_config
+    from .distributed import read_deepspeed_config
 
     try:
         read_deepspeed_config(cfg.deepspeed)
@@ -285,7 +244,6 @@ def check_paths(cfg: RunConfig, command: str) -> Prepared:
     prep.tok = _check_model(cfg.model)
     if command in ("dpo", "pipeline") and cfg.dpo.reference not in ("start", "base"):
         check_model(cfg.dpo.reference, "dpo.reference")
-    from .data import load_pref, load_sft
 
     d = cfg.data
     phases = phases_of(cfg, command)
@@ -304,8 +262,6 @@ def check_paths(cfg: RunConfig, command: str) -> Prepared:
         _need(os.path.isfile(d.pretrain) or bool(glob.glob(d.pretrain)),
               f"data.pretrain: {d.pretrain}: no such file")
     if "dpo" in phases and cfg.dpo.rejected == "self" and d.dpo_train:
-        from .pipeline import checkable
-
         _need(checkable([{"messages": r["chosen"]} for r in prep.rows[d.dpo_train]]),
               f"dpo.rejected=self needs synthetic (automatically checkable) prompts; {d.dpo_train} has others "
               "(use dpo.rejected=data)")

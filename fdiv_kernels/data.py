@@ -1,5 +1,6 @@
-"""Loaders, schema checks, tokenization with prompt masking and a resumable sampler (the
-collators, :func:`collate` and :func:`collate_pairs`, are :mod:`fdiv_kernels.collate`'s).
+"""The data formats the trainer and the analysis tools read: loaders, schema checks and
+tokenization with prompt masking (the collators are :mod:`fdiv_kernels.collate`'s; the trainer's
+sampler is :mod:`fdiv_kernels.train.sampling`).
 
 Schemas (the Hugging Face data sets the paper trains on):
 
@@ -35,13 +36,11 @@ import glob
 import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
-from ..collate import IGNORE_INDEX, collate, collate_pairs  # noqa: F401  (the collators live there; re-exported)
-from ..errors import DataError  # noqa: F401  (a ConfigError: fdiv-train exits 2)
+from .collate import IGNORE_INDEX
+from .errors import DataError
+from .hf import hub_id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,22 +49,6 @@ from ..errors import DataError  # noqa: F401  (a ConfigError: fdiv-train exits 2
 
 #: ``NAME:SPLIT`` (a split may carry a ``datasets`` slice: ``train_sft[:1000]``)
 _SPLIT = re.compile(r"^(?P<name>[^:]+):(?P<split>[A-Za-z0-9_.-]+(\[[^\]]*\])?)$")
-
-
-def hub_id(name: str) -> bool:
-    """Whether ``name`` reads as a Hugging Face Hub id (``org/name`` or ``name``) rather than a
-    local path (``/x``, ``./x``, ``~/x``, ``a/b/c``)."""
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
-        return False
-    try:
-        from huggingface_hub.utils import validate_repo_id
-
-        validate_repo_id(name)
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers and datasets
-        return False
-    except ValueError:  # HFValidationError
-        return False
-    return True
 
 
 def _saved_to_disk(path: str) -> bool:
@@ -282,54 +265,3 @@ def prompt_text(tok, messages: Sequence[dict]) -> str:
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
     return _template(tok, msgs, generation_prompt=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Deterministic, resumable sampling
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class EpochSampler:
-    """Indices of batch ``k`` of a shuffled, epoch-based stream, as a pure function of ``k``.
-
-    Epoch ``e`` is ``randperm(n, generator=seed + e)``; batches of ``batch_size`` are drawn in
-    order and may span epoch boundaries. The data position is just the batch counter, so a run
-    resumed at step ``k`` sees exactly the batches an uninterrupted run would.
-    """
-
-    n: int
-    batch_size: int
-    seed: int
-
-    def __post_init__(self):
-        if self.n <= 0:
-            raise ValueError("EpochSampler: the data set is empty")
-        self._cache: Dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cache = {epoch: torch.randperm(self.n, generator=g)}
-        return self._cache[epoch]
-
-    def batch(self, k: int) -> List[int]:
-        out = []
-        for j in range(k * self.batch_size, (k + 1) * self.batch_size):
-            epoch, pos = divmod(j, self.n)
-            out.append(int(self._perm(epoch)[pos]))
-        return out
-
-    def batches(self, start: int) -> Iterator[List[int]]:
-        k = start
-        while True:
-            yield self.batch(k)
-            k += 1
-
-
-def shard(indices: Sequence[int], *, rank: int, world_size: int) -> List[int]:
-    """The contiguous slice of a global batch that process ``rank`` handles."""
-    n = len(indices)
-    if n % world_size:
-        raise ValueError(f"global batch {n} is not divisible by the world size {world_size}")
-    per = n // world_size
-    return list(indices[rank * per: (rank + 1) * per])
