@@ -67,6 +67,11 @@ class LossOutput:
         divergence: the registry entry used (a :class:`~fdiv_kernels.formulas.primal.PrimalLoss` for
             :func:`primal_loss`).
         entropy: ``[..., T]`` per-token entropy of the policy when ``return_entropy=True``.
+        log_sum_psi: for the log-mean-exp divergences (``kl``, ``squared_hellinger``), the
+            log-sum-exp part ``log sum_i psi_i`` of the loss (0-d, differentiable; ``-inf`` when
+            nothing is supervised); ``None`` for the others. With ``reduction="sum"`` the loss is
+            ``log_sum_psi`` plus the linear terms (``values="free"``, ``z_loss``): what
+            :class:`fdiv_kernels.LogSumExpAccumulator` accumulates over micro-batches.
 
     ``logp``, ``lse``, ``entropy``, ``reward`` and ``value_s0`` are differentiable: using them in
     another loss adds their gradients (computed by the backend's recompute kernels).
@@ -81,6 +86,7 @@ class LossOutput:
     num_tokens: torch.Tensor
     divergence: Union[Divergence, PrimalLoss]
     entropy: Optional[torch.Tensor] = None
+    log_sum_psi: Optional[torch.Tensor] = None
 
 
 class SequenceLogp(NamedTuple):
@@ -303,7 +309,8 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
     if spec.reduction == "none":
         out_loss = out_loss.reshape(labels.shape) if out_loss.shape == m2.shape else out_loss.reshape(row_shape)
     return LossOutput(loss=out_loss, logp=ev.logp, lse=ev.lse, reward=reward, value_s0=v_s0.reshape(row_shape),
-                      mask=mask, num_tokens=mask.sum(), divergence=spec.divergence, entropy=ev.entropy)
+                      mask=mask, num_tokens=mask.sum(), divergence=spec.divergence, entropy=ev.entropy,
+                      log_sum_psi=ev.log_sum_psi)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,

@@ -224,8 +224,8 @@ def test_sft_runs_do_not_depend_on_micro_batch_size(tmp_path, divergence):
                    if '"loss"' in line] for mb in runs}
     assert len(losses[0]) == 2 and losses[2] == pytest.approx(losses[0], rel=1e-5)
     a, b = (load_file(str(tmp_path / f"mb{mb}" / "sft" / "final" / "model.safetensors")) for mb in runs)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    for k in a:  # fp32 after 2 steps at lr 1e-2: summation-order noise (the float64 tests above pin exactness)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

@@ -457,7 +457,7 @@ def _spy_kernels(monkeypatch, wrap):
     proxy = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("__")})
     for name in KERNEL_NAMES:
         setattr(proxy, name, Spy(name))
-    monkeypatch.setattr(triton_backend, "_kernels", lambda: proxy)
+    monkeypatch.setattr(triton_backend, "kernels_module", lambda: proxy)
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])

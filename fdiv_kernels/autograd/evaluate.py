@@ -19,7 +19,8 @@ the paths themselves are written once, here.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import math
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -34,13 +35,15 @@ __all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "e
 
 
 class Evaluated(NamedTuple):
-    """What :func:`evaluate` returns: the loss and the per-token statistics (shape of ``labels``;
-    ``entropy`` None unless asked for)."""
+    """What :func:`evaluate` returns: the loss, the per-token statistics (shape of ``labels``;
+    ``entropy`` None unless asked for) and, for a log-mean-exp loss (``spec.uses_lme``), its
+    log-sum-exp part ``log sum psi`` (0-d, ``-inf`` when nothing is supervised; None otherwise)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: Optional[torch.Tensor]
+    log_sum_psi: Optional[torch.Tensor] = None
 
 
 class Primitives(NamedTuple):
@@ -69,15 +72,17 @@ class Primitives(NamedTuple):
 # The two-pass loss and the explanation of a failed data check
 # ---------------------------------------------------------------------------------------------
 
-def whole_batch(spec: LossSpec, rows: Rows, norms: Norms) -> torch.Tensor:
-    """The loss of a whole batch from its per-token statistics (the two-pass and logits paths):
-    the spec's :meth:`terms` on all rows (in the spec's row order), differentiable by autograd."""
+def whole_batch(spec: LossSpec, rows: Rows, norms: Norms) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(loss, log sum psi | None)`` of a whole batch from its per-token statistics (the two-pass
+    and logits paths): the spec's :meth:`terms` on all rows (in the spec's row order),
+    differentiable by autograd."""
     order = row_order(spec, rows.mask.shape[0], rows.mask.device)
     if order is not None:
         rows = rows.select(order)
     if spec.reduction == "none":
-        return spec.per_element(rows)
-    return spec.finish(spec.terms(rows, norms), norms)
+        return spec.per_element(rows), None
+    terms = spec.terms(rows, norms)
+    return spec.finish(terms, norms), terms.lme
 
 
 def explain_loss(spec: LossSpec, logp: torch.Tensor, lse: torch.Tensor, mask2: torch.Tensor, ref_tok: torch.Tensor,
@@ -161,11 +166,24 @@ def evaluate(spec: LossSpec, prims: Primitives, *, hidden: torch.Tensor, weight:
     ``[R]`` or ``None``, both in the compute dtype); the data check runs once, at the end.
     """
     if fused_applies(spec, hidden, weight, bias):
-        return Evaluated(*prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head, ignore_index,
-                                           return_entropy))
+        loss, logp, lse, ent = prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head,
+                                                ignore_index, return_entropy)
+        return Evaluated(loss, logp, lse, ent, _fused_log_sum_psi(spec, loss, labels, ignore_index))
     params = TokenStatsParams(head, ignore_index, bool(return_entropy))
     logp, lse, ent = prims.token_stats(hidden, weight, bias, labels, params)
     return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
+
+
+def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
+                       ignore_index: int) -> Optional[torch.Tensor]:
+    """``log sum psi`` of a fused log-mean-exp loss: the fused path takes one only without linear
+    terms, so it is the loss itself (a sum) or the loss plus ``log n`` (a mean); -inf for ``n = 0``."""
+    if not spec.uses_lme:
+        return None
+    n = spec.normalizers((labels != ignore_index).reshape(flat_rows(labels)))
+    count = (n.tokens if getattr(spec, "level", "token") == "token" else n.rows).to(loss.dtype)
+    lme = loss if spec.reduction == "sum" else loss + torch.log(count.clamp(min=1))
+    return torch.where(count > 0, lme, torch.full_like(lme, -math.inf))
 
 
 def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, labels: torch.Tensor,
@@ -180,6 +198,6 @@ def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignor
     shape = flat_rows(labels)
     mask2 = (labels != ignore_index).reshape(shape)
     rows = Rows(logp.reshape(shape), lse.reshape(shape), mask2, ref_tok, ref_seq)
-    loss = whole_batch(spec, rows, spec.normalizers(mask2))
+    loss, log_sum_psi = whole_batch(spec, rows, spec.normalizers(mask2))
     loss = prims.check_loss(spec, loss, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
-    return Evaluated(loss, logp, lse, ent)
+    return Evaluated(loss, logp, lse, ent, log_sum_psi)

@@ -104,7 +104,7 @@ def _sft_terms(spec: FDivSpec, out: LossOutput):
     linear = sum(t for t in (v_sum, None if z_sum is None else spec.z_loss * z_sum) if t is not None)
     if spec.divergence.aggregate == "mean":
         return out.loss - linear, v_sum, z_sum, None
-    return None, v_sum, z_sum, out.loss - linear
+    return None, v_sum, z_sum, torch.where(mask.any(), out.log_sum_psi, zero)
 
 
 def sft_micro(model, batch, *, cfg: SFTConfig, ref_logp: Optional[torch.Tensor], norm: Norm,
