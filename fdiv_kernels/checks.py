@@ -72,8 +72,10 @@ def check_finite_number(name: str, value, *, minimum: Optional[float] = None) ->
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
-def check_head_options(softcap: Optional[float], temperature: float) -> None:
-    """The logit transform of the fused head: ``softcap`` None or finite > 0, ``temperature`` finite > 0."""
+def check_head_options(head) -> None:
+    """The logit transform of a :class:`~fdiv_kernels.specs.HeadSpec`: ``softcap`` None or finite > 0,
+    ``temperature`` finite > 0."""
+    softcap, temperature = head.softcap, head.temperature
     if softcap is not None and not (is_real(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
     if softcap is not None and not math.isfinite(softcap):

@@ -149,7 +149,7 @@ class HeadSpec:
     backend: str = "auto"
 
     def __post_init__(self):
-        checks.check_head_options(self.softcap, self.temperature)
+        checks.check_head_options(self)
         object.__setattr__(self, "temperature", float(self.temperature))
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))

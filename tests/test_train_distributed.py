@@ -42,19 +42,22 @@ def _pipeline_cfg(out, name, **extra):
 
 
 def _fp32_deepspeed(stage, out_dir):
+    """An fp32 copy of the shipped ZeRO config, written atomically (both ranks write it)."""
     with open(os.path.join(CONFIGS, f"zero{stage}.json")) as f:
         cfg = json.load(f)
     cfg["bf16"]["enabled"] = False
     path = os.path.join(out_dir, f"zero{stage}_fp32.json")
-    with open(path, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(cfg, f)
+    os.replace(tmp, path)
     return path
 
 
 def _engine_settings(engine, out_dir):
-    return {"ddp": {}, "zero2": {"deepspeed": _fp32_deepspeed(2, out_dir)},
-            "zero3": {"deepspeed": _fp32_deepspeed(3, out_dir)},
-            "zero3-bf16": {"deepspeed": os.path.join(CONFIGS, "zero3.json")},
+    if engine in ("zero2", "zero3"):
+        return {"deepspeed": _fp32_deepspeed(int(engine[-1]), out_dir)}
+    return {"ddp": {}, "zero3-bf16": {"deepspeed": os.path.join(CONFIGS, "zero3.json")},
             "fsdp": {"fsdp": {"enabled": True}},
             "fsdp-sharded": {"fsdp": {"enabled": True, "checkpoint": "sharded"}}}[engine]
 
