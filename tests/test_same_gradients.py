@@ -67,12 +67,16 @@ def test_a_differentiable_reference_gets_its_gradient_on_every_path(case, path):
     def oracle(h, w, r):
         return fk.loss(logits=h @ w.T, labels=labels, ref_logp=r, **opts).loss  # plain torch autograd
 
-    value, grads = _run(path, loss, hidden, weight, ref)
-    want, want_grads = _run("two_pass", oracle, hidden, weight, ref)
-    torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads, want_grads, strict=True):
+    _assert_same_with_a_reference_gradient(_run(path, loss, hidden, weight, ref),
+                                           _run("two_pass", oracle, hidden, weight, ref))
+
+
+def _assert_same_with_a_reference_gradient(got, want):
+    """Equal values and gradients (float64), and the reference (third input) got a gradient."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert grads[2].abs().sum() > 0
+    assert got[1][2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -87,12 +91,8 @@ def test_a_differentiable_per_row_reference_and_dpo_reference(path):
         return fk.nn.FusedLinearDPOLoss(beta=0.3, label_smoothing=0.1, backend="torch")(h, w, labels, ref_logp=r)
 
     for fn in (seq, dpo):
-        value, grads = _run(path, fn, hidden, weight, ref_row)
-        want, want_grads = _run("two_pass", fn, hidden, weight, ref_row)
-        torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
-        for a, b in zip(grads, want_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-        assert grads[2].abs().sum() > 0
+        _assert_same_with_a_reference_gradient(_run(path, fn, hidden, weight, ref_row),
+                                               _run("two_pass", fn, hidden, weight, ref_row))
     # the DPO reference gradient is minus the policy's sequence gradient: check against dpo_loss
     r = ref_row.clone().requires_grad_()
     s = fk.sequence_logp(hidden, weight, labels).sum.detach()
