@@ -108,6 +108,7 @@ class LossSpec(Protocol):
     (the registry entry or primal form, reported in the output).
 
     Methods: ``row_groups(num_rows)`` (rows that must share a chunk, or None), ``normalizers(mask2)``,
+    ``units(norms)`` (a log-mean-exp spec only: the ``n`` of its ``log mean``),
     ``terms(rows, norms)``, ``coefficients(rows, norms)``, ``finish(terms, norms)``,
     ``per_element(rows)`` (``reduction="none"``), ``rewards(rows)`` (``(u, where it counts,
     value_s0)``, reported in :class:`fdiv_kernels.LossOutput`), ``explain(rows)`` (why the loss is
@@ -434,7 +435,9 @@ class FDivSpec:
         rw = self._reward(rows)
         return rw.u, rw.weight, rw.value_s0
 
-    def _count(self, norms: Norms) -> torch.Tensor:
+    def units(self, norms: Norms) -> torch.Tensor:
+        """The count a mean (and the log-mean-exp's ``log n``) divides by: supervised tokens at token
+        level, rows with one at sequence level."""
         return norms.tokens if self.level == "token" else norms.rows
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
@@ -445,7 +448,7 @@ class FDivSpec:
         zero = u.new_zeros(())
         linear, lme = zero, None
         if div.aggregate == "mean":
-            linear = _mean_or_sum(torch.where(w, -div.objective(u), zero).sum(), self._count(norms), red)
+            linear = _mean_or_sum(torch.where(w, -div.objective(u), zero).sum(), self.units(norms), red)
         else:
             lme = _masked_logsumexp(div.neg_log_psi(u), w)
         if self.values == "free":  # the paper's -V(s0) term of J, with gradient
@@ -464,7 +467,7 @@ class FDivSpec:
             u, w, div, red = rw.u, rw.weight, self.divergence, self.reduction
             zero = u.new_zeros(())
             if div.aggregate == "mean":
-                d = torch.where(w, -div.dphi(u), zero) * _scale(self._count(norms), red, u.dtype)
+                d = torch.where(w, -div.dphi(u), zero) * _scale(self.units(norms), red, u.dtype)
             else:
                 d = _masked_softmax(div.log_psi(u), w) * torch.where(w, div.dlog_psi(u), zero)
             m2 = rows.mask
@@ -496,7 +499,7 @@ class FDivSpec:
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         if terms.lme is None:
             return terms.linear
-        return _finish_lme(terms.linear, terms.lme, self._count(norms), self.reduction)
+        return _finish_lme(terms.linear, terms.lme, self.units(norms), self.reduction)
 
     def per_element(self, rows: Rows) -> torch.Tensor:
         """``reduction="none"``: ``-phi(u)`` (``psi - offset`` for log-mean-exp divergences) per

@@ -180,8 +180,7 @@ def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
     terms, so it is the loss itself (a sum) or the loss plus ``log n`` (a mean); -inf for ``n = 0``."""
     if not spec.uses_lme:
         return None
-    n = spec.normalizers((labels != ignore_index).reshape(flat_rows(labels)))
-    count = (n.tokens if getattr(spec, "level", "token") == "token" else n.rows).to(loss.dtype)
+    count = spec.units(spec.normalizers((labels != ignore_index).reshape(flat_rows(labels)))).to(loss.dtype)
     lme = loss if spec.reduction == "sum" else loss + torch.log(count.clamp(min=1))
     return torch.where(count > 0, lme, torch.full_like(lme, -math.inf))
 
