@@ -534,11 +534,12 @@ def trl_kto_loss(per_token_logps, mask, ref_logps, desirable, *, beta: float, lo
     me = _trainer_self(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
                        undesirable_weight=undesirable_weight, calculate_KL=calc,
                        args=__import__("types").SimpleNamespace(gradient_checkpointing_kwargs=None))
+    me._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(me, model, batch)
     rows = per_token_logps.shape[0]
     completion = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask.long()], dim=1)
     logps = torch.where(mask, per_token_logps, per_token_logps.new_zeros(()))
     inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
-              "completion_mask": completion, "label": desirable.tolist(), "ref_logps": ref_logps}
+              "completion_mask": completion, "label": desirable.long(), "ref_logps": ref_logps}
     if calc:
         kl_tokens = torch.zeros(rows, 2, dtype=torch.long)
         inputs.update({"KL_input_ids": kl_tokens + 1, "KL_attention_mask": torch.ones_like(kl_tokens),
