@@ -103,7 +103,8 @@ class DPOOutput:
     types aot/aot_unpaired per rank, as TRL; the sft term's share, its weight times the batch's mean
     NLL, in every pair). ``chosen_rewards``/``rejected_rewards``: ``beta * (pi - ref)`` (``beta * pi``
     without a reference), detached. ``accuracy``: fraction of pairs with chosen reward > rejected
-    reward. ``margin``: mean reward margin."""
+    reward. ``margin``: mean reward margin. ``nll``: the sft term's mean NLL of the chosen tokens
+    (detached, before its weight; None without the term)."""
 
     loss: torch.Tensor
     losses: torch.Tensor
@@ -111,6 +112,7 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
     accuracy: torch.Tensor
     margin: torch.Tensor
+    nll: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -376,7 +378,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     rr = ref_rejected.to(cdt) if spec.needs_reference else None
     nll = _mean_nll(pc, chosen_tokens, spec.length_normalize, spec.nll_tokens, bool(nll_weight(spec)))
     losses = primitives().check_pairs(spec, pair_losses(pc, pr, rc, rr, spec, nll=nll), pc, pr, rc, rr)
-    return dpo_output(spec, losses, pc, pr, rc, rr)
+    return dpo_output(spec, losses, pc, pr, rc, rr, nll)
 
 
 def _mean_nll(logps: torch.Tensor, tokens: Optional[torch.Tensor], length_normalized: bool,
@@ -399,8 +401,9 @@ def _mean_nll(logps: torch.Tensor, tokens: Optional[torch.Tensor], length_normal
 
 
 def dpo_output(spec: DPOSpec, losses: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor],
-               rr: Optional[torch.Tensor]) -> DPOOutput:
-    """The :class:`DPOOutput` of checked pair ``losses`` ``[B]`` and their sequence log-probs."""
+               rr: Optional[torch.Tensor], nll: Optional[torch.Tensor] = None) -> DPOOutput:
+    """The :class:`DPOOutput` of checked pair ``losses`` ``[B]``, their sequence log-probs and the
+    sft term's mean NLL (None without it)."""
     if spec.needs_reference and rc is not None:
         chosen_r, rejected_r = spec.beta * (pc - rc).detach(), spec.beta * (pr - rr).detach()
     else:
@@ -413,6 +416,7 @@ def dpo_output(spec: DPOSpec, losses: torch.Tensor, pc: torch.Tensor, pr: torch.
         rejected_rewards=rejected_r,
         accuracy=losses.new_zeros(()) if empty else (chosen_r > rejected_r).float().mean(),
         margin=losses.new_zeros(()) if empty else (chosen_r - rejected_r).mean(),
+        nll=None if nll is None else nll.detach(),
     )
 
 

@@ -268,7 +268,7 @@ class FusedLinearDPOLoss(_PreferenceModule):
         pc, pr, rc, rr = self.spec._pairs(rows)
         with torch.no_grad():  # the loss was checked by the fused call
             losses = self.spec.pair_losses(rows)
-        result = dpo_output(self.spec, losses, pc, pr, rc, rr)
+        result = dpo_output(self.spec, losses, pc, pr, rc, rr, self.spec.nll_mean(rows))
         result.loss = out.loss  # the mean of these losses, with the single-pass gradients
         return result
 

@@ -814,7 +814,7 @@ class DPOSpec:
             s = s - rows.ref_seq
         return self.beta * s, rows.mask.any(dim=1), value_s0(rows)
 
-    def _nll_mean(self, rows: Rows) -> Optional[torch.Tensor]:
+    def nll_mean(self, rows: Rows) -> Optional[torch.Tensor]:
         """The sft term's mean NLL over a whole batch in the spec's order (None without the term)."""
         if not nll_weight(self):
             return None
@@ -825,7 +825,7 @@ class DPOSpec:
     def pair_losses(self, rows: Rows) -> torch.Tensor:
         """``[pairs]`` losses of a whole batch in the spec's row order (the sorted types per rank;
         the sft term's share, its batch mean NLL times its weight, in every pair)."""
-        return pair_losses(*self._pairs(rows), self, nll=self._nll_mean(rows))
+        return pair_losses(*self._pairs(rows), self, nll=self.nll_mean(rows))
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
         pc, pr, rc, rr = self._pairs(rows)

@@ -59,6 +59,18 @@ def _near_liger(a, b):
     oracle.assert_close(a, b, rtol=2e-5, atol=2e-6, what="vs liger")
 
 
+def _against(got, want, leaves, peer_leaves, exact, exact_leaves):
+    """``got`` (ours, float64) and its gradients in ``leaves``: near Liger's ``want`` (gradients in
+    ``peer_leaves``) at float32's precision, equal to the float64 oracle's ``exact`` to 1e-10."""
+    grads = _grads(got, *leaves)
+    _near_liger(got, want)
+    for a, e in zip(grads, _grads(want, *peer_leaves)):
+        _near_liger(a, e)
+    _close(got, exact, 1e-10)
+    for a, e in zip(grads, _grads(exact, *exact_leaves)):
+        _close(a, e, 1e-10)
+
+
 def _oracle_seq(x, w, bias, y, ignore_index):
     """float64 token statistics of the oracle with Liger's ignore_index mapped to the oracle's."""
     yy = torch.where(y == ignore_index, oracle.IGNORE, y)
@@ -89,18 +101,12 @@ def test_dpo_matches_liger(loss_type, bias, ref_bias, compute_nll_loss, ignore_i
                                     backend="torch")
     h2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
     got = mine(h2, w2, y, bias=b, ref_hidden=ref_x, ref_weight=ref_w, ref_bias=ref_b)
-    grads = _grads(got, h2, w2)
-    _near_liger(got, want)
-    for a, e in zip(grads, _grads(want, h1, w1)):
-        _near_liger(a, e)
     h3, w3 = oracle.leaves64(x, w)
     st, yy = _oracle_seq(h3, w3, b, y, ignore_index)
     ref_seq = oracle.sequence_logp(oracle.token_stats(ref_x, ref_w, yy, ref_b), yy)[0]
     exact, _ = oracle.dpo_pair_loss(st, yy, ref_seq, kind=list(kinds) if compute_nll_loss else kinds, beta=beta,
                                     label_smoothing=ls, discopop_tau=0.05)
-    _close(got, exact, 1e-10)
-    for a, e in zip(grads, _grads(exact, h3, w3)):
-        _close(a, e, 1e-10)
+    _against(got, want, (h2, w2), (h1, w1), exact, (h3, w3))
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -142,16 +148,10 @@ def test_orpo_matches_liger(compute_nll_loss, ignore_index, beta):
                                      backend="cpu")
     h2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
     got = mine(h2, w2, y, bias=b)
-    grads = _grads(got, h2, w2)
-    _near_liger(got, want)
-    for a, e in zip(grads, _grads(want, h1, w1)):
-        _near_liger(a, e)
     h3, w3 = oracle.leaves64(x, w)
     st, yy = _oracle_seq(h3, w3, b, y, ignore_index)
     exact, _ = oracle.dpo_pair_loss(st, yy, kind=["orpo", "sft"] if compute_nll_loss else "orpo", beta=beta)
-    _close(got, exact, 1e-10)
-    for a, e in zip(grads, _grads(exact, h3, w3)):
-        _close(a, e, 1e-10)
+    _against(got, want, (h2, w2), (h1, w1), exact, (h3, w3))
 
 
 @pytest.mark.parametrize("bias,ref_bias", [(True, True), (False, False)])
@@ -171,18 +171,12 @@ def test_kto_matches_liger(bias, ref_bias, ignore_index, beta, kl_sign):
     mine = fk.nn.FusedLinearKTOLoss(beta=beta, ignore_index=ignore_index, backend="torch")
     h2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
     got = mine(h2, w2, y, desirable, bias=b, ref_hidden=ref_x, ref_weight=ref_w, ref_bias=ref_b, kl=kl)
-    grads = _grads(got, h2, w2)
-    _near_liger(got, want)
-    for a, e in zip(grads, _grads(want, h1, w1)):
-        _near_liger(a, e)
     h3, w3 = oracle.leaves64(x, w)
     st, yy = _oracle_seq(h3, w3, b, y, ignore_index)
     s = oracle.sequence_logp(st, yy)[0]
     ref_seq = oracle.sequence_logp(oracle.token_stats(ref_x, ref_w, yy, ref_b), yy)[0]
     exact = oracle.kto_losses("kto", s, ref_seq, desirable, beta=beta, kl=float(kl)).mean()
-    _close(got, exact, 1e-10)
-    for a, e in zip(grads, _grads(exact, h3, w3)):
-        _close(a, e, 1e-10)
+    _against(got, want, (h2, w2), (h1, w1), exact, (h3, w3))
 
 
 # ---------------------------------------------------------------------------------------------
