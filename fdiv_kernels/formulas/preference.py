@@ -502,6 +502,9 @@ def explain_pair(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor],
     loss_type = "+".join(types)
     needs_ref = options.needs_reference
     given = [(n, t) for n, t in zip(names, (pc, pr, rc, rr)) if t is not None and (needs_ref or n in names[:2])]
+    if any(DPO_LOSS_TYPES[t].form == "sorted" for t in types):  # losses per rank: name the pair of the input
+        odd = [int(j) for j in (~torch.isfinite(torch.stack([t for _, t in given]))).any(dim=0).nonzero()[:1]]
+        i = odd[0] if odd else i
     nonfinite = [(n, float(t[i])) for n, t in given if not math.isfinite(float(t[i]))]
     if "orpo" in types and not any(math.isnan(v) for _, v in nonfinite):
         for n, t in given[:2]:
