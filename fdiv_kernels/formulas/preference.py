@@ -408,7 +408,7 @@ def pair_losses(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor], 
     """Per-pair losses ``[B]``: ``sum_k w_k loss_k`` over ``options.components`` (module table; the
     sorted types per rank, as TRL). ``nll``: the 0-d mean NLL of the chosen answers' tokens, which
     the ``sft`` term adds to every pair (required when it is among the components)."""
-    total = torch.zeros_like(pc)
+    total = None
     for t, w in options.components:
         form = DPO_LOSS_TYPES[t].form
         if w == 0:
@@ -427,8 +427,9 @@ def pair_losses(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor], 
             part = _sorted_loss(t, pc, pr, *_refs(pc, rc, rr, t), options)
         else:
             part = _orpo(pc, pr, options.beta)
-        total = total + (part if w == 1 else w * part)
-    return total
+        part = part if w == 1 else w * part
+        total = part if total is None else total + part
+    return torch.zeros_like(pc) if total is None else total
 
 
 def pair_loss_grads(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor], rr: Optional[torch.Tensor],
@@ -436,8 +437,7 @@ def pair_loss_grads(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tenso
     """``(d/dpc, d/dpr, d/drc, d/drr)`` of the sum of :func:`pair_losses` over pairs, closed form
     (the ``sft`` term's derivatives are per token, the spec's; hinge takes the subgradient 0 at its
     kink). The reference's are ``None`` without one."""
-    d_pc, d_pr = torch.zeros_like(pc), torch.zeros_like(pc)
-    d_rc, d_rr = torch.zeros_like(pc), torch.zeros_like(pc)
+    acc = None
     for t, w in options.components:
         form = DPO_LOSS_TYPES[t].form
         if w == 0 or form == "nll":
@@ -446,24 +446,24 @@ def pair_loss_grads(pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tenso
             h, ds_c, ds_r = _margin(pc, pr, rc, rr, options, t)
             dh = _dmargin(t, h, options)
             gc, gr = (dh, -dh) if ds_c is None else (dh * ds_c, -dh * ds_r)
-            parts = (gc, gr, -gc, -gr)
+            parts = (gc, gr, None, None)  # the references': their negatives (filled in below)
         elif form == "logratios":
             c, r = _refs(pc, rc, rr, t)
             da, db = _dlogratio(t, pc - c, pr - r, options.beta)
-            parts = (da, db, -da, -db)
+            parts = (da, db, None, None)
         elif form == "sorted":
             parts = _dsorted(t, pc, pr, *_refs(pc, rc, rr, t), options)
         else:
-            gc, gr = _dorpo(pc, pr, options.beta)
-            parts = (gc, gr, None, None)
-        if not DPO_LOSS_TYPES[t].needs_reference:
-            parts = (parts[0], parts[1], None, None)
-        d_pc, d_pr = d_pc + w * parts[0], d_pr + w * parts[1]
-        if parts[2] is not None:
-            d_rc, d_rr = d_rc + w * parts[2], d_rr + w * parts[3]
-    if rc is None:
-        return d_pc, d_pr, None, None
-    return d_pc, d_pr, d_rc, d_rr
+            parts = _dorpo(pc, pr, options.beta) + (0, 0)
+        if rc is not None and DPO_LOSS_TYPES[t].needs_reference and parts[2] is None:
+            parts = (parts[0], parts[1], -parts[0], -parts[1])
+        elif rc is None or not DPO_LOSS_TYPES[t].needs_reference:
+            parts = (parts[0], parts[1], 0, 0)
+        parts = parts if w == 1 else tuple(w * q for q in parts)
+        acc = parts if acc is None else tuple(x + q for x, q in zip(acc, parts))
+    zero = torch.zeros_like(pc)
+    acc = (zero, zero, zero, zero) if acc is None else tuple(zero if isinstance(q, int) else q for q in acc)
+    return (acc[0], acc[1], None, None) if rc is None else acc
 
 
 def kto_losses(logratio: torch.Tensor, desirable: torch.Tensor, options) -> torch.Tensor:
