@@ -9,6 +9,9 @@ Public API::
     fk.primal_loss(hidden, weight, labels, divergence="alpha", alpha=1.5)
     fk.sequence_logp(hidden, weight, labels)        # per-row sum / mean log-prob
     fk.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="sigmoid", divergence="kl")
+    fk.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                chosen_tokens=n)                 # TRL's combinations; "sft": the chosen answers' NLL
+    fk.kto_loss(s, ref, desirable=label, kl=z)   # KTO; fk.nn.FusedLinearKTOLoss, ...CPOLoss, ...ORPOLoss fused
     fk.loss_from_spec(fk.FDivSpec("kl", beta=0.1), hidden, weight, labels, head=fk.HeadSpec(backend="cpu"))
     fk.nn.FusedLinearFDivLoss, fk.nn.FusedLinearDPOLoss, fk.nn.FDivLoss
     fk.DIVERGENCE_REGISTRY, fk.divergence_names("primal"), fk.DPO_LOSS_TYPES, fk.available_backends()
@@ -22,16 +25,17 @@ points (:mod:`fdiv_kernels.api`, :mod:`fdiv_kernels.nn`).
 """
 
 from . import nn  # noqa: F401  (fk.nn.FusedLinearFDivLoss, ...)
-from .api import (DPOOutput, LossOutput, SequenceLogp, dpo_loss, loss, loss_from_spec, primal_loss, sequence_logp,
-                  shift_for_causal_lm, token_stats, token_stats_from_logits)
+from .api import (DPOOutput, KTOOutput, LossOutput, SequenceLogp, dpo_loss, kto_loss, loss, loss_from_spec, primal_loss,
+                  sequence_logp, shift_for_causal_lm, token_stats, token_stats_from_logits)
 from .autograd.token_stats import LogpLse, TokenStats, TokenStatsFunction, TokenStatsParams
 from .formulas.divergences import (DIVERGENCE_REGISTRY, DIVERGENCES, Divergence, divergence_names, get_divergence,
                                    register_divergence)
-from .formulas.preference import DPO_LOSS_TYPES, TRL_F_DIVERGENCES, DPOLossType
+from .formulas.preference import DPO_LOSS_TYPES, KTO_LOSS_TYPES, TRL_F_DIVERGENCES, DPOLossType
 from .formulas.primal import PrimalLoss
 from .kernels import Backend, available_backends, register_backend
 from .knobs import config
-from .specs import DPOSpec, FDivSpec, HeadSpec, LogSumExpAccumulator, LossSpec, PrimalSpec
+from .specs import (CPO_LOSS_TYPES, DPOSpec, FDivSpec, HeadSpec, KTOSpec, LogSumExpAccumulator, LossSpec, PrimalSpec,
+                    cpo_spec, orpo_spec)
 
 __version__ = "0.1.0"
 
@@ -41,11 +45,11 @@ PRIMAL_DIVERGENCES = divergence_names("primal")
 DPO_DIVERGENCES = divergence_names("dpo")
 
 __all__ = [
-    "DIVERGENCES", "DIVERGENCE_REGISTRY", "DPO_DIVERGENCES", "DPO_LOSS_TYPES", "PRIMAL_DIVERGENCES",
-    "TRL_F_DIVERGENCES", "Backend", "DPOLossType", "DPOOutput", "DPOSpec", "Divergence", "FDivSpec", "HeadSpec",
-    "LogSumExpAccumulator", "LogpLse", "LossOutput", "LossSpec", "PrimalLoss", "PrimalSpec", "SequenceLogp",
-    "TokenStats", "TokenStatsFunction", "TokenStatsParams", "__version__", "available_backends", "config",
-    "divergence_names", "dpo_loss", "get_divergence", "loss", "loss_from_spec", "nn", "primal_loss",
-    "register_backend", "register_divergence", "sequence_logp", "shift_for_causal_lm", "token_stats",
-    "token_stats_from_logits",
+    "CPO_LOSS_TYPES", "DIVERGENCES", "DIVERGENCE_REGISTRY", "DPO_DIVERGENCES", "DPO_LOSS_TYPES", "KTO_LOSS_TYPES",
+    "PRIMAL_DIVERGENCES", "TRL_F_DIVERGENCES", "Backend", "DPOLossType", "DPOOutput", "DPOSpec", "Divergence",
+    "FDivSpec", "HeadSpec", "KTOOutput", "KTOSpec", "LogSumExpAccumulator", "LogpLse", "LossOutput", "LossSpec",
+    "PrimalLoss", "PrimalSpec", "SequenceLogp", "TokenStats", "TokenStatsFunction", "TokenStatsParams",
+    "__version__", "available_backends", "config", "cpo_spec", "divergence_names", "dpo_loss", "get_divergence",
+    "kto_loss", "loss", "loss_from_spec", "nn", "orpo_spec", "primal_loss", "register_backend",
+    "register_divergence", "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits",
 ]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional, Tuple, Union, overload
+from typing import Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import torch
 
@@ -40,12 +40,12 @@ from .autograd.evaluate import EAGER, Primitives, evaluate, evaluate_logits
 from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, stats_result
 from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
 from .formulas.divergences import Divergence
-from .formulas.preference import pair_losses
+from .formulas.preference import kto_losses, nll_weight, pair_losses
 from .formulas.primal import PrimalLoss
-from .specs import DPOSpec, FDivSpec, HeadSpec, LossSpec, PrimalSpec, Rows, is_loss_spec
+from .specs import DPOSpec, FDivSpec, HeadSpec, KTOSpec, LossSpec, PrimalSpec, Rows, is_loss_spec
 
-__all__ = ["DPOOutput", "LossOutput", "SequenceLogp", "dpo_loss", "loss", "loss_from_spec", "primal_loss",
-           "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits"]
+__all__ = ["DPOOutput", "KTOOutput", "LossOutput", "SequenceLogp", "dpo_loss", "kto_loss", "loss", "loss_from_spec",
+           "primal_loss", "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits"]
 
 
 def primitives() -> Primitives:
@@ -99,9 +99,12 @@ class SequenceLogp(NamedTuple):
 
 @dataclass
 class DPOOutput:
-    """``loss``: mean over pairs. ``losses``: ``[B]``. ``chosen_rewards``/``rejected_rewards``:
-    ``beta * (pi - ref)`` (``beta * pi`` for simpo), detached. ``accuracy``: fraction of pairs
-    with chosen reward > rejected reward. ``margin``: mean reward margin."""
+    """``loss``: mean over pairs. ``losses``: ``[B]`` (the weighted sum of the loss types; the sorted
+    types aot/aot_unpaired per rank, as TRL; the sft term's share, its weight times the batch's mean
+    NLL, in every pair). ``chosen_rewards``/``rejected_rewards``: ``beta * (pi - ref)`` (``beta * pi``
+    without a reference), detached. ``accuracy``: fraction of pairs with chosen reward > rejected
+    reward. ``margin``: mean reward margin. ``nll``: the sft term's mean NLL of the chosen tokens
+    (detached, before its weight; None without the term)."""
 
     loss: torch.Tensor
     losses: torch.Tensor
@@ -109,6 +112,20 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
     accuracy: torch.Tensor
     margin: torch.Tensor
+    nll: Optional[torch.Tensor] = None
+
+
+@dataclass
+class KTOOutput:
+    """``loss``: mean over the ``B`` rows. ``losses``: ``[B]`` (the sft term's share in every row).
+    ``chosen_rewards`` ``[D]`` / ``rejected_rewards`` ``[U]``: ``beta * (pi - ref)`` of the
+    desirable / undesirable rows (TRL's metrics), detached. ``kl``: the KL estimate used (0-d)."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    kl: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,22 +332,32 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              ref_chosen: Optional[torch.Tensor] = None, ref_rejected: Optional[torch.Tensor] = None, *,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.0,
-             divergence: str = "kl", alpha: float = 1.0) -> DPOOutput:
-    """DPO / IPO / hinge / robust DPO / SimPO loss on ``[B]`` sequence log-probs.
+             beta: float, loss_type: Union[str, Sequence[str]] = "sigmoid", label_smoothing: float = 0.0,
+             gamma: float = 0.0, divergence: str = "kl", alpha: float = 1.0,
+             loss_weights: Optional[Sequence[float]] = None, discopop_tau: float = 0.05,
+             length_normalize: Optional[bool] = None, reference_free: bool = False,
+             chosen_tokens: Optional[torch.Tensor] = None, nll_tokens: Optional[float] = None) -> DPOOutput:
+    """The DPO family (DPO, IPO, hinge, robust, SimPO, EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP, ORPO,
+    their weighted combinations and the NLL term) on ``[B]`` sequence log-probs.
 
     Args:
         policy_chosen, policy_rejected: ``[B]`` policy sequence log-probs (e.g. from
-            :func:`sequence_logp`), with gradient.
+            :func:`sequence_logp`; the means for length-normalised types), with gradient.
         ref_chosen, ref_rejected: ``[B]`` reference log-probs; required by the loss types that
-            need a reference (all but ``simpo``; :data:`fdiv_kernels.DPO_LOSS_TYPES`). A NaN or
-            ``+inf`` reference is not a log-probability: ``ValueError`` naming it and the pair.
-        beta, loss_type, label_smoothing, gamma, divergence, alpha: the fields of
+            need a reference (:data:`fdiv_kernels.DPO_LOSS_TYPES`) unless ``reference_free``. A NaN
+            or ``+inf`` reference is not a log-probability: ``ValueError`` naming it and the pair.
+        beta, loss_type, label_smoothing, gamma, divergence, alpha, loss_weights, discopop_tau,
+            length_normalize, reference_free, nll_tokens: the fields of
             :class:`~fdiv_kernels.specs.DPOSpec` (validated there; the formulas and TRL's names:
-            :mod:`fdiv_kernels.formulas.preference`).
+            :mod:`fdiv_kernels.formulas.preference`). ``loss_type`` may list several types, summed
+            with ``loss_weights`` (TRL's ``loss_type=[...]``, ``loss_weights=[...]``).
+        chosen_tokens: ``[B]`` number of answer tokens of each chosen row, needed by the ``sft``
+            term (the chosen answers' mean NLL per token, ``-sum_i pc_i / sum_i n_i``; with
+            length-normalised inputs ``-sum_i pc_i n_i / sum_i n_i``), over ``nll_tokens`` when given.
     """
     spec = DPOSpec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                   divergence=divergence, alpha=alpha)
+                   divergence=divergence, alpha=alpha, length_normalize=length_normalize, loss_weights=loss_weights,
+                   discopop_tau=discopop_tau, reference_free=reference_free, nll_tokens=nll_tokens)
     for name, t in (("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected)):
         checks.check_floating(name, t)
     if policy_chosen.shape != policy_rejected.shape:
@@ -338,24 +365,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                          f"{tuple(policy_rejected.shape)} must have the same shape")
     if spec.needs_reference:
         if ref_chosen is None or ref_rejected is None:
-            raise ValueError(f"loss_type={loss_type!r} needs ref_chosen and ref_rejected")
+            raise ValueError(f"loss_type={loss_type!r} needs ref_chosen and ref_rejected (or reference_free=True)")
         for name, t in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
             checks.check_floating(name, t)
             if t.shape != policy_chosen.shape:
                 raise ValueError(f"{name} must have shape {tuple(policy_chosen.shape)}, got {tuple(t.shape)}")
     checks.check_same_device(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
-                             ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+                             ref_chosen=ref_chosen, ref_rejected=ref_rejected, chosen_tokens=chosen_tokens)
     cdt = _compute_dtype(policy_chosen)
     pc, pr = policy_chosen.to(cdt), policy_rejected.to(cdt)
     rc = ref_chosen.to(cdt) if spec.needs_reference else None
     rr = ref_rejected.to(cdt) if spec.needs_reference else None
-    losses = primitives().check_pairs(spec, pair_losses(pc, pr, rc, rr, spec), pc, pr, rc, rr)
-    return dpo_output(spec, losses, pc, pr, rc, rr)
+    nll = _mean_nll(pc, chosen_tokens, spec.length_normalize, spec.nll_tokens, bool(nll_weight(spec)))
+    losses = primitives().check_pairs(spec, pair_losses(pc, pr, rc, rr, spec, nll=nll), pc, pr, rc, rr)
+    return dpo_output(spec, losses, pc, pr, rc, rr, nll)
+
+
+def _mean_nll(logps: torch.Tensor, tokens: Optional[torch.Tensor], length_normalized: bool,
+              nll_tokens: Optional[float], used: bool) -> Optional[torch.Tensor]:
+    """The sft term's mean NLL per token of rows of sequence log-probs ``logps`` ``[n]`` with
+    ``tokens`` ``[n]`` answer tokens each (None when the term is not used)."""
+    if not used:
+        if tokens is not None:
+            raise ValueError("chosen_tokens / tokens are read by the sft term only; add 'sft' to loss_type or drop them")
+        return None
+    if tokens is None:
+        raise ValueError("loss_type 'sft' (the NLL of the chosen answers) needs their token counts: pass chosen_tokens= "
+                         "(tokens= for fk.kto_loss) or use the fused module")
+    if tokens.shape != logps.shape:
+        raise ValueError(f"chosen_tokens / tokens must have shape {tuple(logps.shape)}, got {tuple(tokens.shape)}")
+    n = tokens.to(logps.dtype)
+    total = (logps * n).sum() if length_normalized else logps.sum()
+    count = n.sum() if nll_tokens is None else logps.new_tensor(nll_tokens)
+    return -total / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def dpo_output(spec: DPOSpec, losses: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: Optional[torch.Tensor],
-               rr: Optional[torch.Tensor]) -> DPOOutput:
-    """The :class:`DPOOutput` of checked pair ``losses`` ``[B]`` and their sequence log-probs."""
+               rr: Optional[torch.Tensor], nll: Optional[torch.Tensor] = None) -> DPOOutput:
+    """The :class:`DPOOutput` of checked pair ``losses`` ``[B]``, their sequence log-probs and the
+    sft term's mean NLL (None without it)."""
     if spec.needs_reference and rc is not None:
         chosen_r, rejected_r = spec.beta * (pc - rc).detach(), spec.beta * (pr - rr).detach()
     else:
@@ -368,7 +416,79 @@ def dpo_output(spec: DPOSpec, losses: torch.Tensor, pc: torch.Tensor, pr: torch.
         rejected_rewards=rejected_r,
         accuracy=losses.new_zeros(()) if empty else (chosen_r > rejected_r).float().mean(),
         margin=losses.new_zeros(()) if empty else (chosen_r - rejected_r).mean(),
+        nll=None if nll is None else nll.detach(),
     )
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: Optional[torch.Tensor] = None, *, desirable: torch.Tensor,
+             beta: float = 0.1, kl: Union[float, torch.Tensor] = 0.0, loss_type: Union[str, Sequence[str]] = "kto",
+             loss_weights: Optional[Sequence[float]] = None, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0, length_normalize: bool = False, tokens: Optional[torch.Tensor] = None,
+             nll_tokens: Optional[float] = None) -> KTOOutput:
+    """KTO (TRL's ``KTOTrainer`` formulas) on ``[B]`` unpaired sequence log-probs.
+
+    Args:
+        policy_logps: ``[B]`` policy sequence log-probs, with gradient; ``ref_logps``: ``[B]``
+            reference ones (None: log-probs as the log-ratios, Liger's ``use_ref_model=False``).
+        desirable: ``[B]`` bool, TRL's ``label`` (Liger's ``preference_labels``).
+        kl: the detached batch KL estimate ``z`` of ``loss_type="kto"`` (a float or 0-d tensor; TRL:
+            ``(policy - reference log-probs of mismatched completions).mean()``, gathered over
+            processes, clamped at 0), in ``u = beta (pi - ref - z)``; not read by ``apo_zero_unpaired``.
+        beta, loss_type, loss_weights, desirable_weight, undesirable_weight, length_normalize,
+            nll_tokens: the fields of :class:`~fdiv_kernels.specs.KTOSpec`.
+        tokens: ``[B]`` answer tokens per row, needed by the ``sft`` term (the desirable rows' NLL).
+    """
+    checks.check_floating("policy_logps", policy_logps)
+    if policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps must have shape [B], got {tuple(policy_logps.shape)}")
+    if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool or desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable must be a bool tensor of shape {tuple(policy_logps.shape)}")
+    if ref_logps is not None:
+        checks.check_floating("ref_logps", ref_logps)
+        if ref_logps.shape != policy_logps.shape:
+            raise ValueError(f"ref_logps must have shape {tuple(policy_logps.shape)}, got {tuple(ref_logps.shape)}")
+    checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, tokens=tokens,
+                             kl=kl if isinstance(kl, torch.Tensor) else None)
+    spec = KTOSpec(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
+                   undesirable_weight=undesirable_weight, loss_weights=loss_weights, length_normalize=length_normalize,
+                   nll_tokens=nll_tokens, desirable=tuple(bool(d) for d in desirable.tolist()))
+    cdt = _compute_dtype(policy_logps)
+    s = policy_logps.to(cdt)
+    z = kl_estimate(kl, s) if spec.uses_kl else s.new_zeros(())
+    ref = s.new_zeros(()) if ref_logps is None else ref_logps.to(cdt)
+    losses = kto_losses(s - (ref + z), desirable, spec)
+    nll = _mean_nll(s[desirable], None if tokens is None else tokens[desirable], length_normalize, nll_tokens,
+                    bool(nll_weight(spec)))
+    if nll is not None:
+        losses = losses + nll_weight(spec) * nll
+    refs = () if ref_logps is None else (("ref_logps", ref),)
+    checks.check_pairs(losses, refs, lambda: _explain_rows(losses, s))
+    return kto_output(spec, losses, s, None if ref_logps is None else ref, desirable, z)
+
+
+def kl_estimate(kl: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """KTO's KL estimate as a detached 0-d tensor in ``like``'s dtype and device (checked finite)."""
+    if isinstance(kl, torch.Tensor):
+        checks.check_scalar_tensor("kl", kl)
+        return kl.detach().to(like.dtype).reshape(())
+    checks.check_finite_number("kl", kl)
+    return like.new_tensor(float(kl))
+
+
+def _explain_rows(losses: torch.Tensor, s: torch.Tensor) -> Optional[str]:
+    bad = ~torch.isfinite(losses.detach())
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0])
+    return f"row {i}: policy_logps = {float(s[i])} gives the KTO loss {float(losses[i])} (a NaN input)"
+
+
+def kto_output(spec: KTOSpec, losses: torch.Tensor, s: torch.Tensor, ref: Optional[torch.Tensor],
+               desirable: torch.Tensor, kl: torch.Tensor) -> KTOOutput:
+    """The :class:`KTOOutput` of checked row ``losses`` ``[B]`` and their sequence log-probs."""
+    r = spec.beta * (s if ref is None else s - ref).detach()
+    return KTOOutput(loss=losses.sum() if losses.numel() == 0 else losses.mean(), losses=losses,
+                     chosen_rewards=r[desirable], rejected_rewards=r[~desirable], kl=kl.detach())
 
 
 # ---------------------------------------------------------------------------------------------

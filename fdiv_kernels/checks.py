@@ -33,9 +33,9 @@ from . import knobs
 
 __all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "check_finite_number",
            "check_floating", "check_head", "check_head_options", "check_label_values", "check_labels_dtype",
-           "check_logits", "check_loss_data", "check_pairs", "check_reference", "check_rows", "check_same_device",
-           "check_token_stats", "data_checks_enabled", "explain_token_stats", "first_position", "invalid_reference",
-           "is_real"]
+           "check_logits", "check_loss_data", "check_loss_types", "check_pairs", "check_reference", "check_rows",
+           "check_same_device", "check_scalar_tensor", "check_token_stats", "data_checks_enabled",
+           "explain_token_stats", "first_position", "invalid_reference", "is_real"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 Explain = Callable[[], Optional[str]]
@@ -70,6 +70,27 @@ def check_finite_number(name: str, value, *, minimum: Optional[float] = None) ->
     if not ok:
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_loss_types(loss_type, loss_weights, choices) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
+    """``loss_type`` (a name or a sequence of names in ``choices``) and ``loss_weights`` (None: 1.0
+    each, or one finite number per name, as TRL's ``loss_weights``): ``(names, weights)`` as tuples."""
+    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type) if isinstance(loss_type, (list, tuple)) \
+        else None
+    if not names:
+        raise ValueError(f"loss_type must be a name or a non-empty list of names, got {loss_type!r}")
+    for name in names:
+        check_choice("loss_type", name, choices)
+    if loss_weights is None:
+        return names, (1.0,) * len(names)
+    weights = (loss_weights,) if is_real(loss_weights) and not isinstance(loss_weights, (list, tuple)) \
+        else tuple(loss_weights) if isinstance(loss_weights, (list, tuple)) else None
+    if weights is None or len(weights) != len(names):
+        raise ValueError(f"loss_weights must give one weight per loss_type ({len(names)}: {list(names)}), "
+                         f"got {loss_weights!r}")
+    for w in weights:
+        check_finite_number("loss_weights", w)
+    return names, tuple(float(w) for w in weights)
 
 
 def check_head_options(head) -> None:
@@ -114,6 +135,13 @@ def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int)
         pos = first_position(bad)
         raise ValueError(f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
                          f"found {int(labels[pos])} at position {pos}")
+
+
+def check_scalar_tensor(name: str, t: torch.Tensor) -> None:
+    """``t`` is a one-element floating-point tensor holding a finite number (one host read)."""
+    check_floating(name, t)
+    if t.numel() != 1 or not math.isfinite(float(t)):
+        raise ValueError(f"{name} must be a finite number (a float or a one-element tensor), got {t!r}")
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:

@@ -61,12 +61,13 @@ def compiling() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def encode_spec(spec) -> str:
-    """``repr((class name, ((field, value), ...)))`` of a frozen spec dataclass; registry entries
+    """``repr((class name, ((field, value), ...)))`` of a frozen spec dataclass (scalars and tuples of
+    scalars: a DPO spec's loss types and weights, KTO's desirable flags); registry entries
     (a :class:`~fdiv_kernels.Divergence` or primal loss) by their ``name``. Traceable by dynamo."""
     items = []
     for name in spec.__dataclass_fields__:
         value = getattr(spec, name)
-        if not isinstance(value, _SCALARS):
+        if not (isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value))):
             value = _registered_name(name, value)
         items.append((name, value))
     return repr((type(spec).__name__, tuple(items)))

@@ -3,7 +3,10 @@
 * :class:`FDivLoss`: from logits, like ``nn.CrossEntropyLoss`` (``loss_fn(logits, labels)``).
 * :class:`FusedLinearFDivLoss`: from hidden states and the LM head, never building the
   ``[N, V]`` logits (``loss_fn(hidden, lm_head.weight, labels)`` or ``loss_fn(hidden, lm_head, labels)``).
-* :class:`FusedLinearDPOLoss`: DPO-family loss from concatenated chosen/rejected hidden states.
+* :class:`FusedLinearDPOLoss`: DPO-family loss from concatenated chosen/rejected hidden states;
+  :class:`FusedLinearCPOLoss` and :class:`FusedLinearORPOLoss` the same module with the options of
+  TRL's CPO and ORPO trainers (:func:`~fdiv_kernels.specs.cpo_spec`, :func:`~fdiv_kernels.specs.orpo_spec`).
+* :class:`FusedLinearKTOLoss`: KTO from unpaired rows, each desirable or not.
 
 Each module holds one validated loss spec (``.spec``: :class:`~fdiv_kernels.specs.FDivSpec`,
 :class:`~fdiv_kernels.specs.PrimalSpec` or :class:`~fdiv_kernels.specs.DPOSpec`) and, for the
@@ -26,11 +29,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn as _tnn
 
-from .api import DPOOutput, LossOutput, dpo_output, loss_from_spec, sequence_logp, shift_for_causal_lm
-from .formulas.preference import pair_losses
-from .specs import DPOSpec, FDivSpec, HeadSpec, PrimalSpec, Rows
+from .api import (DPOOutput, KTOOutput, LossOutput, dpo_output, kl_estimate, kto_output, loss_from_spec, sequence_logp,
+                  shift_for_causal_lm)
+from .autograd.fused import row_order
+from .specs import DPOSpec, FDivSpec, HeadSpec, KTOSpec, PrimalSpec, Rows, cpo_spec, orpo_spec
 
-__all__ = ["FDivLoss", "FusedLinearDPOLoss", "FusedLinearFDivLoss", "shift_for_causal_lm"]
+__all__ = ["FDivLoss", "FusedLinearCPOLoss", "FusedLinearDPOLoss", "FusedLinearFDivLoss", "FusedLinearKTOLoss",
+           "FusedLinearORPOLoss", "shift_for_causal_lm"]
 
 HeadLike = Union[torch.Tensor, _tnn.Module]
 _HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadSpec))
@@ -149,85 +154,37 @@ class FusedLinearFDivLoss(_SpecModule):
         return out if return_output else out.loss
 
 
-class FusedLinearDPOLoss(_SpecModule):
-    """DPO-family loss from concatenated chosen/rejected hidden states, fused with the LM head.
+class _PreferenceModule(_SpecModule):
+    """What the preference modules share: a spec of sequence log-probs, the head, the reference."""
 
-    ``loss_fn(hidden [2B, T, H], weight, labels [2B, T], *, bias=None, ref_logp=None,
-    ref_hidden=None, ref_weight=None, ref_bias=None, return_output=False)``:
+    _build = staticmethod(DPOSpec)
 
-    * rows ``0..B-1`` are the chosen responses, rows ``B..2B-1`` the rejected ones (TRL's layout);
-      ``labels`` is ``ignore_index`` on prompt and padding tokens;
-    * policy sequence log-probs are summed over supervised tokens (or averaged when
-      ``length_normalize``), then the DPO formula of the spec (:func:`fdiv_kernels.dpo_loss`), all
-      in the fused single pass;
-    * the reference is either ``ref_logp`` (``[2B]`` sequence log-probs in the same layout and the
-      same normalisation, or a ``(ref_chosen [B], ref_rejected [B])`` pair), or the reference
-      model's ``ref_hidden [2B, T, H]`` through its head, evaluated under ``torch.no_grad()``: the
-      head is ``ref_weight`` (a tensor with ``ref_bias``, or a module with its own bias) when given,
-      else the policy's ``weight`` with ``ref_bias`` when given, else with the policy's bias. Loss
-      types that need no reference (``simpo``) take none.
-
-    Options: ``spec=DPOSpec(...)`` and ``head=HeadSpec(...)``, or their keywords: ``beta``,
-    ``loss_type`` (sigmoid, robust, hinge, ipo, simpo; :data:`fdiv_kernels.DPO_LOSS_TYPES`),
-    ``label_smoothing``, ``gamma`` (SimPO margin), ``length_normalize`` (default: the loss type's,
-    True for ipo and simpo, as TRL does), ``divergence``/``alpha`` (f-DPO scores: kl, reverse_kl,
-    js, alpha; :mod:`fdiv_kernels.formulas.preference`); ``softcap``, ``temperature``, ``backend``.
-    Plus ``ignore_index`` and ``shift_labels``.
-
-    Returns the mean loss over pairs (float32), or the :class:`fdiv_kernels.DPOOutput` with
-    ``return_output=True``.
-    """
-
-    def __init__(self, spec: Optional[DPOSpec] = None, head: Optional[HeadSpec] = None, *,
-                 ignore_index: int = -100, shift_labels: bool = False, **options) -> None:
+    def __init__(self, spec=None, head: Optional[HeadSpec] = None, *, ignore_index: int = -100,
+                 shift_labels: bool = False, **options) -> None:
         super().__init__()
         head_options = {k: options.pop(k) for k in _HEAD_FIELDS if k in options}
-        self.spec = _built(DPOSpec, spec, options, DPOSpec, "spec")
+        self.spec = _built(type(self)._spec_type, spec, options, type(self)._build, "spec")
         self.head = _built(HeadSpec, head, head_options, HeadSpec, "head")
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
 
     def sequence_logps(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[2B]`` sequence log-probs (sum, or mean when ``length_normalize``) of ``hidden [2B, T, H]``."""
+        """``[R]`` sequence log-probs (sum, or mean when ``length_normalize``) of ``hidden [R, T, H]``."""
         w, b = _split_head(weight, bias)
-        _check_pairs(hidden)
         if self.shift_labels:
             hidden, labels, _ = shift_for_causal_lm(hidden, labels)
         s = sequence_logp(hidden, w, labels, bias=b, ignore_index=self.ignore_index, softcap=self.head.softcap,
                           temperature=self.head.temperature, backend=self.head.backend)
         return s.mean if self.spec.length_normalize else s.sum
 
-    def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
-                bias: Optional[torch.Tensor] = None,
-                ref_logp: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
-                ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[HeadLike] = None,
-                ref_bias: Optional[torch.Tensor] = None, return_output: bool = False) -> Union[torch.Tensor, DPOOutput]:
-        w, b = _split_head(weight, bias)
-        _check_pairs(hidden)
-        ref = self._reference(hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias)
-        if self.shift_labels:
-            hidden, labels, _ = shift_for_causal_lm(hidden, labels)
-        out = loss_from_spec(self.spec, hidden, w, labels, bias=b, ref_logp=ref, head=self.head,
-                             ignore_index=self.ignore_index)
-        if not return_output:
-            return out.loss
-        zero = out.logp.new_zeros(())
-        rows = Rows(out.logp, out.lse, out.mask, zero, None)
-        pc, pr = self.spec.sequence_logps(rows).chunk(2, dim=0)
-        rc, rr = (None, None) if ref is None else ref.to(pc.dtype).chunk(2, dim=0)
-        with torch.no_grad():  # the loss was checked by the fused call
-            losses = pair_losses(pc, pr, rc, rr, self.spec)
-        result = dpo_output(self.spec, losses, pc, pr, rc, rr)
-        result.loss = out.loss  # the mean of these losses, with the single-pass gradients
-        return result
-
     def _reference(self, hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias):
-        """``[2B]`` reference sequence log-probs (chosen then rejected), or None for simpo."""
+        """``[R]`` reference sequence log-probs in the spec's normalisation, or None: ``ref_logp``
+        (``[R]``), or the reference model's ``ref_hidden`` through its head under ``no_grad``."""
         if ref_logp is not None and ref_hidden is not None:
             raise ValueError("pass either ref_logp or ref_hidden, not both")
         if ref_hidden is not None:
             if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-                raise ValueError(f"ref_hidden must have hidden's shape [2B, T, *] = {tuple(hidden.shape[:-1])}, "
+                raise ValueError(f"ref_hidden must have hidden's shape [R, T, *] = {tuple(hidden.shape[:-1])}, "
                                  f"got {tuple(ref_hidden.shape)}")
             if ref_weight is None:  # the policy's head, with ref_bias when given
                 head, head_bias = weight, (ref_bias if ref_bias is not None else bias)
@@ -238,18 +195,150 @@ class FusedLinearDPOLoss(_SpecModule):
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight and ref_bias apply to ref_hidden (the reference model's hidden states); "
                              "with ref_logp the reference log-probs are already computed")
+        if ref_logp is not None and tuple(ref_logp.shape) != (hidden.shape[0],):
+            raise ValueError(f"ref_logp must have shape [R] = ({hidden.shape[0]},) (one per row), "
+                             f"got {tuple(ref_logp.shape)}")
+        return ref_logp
+
+    def _fused(self, spec, hidden, w, labels, b, ref) -> LossOutput:
+        if self.shift_labels:
+            hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+        return loss_from_spec(spec, hidden, w, labels, bias=b, ref_logp=ref, head=self.head,
+                              ignore_index=self.ignore_index)
+
+
+class FusedLinearDPOLoss(_PreferenceModule):
+    """DPO-family loss from concatenated chosen/rejected hidden states, fused with the LM head.
+
+    ``loss_fn(hidden [2B, T, H], weight, labels [2B, T], *, bias=None, ref_logp=None,
+    ref_hidden=None, ref_weight=None, ref_bias=None, return_output=False)``:
+
+    * rows ``0..B-1`` are the chosen responses, rows ``B..2B-1`` the rejected ones (TRL's layout);
+      ``labels`` is ``ignore_index`` on prompt and padding tokens;
+    * policy sequence log-probs are summed over supervised tokens (or averaged when
+      ``length_normalize``), then the DPO formula of the spec (:func:`fdiv_kernels.dpo_loss`), and
+      the ``sft`` term's NLL of the chosen tokens, all in the fused single pass;
+    * the reference is either ``ref_logp`` (``[2B]`` sequence log-probs in the same layout and the
+      same normalisation, or a ``(ref_chosen [B], ref_rejected [B])`` pair), or the reference
+      model's ``ref_hidden [2B, T, H]`` through its head, evaluated under ``torch.no_grad()``: the
+      head is ``ref_weight`` (a tensor with ``ref_bias``, or a module with its own bias) when given,
+      else the policy's ``weight`` with ``ref_bias`` when given, else with the policy's bias. Loss
+      types that need no reference (simpo, orpo, sft; or ``reference_free=True``) take none.
+
+    Options: ``spec=DPOSpec(...)`` and ``head=HeadSpec(...)``, or their keywords: ``beta``,
+    ``loss_type`` (a name of :data:`fdiv_kernels.DPO_LOSS_TYPES` or a list), ``loss_weights``,
+    ``label_smoothing``, ``gamma`` (SimPO margin), ``discopop_tau``, ``length_normalize`` (default:
+    the loss types', True for ipo, simpo, sigmoid_norm and orpo, as TRL does), ``divergence``/``alpha``
+    (f-DPO scores: kl, reverse_kl, js, alpha; :mod:`fdiv_kernels.formulas.preference`),
+    ``reference_free``, ``nll_tokens``; ``softcap``, ``temperature``, ``backend``. Plus
+    ``ignore_index`` and ``shift_labels``.
+
+    Returns the mean loss over pairs (float32), or the :class:`fdiv_kernels.DPOOutput` with
+    ``return_output=True``.
+    """
+
+    _spec_type = DPOSpec
+
+    def sequence_logps(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[2B]`` sequence log-probs (sum, or mean when ``length_normalize``) of ``hidden [2B, T, H]``."""
+        _check_pairs(hidden)
+        return super().sequence_logps(hidden, weight, labels, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = None,
+                ref_logp: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
+                ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[HeadLike] = None,
+                ref_bias: Optional[torch.Tensor] = None, return_output: bool = False) -> Union[torch.Tensor, DPOOutput]:
+        w, b = _split_head(weight, bias)
+        _check_pairs(hidden)
         if isinstance(ref_logp, (tuple, list)):
             if len(ref_logp) != 2:
                 raise ValueError("ref_logp as a sequence must be (ref_chosen, ref_rejected)")
-            return torch.cat([ref_logp[0].reshape(-1), ref_logp[1].reshape(-1)])
-        if ref_logp is not None:
-            if tuple(ref_logp.shape) != (hidden.shape[0],):
-                raise ValueError(f"ref_logp must have shape [2B] = ({hidden.shape[0]},) (chosen then rejected), "
-                                 f"got {tuple(ref_logp.shape)}")
-            return ref_logp
-        if self.spec.needs_reference:
+            ref_logp = torch.cat([ref_logp[0].reshape(-1), ref_logp[1].reshape(-1)])
+        ref = self._reference(hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias)
+        if ref is None and self.spec.needs_reference:
             raise ValueError(f"loss_type={self.spec.loss_type!r} needs a reference: pass ref_logp= or ref_hidden=")
-        return None
+        out = self._fused(self.spec, hidden, w, labels, b, ref)
+        if not return_output:
+            return out.loss
+        zero = out.logp.new_zeros(())
+        rows = Rows(out.logp, out.lse, out.mask, zero, None if ref is None else ref.to(out.logp.dtype))
+        rows = rows.select(row_order(self.spec, rows.mask.shape[0], rows.mask.device))
+        pc, pr, rc, rr = self.spec._pairs(rows)
+        with torch.no_grad():  # the loss was checked by the fused call
+            losses = self.spec.pair_losses(rows)
+        result = dpo_output(self.spec, losses, pc, pr, rc, rr, self.spec.nll_mean(rows))
+        result.loss = out.loss  # the mean of these losses, with the single-pass gradients
+        return result
+
+
+class FusedLinearCPOLoss(FusedLinearDPOLoss):
+    """:class:`FusedLinearDPOLoss` with TRL's ``CPOTrainer`` options (``CPOConfig``'s names, through
+    :func:`~fdiv_kernels.specs.cpo_spec`): ``loss_type`` (sigmoid, hinge, ipo, simpo, alphapo),
+    ``beta``, ``label_smoothing``, ``cpo_alpha`` (the chosen answers' NLL weight, 1.0 as in TRL and
+    Liger's CPO/SimPO ``alpha``), ``simpo_gamma``, ``alpha`` (AlphaPO); no reference."""
+
+    _build = staticmethod(cpo_spec)
+
+
+class FusedLinearORPOLoss(FusedLinearDPOLoss):
+    """:class:`FusedLinearDPOLoss` for ORPO (TRL's ``ORPOTrainer``, Liger's ORPO loss; through
+    :func:`~fdiv_kernels.specs.orpo_spec`): ``beta`` (the odds-ratio term's weight) and
+    ``compute_nll_loss`` (the chosen answers' NLL, on by default); no reference."""
+
+    _build = staticmethod(orpo_spec)
+
+
+class FusedLinearKTOLoss(_PreferenceModule):
+    """KTO (TRL's ``KTOTrainer``) from ``B`` unpaired rows, fused with the LM head.
+
+    ``loss_fn(hidden [B, T, H], weight, labels [B, T], desirable [B] bool, *, bias=None,
+    ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, kl=None, return_output=False)``:
+    ``desirable`` is TRL's ``label`` (Liger's ``preference_labels``); the reference as for
+    :class:`FusedLinearDPOLoss` (``[B]``; none: log-probs as the log-ratios); ``kl``: the detached
+    batch KL estimate of ``loss_type="kto"`` (a float or 0-d tensor, None: 0; TRL computes it from
+    mismatched completions under ``no_grad``, gathered over processes and clamped at 0), which
+    enters as ``u = beta (pi - ref - kl)``. The desirable flags are read on the host once per call.
+
+    Options: ``spec=KTOSpec(...)`` or its keywords (``loss_type`` kto / apo_zero_unpaired, plus
+    ``"sft"`` with ``loss_weights``; ``beta``, ``desirable_weight``, ``undesirable_weight``,
+    ``length_normalize``, ``nll_tokens``), the head's, ``ignore_index`` and ``shift_labels``.
+    Returns the mean loss over rows, or a :class:`fdiv_kernels.KTOOutput` with ``return_output=True``.
+    """
+
+    _spec_type = KTOSpec
+    _build = staticmethod(KTOSpec)
+
+    def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, desirable: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
+                ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[HeadLike] = None,
+                ref_bias: Optional[torch.Tensor] = None, kl: Optional[Union[float, torch.Tensor]] = None,
+                return_output: bool = False) -> Union[torch.Tensor, KTOOutput]:
+        w, b = _split_head(weight, bias)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
+        if (not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool
+                or tuple(desirable.shape) != (hidden.shape[0],)):
+            raise ValueError(f"desirable must be a bool tensor of shape [B] = ({hidden.shape[0]},)")
+        spec = dataclasses.replace(self.spec, desirable=tuple(bool(d) for d in desirable.tolist()))
+        ref = self._reference(hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias)
+        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        z = kl_estimate(0.0 if kl is None else kl, hidden.new_zeros((), dtype=cdt)).to(hidden.device)
+        shifted = ref
+        if spec.uses_kl and kl is not None:  # u = beta (pi - (ref + kl)): the estimate joins the reference
+            shifted = (z if ref is None else ref.to(cdt) + z).expand(hidden.shape[0])
+        out = self._fused(spec, hidden, w, labels, b, shifted)
+        if not return_output:
+            return out.loss
+        rows = Rows(out.logp, out.lse, out.mask, out.logp.new_zeros(()),
+                    None if shifted is None else shifted.to(out.logp.dtype))
+        with torch.no_grad():
+            losses = spec.per_element(rows)
+        s = spec.sequence_logps(rows)
+        result = kto_output(spec, losses, s, None if ref is None else ref.to(s.dtype), desirable, z)
+        result.loss = out.loss
+        return result
 
 
 def _check_pairs(hidden: torch.Tensor) -> None:

@@ -37,12 +37,14 @@ import torch
 
 from . import checks
 from .formulas.divergences import Divergence, get_divergence
-from .formulas.preference import DPO_LOSS_TYPES, PreferenceScore, explain_pair, pair_loss_grads, pair_losses
+from .formulas.preference import (DPO_LOSS_TYPES, KTO_LOSS_TYPES, PreferenceScore, explain_pair, kto_loss_grads,
+                                  kto_losses, nll_weight, pair_loss_grads, pair_losses)
 from .formulas.primal import PrimalLoss
 from .formulas.stable import exp_linear_tail
 
-__all__ = ["DPOSpec", "FDivSpec", "Coefficients", "HeadSpec", "LEVELS", "LogSumExpAccumulator", "LossSpec", "Norms",
-           "PER_ELEMENT_KNEE", "PrimalSpec", "REDUCTIONS", "Rows", "Terms", "VALUE_MODES", "is_loss_spec", "normalizers"]
+__all__ = ["CPO_LOSS_TYPES", "DPOSpec", "FDivSpec", "Coefficients", "HeadSpec", "KTOSpec", "LEVELS",
+           "LogSumExpAccumulator", "LossSpec", "Norms", "PER_ELEMENT_KNEE", "PrimalSpec", "REDUCTIONS", "Rows", "Terms",
+           "VALUE_MODES", "cpo_spec", "is_loss_spec", "normalizers", "orpo_spec"]
 
 LEVELS = ("token", "sequence")
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,7 +59,9 @@ class Rows(NamedTuple):
     """Statistics of a set of complete rows, ``[r, T]`` each (0 at unsupervised positions).
 
     ``ref_tok``: per-token reference log-probs ``[r, T]`` (0 where unsupervised) or a 0-d zero;
-    ``ref_seq``: per-row reference log-probs ``[r]`` or ``None``.
+    ``ref_seq``: per-row reference log-probs ``[r]`` or ``None``; ``start``: the index of the first
+    of these rows in the spec's row order (a chunk's offset: for per-row options such as KTO's
+    desirable flags).
     """
 
     logp: torch.Tensor
@@ -65,19 +69,24 @@ class Rows(NamedTuple):
     mask: torch.Tensor
     ref_tok: torch.Tensor
     ref_seq: Optional[torch.Tensor]
+    start: int = 0
 
     def select(self, rows: torch.Tensor) -> "Rows":
-        """The same statistics for the rows ``rows`` (an index tensor)."""
+        """The same statistics for the rows ``rows`` (an index tensor into a whole batch: ``start`` 0)."""
         pick = lambda t: t if t is None or t.dim() == 0 else t.index_select(0, rows)  # noqa: E731
-        return Rows(*(pick(t) for t in self))
+        return Rows(*(pick(t) for t in self[:5]))
 
 
 class Norms(NamedTuple):
-    """Batch-level counts a mean divides by (0-d tensors): supervised tokens, rows with one, pairs."""
+    """Batch-level counts a mean divides by (0-d tensors): supervised tokens, rows with one, pairs
+    (a preference loss's examples: DPO's pairs, KTO's rows) and ``chosen_tokens``, the count the NLL
+    term of a preference loss divides by (the chosen / desirable rows' tokens, or a global count
+    the spec was given; None without that term)."""
 
     tokens: torch.Tensor
     rows: torch.Tensor
     pairs: int = 0
+    chosen_tokens: Optional[torch.Tensor] = None
 
 
 class Terms(NamedTuple):
@@ -620,51 +629,114 @@ class PrimalSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# DPO family on the sequence log-probs of (chosen, rejected) row pairs
+# Preference losses on sequence log-probs: DPO family (with CPO, ORPO) and KTO
 # ---------------------------------------------------------------------------------------------
+
+def _sequence_logps(rows: Rows, length_normalize: bool) -> torch.Tensor:
+    """``[r]`` summed (or, with ``length_normalize``, mean) log-probs of each row."""
+    s = torch.where(rows.mask, rows.logp, rows.logp.new_zeros(())).sum(dim=1)
+    return s / rows.mask.sum(dim=1).clamp(min=1) if length_normalize else s
+
+
+def _spread(ds: torch.Tensor, rows: Rows, length_normalize: bool) -> torch.Tensor:
+    """``d loss / dlogp`` per token of ``d loss / ds_row`` ``[r]`` (divided by the row's token count
+    when length-normalised), 0 where unsupervised."""
+    per_tok = ds / rows.mask.sum(dim=1).clamp(min=1).to(ds.dtype) if length_normalize else ds
+    return torch.where(rows.mask, per_tok[:, None].to(rows.logp.dtype), rows.logp.new_zeros(()))
+
+
+def _nll_sum(rows: Rows, chosen: torch.Tensor) -> torch.Tensor:
+    """``-sum logp`` over the supervised tokens of the rows ``chosen`` (bool ``[r]``)."""
+    return -torch.where(rows.mask & chosen[:, None], rows.logp, rows.logp.new_zeros(())).sum()
+
+
+def _positive(count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A count to divide by, in ``dtype``: 1 where it is 0 (its sum is 0 then)."""
+    count = count.to(dtype)
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def _chosen_tokens(nll_tokens: Optional[float], mask2: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The NLL term's count: ``nll_tokens`` when given, else the supervised tokens of the rows ``chosen``."""
+    if nll_tokens is not None:
+        return torch.tensor(float(nll_tokens), dtype=torch.float64, device=mask2.device)
+    return (mask2 & chosen[:, None]).sum()
+
+
+def _check_nll_tokens(nll_tokens) -> None:
+    if nll_tokens is not None and not (checks.is_real(nll_tokens) and math.isfinite(nll_tokens) and nll_tokens > 0):
+        raise ValueError(f"nll_tokens must be None or a finite number > 0, got {nll_tokens!r}")
+
 
 @dataclass(frozen=True)
 class DPOSpec:
     """A DPO-family loss on ``2B`` rows (``0..B-1`` chosen, ``B..2B-1`` rejected), mean over pairs;
     the one home of the DPO options (validated here; :mod:`fdiv_kernels.formulas.preference`).
 
-    ``loss_type``: a name of :data:`fdiv_kernels.DPO_LOSS_TYPES`; ``beta`` (> 0);
-    ``label_smoothing`` in [0, 0.5) (read by the loss types that use it); ``gamma``: SimPO's target
-    margin (TRL's ``simpo_gamma``); ``divergence``: the f-DPO score, a registry name or entry that
-    supports ``"dpo"`` (``kl`` is standard DPO); ``alpha``: its coefficient for ``divergence="alpha"``;
-    ``length_normalize``: mean instead of summed sequence log-probs (``None``: the loss type's
-    default, True for ipo and simpo as TRL does). The reference is per row (``Rows.ref_seq``,
-    same layout and normalisation); ``simpo`` needs none.
+    ``loss_type``: a name of :data:`fdiv_kernels.DPO_LOSS_TYPES`, or several (TRL's
+    ``loss_type=[...]``), summed with ``loss_weights`` (TRL's; None: 1.0 each); ``"sft"`` is the
+    mean NLL of the chosen answers' tokens (TRL's ``sft``, formerly ``rpo_alpha``; Liger's
+    ``compute_nll_loss=True, alpha=w`` is ``loss_type=(..., "sft"), loss_weights=(..., w)``).
+    ``beta`` (> 0); ``label_smoothing`` in [0, 0.5) (read by the loss types that use it; exo_pair
+    needs it > 0); ``gamma``: SimPO's target margin (TRL's ``simpo_gamma``); ``divergence``: the
+    f-DPO score, a registry name or entry that supports ``"dpo"`` (``kl`` is standard DPO; the
+    ``scored`` loss types only); ``alpha``: its coefficient for ``divergence="alpha"``;
+    ``length_normalize``: mean instead of summed sequence log-probs (``None``: the loss types'
+    default, True for ipo, simpo, sigmoid_norm and orpo as TRL does; types with different defaults
+    combine only with an explicit value); ``discopop_tau``: DiscoPOP's temperature (TRL's name);
+    ``reference_free``: log-ratios without a reference (Liger's ``use_ref_model=False``, TRL's
+    ``CPOTrainer``: :func:`cpo_spec`); ``nll_tokens``: the count the ``sft`` term divides by
+    (None: this call's chosen tokens; give the global batch's to make micro-batches add up, see
+    docs/math.md). The reference is per row (``Rows.ref_seq``, same layout and normalisation).
     """
 
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, Tuple[str, ...]] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.0
     divergence: Union[str, Divergence] = "kl"
     alpha: float = 1.0
     length_normalize: Optional[bool] = None
+    loss_weights: Optional[Tuple[float, ...]] = None
+    discopop_tau: float = 0.05
+    reference_free: bool = False
+    nll_tokens: Optional[float] = None
 
     def __post_init__(self):
-        checks.check_choice("loss_type", self.loss_type, tuple(DPO_LOSS_TYPES))
+        names, weights = checks.check_loss_types(self.loss_type, self.loss_weights, tuple(DPO_LOSS_TYPES))
         entry = get_divergence(self.divergence, "dpo")
-        if entry.name != "kl" and not DPO_LOSS_TYPES[self.loss_type].needs_reference:
-            refs = ", ".join(t.name for t in DPO_LOSS_TYPES.values() if t.needs_reference)
-            raise ValueError(f"divergence={entry.name!r} scores log-ratios to a reference: it applies to loss types "
-                             f"{refs}, not {self.loss_type}")
+        unscored = [t for t in names if not DPO_LOSS_TYPES[t].scored]
+        if entry.name != "kl" and unscored:
+            scored = ", ".join(t.name for t in DPO_LOSS_TYPES.values() if t.scored)
+            raise ValueError(f"divergence={entry.name!r} replaces the log-ratios by f-DPO scores: it applies to loss "
+                             f"types {scored}, not {', '.join(unscored)}")
         checks.check_beta(self.beta)
         if not (checks.is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if "exo_pair" in names and not self.label_smoothing > 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (its epsilon; the EXO paper and TRL "
+                             "recommend 1e-3)")
         checks.check_finite_number("gamma", self.gamma)
         checks.check_finite_number("alpha", self.alpha)
         if entry.name == "alpha" and not self.alpha > 0:
             raise ValueError(f"alpha must be > 0 for divergence='alpha', got {self.alpha}")
+        if not (checks.is_real(self.discopop_tau) and math.isfinite(self.discopop_tau) and self.discopop_tau > 0):
+            raise ValueError(f"discopop_tau must be a finite number > 0, got {self.discopop_tau!r}")
+        _check_nll_tokens(self.nll_tokens)
         length_normalize = self.length_normalize
         if length_normalize is None:
-            length_normalize = DPO_LOSS_TYPES[self.loss_type].length_normalized
-        for name, value in (("divergence", entry), ("beta", float(self.beta)),
+            defaults = {t: DPO_LOSS_TYPES[t].length_normalized for t in names if DPO_LOSS_TYPES[t].form != "nll"}
+            if len(set(defaults.values())) > 1:
+                mean = sorted(t for t, v in defaults.items() if v)
+                raise ValueError(f"loss types {mean} take length-averaged log-probs and {sorted(set(defaults) - set(mean))} "
+                                 f"summed ones: pass length_normalize=True or False (one normalisation for all)")
+            length_normalize = any(defaults.values())
+        for name, value in (("loss_type", names[0] if len(names) == 1 else names), ("loss_weights", weights),
+                            ("divergence", entry), ("beta", float(self.beta)),
                             ("label_smoothing", float(self.label_smoothing)), ("gamma", float(self.gamma)),
-                            ("alpha", float(self.alpha)), ("length_normalize", bool(length_normalize))):
+                            ("alpha", float(self.alpha)), ("length_normalize", bool(length_normalize)),
+                            ("discopop_tau", float(self.discopop_tau)), ("reference_free", bool(self.reference_free)),
+                            ("nll_tokens", None if self.nll_tokens is None else float(self.nll_tokens))):
             object.__setattr__(self, name, value)
 
     reduction = "mean"
@@ -674,33 +746,68 @@ class DPOSpec:
     single_pass = True
 
     @property
+    def components(self) -> Tuple[Tuple[str, float], ...]:
+        """``((loss_type, weight), ...)``: what the formulas sum."""
+        names = (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+        return tuple(zip(names, self.loss_weights))
+
+    @property
     def score(self) -> PreferenceScore:
         """The f-DPO score of :attr:`divergence` (what the formulas read)."""
         return self.divergence.preference
 
     @property
     def needs_reference(self) -> bool:
-        return DPO_LOSS_TYPES[self.loss_type].needs_reference
+        return not self.reference_free and any(DPO_LOSS_TYPES[t].needs_reference for t, _ in self.components)
+
+    @property
+    def batch_coupled(self) -> bool:
+        """A loss type sorts the batch (aot): every row in one chunk, chosen rows then rejected ones."""
+        return any(DPO_LOSS_TYPES[t].form == "sorted" for t, _ in self.components)
 
     def row_groups(self, num_rows: int) -> torch.Tensor:
-        """Pair ``i`` is rows ``i`` and ``i + B``: they share a chunk."""
+        """Pair ``i`` is rows ``i`` and ``i + B``: they share a chunk (all rows one chunk when the
+        loss couples the batch)."""
         if num_rows % 2:
             raise ValueError(f"a DPO batch has 2B rows (chosen then rejected), got {num_rows}")
+        if self.batch_coupled:
+            return torch.zeros(num_rows, dtype=torch.long)
         return torch.arange(num_rows) % (num_rows // 2)
 
+    def _chosen(self, num_rows: int, device) -> torch.Tensor:
+        """Bool ``[r]``: the chosen rows among rows in the spec's order."""
+        idx = torch.arange(num_rows, device=device)
+        return idx < num_rows // 2 if self.batch_coupled else idx % 2 == 0
+
     def normalizers(self, mask2: torch.Tensor) -> Norms:
-        return normalizers(mask2, pairs=mask2.shape[0] // 2)
+        b = mask2.shape[0] // 2
+        chosen = None
+        if nll_weight(self):
+            chosen = _chosen_tokens(self.nll_tokens, mask2, torch.arange(mask2.shape[0], device=mask2.device) < b)
+        return Norms(mask2.sum(), mask2.any(dim=1).sum(), b, chosen)
 
     def sequence_logps(self, rows: Rows) -> torch.Tensor:
         """``[r]`` summed (or, with ``length_normalize``, mean) log-probs of each row."""
-        s = torch.where(rows.mask, rows.logp, rows.logp.new_zeros(())).sum(dim=1)
-        return s / rows.mask.sum(dim=1).clamp(min=1) if self.length_normalize else s
+        return _sequence_logps(rows, self.length_normalize)
+
+    def _split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected halves of ``[r]`` values in the spec's row order."""
+        v = x.view(2, -1) if self.batch_coupled else x.view(-1, 2).t()
+        return v[0], v[1]
+
+    def _join(self, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_split`."""
+        return torch.cat([c, r]) if self.batch_coupled else torch.stack([c, r], dim=1).reshape(-1)
 
     def _pairs(self, rows: Rows):
-        """``(pc, pr, rc, rr)`` of rows laid out as ``(chosen_0, rejected_0, chosen_1, ...)``."""
-        s = self.sequence_logps(rows).view(-1, 2)
-        ref = None if rows.ref_seq is None else rows.ref_seq.view(-1, 2)
-        return s[:, 0], s[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1]
+        """``(pc, pr, rc, rr)`` of rows in the spec's order (``(chosen_0, rejected_0, chosen_1, ...)``,
+        or all chosen then all rejected when the loss couples the batch); no reference when the
+        loss reads none."""
+        pc, pr = self._split(self.sequence_logps(rows))
+        if rows.ref_seq is None or not self.needs_reference:
+            return pc, pr, None, None
+        rc, rr = self._split(rows.ref_seq)
+        return pc, pr, rc, rr
 
     def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``([r] beta * (s - ref), rows with a token, value_s0)``: the rows' implicit rewards
@@ -710,23 +817,43 @@ class DPOSpec:
             s = s - rows.ref_seq
         return self.beta * s, rows.mask.any(dim=1), value_s0(rows)
 
+    def nll_mean(self, rows: Rows) -> Optional[torch.Tensor]:
+        """The sft term's mean NLL over a whole batch in the spec's order (None without the term)."""
+        if not nll_weight(self):
+            return None
+        chosen = self._chosen(rows.mask.shape[0], rows.mask.device)
+        count = _chosen_tokens(self.nll_tokens, rows.mask, chosen)
+        return _nll_sum(rows, chosen) / _positive(count, rows.logp.dtype)
+
     def pair_losses(self, rows: Rows) -> torch.Tensor:
-        """``[pairs]`` losses of rows laid out as ``(chosen_0, rejected_0, chosen_1, ...)``."""
-        return pair_losses(*self._pairs(rows), self)
+        """``[pairs]`` losses of a whole batch in the spec's row order (the sorted types per rank;
+        the sft term's share, its batch mean NLL times its weight, in every pair)."""
+        return pair_losses(*self._pairs(rows), self, nll=self.nll_mean(rows))
 
     def terms(self, rows: Rows, norms: Norms) -> Terms:
-        return Terms(self.pair_losses(rows).sum() / max(1, norms.pairs))
+        pc, pr, rc, rr = self._pairs(rows)
+        linear = pair_losses(pc, pr, rc, rr, self, nll=pc.new_zeros(())).sum() / max(1, norms.pairs)
+        w = nll_weight(self)
+        if w:
+            chosen = self._chosen(rows.mask.shape[0], rows.mask.device)
+            linear = linear + w * _nll_sum(rows, chosen) / _positive(norms.chosen_tokens, rows.logp.dtype)
+        return Terms(linear)
 
     def coefficients(self, rows: Rows, norms: Norms) -> Coefficients:
         """``g = d loss / d s_row`` spread over the row's supervised tokens (divided by their count
-        when length-normalised); the per-row reference gets ``-d loss / d s_row``."""
+        when length-normalised), plus ``-w / N_chosen`` per chosen token of the sft term; the
+        per-row reference gets its own derivative (``-d loss / d s_row`` but for the sorted types)."""
         with torch.no_grad():
-            d_c, d_r = pair_loss_grads(*self._pairs(rows), self)
-            ds = torch.stack([d_c, d_r], dim=1).reshape(-1) / max(1, norms.pairs)
-            per_tok = ds / rows.mask.sum(dim=1).clamp(min=1).to(ds.dtype) if self.length_normalize else ds
-            zero = rows.logp.new_zeros(())
-            g = torch.where(rows.mask, per_tok[:, None].to(rows.logp.dtype), zero)
-            ref_seq = None if rows.ref_seq is None or not self.needs_reference else -ds
+            pc, pr, rc, rr = self._pairs(rows)
+            d_c, d_r, d_rc, d_rr = pair_loss_grads(pc, pr, rc, rr, self)
+            scale = 1.0 / max(1, norms.pairs)
+            g = _spread(self._join(d_c, d_r) * scale, rows, self.length_normalize)
+            w = nll_weight(self)
+            if w:
+                chosen = self._chosen(rows.mask.shape[0], rows.mask.device)
+                per = -w / _positive(norms.chosen_tokens, g.dtype)
+                g = g + torch.where(rows.mask & chosen[:, None], per, g.new_zeros(()))
+            ref_seq = None if d_rc is None else self._join(d_rc, d_rr) * scale
             ref_tok = None if rows.ref_tok.dim() == 0 else torch.zeros_like(g)
             return Coefficients(g, torch.zeros_like(g), ref_tok, ref_seq)
 
@@ -739,6 +866,174 @@ class DPOSpec:
     def explain(self, rows: Rows) -> Optional[str]:
         with torch.no_grad():
             pc, pr, rc, rr = self._pairs(rows)
-            losses = pair_losses(pc, pr, rc, rr, self)
+            losses = self.pair_losses(rows)
         return explain_pair(pc, pr, rc, rr, losses, self,
                             names=("policy chosen", "policy rejected", "ref_logp (chosen)", "ref_logp (rejected)"))
+
+
+#: TRL ``CPOConfig.loss_type`` values (``alphapo`` is TRL's shorthand for simpo with ``cpo_alpha=0``)
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+
+
+def cpo_spec(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, cpo_alpha: float = 1.0,
+             simpo_gamma: float = 0.5, alpha: float = 0.0) -> DPOSpec:
+    """The :class:`DPOSpec` of TRL's ``CPOTrainer`` (``CPOConfig``'s names): ``loss_type`` one of
+    :data:`CPO_LOSS_TYPES` without a reference, plus ``cpo_alpha`` times the chosen answers' NLL
+    (the ``sft`` term; Liger's CPO/SimPO ``alpha``, on by default as there); ``simpo_gamma``:
+    simpo's margin; ``alpha``: AlphaPO's reward ``(1 - p^-alpha) / alpha`` (the f-DPO ``alpha``
+    score with coefficient ``1 - alpha``; 0: log-probs)."""
+    checks.check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
+    checks.check_finite_number("cpo_alpha", cpo_alpha)
+    checks.check_finite_number("alpha", alpha)
+    if loss_type == "alphapo":
+        loss_type, cpo_alpha = "simpo", 0.0
+    names, weights = ((loss_type, "sft"), (1.0, float(cpo_alpha))) if cpo_alpha else ((loss_type,), (1.0,))
+    return DPOSpec(loss_type=names, loss_weights=weights, beta=beta, label_smoothing=label_smoothing,
+                   gamma=simpo_gamma if loss_type == "simpo" else 0.0, divergence="alpha" if alpha else "kl",
+                   alpha=1.0 - alpha if alpha else 1.0, reference_free=True)
+
+
+def orpo_spec(beta: float = 0.1, compute_nll_loss: bool = True) -> DPOSpec:
+    """The :class:`DPOSpec` of ORPO (TRL's ``ORPOTrainer``, Liger's ``LigerFusedLinearORPOLoss``):
+    the odds-ratio term ``-beta logsigmoid(log odds_c - log odds_r)`` on length-averaged log-probs,
+    no reference, plus the chosen answers' NLL (``compute_nll_loss``, on as in both peers)."""
+    return DPOSpec(loss_type=("orpo", "sft") if compute_nll_loss else "orpo", beta=beta)
+
+
+@dataclass(frozen=True)
+class KTOSpec:
+    """KTO (TRL's ``KTOTrainer``, Liger's ``LigerFusedLinearKTOLoss``) on ``B`` unpaired rows,
+    row ``i`` desirable when ``desirable[i]`` (TRL's ``label``); mean over the rows.
+
+    ``loss_type``: ``"kto"`` or ``"apo_zero_unpaired"`` (:data:`KTO_LOSS_TYPES`), optionally with
+    ``"sft"`` (the NLL of the desirable rows' tokens, over ``nll_tokens`` or this call's count),
+    weighted by ``loss_weights``; ``beta`` (> 0); ``desirable_weight``, ``undesirable_weight``
+    (TRL's names, >= 0); ``length_normalize``: mean instead of summed log-probs (Liger's
+    ``average_log_prob``; TRL sums). The per-row reference ``Rows.ref_seq`` (optional: Liger's
+    ``use_ref_model=False``) already holds kto's detached KL estimate ``z`` added to it (the
+    module and :func:`fdiv_kernels.kto_loss` add it): ``u = beta (s - (ref + z))``.
+    """
+
+    loss_type: Union[str, Tuple[str, ...]] = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    loss_weights: Optional[Tuple[float, ...]] = None
+    length_normalize: bool = False
+    nll_tokens: Optional[float] = None
+    desirable: Tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        names, weights = checks.check_loss_types(self.loss_type, self.loss_weights, KTO_LOSS_TYPES)
+        if sum(t != "sft" for t in names) > 1:
+            raise ValueError(f"KTO takes one of kto, apo_zero_unpaired (plus sft), got {list(names)}")
+        checks.check_beta(self.beta)
+        checks.check_finite_number("desirable_weight", self.desirable_weight, minimum=0.0)
+        checks.check_finite_number("undesirable_weight", self.undesirable_weight, minimum=0.0)
+        _check_nll_tokens(self.nll_tokens)
+        if not isinstance(self.desirable, (tuple, list)) or not all(isinstance(d, bool) for d in self.desirable):
+            raise TypeError(f"desirable must be a tuple of bools (one per row), got {self.desirable!r}")
+        for name, value in (("loss_type", names[0] if len(names) == 1 else names), ("loss_weights", weights),
+                            ("beta", float(self.beta)), ("desirable_weight", float(self.desirable_weight)),
+                            ("undesirable_weight", float(self.undesirable_weight)),
+                            ("length_normalize", bool(self.length_normalize)),
+                            ("nll_tokens", None if self.nll_tokens is None else float(self.nll_tokens)),
+                            ("desirable", tuple(self.desirable))):
+            object.__setattr__(self, name, value)
+
+    reduction = "mean"
+    references = ("row",)
+    token_local = False
+    uses_lme = False
+    single_pass = True
+    needs_reference = False  # optional (Liger's use_ref_model=False: log-probs as the log-ratios)
+
+    @property
+    def divergence(self) -> Divergence:
+        """The implicit reward's divergence (reported in the output): KL, ``beta log(pi / pi_ref)``."""
+        return get_divergence("kl")
+
+    @property
+    def components(self) -> Tuple[Tuple[str, float], ...]:
+        names = (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+        return tuple(zip(names, self.loss_weights))
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the batch KL estimate enters (``kto``; not ``apo_zero_unpaired``)."""
+        return any(t == "kto" for t, _ in self.components)
+
+    def row_groups(self, num_rows: int) -> None:
+        """Rows are independent (the KL estimate is given); checks one flag per row."""
+        if len(self.desirable) != num_rows:
+            raise ValueError(f"KTOSpec.desirable must hold one flag per row ({num_rows}), got {len(self.desirable)}")
+        return None
+
+    def _desirable(self, rows: Rows) -> torch.Tensor:
+        r = rows.mask.shape[0]
+        return torch.tensor(self.desirable[rows.start:rows.start + r], dtype=torch.bool, device=rows.mask.device)
+
+    def normalizers(self, mask2: torch.Tensor) -> Norms:
+        chosen = None
+        if nll_weight(self):
+            flags = torch.tensor(self.desirable, dtype=torch.bool, device=mask2.device)
+            chosen = _chosen_tokens(self.nll_tokens, mask2, flags)
+        return Norms(mask2.sum(), mask2.any(dim=1).sum(), mask2.shape[0], chosen)
+
+    def sequence_logps(self, rows: Rows) -> torch.Tensor:
+        return _sequence_logps(rows, self.length_normalize)
+
+    def _logratio(self, rows: Rows) -> torch.Tensor:
+        s = self.sequence_logps(rows)
+        return s if rows.ref_seq is None else s - rows.ref_seq
+
+    def rewards(self, rows: Rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``([r] beta * (s - ref - z), rows with a token, value_s0)``."""
+        return self.beta * self._logratio(rows), rows.mask.any(dim=1), value_s0(rows)
+
+    def per_element(self, rows: Rows) -> torch.Tensor:
+        """``[r]`` losses of a whole batch (the sft term's share, its mean NLL times its weight, in every row)."""
+        d = self._desirable(rows)
+        out = kto_losses(self._logratio(rows), d, self)
+        w = nll_weight(self)
+        if w:
+            out = out + w * _nll_sum(rows, d) / _positive(_chosen_tokens(self.nll_tokens, rows.mask, d), rows.logp.dtype)
+        return out
+
+    def terms(self, rows: Rows, norms: Norms) -> Terms:
+        d = self._desirable(rows)
+        linear = kto_losses(self._logratio(rows), d, self).sum() / max(1, norms.pairs)
+        w = nll_weight(self)
+        if w:
+            linear = linear + w * _nll_sum(rows, d) / _positive(norms.chosen_tokens, rows.logp.dtype)
+        return Terms(linear)
+
+    def coefficients(self, rows: Rows, norms: Norms) -> Coefficients:
+        """``g = d loss / d s_row`` spread over the row's tokens, plus ``-w / N`` per desirable token
+        of the sft term; the reference gets ``-d loss / d s_row``."""
+        with torch.no_grad():
+            d = self._desirable(rows)
+            ds = kto_loss_grads(self._logratio(rows), d, self) / max(1, norms.pairs)
+            g = _spread(ds, rows, self.length_normalize)
+            w = nll_weight(self)
+            if w:
+                per = -w / _positive(norms.chosen_tokens, g.dtype)
+                g = g + torch.where(rows.mask & d[:, None], per, g.new_zeros(()))
+            ref_seq = None if rows.ref_seq is None else -ds
+            ref_tok = None if rows.ref_tok.dim() == 0 else torch.zeros_like(g)
+            return Coefficients(g, torch.zeros_like(g), ref_tok, ref_seq)
+
+    def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
+        return terms.linear
+
+    def explain(self, rows: Rows) -> Optional[str]:
+        with torch.no_grad():
+            per = self.per_element(rows)
+            bad = ~torch.isfinite(per)
+            if not bool(bad.any()):
+                return None
+            i = int(bad.nonzero()[0])
+            s = float(self.sequence_logps(rows)[i])
+            ref = None if rows.ref_seq is None else float(rows.ref_seq[i])
+        return (f"row {i}: the KTO loss is {float(per[i])} (policy log-prob {s:g}, reference + KL {ref}): "
+                f"a NaN input or an overflowing beta")

@@ -11,7 +11,11 @@ oracle's float64 leaves (:func:`leaves64`).
 * :func:`objective`, :func:`primal`, :func:`fdiv_loss`: ``fk.loss``'s objectives for every
   divergence x level x values x reduction x z_loss x length normalisation, and the primal form.
 * :func:`sequence_logp`, :func:`dpo_losses`, :func:`dpo_pair_loss`: per-row log-probs and the
-  DPO family per TRL (``trl/trainer/dpo_trainer.py``; SimPO from ``trl/experimental/cpo``).
+  DPO family per TRL (``trl/trainer/dpo_trainer.py``; SimPO from ``trl/experimental/cpo``; ORPO's
+  odds ratio from ``trl/experimental/orpo``), transcribed; :func:`kto_losses` (``trl/trainer/kto_trainer.py``).
+* :func:`trl_dpo_loss`, :func:`trl_kto_loss`: TRL 1.16's own ``DPOTrainer._compute_loss`` /
+  ``KTOTrainer._compute_loss`` run on given per-token log-probs (a stand-in model and trainer
+  object; no model, no data pipeline): the peer's code itself, in float64.
 
 Builder: :func:`make_inputs` returns an :class:`Inputs` (hidden, weight, bias, labels, per-token
 reference, masked columns, three per-token coefficients), every knob a keyword with a default.
@@ -34,7 +38,9 @@ LOG2 = math.log(2.0)
 #: divergences whose fk.loss is ``log mean psi`` (Donsker-Varadhan form), not ``mean(-phi)``
 LOG_MEAN_EXP = ("kl", "squared_hellinger")
 #: DPO kinds that TRL scores with average (length-normalised) log-probs
-MEAN_LOGP_KINDS = ("ipo", "simpo")
+MEAN_LOGP_KINDS = ("ipo", "simpo", "sigmoid_norm", "orpo")
+#: DPO kinds without a reference
+NO_REFERENCE_KINDS = ("simpo", "orpo", "sft")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,42 +353,202 @@ def _f_score(f: str, logratio: torch.Tensor, a: float) -> torch.Tensor:
     return (torch.exp(torch.clamp((a - 1) * logratio, max=80.0)) - 1.0) / (a - 1.0)
 
 
+def dpo_kind_options(kind: str, label_smoothing: float = 0.1) -> dict:
+    """Options that make ``kind`` valid and cross what it reads: ``label_smoothing`` for the kinds
+    that read it (exo_pair's epsilon at least 1e-3), the SimPO margin, DiscoPOP's temperature."""
+    row = fk.DPO_LOSS_TYPES[kind]
+    ls = label_smoothing if row.uses_label_smoothing else 0.0
+    if kind == "exo_pair":
+        ls = max(ls, 1e-3)
+    return {"label_smoothing": ls, "gamma": 0.5 if kind == "simpo" else 0.0,
+            "discopop_tau": 0.05 if kind == "discopop" else 0.05}
+
+
+def _smooth(x: torch.Tensor, ls: float) -> torch.Tensor:
+    return -F.logsigmoid(x) * (1 - ls) - F.logsigmoid(-x) * ls
+
+
 def dpo_losses(kind: str, pc, pr, rc=None, rr=None, *, beta: float, label_smoothing: float = 0.0,
-               gamma: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> torch.Tensor:
+               gamma: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5, discopop_tau: float = 0.05,
+               nll=None) -> torch.Tensor:
     """Per-pair DPO-family losses as TRL publishes them, from the policy's (``pc``, ``pr``) and the
-    reference's (``rc``, ``rr``) sequence log-probs of the chosen/rejected responses.
+    reference's (``rc``, ``rr``) sequence log-probs of the chosen/rejected responses (the
+    ``per_sequence_loss`` branches of ``DPOTrainer._compute_loss``, trl/trainer/dpo_trainer.py,
+    TRL 1.16, transcribed; ipo and sigmoid_norm take length-averaged inputs here).
 
     ``sigmoid`` is the cDPO form with label smoothing (TRL <= 0.2x; ``ls = 0`` is TRL 1.x's), the
-    other f-divergences replace the log-ratios by TRL's scores; ``simpo`` needs no reference."""
+    other f-divergences replace the log-ratios by TRL's scores; ``simpo`` (CPOTrainer.cpo_loss) and
+    ``orpo`` (ORPOTrainer.odds_ratio_loss, in float64) need no reference; ``sft`` is ``nll`` (the
+    batch's mean NLL of the chosen tokens) for every pair."""
     ls = label_smoothing
     if kind == "simpo":
         x = (pc - pr) - gamma / beta
         return -F.logsigmoid(beta * x) * (1 - ls) - F.logsigmoid(-beta * x) * ls
+    if kind == "orpo":  # trl/experimental/orpo/orpo_trainer.py: odds_ratio_loss and log1mexp
+        def log1mexp(x):
+            return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+        log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
+        return -beta * F.logsigmoid(log_odds)  # the ORPO loss is nll - mean(beta * logsigmoid(log_odds))
+    if kind == "sft":
+        return nll.expand(pc.shape)
+    if rc is None:  # reference-free (TRL's CPOTrainer; Liger's use_ref_model=False: a zero reference)
+        rc = rr = torch.zeros_like(pc)
     if f_divergence == "reverse_kl":
-        h = (pc - pr) - (rc - rr)
+        cs, rs = pc - rc, pr - rr
     else:
-        h = _f_score(f_divergence, pc - rc, f_alpha) - _f_score(f_divergence, pr - rr, f_alpha)
+        cs, rs = _f_score(f_divergence, pc - rc, f_alpha), _f_score(f_divergence, pr - rr, f_alpha)
+    h = cs - rs
+    a, b = pc - rc, pr - rr
     if kind == "sigmoid":
         return -F.logsigmoid(beta * h) * (1 - ls) - F.logsigmoid(-beta * h) * ls
     if kind == "robust":
         return (-(1 - ls) * F.logsigmoid(beta * h) + ls * F.logsigmoid(-beta * h)) / (1 - 2 * ls)
     if kind == "hinge":
         return torch.relu(1 - beta * h)
-    if kind == "ipo":
+    if kind in ("ipo",):
         return (h - 1 / (2 * beta)) ** 2
+    if kind == "exo_pair":
+        eps = torch.tensor(ls, dtype=h.dtype)
+        qw, ql = torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
+        return qw * (F.logsigmoid(beta * h) - torch.log1p(-eps)) + ql * (F.logsigmoid(-beta * h) - torch.log(eps))
+    if kind == "nca_pair":
+        return -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
+    if kind == "bco_pair":
+        return -F.logsigmoid(beta * a) - F.logsigmoid(-beta * b)
+    if kind == "sppo_hard":
+        return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+    if kind == "aot":
+        delta = torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
+        return _smooth(beta * delta, ls)
+    if kind == "aot_unpaired":
+        delta = torch.sort(a, dim=0)[0] - torch.sort(b, dim=0)[0]
+        return _smooth(beta * delta, ls)
+    if kind == "apo_zero":
+        return 1 - torch.sigmoid(beta * a) + torch.sigmoid(beta * b)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * a) + 1 - torch.sigmoid(beta * (a - b))
+    if kind == "discopop":
+        logits = beta * h
+        m = torch.sigmoid(logits / discopop_tau)
+        return -F.logsigmoid(logits) * (1 - m) + torch.exp(-logits) * m
+    if kind == "sigmoid_norm":
+        return -F.logsigmoid(beta * h)
     raise AssertionError(f"no oracle for DPO kind {kind!r}")
 
 
-def dpo_pair_loss(st: Stats, labels, ref_seq=None, *, kind: str, beta: float, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_pair_loss(st: Stats, labels, ref_seq=None, *, kind, beta: float, loss_weights=None,
+                  length_normalize=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean loss, per-pair losses)`` of rows laid out ``[chosen_0..chosen_{b-1}, rejected_0..]``
     (what ``fk.nn.FusedLinearDPOLoss`` takes), ``ref_seq [2b]`` per-row reference log-probs in the
-    same layout; ipo/simpo use mean log-probs (TRL's ``average_log_prob``)."""
-    s, mean, _ = sequence_logp(st, labels)
-    seq = mean if kind in MEAN_LOGP_KINDS else s
-    b = seq.shape[0] // 2
-    rc, rr = (None, None) if ref_seq is None else (ref_seq[:b].double(), ref_seq[b:].double())
-    losses = dpo_losses(kind, seq[:b], seq[b:], rc, rr, beta=beta, **kw)
-    return losses.mean(), losses
+    same layout; ipo/simpo/sigmoid_norm/orpo use mean log-probs (TRL's ``average_log_prob``).
+    ``kind``: a name or a list, summed with ``loss_weights``; ``sft`` adds the chosen tokens' mean NLL."""
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    weights = [1.0] * len(kinds) if loss_weights is None else list(loss_weights)
+    s, mean, n = sequence_logp(st, labels)
+    b = s.shape[0] // 2
+    nll = -s[:b].sum() / n[:b].sum().clamp(min=1)
+    total = 0.0
+    for k, w in zip(kinds, weights):
+        ln = (k in MEAN_LOGP_KINDS) if length_normalize is None else length_normalize
+        seq = mean if ln else s
+        rc, rr = (None, None) if ref_seq is None else (ref_seq[:b].double(), ref_seq[b:].double())
+        total = total + w * dpo_losses(k, seq[:b], seq[b:], rc, rr, beta=beta, nll=nll, **kw)
+    return total.mean(), total
+
+
+def kto_losses(kind: str, s, ref, desirable, *, beta: float, kl: float = 0.0, desirable_weight: float = 1.0,
+               undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-row KTO losses (``KTOTrainer._compute_loss``, trl/trainer/kto_trainer.py, TRL 1.16,
+    transcribed): rows in their order (TRL concatenates chosen then rejected; the mean is the same)."""
+    lr = s if ref is None else s - ref
+    if kind == "kto":
+        chosen = 1 - torch.sigmoid(beta * (lr - kl))
+        rejected = 1 - torch.sigmoid(beta * (kl - lr))
+    else:  # apo_zero_unpaired
+        chosen = 1 - torch.sigmoid(beta * lr)
+        rejected = torch.sigmoid(beta * lr)
+    return torch.where(desirable, desirable_weight * chosen, undesirable_weight * rejected)
+
+
+class _Acc:
+    """The accelerator calls of TRL's loss functions, on one process."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather_for_metrics(t):
+        return t.reshape(-1) if torch.is_tensor(t) else t
+
+    gather = gather_for_metrics
+
+    @staticmethod
+    def unwrap_model(m):
+        return m
+
+
+def _trainer_self(**fields):
+    from collections import defaultdict
+    from types import SimpleNamespace
+    return SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Acc(), aux_loss_enabled=False,
+                           _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+                           _tp_size=1, precompute_ref_logps=True, **fields)
+
+
+def _model_out(log_probs):
+    from types import SimpleNamespace
+    z = torch.zeros_like(log_probs)
+    return SimpleNamespace(log_probs=log_probs, entropy=z, mean_logits=z, is_top1=z.bool(), aux_loss=None)
+
+
+def trl_dpo_loss(per_token_logps, mask, ref_chosen, ref_rejected, *, loss_type, beta: float,
+                 loss_weights=None, label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                 f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05) -> torch.Tensor:
+    """TRL 1.16's ``DPOTrainer._compute_loss`` itself on ``per_token_logps [2B, L]`` (chosen rows
+    first; 0 where ``mask [2B, L]`` is False) with precomputed reference sums ``[B]``: the loss TRL
+    back-propagates (differentiable in ``per_token_logps``)."""
+    from trl import DPOTrainer
+
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    me = _trainer_self(ld_alpha=None, f_divergence_type=f_divergence_type,
+                       f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=types,
+                       loss_weights=list(loss_weights) if loss_weights else [1.0] * len(types), beta=beta,
+                       label_smoothing=label_smoothing, use_weighting=False,
+                       args=__import__("types").SimpleNamespace(discopop_tau=discopop_tau))
+    rows = per_token_logps.shape[0]
+    completion = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask.long()], dim=1)  # the prompt token
+    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    logps = torch.where(mask, per_token_logps, per_token_logps.new_zeros(()))
+    return DPOTrainer._compute_loss(me, lambda **kw: _model_out(logps), inputs, False)
+
+
+def trl_kto_loss(per_token_logps, mask, ref_logps, desirable, *, beta: float, loss_type: str = "kto",
+                 kl_policy=None, kl_ref=None, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0) -> torch.Tensor:
+    """TRL 1.16's ``KTOTrainer._compute_loss`` itself on ``per_token_logps [B, L]`` (0 where ``mask``
+    is False), precomputed reference sums ``ref_logps [B]``, ``desirable [B]`` (TRL's ``label``) and,
+    for ``kto``, the KL completions' policy and reference sums ``kl_policy``, ``kl_ref`` ``[B]``."""
+    from trl import KTOTrainer
+
+    calc = loss_type != "apo_zero_unpaired"
+    me = _trainer_self(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
+                       undesirable_weight=undesirable_weight, calculate_KL=calc,
+                       args=__import__("types").SimpleNamespace(gradient_checkpointing_kwargs=None))
+    me._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(me, model, batch)
+    rows = per_token_logps.shape[0]
+    completion = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask.long()], dim=1)
+    logps = torch.where(mask, per_token_logps, per_token_logps.new_zeros(()))
+    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "label": desirable.long(), "ref_logps": ref_logps}
+    if calc:
+        kl_tokens = torch.zeros(rows, 2, dtype=torch.long)
+        inputs.update({"KL_input_ids": kl_tokens + 1, "KL_attention_mask": torch.ones_like(kl_tokens),
+                       "KL_completion_mask": torch.ones_like(kl_tokens), "ref_KL_logps": kl_ref})
+
+    def model(input_ids, **kw):  # the KL completions are told apart by their token ids
+        return _model_out(kl_policy[:, None].to(logps.dtype) if bool((input_ids == 1).all()) else logps)
+
+    return KTOTrainer._compute_loss(me, model, inputs, False)
 
 
 # ---------------------------------------------------------------------------------------------

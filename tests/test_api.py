@@ -200,7 +200,8 @@ def test_registry_says_what_each_entry_supports():
      r"^unknown divergence 'wasserstein'; known: alpha, alpha_divergence, forward_kl, jensen_shannon, js, jsd, kl, "
      r"reverse_kl, rkl$"),
     (lambda x: FusedLinearFDivLoss(divergence="alpha"), "divergence='alpha' has no variational form"),
-    (lambda x: DPOSpec(loss_type="simpo", divergence="js"), "applies to loss types sigmoid, robust, hinge, ipo"),
+    (lambda x: DPOSpec(loss_type="bco_pair", divergence="js"),
+     "applies to loss types sigmoid, robust, hinge, ipo, simpo, exo_pair, discopop, sigmoid_norm, sft, not bco_pair"),
 ])
 def test_each_api_names_the_argument_and_its_names(call, match):
     x = (torch.randn(2, 3, V), torch.randint(0, V, (2, 3)), torch.zeros(2))
@@ -232,14 +233,24 @@ def test_forward_kl_is_kl_everywhere():
 # ------------------------------------------------------------------------------------------
 
 def test_dpo_loss_type_table():
-    rows = {t.name: (t.needs_reference, t.length_normalized, t.uses_label_smoothing)
+    """TRL 1.16's DPOTrainer types (its reads of a reference, of label_smoothing, its length
+    normalisation, its f_divergence_type list), CPO's simpo and ORPO's odds ratio."""
+    rows = {t.name: (t.needs_reference, t.length_normalized, t.uses_label_smoothing, t.scored, t.form)
             for t in fk.DPO_LOSS_TYPES.values()}
-    assert rows == {"sigmoid": (True, False, True), "robust": (True, False, True), "hinge": (True, False, False),
-                    "ipo": (True, True, False), "simpo": (False, True, True)}
+    m, lr, srt = "margin", "logratios", "sorted"
+    assert rows == {"sigmoid": (True, False, True, True, m), "robust": (True, False, True, True, m),
+                    "hinge": (True, False, False, True, m), "ipo": (True, True, False, True, m),
+                    "simpo": (False, True, True, True, m), "exo_pair": (True, False, True, True, m),
+                    "nca_pair": (True, False, False, False, lr), "bco_pair": (True, False, False, False, lr),
+                    "sppo_hard": (True, False, False, False, lr), "aot": (True, False, True, False, srt),
+                    "aot_unpaired": (True, False, True, False, srt), "apo_zero": (True, False, False, False, lr),
+                    "apo_down": (True, False, False, False, lr), "discopop": (True, False, False, True, m),
+                    "sigmoid_norm": (True, True, False, True, m), "orpo": (False, True, False, False, "odds"),
+                    "sft": (False, False, False, True, "nll")}
     for name, t in DPO_LOSS_TYPES.items():
-        spec = DPOSpec(loss_type=name)
+        spec = DPOSpec(loss_type=name, label_smoothing=0.1 if name == "exo_pair" else 0.0)
         assert spec.needs_reference == t.needs_reference and spec.length_normalize == t.length_normalized
-        assert FusedLinearDPOLoss(loss_type=name).length_normalize == t.length_normalized
+        assert FusedLinearDPOLoss(spec=spec).length_normalize == t.length_normalized
 
 
 def test_dpo_spec_positional_and_keyword_agree():

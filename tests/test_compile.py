@@ -184,6 +184,17 @@ def test_nn_fused_linear_dpo_loss(backend):
     _assert_same(step, (hidden, weight, labels, ref))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nn_fused_linear_dpo_combination_with_the_nll_term(backend):
+    """A spec of several loss types (a tuple crossing the op as its string) and the sft term."""
+    hidden, weight, labels, _ = _inputs(rows=4, seed=9)
+    ref = -torch.rand(4) * 10
+    _grad(hidden, weight)
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.1, loss_type=["sigmoid", "apo_down", "sft"], loss_weights=[1.0, 0.5, 0.3],
+                                   backend=backend)
+    _assert_same(lambda h, w, y, r: mod(h, w, y, ref_logp=r), (hidden, weight, labels, ref))
+
+
 # --- inductor and the data checks ---------------------------------------------------------------
 
 def test_inductor_kl_token():
@@ -252,7 +263,10 @@ def test_nan_dpo_reference_raises_under_compile():
 
 @pytest.mark.parametrize("spec", [FDivSpec("kl", beta=0.25, level="sequence", values="detach", z_loss=1e-3),
                                   PrimalSpec("js", alpha=2.0, reduction="sum"),
-                                  DPOSpec(loss_type="ipo", beta=0.3, divergence="js")])
+                                  DPOSpec(loss_type="ipo", beta=0.3, divergence="js"),
+                                  DPOSpec(loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0),
+                                          nll_tokens=12.5, discopop_tau=0.3),
+                                  fk.cpo_spec("simpo", alpha=0.25), fk.KTOSpec(desirable=(True, False, True))])
 def test_spec_round_trip(spec):
     assert compiled.decode_spec(compiled.encode_spec(spec)) == spec
 

@@ -11,7 +11,8 @@ whole batch with the backend's recompute kernels) and fp32/bf16 inputs:
   soft-capped tempered head and a vocabulary with ``-inf``-masked columns;
 * ``fk.loss`` values and gradients for every divergence x level (values modes, z-loss,
   reductions, length normalisation, per-row references and primal forms cycled over the cases);
-* DPO through ``fk.nn.FusedLinearDPOLoss`` for every kind, against TRL's formulas.
+* DPO through ``fk.nn.FusedLinearDPOLoss`` for every loss type, TRL's weighted combinations (with
+  the sft NLL term), CPO and ORPO, against TRL's formulas; KTO through ``fk.nn.FusedLinearKTOLoss``.
 
 The oracle is evaluated in float64 from the very inputs the backend sees (a bf16 case is
 checked against the exact math of its bf16-rounded inputs). Tolerances, with
@@ -204,25 +205,94 @@ def test_loss_contract(backend, device, path, dt, kw, monkeypatch):
 # DPO through fk.nn.FusedLinearDPOLoss
 # ---------------------------------------------------------------------------------------------
 
+#: every loss type, TRL's combinations (MPO; aot with the sft term), CPO and ORPO through their specs
+DPO_CASES = {**{k: {"loss_type": k} for k in fk.DPO_LOSS_TYPES},
+             "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+             "aot+sft": {"loss_type": ["aot", "sft"], "loss_weights": [1.0, 0.5]},
+             "cpo": {"spec": fk.cpo_spec("sigmoid", beta=0.2, label_smoothing=0.1)},
+             "orpo": {"spec": fk.orpo_spec(beta=0.2)}}
+
+
+def _dpo_module(case, backend):
+    opts = dict(DPO_CASES[case])
+    if "spec" in opts:
+        return fk.nn.FusedLinearDPOLoss(spec=opts["spec"], backend=backend), opts["spec"]
+    kinds = [opts["loss_type"]] if isinstance(opts["loss_type"], str) else opts["loss_type"]
+    for k in kinds:
+        opts.update({key: v for key, v in oracle.dpo_kind_options(k).items() if v})
+    opts["beta"] = 0.2
+    mod = fk.nn.FusedLinearDPOLoss(backend=backend, **opts)
+    return mod, mod.spec
+
+
+def _dpo_oracle_kw(spec):
+    """The oracle's arguments for a spec (its loss types, weights and options)."""
+    kinds = [t for t, _ in spec.components]
+    return dict(kind=kinds, loss_weights=[w for _, w in spec.components], beta=spec.beta,
+                label_smoothing=spec.label_smoothing, gamma=spec.gamma, discopop_tau=spec.discopop_tau,
+                length_normalize=spec.length_normalize if len(kinds) > 1 else None)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("path", ["single", "two"])
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("kind", tuple(fk.DPO_LOSS_TYPES))
-def test_dpo_contract(backend, device, path, dt, kind, monkeypatch):
+@pytest.mark.parametrize("case", DPO_CASES)
+def test_dpo_contract(backend, device, path, dt, case, monkeypatch):
     shape = dict(_shape(backend, device), lead=(4,))  # 2 pairs: chosen rows 0-1, rejected rows 2-3
-    x = oracle.make_inputs(**shape, dtype=DTYPES[dt], seed=11 + len(kind), ignore_prefix=2, ignore_at=((1, -1),),
+    x = oracle.make_inputs(**shape, dtype=DTYPES[dt], seed=11 + len(case), ignore_prefix=2, ignore_at=((1, -1),),
                            ref_scale=None, weight_scale=0.5, device=device)
-    ref = None if kind == "simpo" else (-torch.rand(4, generator=torch.Generator().manual_seed(5)) * 10).to(device)
-    opts = {"beta": 0.2, "label_smoothing": 0.1 if kind in ("sigmoid", "robust", "simpo") else 0.0, "gamma": 0.5}
-    mod = fk.nn.FusedLinearDPOLoss(loss_type=kind, backend=backend, **opts)
-    assert mod.length_normalize == (kind in oracle.MEAN_LOGP_KINDS)  # TRL's convention
+    mod, spec = _dpo_module(case, backend)
+    ref = (-torch.rand(4, generator=torch.Generator().manual_seed(5)) * 10).to(device) if spec.needs_reference else None
+    kinds = [t for t, _ in spec.components]
+    if len(kinds) == 1:
+        assert mod.length_normalize == (kinds[0] in oracle.MEAN_LOGP_KINDS)  # TRL's convention
     h, w, _ = x.leaves(bias=False)
     with _path(path, monkeypatch):
         out = mod(h, w, x.labels, ref_logp=ref, return_output=True)
         grads = torch.autograd.grad(out.loss, (h, w))
     r = oracle.leaves64(x.hidden, x.weight)
-    want, want_losses = oracle.dpo_pair_loss(oracle.token_stats(r[0], r[1], x.labels), x.labels, ref, kind=kind,
-                                             **opts)
+    want, want_losses = oracle.dpo_pair_loss(oracle.token_stats(r[0], r[1], x.labels), x.labels, ref,
+                                             **_dpo_oracle_kw(spec))
+    want_grads = torch.autograd.grad(want, r)
+    oracle.assert_close(out.loss, want, **VALUE_TOL[dt], what="loss")
+    oracle.assert_close(out.losses, want_losses, **VALUE_TOL[dt], what="losses")
+    for name, a, e in zip(("hidden", "weight"), grads, want_grads):
+        oracle.assert_close(a, e, **GRAD_TOL[dt], what=f"d/d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO through fk.nn.FusedLinearKTOLoss
+# ---------------------------------------------------------------------------------------------
+
+KTO_CASES = {"kto": {}, "apo_zero_unpaired": {"loss_type": "apo_zero_unpaired", "desirable_weight": 1.3},
+             "kto+sft": {"loss_type": ["kto", "sft"], "loss_weights": [1.0, 0.5], "undesirable_weight": 0.7}}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("path", ["single", "two"])
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("case", KTO_CASES)
+def test_kto_contract(backend, device, path, dt, case, monkeypatch):
+    shape = dict(_shape(backend, device), lead=(5,))
+    x = oracle.make_inputs(**shape, dtype=DTYPES[dt], seed=3, ignore_prefix=2, ref_scale=None, weight_scale=0.5,
+                           device=device)
+    desirable = torch.tensor([True, False, True, True, False], device=device)
+    ref = (-torch.rand(5, generator=torch.Generator().manual_seed(6)) * 10).to(device)
+    mod = fk.nn.FusedLinearKTOLoss(beta=0.5, backend=backend, **KTO_CASES[case])
+    h, w, _ = x.leaves(bias=False)
+    with _path(path, monkeypatch):
+        out = mod(h, w, x.labels, desirable, ref_logp=ref, kl=0.4, return_output=True)
+        grads = torch.autograd.grad(out.loss, (h, w))
+    r = oracle.leaves64(x.hidden, x.weight)
+    st = oracle.token_stats(r[0], r[1], x.labels)
+    s, _, n = oracle.sequence_logp(st, x.labels)
+    spec = mod.spec
+    kind = [t for t, _ in spec.components if t != "sft"][0]
+    want_losses = oracle.kto_losses(kind, s, ref.double(), desirable, beta=0.5, kl=0.4,
+                                    desirable_weight=spec.desirable_weight, undesirable_weight=spec.undesirable_weight)
+    if "sft" in dict(spec.components):
+        want_losses = want_losses + dict(spec.components)["sft"] * -s[desirable].sum() / n[desirable].sum()
+    want = want_losses.mean()
     want_grads = torch.autograd.grad(want, r)
     oracle.assert_close(out.loss, want, **VALUE_TOL[dt], what="loss")
     oracle.assert_close(out.losses, want_losses, **VALUE_TOL[dt], what="losses")

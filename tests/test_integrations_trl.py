@@ -2,7 +2,8 @@
 
 Checks: FDivSFTTrainer(divergence="sft") == TRL's SFTTrainer loss (same batch, and over a few
 training steps); FDivSFTTrainer(js + reference) == a float64 formula from full logits;
-FDivDPOTrainer == TRL's DPOTrainer for sigmoid, ipo and JS f-DPO (same batch, and over a few steps).
+FDivDPOTrainer == TRL's DPOTrainer for sigmoid, ipo and JS f-DPO (same batch, and over a few steps),
+and on one batch for every other TRL 1.16 loss type and weighted combinations (MPO, RPO).
 """
 
 import copy
@@ -116,24 +117,28 @@ def test_sft_js_with_reference_model_matches_formula(tmp_path):
     assert any(k.startswith("fdiv/reward") for h in ours.state.log_history for k in h)
 
 
-@pytest.mark.parametrize("loss_type,f_div", [("sigmoid", "reverse_kl"), ("ipo", "reverse_kl"),
-                                             ("sigmoid", "js_divergence")])
-def test_dpo_equals_trl(tmp_path, loss_type, f_div):
+def _dpo_trainers_on_a_batch(tmp_path, **cfg):
+    """TRL's DPOTrainer and FDivDPOTrainer with the same DPOConfig (``cfg``), models and data; their
+    losses on the same first batch (equal to 1e-5)."""
     tok = tiny_tokenizer()
     model, ds = tiny_llama(tok), dpo_dataset()
     ref_model = tiny_llama(tok, seed=1)  # a reference different from the policy: non-zero log-ratios
-
-    def cfg(name):
-        return trl.DPOConfig(**_common(tmp_path, name, max_steps=2, beta=0.1, loss_type=[loss_type],
-                                       f_divergence_type=f_div))
-
-    theirs = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref_model), args=cfg("a"),
+    args = lambda name: trl.DPOConfig(**_common(tmp_path, name, beta=0.1, **cfg))  # noqa: E731
+    theirs = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref_model), args=args("a"),
                             train_dataset=ds, processing_class=tok)
-    ours = FDivDPOTrainer(model=model, ref_model=ref_model, args=cfg("b"), train_dataset=ds, processing_class=tok)
+    ours = FDivDPOTrainer(model=model, ref_model=ref_model, args=args("b"), train_dataset=ds, processing_class=tok)
     batch = next(iter(ours.get_train_dataloader()))
     a = theirs.compute_loss(theirs.model, dict(batch))
     b = ours.compute_loss(ours.model, dict(batch))
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)
+    return theirs, ours, a, b
+
+
+@pytest.mark.parametrize("loss_type,f_div", [("sigmoid", "reverse_kl"), ("ipo", "reverse_kl"),
+                                             ("sigmoid", "js_divergence")])
+def test_dpo_equals_trl(tmp_path, loss_type, f_div):
+    theirs, ours, a, b = _dpo_trainers_on_a_batch(tmp_path, max_steps=2, loss_type=[loss_type],
+                                                  f_divergence_type=f_div)
     # every metric TRL's DPOTrainer logs, equal on the same batch
     mt, mo = theirs._metrics["train"], ours._metrics["train"]
     assert set(mt) <= set(mo), set(mt) - set(mo)
@@ -151,11 +156,28 @@ def test_dpo_equals_trl(tmp_path, loss_type, f_div):
     assert len(acc) == 2
 
 
-def test_dpo_unsupported_variant_is_refused(tmp_path):
+@pytest.mark.parametrize("loss_type,weights,ls", [
+    (["hinge"], None, 0.0), (["exo_pair"], None, 1e-3), (["nca_pair"], None, 0.0), (["robust"], None, 0.2),
+    (["bco_pair"], None, 0.0), (["sppo_hard"], None, 0.0), (["aot"], None, 0.1), (["aot_unpaired"], None, 0.0),
+    (["apo_zero"], None, 0.0), (["apo_down"], None, 0.0), (["discopop"], None, 0.0), (["sft"], None, 0.0),
+    (["sigmoid_norm"], None, 0.0), (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.0),  # MPO
+    (["sigmoid", "sft"], [1.0, 0.3], 0.0), (["apo_zero", "exo_pair"], [0.5, 2.0], 0.05)])
+def test_every_trl_loss_type_equals_trl_on_a_batch(tmp_path, loss_type, weights, ls):
+    theirs, ours, a, b = _dpo_trainers_on_a_batch(tmp_path, max_steps=1, loss_type=loss_type, loss_weights=weights,
+                                                  label_smoothing=ls, discopop_tau=0.2)
+    ga = torch.autograd.grad(a, theirs.model.lm_head.weight)[0]
+    gb = torch.autograd.grad(b, ours.model.lm_head.weight)[0]
+    assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4), float((ga - gb).abs().max())
+
+
+@pytest.mark.parametrize("kw,match", [(dict(loss_type=["sigmoid", "ipo"]), "length_normalize"),
+                                      (dict(loss_type=["sigmoid", "robust"], label_smoothing=0.1), "label_smoothing"),
+                                      (dict(loss_type=["sigmoid"], use_weighting=True), "use_weighting")])
+def test_dpo_unsupported_variant_is_refused(tmp_path, kw, match):
     tok = tiny_tokenizer()
     model = tiny_llama(tok)
-    args = trl.DPOConfig(**_common(tmp_path, "c", max_steps=1, loss_type=["nca_pair"]))
-    with pytest.raises(NotImplementedError, match="nca_pair"):
+    args = trl.DPOConfig(**_common(tmp_path, "c", max_steps=1, **kw))
+    with pytest.raises(NotImplementedError, match=match):
         FDivDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dpo_dataset(),
                        processing_class=tok)
 

@@ -463,27 +463,42 @@ _DPO_VALUES = (-1.0, -5.0, -45.0, -300.0, -1e4, 0.0, -math.inf, math.nan)
 @st.composite
 def dpo_cases(draw):
     kind = draw(st.sampled_from(tuple(fk.DPO_LOSS_TYPES)))
-    f = "reverse_kl" if kind == "simpo" else draw(st.sampled_from(("reverse_kl", "forward_kl", "js", "alpha")))
+    row = fk.DPO_LOSS_TYPES[kind]
+    f = draw(st.sampled_from(("reverse_kl", "forward_kl", "js", "alpha"))) if row.scored else "reverse_kl"
     b = draw(st.sampled_from((1, 3)))
     finite, special = st.sampled_from(_DPO_VALUES[:6]), st.sampled_from(_DPO_VALUES[6:])
     vals = st.one_of(finite, finite, finite, finite, finite, special)  # about 1 in 6 infinite or NaN
     cols = [[draw(vals) for _ in range(b)] for _ in range(4)]
     return dict(loss_type=kind, divergence=TRL_F_DIVERGENCES.get(f, f), alpha=draw(st.sampled_from((0.5, 1.5, 2.0))),
                 beta=draw(st.sampled_from((0.1, 1.0, 1e3))),
-                label_smoothing=draw(st.sampled_from((0.0, 0.1))) if kind in ("sigmoid", "robust", "simpo") else 0.0,
+                label_smoothing=(draw(st.sampled_from((1e-3, 0.1))) if kind == "exo_pair" else
+                                 draw(st.sampled_from((0.0, 0.1))) if row.uses_label_smoothing else 0.0),
+                discopop_tau=draw(st.sampled_from((0.05, 2.0))) if kind == "discopop" else 0.05,
                 gamma=draw(st.sampled_from((0.0, 1.0))) if kind == "simpo" else 0.0,
                 dtype=draw(st.sampled_from((torch.float32, torch.bfloat16, torch.float64))), cols=cols,
                 fused=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
+
+
+_OPTS = ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma", "discopop_tau")
+
+
+def _no_ref(d) -> bool:
+    return not fk.DPO_LOSS_TYPES[d["loss_type"]].needs_reference
+
+
+def _tokens(d):
+    """The sft term's chosen token counts (None for the other kinds)."""
+    return torch.arange(1, len(d["cols"][0]) + 1) if d["loss_type"] == "sft" else None
 
 
 def _dpo_expected_error(d) -> bool:
     """NaN inputs, and a reference that is not a log-probability (NaN or +inf; docs/math.md's
     contract table: one rule for fk.loss, fk.dpo_loss and the fused module), are errors."""
     pc, pr, rc, rr = (torch.tensor(col, dtype=torch.float64) for col in d["cols"])
-    used = (pc, pr) if d["loss_type"] == "simpo" else (pc, pr, rc, rr)
+    used = (pc,) if d["loss_type"] == "sft" else (pc, pr) if _no_ref(d) else (pc, pr, rc, rr)  # what it reads
     if any(bool(torch.isnan(t).any()) for t in used):
         return True
-    if d["loss_type"] != "simpo" and any(bool((t == math.inf).any()) for t in (rc, rr)):
+    if not _no_ref(d) and any(bool((t == math.inf).any()) for t in (rc, rr)):
         return True
     return False  # other infinite inputs: an error only where the limit is not finite (checked below)
 
@@ -495,9 +510,9 @@ def test_dpo_contract(d):
         return
     pc, pr, rc, rr = (torch.tensor(col, dtype=d["dtype"]) for col in d["cols"])
     pc.requires_grad_()
-    opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
+    opts = {k: d[k] for k in _OPTS}
     try:
-        out = fk.dpo_loss(pc, pr, rc, rr, **opts)
+        out = fk.dpo_loss(pc, pr, rc, rr, chosen_tokens=_tokens(d), **opts)
         (grad,) = torch.autograd.grad(out.loss, pc)
     except ValueError as exc:
         event("dpo outcome: error")
@@ -509,7 +524,7 @@ def test_dpo_contract(d):
     assert torch.isfinite(out.loss) and torch.isfinite(out.losses).all() and torch.isfinite(grad).all(), d
     if d["dtype"] == torch.float32 and bool(torch.isfinite(torch.tensor(d["cols"])).all()):
         p64 = pc.detach().double().requires_grad_()
-        out64 = fk.dpo_loss(p64, pr.double(), rc.double(), rr.double(), **opts)
+        out64 = fk.dpo_loss(p64, pr.double(), rc.double(), rr.double(), chosen_tokens=_tokens(d), **opts)
         (g64,) = torch.autograd.grad(out64.loss, p64)
         torch.testing.assert_close(out.loss.double(), out64.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad.double(), g64, rtol=1e-5, atol=1e-6 * max(1.0, float(g64.abs().max())))
@@ -520,12 +535,13 @@ def test_dpo_contract(d):
 def _dpo_limit_is_finite(d) -> bool:
     """Whether every pair's loss has a finite limit (then no error is allowed), in float64."""
     pc, pr, rc, rr = (torch.tensor(col, dtype=torch.float64) for col in d["cols"])
-    if d["loss_type"] == "simpo":
+    if _no_ref(d):
         rc = rr = None
-    opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
+    opts = {k: d[k] for k in _OPTS}
     from fdiv_kernels.formulas.preference import pair_losses
+    nll = -pc.sum() / _tokens(d).sum() if d["loss_type"] == "sft" else None
     with torch.no_grad():
-        losses = pair_losses(pc, pr, rc, rr, fk.DPOSpec(**opts))
+        losses = pair_losses(pc, pr, rc, rr, fk.DPOSpec(**opts), nll=nll)
     return bool(torch.isfinite(losses).all())
 
 
@@ -537,13 +553,13 @@ def _dpo_fused_agrees(d, direct) -> None:
     x = oracle.make_inputs((2 * b,), 3, 4, 9, dtype=d["dtype"], seed=d["seed"], weight_scale=1.0, ref_scale=None)
     hidden, weight, labels = x.hidden, x.weight, x.labels
     ref = torch.cat([torch.tensor(d["cols"][2]), torch.tensor(d["cols"][3])]).float()
-    opts = {k: d[k] for k in ("loss_type", "divergence", "alpha", "beta", "label_smoothing", "gamma")}
+    opts = {k: d[k] for k in _OPTS}
     results = []
     for backend in _cpu_backends():
         module = fk.nn.FusedLinearDPOLoss(backend=backend, **opts)
         h = hidden.clone().requires_grad_()
         try:
-            loss = module(h, weight, labels, ref_logp=None if d["loss_type"] == "simpo" else ref)
+            loss = module(h, weight, labels, ref_logp=None if _no_ref(d) else ref)
             (gh,) = torch.autograd.grad(loss, h)
         except ValueError as exc:
             results.append(type(exc))
@@ -551,8 +567,8 @@ def _dpo_fused_agrees(d, direct) -> None:
         assert torch.isfinite(loss) and torch.isfinite(gh).all(), (backend, d)
         seq = fk.sequence_logp(hidden.float(), weight.float(), labels)
         s = seq.mean if module.length_normalize else seq.sum
-        want = fk.dpo_loss(s[:b], s[b:], None if d["loss_type"] == "simpo" else ref[:b],
-                           None if d["loss_type"] == "simpo" else ref[b:], **opts).loss
+        want = fk.dpo_loss(s[:b], s[b:], None if _no_ref(d) else ref[:b], None if _no_ref(d) else ref[b:],
+                           chosen_tokens=seq.count[:b] if d["loss_type"] == "sft" else None, **opts).loss
         tol = 1e-5 if d["dtype"] == torch.float32 else 2e-2
         torch.testing.assert_close(loss.double(), want.double(), rtol=tol, atol=tol)
         results.append((loss.detach().double(), gh.double()))

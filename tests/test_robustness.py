@@ -281,6 +281,39 @@ def test_dpo_infinite_reference_is_the_limit_or_an_error(kind, smoothing):
         fk.dpo_loss(pc, pr, both, both, beta=0.1, loss_type=kind)
 
 
+@pytest.mark.parametrize("kind", [k for k, t in fk.DPO_LOSS_TYPES.items() if t.needs_reference])
+@pytest.mark.parametrize("which", ["ref_chosen", "ref_rejected"])
+def test_every_dpo_type_at_an_infinite_reference(kind, which):
+    """``ref_chosen = -inf`` (or ``ref_rejected``): each type's limit where it is finite (exo_pair's
+    ``-log(1-eps)``, bco_pair's and apo's bounded terms, sigmoid-like types' 0), with finite
+    gradients; else a ValueError naming the argument and the pair (nca_pair, sppo_hard, ...)."""
+    from fdiv_kernels.formulas.preference import pair_losses
+
+    opts = dict(beta=0.1, loss_type=kind, label_smoothing=1e-3 if kind == "exo_pair" else 0.0)
+    pc = torch.tensor([-3.0, -1.0], requires_grad=True)
+    pr, rc, rr = torch.tensor([-1.0, -2.0]), torch.zeros(2), torch.zeros(2)
+    (rc if which == "ref_chosen" else rr)[0] = -math.inf
+    with torch.no_grad():
+        limit = pair_losses(pc.double(), pr.double(), rc.double(), rr.double(), fk.DPOSpec(**opts))
+    if bool(torch.isfinite(limit).all()):
+        out, g = _grad(lambda p: fk.dpo_loss(p, pr, rc, rr, **opts), pc)
+        assert torch.isfinite(out.losses).all() and torch.isfinite(g).all()
+        torch.testing.assert_close(out.losses.double(), limit, rtol=1e-6, atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match=rf"pair 0: {which} = -inf gives the"):
+            fk.dpo_loss(pc, pr, rc, rr, **opts)
+
+
+def test_orpo_at_a_certain_answer():
+    """ORPO on mean log-probs: a chosen answer of probability 1 (mean log-prob 0) is the loss's
+    limit 0 with finite gradients; a rejected one is an infinite loss: a ValueError saying so."""
+    pc = torch.tensor([0.0, -1.0], requires_grad=True)
+    out, g = _grad(lambda p: fk.dpo_loss(p, torch.tensor([-0.5, -2.0]), beta=0.1, loss_type="orpo"), pc)
+    assert float(out.losses[0].detach()) == 0.0 and torch.isfinite(g).all()
+    with pytest.raises(ValueError, match="pair 1: policy_rejected = 0: orpo's odds need mean log-probs < 0"):
+        fk.dpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-0.5, 0.0]), beta=0.1, loss_type="orpo")
+
+
 def test_dpo_nan_is_an_error():
     x = torch.zeros(3)
     bad = torch.tensor([0.0, math.nan, 0.0])

@@ -8,6 +8,7 @@ rescaling of the log-mean-exp divergences, three GEMMs per chunk, one under ``no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -271,28 +272,57 @@ def test_all_ignored_and_bf16(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "robust", "hinge"])
+@pytest.mark.parametrize("kind", [*fk.DPO_LOSS_TYPES, ("sigmoid", "sft"), ("aot", "sft")])
 def test_fused_linear_dpo_single_pass_matches_dpo_loss(backend, kind, monkeypatch):
+    """One pair per chunk: the pair terms chunk by chunk, the sft term over the whole batch's chosen
+    tokens; aot (which sorts the batch) exceeds a chunk and runs in two passes inside the fused call."""
     _tiny_chunks(monkeypatch, tokens=9)  # one pair per chunk
     b = 3
     x = oracle.make_inputs((2 * b,), 6, 8, 29, seed=11, weight_scale=0.5, ignore_prefix=2, ref_scale=None)
     hidden, weight, labels = x.hidden, x.weight, x.labels
     ref = -torch.rand(2 * b, generator=torch.Generator().manual_seed(12)) * 10
-    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend, label_smoothing=0.1 if kind == "sigmoid" else 0)
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    opts = {k: v for t in kinds for k, v in oracle.dpo_kind_options(t).items() if v}
+    mod = fk.nn.FusedLinearDPOLoss(beta=0.2, loss_type=kind, backend=backend, **opts)
+    ref_in = ref if mod.spec.needs_reference else None
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
     monkeypatch.setattr(fused.FusedLossFunction, "apply", _spy(fused.FusedLossFunction.apply, calls))
-    out = mod(h, w, labels, ref_logp=None if kind == "simpo" else ref, return_output=True)
+    out = mod(h, w, labels, ref_logp=ref_in, return_output=True)
     grads = torch.autograd.grad(out.loss, (h, w))
     assert calls
     h2, w2 = oracle.leaves64(hidden, weight)
-    assert mod.length_normalize == (kind in oracle.MEAN_LOGP_KINDS)
-    want, want_losses = oracle.dpo_pair_loss(oracle.token_stats(h2, w2, labels), labels,
-                                             None if kind == "simpo" else ref, kind=kind, beta=0.2,
-                                             label_smoothing=0.1 if kind == "sigmoid" else 0)
+    if isinstance(kind, str):
+        assert mod.length_normalize == (kind in oracle.MEAN_LOGP_KINDS)
+    want, want_losses = oracle.dpo_pair_loss(oracle.token_stats(h2, w2, labels), labels, ref_in, kind=kinds,
+                                             beta=0.2, **{k: v for k, v in opts.items()})
     close(out.loss, want)
     close(out.losses, want_losses)
     for a, c in zip(grads, torch.autograd.grad(want, (h2, w2))):
+        close(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["kto", ("kto", "sft")])
+def test_fused_linear_kto_single_pass_chunks_rows(backend, kind, monkeypatch):
+    """One row per chunk: each chunk reads its rows' desirable flags at its offset."""
+    _tiny_chunks(monkeypatch, tokens=5)
+    x = oracle.make_inputs((5,), 6, 8, 29, seed=13, weight_scale=0.5, ignore_prefix=2, ref_scale=None)
+    desirable = torch.tensor([False, True, True, False, True])
+    ref = -torch.rand(5, generator=torch.Generator().manual_seed(14)) * 10
+    mod = fk.nn.FusedLinearKTOLoss(beta=0.3, loss_type=kind, backend=backend)
+    plan = fused.plan_chunks(dataclasses.replace(mod.spec, desirable=(True,) * 5), x.labels != -100, 5)
+    assert len(plan.chunks) == 5
+    h, w = x.hidden.clone().requires_grad_(), x.weight.clone().requires_grad_()
+    out = mod(h, w, x.labels, desirable, ref_logp=ref, kl=0.25)
+    grads = torch.autograd.grad(out, (h, w))
+    h2, w2 = oracle.leaves64(x.hidden, x.weight)
+    s, _, n = oracle.sequence_logp(oracle.token_stats(h2, w2, x.labels), x.labels)
+    losses = oracle.kto_losses("kto", s, ref.double(), desirable, beta=0.3, kl=0.25)
+    if "sft" in kind:
+        losses = losses - s[desirable].sum() / n[desirable].sum()
+    close(out, losses.mean())
+    for a, c in zip(grads, torch.autograd.grad(losses.mean(), (h2, w2))):
         close(a, c)
 
 

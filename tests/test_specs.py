@@ -10,6 +10,7 @@ of the stable formulas is crossed.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.specs import DPOSpec, FDivSpec, PrimalSpec, Rows
+from fdiv_kernels.specs import DPOSpec, FDivSpec, KTOSpec, PrimalSpec, Rows, cpo_spec, orpo_spec
 
 R, T = 6, 7
 
@@ -43,16 +44,16 @@ def _rows(seed: int, *, ref: str, scale: float = 4.0, pairs: bool = False) -> Ro
     return Rows(logp, lse, mask, ref_tok, ref_seq)
 
 
-def _autograd(spec, rows: Rows):
-    """The target's gradients by torch autograd on :meth:`terms`."""
+def _autograd(spec, rows: Rows, norms=None):
+    """The target's gradients by torch autograd on :meth:`terms` (``norms``: the spec's of the rows)."""
     leaves = {"logp": rows.logp.clone().requires_grad_(), "lse": rows.lse.clone().requires_grad_()}
     if rows.ref_tok.dim():
         leaves["ref_tok"] = rows.ref_tok.clone().requires_grad_()
     if rows.ref_seq is not None:
         leaves["ref_seq"] = rows.ref_seq.clone().requires_grad_()
     r = Rows(leaves["logp"], leaves["lse"], rows.mask, leaves.get("ref_tok", rows.ref_tok),
-             leaves.get("ref_seq", rows.ref_seq))
-    norms = spec.normalizers(rows.mask)
+             leaves.get("ref_seq", rows.ref_seq), rows.start)
+    norms = spec.normalizers(rows.mask) if norms is None else norms
     terms = spec.terms(r, norms)
     target = terms.lme if spec.uses_lme else terms.linear
     grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
@@ -60,8 +61,8 @@ def _autograd(spec, rows: Rows):
     return out, norms
 
 
-def _check(spec, rows: Rows):
-    want, norms = _autograd(spec, rows)
+def _check(spec, rows: Rows, norms=None):
+    want, norms = _autograd(spec, rows, norms)
     got = spec.coefficients(rows, norms)
     for name in ("logp", "lse"):
         torch.testing.assert_close(getattr(got, name), want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
@@ -108,7 +109,20 @@ DPO_CASES = [
     dict(loss_type="hinge"), dict(loss_type="ipo"), dict(loss_type="simpo", gamma=0.5, label_smoothing=0.1),
     dict(loss_type="sigmoid", length_normalize=True), dict(loss_type="ipo", length_normalize=False),
 ] + [dict(loss_type=t, divergence=d, alpha=a) for t in ("sigmoid", "robust", "hinge", "ipo")
-     for d, a in (("reverse_kl", 1.0), ("js", 1.0), ("alpha", 0.5), ("alpha", 1.5))]
+     for d, a in (("reverse_kl", 1.0), ("js", 1.0), ("alpha", 0.5), ("alpha", 1.5))] + [
+    # TRL 1.16's other DPOTrainer loss types, DiscoPOP's exponential tail, ORPO, the sft (NLL) term
+    dict(loss_type="exo_pair", label_smoothing=1e-3), dict(loss_type="exo_pair", label_smoothing=0.2),
+    dict(loss_type="nca_pair"), dict(loss_type="bco_pair"), dict(loss_type="sppo_hard"),
+    dict(loss_type="aot"), dict(loss_type="aot", label_smoothing=0.1), dict(loss_type="aot_unpaired", label_smoothing=0.1),
+    dict(loss_type="apo_zero"), dict(loss_type="apo_down"), dict(loss_type="discopop"),
+    dict(loss_type="discopop", discopop_tau=3.0), dict(loss_type="sigmoid_norm"), dict(loss_type="orpo"),
+    dict(loss_type="sft"), dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.7)),
+    dict(loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0), nll_tokens=5.0),
+    dict(loss_type=("aot", "apo_down", "sft"), loss_weights=(0.5, 2.0, 0.3)),
+    dict(loss_type=("orpo", "sft")), dict(loss_type=("ipo", "hinge"), length_normalize=True),
+    dict(loss_type="sigmoid", reference_free=True), dict(loss_type="nca_pair", reference_free=True),
+] + [dict(loss_type=t, divergence=d, alpha=a, label_smoothing=0.1)
+     for t in ("exo_pair", "discopop", "sigmoid_norm", "simpo") for d, a in (("reverse_kl", 1.0), ("alpha", 0.5))]
 
 
 @pytest.mark.parametrize("case", range(len(DPO_CASES)))
@@ -118,6 +132,29 @@ def test_dpo_coefficients_are_the_autograd_gradients(case):
     for seed in range(3):
         rows = _rows(seed + 20, ref="row" if spec.needs_reference else "none", pairs=True)
         _check(spec, rows)
+
+
+@pytest.mark.parametrize("spec", [cpo_spec("sigmoid", beta=0.4, label_smoothing=0.1), cpo_spec("ipo", cpo_alpha=0.5),
+                                  cpo_spec("simpo", alpha=0.3), cpo_spec("alphapo", alpha=-0.5), orpo_spec(beta=0.5)],
+                         ids=["cpo_sigmoid", "cpo_ipo", "cpo_simpo_alpha", "alphapo", "orpo"])
+def test_cpo_and_orpo_coefficients_are_the_autograd_gradients(spec):
+    for seed in range(3):
+        _check(spec, _rows(seed + 40, ref="none", pairs=True))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(loss_type="apo_zero_unpaired", desirable_weight=1.5),
+                                  dict(loss_type=("kto", "sft"), loss_weights=(1.0, 0.4), undesirable_weight=0.5),
+                                  dict(length_normalize=True, beta=2.0)])
+@pytest.mark.parametrize("ref", ["row", "none"])
+def test_kto_coefficients_are_the_autograd_gradients(opts, ref):
+    """KTO rows, desirable or not, as a chunk at row 3 of a 9-row batch (the flags read from ``start``)."""
+    flags = (True, False, False, True, True, False, True, False, True)
+    spec = KTOSpec(beta=opts.pop("beta", 0.3), desirable=flags, **opts)
+    for seed in range(3):
+        rows = _rows(seed + 50, ref=ref, pairs=False)
+        batch = torch.cat([torch.ones(3, T, dtype=torch.bool), rows.mask])  # the chunk's rows are rows 3..8
+        _check(spec, rows._replace(start=3), spec.normalizers(batch))
+        _check(dataclasses.replace(spec, desirable=flags[3:]), rows)
 
 
 def test_dpo_coefficients_past_the_exp_knees():

@@ -135,6 +135,33 @@ def test_dpo_sft_weight_adds_chosen_nll():
     assert float((with_nll - base).detach()) == pytest.approx(0.5 * float(nll_chosen.detach()), rel=1e-9)
 
 
+def test_dpo_loss_type_list_with_weights():
+    """``dpo.loss_type`` as TRL's list with ``dpo.loss_weights`` (YAML or code), ``sft_weight`` as the
+    spec's sft term; ``dpo_micro``'s loss is the weighted sum of the types' fk.dpo_loss plus the NLL."""
+    from fdiv_kernels.api import dpo_loss
+    from fdiv_kernels.errors import ConfigError
+    from fdiv_kernels.train.config import from_dict
+
+    cfg = from_dict({"dpo": {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, "2e-1"], "sft_weight": 0.5,
+                             "beta": 0.2}}).dpo
+    spec = cfg.spec
+    assert spec.components == (("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 0.5))
+    assert from_dict({"dpo": {"loss_type": "ipo"}}).dpo.spec.loss_type == "ipo"
+    with pytest.raises(ConfigError, match="must be a list"):
+        from_dict({"dpo": {"loss_weights": 0.5}})
+    with pytest.raises(ValueError, match="is dpo.sft_weight in the trainer"):
+        DPOConfig(loss_type=["sigmoid", "sft"]).spec
+    m, ref_m, batch = _model(0), _model(1), _pair_batch(4)
+    ref = S.reference_pair_logps(ref_m, batch, spec=spec, backend="torch")
+    loss, st = S.dpo_micro(m, batch, cfg=cfg, ref=ref, norm=S.Norm(4, 1, 1), backend="torch")
+    logp, mask, _ = _full_logp(m, batch)
+    s = (logp * mask).sum(1)
+    want = dpo_loss(s[:4], s[4:], ref[:4], ref[4:], beta=0.2, loss_type=["sigmoid", "bco_pair", "sft"],
+                    loss_weights=[0.8, 0.2, 0.5], chosen_tokens=mask[:4].sum(1))
+    assert float(loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-9)
+    assert st["dpo_loss"][0] / 4 == pytest.approx(float((want.losses - 0.5 * want.nll).detach().mean()), rel=1e-9)
+
+
 def test_mix_dpo_lambda_halves_and_doubles():
     cfg = MixDPOConfig(target_accuracy=0.6, lambda_min=0.25, lambda_max=4.0)
     assert S.adapt_lambda(1.0, 0.9, cfg) == 0.5

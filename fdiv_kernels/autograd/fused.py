@@ -226,7 +226,7 @@ def _chunk_rows(spec: LossSpec, c: Chunk, plan: Plan, t: int, logp, lse, m_ord, 
     local = None if plan.grid_idx is None else plan.grid_idx[c.tok0:c.tok1] - c.row0 * t
     ref_tok = ref_tok_ord if ref_tok_ord.dim() == 0 else ref_tok_ord[c.row0:c.row1]
     ref_seq = None if ref_seq_ord is None else ref_seq_ord[c.row0:c.row1]
-    return Rows(_to_grid(logp, local, mask), _to_grid(lse, local, mask), mask, ref_tok, ref_seq), local
+    return Rows(_to_grid(logp, local, mask), _to_grid(lse, local, mask), mask, ref_tok, ref_seq, c.row0), local
 
 
 def _to_grid(v: torch.Tensor, local: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

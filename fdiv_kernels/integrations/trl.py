@@ -18,11 +18,15 @@ logging and checkpointing, and only replace ``compute_loss``:
 * :class:`FDivDPOTrainer` patches the policy with a :class:`~fdiv_kernels.specs.DPOSpec` built from
   TRL's ``DPOConfig``, so that its loss is :class:`fdiv_kernels.nn.FusedLinearDPOLoss` (one fused
   pass over the head, no ``[2B, T, V]`` logits); the reference's sequence log-probs come from the
-  same fused head. Supported: ``loss_type`` = one of ``sigmoid``, ``ipo`` (length-averaged, as
-  TRL), ``hinge``, ``robust``; every ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence,
-  alpha_divergence, with the stable scores of :mod:`fdiv_kernels.formulas.preference`)
-  except ``ipo`` with one other than reverse_kl; no ``ld_alpha``, no ``use_weighting``, no MoE
-  router aux loss; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
+  same fused head. Supported: every ``loss_type`` of TRL 1.16 (sigmoid, hinge, ipo, exo_pair,
+  nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft,
+  sigmoid_norm; :data:`TRL_TO_FK_DPO_KIND`), several with ``loss_weights`` when they share one
+  normalisation of the log-probs (not ipo or sigmoid_norm with summed types), ``label_smoothing``
+  where TRL reads it (not together with sigmoid, which TRL reads it for no longer, the package
+  still does), ``discopop_tau``; every ``f_divergence_type`` (reverse_kl, forward_kl,
+  js_divergence, alpha_divergence, with the stable scores of :mod:`fdiv_kernels.formulas.preference`)
+  except with ``ipo`` or ``sigmoid_norm``; no ``ld_alpha``, no ``use_weighting``, no MoE router aux
+  loss; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
 
 Both override ``compute_loss``, the ``Trainer`` API's public hook for a custom loss (TRL's
 ``DPOTrainer.compute_loss`` only wraps its private ``_compute_loss``, which is left alone).
@@ -60,14 +64,16 @@ __all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_
            "TRL_USES_LABEL_SMOOTHING"]
 
 #: TRL ``DPOConfig.loss_type`` -> ``fdiv_kernels.dpo_loss(loss_type=...)`` (the same names).
-TRL_TO_FK_DPO_KIND = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
+TRL_TO_FK_DPO_KIND = {t: t for t in ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                                     "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                                     "sigmoid_norm")}
 #: TRL ``DPOConfig.f_divergence_type`` -> ``fdiv_kernels.dpo_loss(divergence=...)`` (registry names: TRL
 #: names the direction from the policy, the registry the generator, so TRL's reverse_kl is ``kl``)
 TRL_TO_FK_F_DIVERGENCE = {t: TRL_F_DIVERGENCES[t] for t in ("reverse_kl", "forward_kl", "js_divergence",
                                                           "alpha_divergence")}
 #: the TRL loss types of :data:`TRL_TO_FK_DPO_KIND` that read ``DPOConfig.label_smoothing`` (TRL 1.16's
 #: sigmoid ignores it, unlike ``fdiv_kernels.dpo_loss(loss_type="sigmoid")``'s conservative DPO)
-TRL_USES_LABEL_SMOOTHING = ("robust",)
+TRL_USES_LABEL_SMOOTHING = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 def _policy(model):
@@ -160,31 +166,42 @@ class FDivDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` whose loss is :class:`fdiv_kernels.nn.FusedLinearDPOLoss` (one fused pass
     over the LM head, no ``[2B, T, V]`` logits) and whose reference log-probs come from the fused head.
 
-    Same constructor as ``DPOTrainer``. ``args.loss_type`` must be a single entry among
-    :data:`TRL_TO_FK_DPO_KIND`; the rest of TRL's DPO variants raise ``NotImplementedError``.
+    Same constructor as ``DPOTrainer``. ``args.loss_type``: entries of :data:`TRL_TO_FK_DPO_KIND`
+    with ``args.loss_weights`` (module docstring: what raises ``NotImplementedError``).
     Only ``compute_loss`` (the ``Trainer`` API's hook for a custom loss) is replaced.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if len(self.loss_types) != 1 or self.loss_types[0] not in TRL_TO_FK_DPO_KIND:
-            raise NotImplementedError(f"FDivDPOTrainer supports loss_type one of {sorted(TRL_TO_FK_DPO_KIND)}, "
-                                      f"got {self.loss_types}")
-        loss_type = self.loss_types[0]
+        types = list(self.loss_types)
+        unknown = [t for t in types if t not in TRL_TO_FK_DPO_KIND]
+        if unknown:
+            raise NotImplementedError(f"FDivDPOTrainer supports loss_type among {sorted(TRL_TO_FK_DPO_KIND)}, "
+                                      f"got {unknown}")
+        reads_smoothing = any(t in TRL_USES_LABEL_SMOOTHING for t in types)
+        normalises_scores = [t for t in types if t in ("ipo", "sigmoid_norm")]
         unsupported = {"f_divergence_type": self.f_divergence_type not in TRL_TO_FK_F_DIVERGENCE,
                        "ld_alpha": self.ld_alpha is not None, "use_weighting": bool(self.use_weighting),
                        "MoE router aux loss (output_router_logits)": bool(getattr(self, "aux_loss_enabled", False)),
                        # TRL divides the f-divergence *scores* of summed log-ratios by the length; the fused
                        # DPO loss length-normalises the log-probs: the same only for reverse_kl
-                       "loss_type='ipo' with an f_divergence_type other than reverse_kl":
-                           loss_type == "ipo" and self.f_divergence_type != "reverse_kl"}
+                       f"loss_type {normalises_scores} with an f_divergence_type other than reverse_kl":
+                           bool(normalises_scores) and self.f_divergence_type != "reverse_kl",
+                       # TRL 1.16's sigmoid reads no label_smoothing, the package's does: one value for both
+                       "label_smoothing > 0 with sigmoid and a type that reads it":
+                           reads_smoothing and "sigmoid" in types and self.label_smoothing > 0}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"FDivDPOTrainer does not support {bad} (use TRL's DPOTrainer for those)")
-        self.fk_spec = DPOSpec(loss_type=TRL_TO_FK_DPO_KIND[loss_type], beta=self.beta,
-                               label_smoothing=self.label_smoothing if loss_type in TRL_USES_LABEL_SMOOTHING else 0.0,
-                               divergence=TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type],
-                               alpha=float(self.args.f_alpha_divergence_coef))
+        try:
+            self.fk_spec = DPOSpec(loss_type=tuple(TRL_TO_FK_DPO_KIND[t] for t in types),
+                                   loss_weights=tuple(self.loss_weights), beta=self.beta,
+                                   label_smoothing=self.label_smoothing if reads_smoothing else 0.0,
+                                   divergence=TRL_TO_FK_F_DIVERGENCE[self.f_divergence_type],
+                                   alpha=float(self.args.f_alpha_divergence_coef),
+                                   discopop_tau=float(self.args.discopop_tau))
+        except ValueError as err:  # e.g. types that TRL normalises differently (ipo with summed ones)
+            raise NotImplementedError(f"FDivDPOTrainer: {err}") from None
         fk_hf.apply(_policy(self.model), self.fk_spec)
         if self.ref_model is not None:
             fk_hf.apply(self.accelerator.unwrap_model(self.ref_model), divergence="sft")

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--level", choices=("token", "sequence"), help="SFT reward level")
         s.add_argument("--mix-dpo", action="store_true", help="SFT + lambda*DPO with adaptive lambda (App. D control)")
         s.add_argument("--loss-type", dest="loss_type",
-                       help="DPO loss type: sigmoid, ipo, simpo, robust, hinge")
+                       help="DPO loss type (fk.DPO_LOSS_TYPES: sigmoid, ipo, simpo, robust, hinge, bco_pair, ...); "
+                            "several with weights: --set dpo.loss_type=[sigmoid,bco_pair] --set dpo.loss_weights=[0.8,0.2]")
         s.add_argument("--gamma", type=float, help="SimPO target margin")
         s.add_argument("--seed", type=int)
         s.add_argument("--backend", help="fdiv_kernels token_stats backend (auto, torch, ...)")

@@ -22,12 +22,10 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from .. import DPO_LOSS_TYPES
-from ..checks import check_choice
 from ..specs import DPOSpec, FDivSpec
 from ..errors import ConfigError
 
@@ -173,22 +171,27 @@ class SFTConfig(OptimConfig):
 
 @dataclass
 class DPOConfig(OptimConfig):
-    """DPO-family training (:class:`fdiv_kernels.nn.FusedLinearDPOLoss`); ``loss_type``, ``beta``,
-    ``gamma`` and ``label_smoothing`` make its :attr:`spec` (which decides, e.g., that ipo and simpo
-    use length-averaged log-probs and that simpo needs no reference).
+    """DPO-family training (:class:`fdiv_kernels.nn.FusedLinearDPOLoss`); ``loss_type`` (a name of
+    ``fk.DPO_LOSS_TYPES`` or a list, TRL's ``loss_type=[...]``), ``loss_weights`` (TRL's; one per
+    type), ``beta``, ``gamma``, ``label_smoothing`` and ``discopop_tau`` make its :attr:`spec` (which
+    decides, e.g., that ipo and simpo use length-averaged log-probs and that simpo needs no
+    reference).
 
     ``reference``: ``start`` (the model DPO starts from), ``base`` (the pipeline's SFT start
     model) or a local model path or Hub id. ``rejected``: ``data`` (rejected answers as given) or
     ``self`` (the start model's own wrong greedy answers where it has one, else the data's;
-    synthetic tasks only). ``sft_weight``: optional NLL term on the chosen answers (RPO).
+    synthetic tasks only). ``sft_weight``: the NLL term on the chosen answers (RPO; TRL's ``"sft"``
+    loss type with this weight), computed in the same fused pass over the step's chosen tokens.
     """
 
     steps: int = 100
     lr: float = 1e-4
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, List[str]] = "sigmoid"
+    loss_weights: Optional[List[float]] = None
     gamma: float = 0.0
     label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
     reference: str = "start"
     rejected: str = "data"
     rejected_batch_size: int = 100  # rejected=self: generation batch (eval.batch_size when that is larger)
@@ -196,10 +199,17 @@ class DPOConfig(OptimConfig):
 
     @property
     def spec(self) -> DPOSpec:
-        """The validated :class:`~fdiv_kernels.specs.DPOSpec` (``ValueError`` naming the bad option)."""
-        check_choice("loss_type", self.loss_type, tuple(DPO_LOSS_TYPES))  # named as the config key
-        return DPOSpec(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma)
-
+        """The validated :class:`~fdiv_kernels.specs.DPOSpec` (``ValueError`` naming the bad option),
+        with the ``sft`` term of weight ``sft_weight`` when it is > 0."""
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if "sft" in names:
+            raise ValueError("loss_type 'sft' (the NLL of the chosen answers) is dpo.sft_weight in the trainer")
+        weights = None if self.loss_weights is None else list(self.loss_weights)
+        if self.sft_weight > 0:
+            weights = (weights if weights is not None else [1.0] * len(names)) + [self.sft_weight]
+            names = names + ["sft"]
+        return DPOSpec(loss_type=tuple(names), loss_weights=None if weights is None else tuple(weights), beta=self.beta,
+                       label_smoothing=self.label_smoothing, gamma=self.gamma, discopop_tau=self.discopop_tau)
 
 
 @dataclass
@@ -287,14 +297,16 @@ def _check_scalar(path: str, default: Any, v: Any, annotation: Any):
         if "Optional" in kind:
             return None
         raise ConfigError(f"config key {path!r} may not be null")
+    if "List" in kind:  # the elements are the spec's to check (e.g. dpo.loss_type, dpo.loss_weights)
+        if isinstance(v, str) and "Union[str" in kind:
+            return v
+        return _typed(path, v, list, "a list")
     if isinstance(default, bool) or "bool" in kind:
         return _typed(path, v, bool, "true/false")
     if "float" in kind or isinstance(default, float):
         return _number(path, v)
     if "int" in kind or isinstance(default, int):
         return _typed(path, v, int, "an integer")
-    if "List" in kind:
-        return _typed(path, v, list, "a list")
     return _typed(path, v, str, "a string")
 
 

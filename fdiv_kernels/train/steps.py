@@ -22,6 +22,7 @@ global rows and its ``z_loss`` over the global tokens. The log-mean-exp of ``kl`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -203,30 +204,31 @@ def dpo_micro(model, batch, *, cfg: DPOConfig, ref: Optional[torch.Tensor], norm
               backend: str = "auto") -> Tuple[torch.Tensor, Stats]:
     """DPO-family loss of a micro-batch of pairs (sum over pairs / global pairs).
 
-    With ``cfg.sft_weight > 0`` adds ``sft_weight * NLL`` of the chosen answers: the fused NLL of
-    the chosen rows summed over their tokens, over the step's global count of chosen tokens
-    (``norm.counts["chosen_tokens"]``, :func:`dpo_counts`), so one process, gradient accumulation
-    and data-parallel ranks optimise the same objective. Stats: ``loss``, ``dpo_loss``, ``accuracy``, ``margin``,
+    With ``cfg.sft_weight > 0`` the spec's ``sft`` term adds ``sft_weight * NLL`` of the chosen
+    answers in the same fused pass, over the step's global count of chosen tokens
+    (``norm.counts["chosen_tokens"]``, :func:`dpo_counts`, given to the spec as ``nll_tokens``), so
+    one process, gradient accumulation and data-parallel ranks optimise the same objective. Stats:
+    ``loss``, ``dpo_loss`` (the preference terms, without the NLL), ``accuracy``, ``margin``,
     ``chosen_reward``, ``rejected_reward``, ``logp_chosen`` (mean per-token log-prob of the chosen
     answers), ``tokens``.
     """
     spec = cfg.spec
-    out, x = pair_loss(model, batch, spec=spec, ref=ref, backend=backend)
     labels = shifted(batch)
     b = labels.shape[0] // 2
+    if cfg.sft_weight > 0 and b:
+        # the call's loss is a mean over its b pairs, scaled by b / P below: N = C * b / P makes its
+        # sft term sum_chosen(-logp) / C over the step's C chosen tokens
+        chosen = _with_counts(norm, dpo_counts(batch)).count("chosen_tokens")
+        spec = dataclasses.replace(spec, nll_tokens=max(chosen, 1.0) * b / max(norm.count(), 1.0))
+    out, _ = pair_loss(model, batch, spec=spec, ref=ref, backend=backend)
     counts = (labels != IGNORE_INDEX).sum(dim=1)
     loss = out.loss * b * norm.sum_scale()
-    if cfg.sft_weight > 0:
-        nll = loss_from_spec(FDivSpec("sft", reduction="sum"), x.hidden[:b], x.weight, labels[:b], bias=x.bias,
-                             head=x.head, ignore_index=IGNORE_INDEX).loss
-        loss = loss + cfg.sft_weight * nll * _with_counts(norm, dpo_counts(batch)).sum_scale("chosen_tokens")
-        chosen_sum = -float(nll.detach())
-    else:
-        s = policy_logps(out, ref, spec)[:b]
-        chosen_sum = float((s * counts[:b] if spec.length_normalize else s).sum())
+    pair_part = out.losses.detach() if out.nll is None else out.losses.detach() - cfg.sft_weight * out.nll
+    s = policy_logps(out, ref, spec)[:b]
+    chosen_sum = float((s * counts[:b] if spec.length_normalize else s).sum())
     stats: Stats = {
         "loss": (float(loss.detach()) / norm.world_size, 0.0),
-        "dpo_loss": (float(out.losses.detach().sum()), float(b)),
+        "dpo_loss": (float(pair_part.sum()), float(b)),
         **_pair_stats(out, b),
         "chosen_reward": (float(out.chosen_rewards.sum()), float(b)),
         "rejected_reward": (float(out.rejected_rewards.sum()), float(b)),
