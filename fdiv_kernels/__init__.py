@@ -31,7 +31,7 @@ from .formulas.preference import DPO_LOSS_TYPES, TRL_F_DIVERGENCES, DPOLossType
 from .formulas.primal import PrimalLoss
 from .kernels import Backend, available_backends, register_backend
 from .knobs import config
-from .specs import DPOSpec, FDivSpec, HeadSpec, LogSumExpAccumulator, LossSpec, PrimalSpec
+from .specs import DPOSpec, FDivSpec, HeadSpec, LogSumExpAccumulator, LossSpec, PrimalSpec, VocabShard
 
 __version__ = "0.1.0"
 
@@ -47,5 +47,5 @@ __all__ = [
     "TokenStats", "TokenStatsFunction", "TokenStatsParams", "__version__", "available_backends", "config",
     "divergence_names", "dpo_loss", "get_divergence", "loss", "loss_from_spec", "nn", "primal_loss",
     "register_backend", "register_divergence", "sequence_logp", "shift_for_causal_lm", "token_stats",
-    "token_stats_from_logits",
+    "token_stats_from_logits", "VocabShard",
 ]
