@@ -316,6 +316,50 @@ def _group_of_one(group) -> float:
     return max(float((one[k] - whole[k]).abs().max()) for k in one if one[k] is not None)
 
 
+def _communication(group) -> dict:
+    """The collectives (``(name, op, shape)`` in order) and the checks of one ``fk.loss`` forward +
+    backward on ``group``, with and without the entropy."""
+    import torch.distributed as dist
+
+    from fdiv_kernels import checks
+
+    log, calls = [], {}
+    originals = {n: getattr(dist, n) for n in ("all_reduce", "all_gather", "broadcast")}
+    checked = {n: getattr(checks, n) for n in ("check_vocab_layout", "check_vocab_shards", "check_head",
+                                               "check_label_values", "check_loss_data")}
+
+    def collective(name):
+        def call(*a, **k):
+            t = a[0] if isinstance(a[0], torch.Tensor) else a[1]
+            log.append((name, str(k.get("op", "")).rsplit(".", 1)[-1], tuple(t.shape)))
+            return originals[name](*a, **k)
+        return call
+
+    def counted(name):
+        def call(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return checked[name](*a, **k)
+        return call
+
+    out = {}
+    try:
+        for n in originals:
+            setattr(dist, n, collective(n))
+        for n in checked:
+            setattr(checks, n, counted(n))
+        for entropy in (False, True):
+            log.clear()
+            calls.clear()
+            run_case(Case(fdiv(divergence="kl", return_entropy=entropy)), Head("group", 2, dist.get_rank(group), group))
+            out[entropy] = (list(log), dict(calls))
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+        for n, f in checked.items():
+            setattr(checks, n, f)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The transformers patch on a ColwiseParallel head
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +422,7 @@ def _worker(rank: int, world: int, port: int, out: str, native: tuple):
         result["group_of_one"] = _group_of_one(singles[rank])
         if rank < 2:
             result["errors"] = _errors(rank, groups[2], meshes[2])
+            result["communication"] = _communication(groups[2])
             result["patches"] = {name: patched_grads(name, meshes[2]) for name in PATCHES}
         dist.barrier()
     finally:
@@ -444,6 +489,21 @@ def test_native_backends_match_one_process(ranks, name):
 
 def test_a_group_of_one_is_the_local_path(ranks):
     assert [r["group_of_one"] for r in ranks] == [0.0] * WORLD
+
+
+def test_communication_per_call_is_two_small_all_reduces_per_chunk(ranks):
+    """One fk.loss forward + backward on 2 ranks: one all-gather of the shard facts, per chunk an
+    all-reduce MAX of [rows] and a SUM of [2, rows] ([4, rows] with entropy), one all-reduce of the
+    supervised grad_hidden [n, H]; nothing of size V; every check once (docs/performance.md)."""
+    n = 15  # supervised tokens of the default case: chunks of CHUNK_TOKENS
+    rows = [CHUNK_TOKENS] * (n // CHUNK_TOKENS) + ([n % CHUNK_TOKENS] if n % CHUNK_TOKENS else [])
+    for entropy, width in ((False, 2), (True, 4)):
+        for r in ranks[:2]:
+            log, calls = r["communication"][entropy]
+            stats = [c for m in rows for c in (("all_reduce", "MAX", (m,)), ("all_reduce", "SUM", (width, m)))]
+            assert log == [("all_gather", "", (len(fk.checks.SHARD_FACTS),)), *stats, ("all_reduce", "SUM", (n, H))]
+            assert calls == dict.fromkeys(("check_vocab_layout", "check_vocab_shards", "check_head",
+                                           "check_label_values", "check_loss_data"), 1)
 
 
 def test_bad_input_raises_the_same_clear_error_on_every_rank(ranks):
