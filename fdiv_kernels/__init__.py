@@ -35,7 +35,7 @@ from .formulas.primal import PrimalLoss
 from .kernels import Backend, available_backends, register_backend
 from .knobs import config
 from .specs import (CPO_LOSS_TYPES, DPOSpec, FDivSpec, HeadSpec, KTOSpec, LogSumExpAccumulator, LossSpec, PrimalSpec,
-                    cpo_spec, orpo_spec)
+                    VocabShard, cpo_spec, orpo_spec)
 
 __version__ = "0.1.0"
 
@@ -52,4 +52,5 @@ __all__ = [
     "__version__", "available_backends", "config", "cpo_spec", "divergence_names", "dpo_loss", "get_divergence",
     "kto_loss", "loss", "loss_from_spec", "nn", "orpo_spec", "primal_loss", "register_backend",
     "register_divergence", "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits",
+    "VocabShard",
 ]

@@ -29,20 +29,23 @@ Conventions of :func:`loss` (derivations in ``docs/math.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import torch
+import torch.distributed as dist
 
 from . import checks, compiled
+from .autograd import vocab_parallel
 from .autograd.evaluate import EAGER, Primitives, evaluate, evaluate_logits
 from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, stats_result
 from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
 from .formulas.divergences import Divergence
 from .formulas.preference import kto_losses, nll_weight, pair_losses
 from .formulas.primal import PrimalLoss
-from .specs import DPOSpec, FDivSpec, HeadSpec, KTOSpec, LossSpec, PrimalSpec, Rows, is_loss_spec
+from .specs import DPOSpec, FDivSpec, HeadSpec, KTOSpec, LossSpec, PrimalSpec, Rows, VocabShard, is_loss_spec
 
 __all__ = ["DPOOutput", "KTOOutput", "LossOutput", "SequenceLogp", "dpo_loss", "kto_loss", "loss", "loss_from_spec",
            "primal_loss", "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits"]
@@ -177,12 +180,40 @@ def _one_input(hidden, weight, labels, logits, bias, head: HeadSpec) -> None:
 
 
 def _check_inputs(hidden, weight, labels, logits, bias, head: HeadSpec) -> None:
-    """:func:`_one_input`, then the shapes, dtypes and devices of what is given."""
-    _one_input(hidden, weight, labels, logits, bias, head)
+    """The shapes, dtypes and devices of what is given (:func:`_one_input` ran first)."""
     if logits is not None:
         checks.check_logits(logits, labels)
     else:
         checks.check_head(hidden, weight, labels, bias)
+
+
+def _sharded_head(hidden, weight, bias, labels, logits, vocab_group, head: HeadSpec):
+    """``(weight, bias, head)`` of a call: for a vocabulary-parallel head (``vocab_group=``, a
+    ``DTensor`` weight placed ``Shard(0)``, or a ``head`` whose ``vocab`` is set), this rank's local
+    shards and the head with its :class:`~fdiv_kernels.specs.VocabShard`, resolved by one
+    all-gather of every rank's :data:`~fdiv_kernels.checks.SHARD_FACTS` and checked there (every
+    rank raises the same error); a group of one is the whole head. Else the arguments as given."""
+    if vocab_group is None and head.vocab is not None:
+        vocab_group = head.vocab.group
+    checks.check_vocab_layout(hidden, weight, bias, logits, vocab_group, compiled.compiling())
+    if checks.is_dtensor(weight):
+        mesh = weight.device_mesh
+        group, index, global_rows = mesh.get_group(), mesh.get_local_rank(), weight.shape[0]
+        weight, bias = weight.to_local(), None if bias is None else bias.to_local()
+    elif vocab_group is not None:
+        group, index, global_rows = vocab_group, dist.get_rank(vocab_group), -1
+    else:
+        return weight, bias, head
+    if dist.get_world_size(group) == 1:
+        return weight, bias, dataclasses.replace(head, vocab=None)
+    facts = checks.shard_facts(index, hidden, weight, bias, labels, global_rows)
+    sizes = checks.check_vocab_shards(vocab_parallel.all_gather_rows(group, facts))
+    return weight, bias, dataclasses.replace(head, vocab=VocabShard(group, index, sizes))
+
+
+def _vocab_size(weight: torch.Tensor, head: HeadSpec) -> int:
+    """Rows of the whole head: the labels' range."""
+    return weight.shape[0] if head.vocab is None else head.vocab.vocab_size
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +248,8 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
          level: str = "token", ignore_index: int = -100, reduction: str = "mean",
          backend: str = "auto", bias: Optional[torch.Tensor] = None, length_normalize: bool = False,
          values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
-         temperature: float = 1.0, return_entropy: bool = False, shift: bool = False) -> LossOutput:
+         temperature: float = 1.0, return_entropy: bool = False, shift: bool = False,
+         vocab_group=None) -> LossOutput:
     """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
 
     Args:
@@ -243,6 +275,14 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
             ``hidden[..., :-1, :]`` (``logits[..., :-1, :]``); a per-token ``ref_logp [..., T]`` is
             shifted the same way (``[..., T-1]`` and per-row ones pass unchanged). The outputs
             then have ``T - 1`` positions.
+        vocab_group: a ``torch.distributed`` process group across which the head is split along
+            the vocabulary (tensor parallelism): ``weight [V_r, H]`` (and ``bias [V_r]``) is this
+            rank's shard, the rows that follow the previous rank's; ``labels`` are global ids and
+            ``hidden``/``labels`` the same on every rank. A ``DTensor`` weight placed ``Shard(0)``
+            on a one-dimensional mesh (``ColwiseParallel``) is detected without it. Every rank gets
+            the whole head's loss and statistics, its shard's ``grad_weight`` and the full
+            ``grad_hidden`` (summed over the group); the ``[N, V]`` logits are never gathered
+            (``docs/performance.md``, "Vocabulary parallelism").
 
     Returns:
         :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
@@ -257,7 +297,7 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
         hidden, logits, labels, ref_logp = _shifted(hidden, logits, labels, ref_logp)
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
-                          return_entropy=return_entropy)
+                          return_entropy=return_entropy, vocab_group=vocab_group)
 
 
 def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -265,7 +305,7 @@ def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Te
                 divergence: str = "kl", alpha: float = 1.5, ignore_index: int = -100, reduction: str = "mean",
                 z_loss: float = 0.0, backend: str = "auto", bias: Optional[torch.Tensor] = None,
                 softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False,
-                shift: bool = False) -> LossOutput:
+                shift: bool = False, vocab_group=None) -> LossOutput:
     """Primal per-token f-divergence loss ``D_f(onehot(y) || p)`` (:mod:`fdiv_kernels.formulas.primal`),
     fused with the LM head (or from ``logits=``); a function of ``log p_y`` alone, no reference.
 
@@ -277,7 +317,7 @@ def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Te
         reduction: ``"mean"`` (over supervised tokens), ``"sum"`` or ``"none"``.
         z_loss: weight of ``mean(lse**2)`` over supervised tokens (with ``reduction`` mean or sum).
         hidden, weight, labels, logits, bias, softcap, temperature, backend, ignore_index,
-        return_entropy, shift: as in :func:`loss`.
+        return_entropy, shift, vocab_group: as in :func:`loss`.
 
     Returns:
         :class:`LossOutput` (``reward`` holds ``logp``; ``divergence`` the primal form).
@@ -288,27 +328,30 @@ def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Te
         hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
-                          return_entropy=return_entropy)
+                          return_entropy=return_entropy, vocab_group=vocab_group)
 
 
 def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
                    labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
                    ref_logp: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    head: HeadSpec = HeadSpec(), ignore_index: int = -100,
-                   return_entropy: bool = False) -> LossOutput:
+                   return_entropy: bool = False, vocab_group=None) -> LossOutput:
     """:func:`loss` for an already built spec (:class:`~fdiv_kernels.specs.FDivSpec`,
     :class:`~fdiv_kernels.specs.PrimalSpec`, :class:`~fdiv_kernels.specs.DPOSpec` on ``2B`` rows
     with per-row references, or any :class:`~fdiv_kernels.specs.LossSpec`) and head
     (:class:`~fdiv_kernels.specs.HeadSpec`): what the ``fk.nn`` modules, the integrations and the
-    trainer call. Arguments as in :func:`loss` (``labels`` already shifted)."""
+    trainer call. Arguments as in :func:`loss` (``labels`` already shifted); a vocabulary-parallel
+    head is given by ``vocab_group=``, a ``DTensor`` weight or ``head.vocab``."""
     if not is_loss_spec(spec):
         raise TypeError(f"spec must implement fdiv_kernels.specs.LossSpec (FDivSpec, PrimalSpec, DPOSpec), "
                         f"got {type(spec).__name__}")
+    _one_input(hidden, weight, labels, logits, bias, head)
+    weight, bias, head = _sharded_head(hidden, weight, bias, labels, logits, vocab_group, head)
     _check_inputs(hidden, weight, labels, logits, bias, head)
     checks.check_rows(labels)
     prims = primitives()
     x = logits if logits is not None else hidden
-    labels = prims.check_labels(labels, x.shape[-1] if logits is not None else weight.shape[0], ignore_index)
+    labels = prims.check_labels(labels, x.shape[-1] if logits is not None else _vocab_size(weight, head), ignore_index)
     mask = labels != ignore_index
     m2 = _rows(mask)
     ref_tok, ref_seq = _reference(ref_logp, labels, spec, m2, _compute_dtype(x))
@@ -499,20 +542,21 @@ def kto_output(spec: KTOSpec, losses: torch.Tensor, s: torch.Tensor, ref: Option
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
                 temperature: float = ..., return_entropy: Literal[False] = ..., backend: str = ...,
-                shift: bool = ...) -> LogpLse: ...
+                shift: bool = ..., vocab_group=...) -> LogpLse: ...
 
 
 @overload
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
                 temperature: float = ..., return_entropy: Literal[True], backend: str = ...,
-                shift: bool = ...) -> TokenStats: ...
+                shift: bool = ..., vocab_group=...) -> TokenStats: ...
 
 
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                 softcap: Optional[float] = None, temperature: float = 1.0,
-                return_entropy: bool = False, backend: str = "auto", shift: bool = False) -> Union[LogpLse, TokenStats]:
+                return_entropy: bool = False, backend: str = "auto", shift: bool = False,
+                vocab_group=None) -> Union[LogpLse, TokenStats]:
     """Fused LM head + log-softmax statistics, without storing the ``[N, V]`` logits.
 
     Args:
@@ -526,6 +570,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         backend: "auto", "torch", or any name in :func:`fdiv_kernels.available_backends`.
         shift: the causal-LM shift of :func:`loss` (``labels = input_ids [..., T]``; the outputs
             have ``T - 1`` positions, aligned with ``fk.loss(..., shift=True)``'s).
+        vocab_group: a vocabulary-parallel head, as in :func:`loss` (``weight``, ``bias``: this
+            rank's shard; the statistics are the whole head's on every rank).
 
     Returns:
         ``(logp, lse)`` (a :class:`~fdiv_kernels.LogpLse`), or with ``return_entropy=True`` a
@@ -542,9 +588,10 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     if shift:
         checks.check_labels_dtype(labels)
         hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+    weight, bias, head = _sharded_head(hidden, weight, bias, labels, None, vocab_group, head)
     checks.check_head(hidden, weight, labels, bias)
     prims = primitives()
-    labels = prims.check_labels(labels, weight.shape[0], ignore_index)
+    labels = prims.check_labels(labels, _vocab_size(weight, head), ignore_index)
     logp, lse, ent = prims.token_stats(hidden, weight, bias, labels,
                                        TokenStatsParams(head, ignore_index, bool(return_entropy)))
     return stats_result(*prims.check_token_stats(logp, lse, ent, labels, head))
@@ -578,22 +625,24 @@ def sequence_logp(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.
                   labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                   softcap: Optional[float] = None, temperature: float = 1.0,
-                  backend: str = "auto", shift: bool = False) -> SequenceLogp:
+                  backend: str = "auto", shift: bool = False, vocab_group=None) -> SequenceLogp:
     """Per-row sum and mean of ``log pi(y_t | s_t)`` over supervised tokens, from the fused primitive.
 
     ``labels [..., T]`` -> ``sum``, ``mean`` (float32) and ``count`` (int64), each ``[...]``.
     All-ignored rows give sum = mean = 0. Log space only: no sequence probability is formed.
-    ``shift``: the causal-LM shift of :func:`loss`.
+    ``shift``: the causal-LM shift of :func:`loss`; ``vocab_group``: a vocabulary-parallel head,
+    as in :func:`loss`.
     """
     if shift:
         hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
     _one_input(hidden, weight, labels, logits, bias, HeadSpec(softcap, temperature, backend))
     checks.check_rows(labels)
     if logits is not None:
+        checks.check_vocab_layout(hidden, weight, bias, logits, vocab_group, compiled.compiling())
         stats = token_stats_from_logits(logits, labels, ignore_index=ignore_index)
     else:
         stats = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                            temperature=temperature, backend=backend)
+                            temperature=temperature, backend=backend, vocab_group=vocab_group)
     count = (labels != ignore_index).sum(dim=-1)
     s = stats.logp.sum(dim=-1)
     return SequenceLogp(s, s / count.clamp(min=1).to(s.dtype), count)

@@ -25,6 +25,7 @@ imports nothing of the package but :mod:`fdiv_kernels.knobs`.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -34,8 +35,9 @@ from . import knobs
 __all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "check_finite_number",
            "check_floating", "check_head", "check_head_options", "check_label_values", "check_labels_dtype",
            "check_logits", "check_loss_data", "check_loss_types", "check_pairs", "check_reference", "check_rows",
-           "check_same_device", "check_scalar_tensor", "check_token_stats", "data_checks_enabled",
-           "explain_token_stats", "first_position", "invalid_reference", "is_real"]
+           "check_same_device", "check_scalar_tensor", "check_token_stats", "check_vocab_layout", "check_vocab_shard",
+           "check_vocab_shards", "data_checks_enabled", "explain_token_stats", "first_position", "invalid_reference",
+           "is_dtensor", "is_real", "SHARD_FACTS", "shard_facts"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 Explain = Callable[[], Optional[str]]
@@ -208,6 +210,136 @@ def check_reference(ref_logp: torch.Tensor, labels: torch.Tensor, allowed: Seque
     expect = " or ".join(f"{tuple(labels.shape)} per token" if a == "token" else f"{row_shape} per row"
                          for a in allowed)
     raise ValueError(f"ref_logp must have shape {expect}, got {tuple(ref_logp.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel heads (docs/design.md, "Vocabulary parallelism")
+# ---------------------------------------------------------------------------------------------
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (never imports that module, which
+    takes ~0.6 s: without it no DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return t is not None and module is not None and isinstance(t, module.DTensor)
+
+
+def check_vocab_shard(index: int, sizes: Tuple[int, ...]) -> None:
+    """A :class:`~fdiv_kernels.specs.VocabShard`'s layout: every shard holds at least one row, and
+    ``index`` names one of them (host only)."""
+    if not sizes:
+        raise ValueError("a vocabulary-parallel head needs at least one shard")
+    if not 0 <= index < len(sizes):
+        raise ValueError(f"shard index {index} is not one of the {len(sizes)} shards")
+    empty = [i for i, s in enumerate(sizes) if s < 1]
+    if empty:
+        raise ValueError(f"the shards of the vocabulary do not tile it: shard {empty[0]} holds {sizes[empty[0]]} rows "
+                         f"(sizes {list(sizes)}); every rank of the vocabulary group must hold at least one row of "
+                         f"the head")
+
+
+def check_vocab_layout(hidden, weight, bias, logits, vocab_group, compiling: bool) -> None:
+    """A vocabulary-parallel call (``vocab_group=`` given or a ``DTensor`` weight): a ``DTensor``
+    weight (and bias) placed ``Shard(0)`` on a one-dimensional device mesh (what ``ColwiseParallel``
+    makes), or plain local shards with ``vocab_group`` a process group; ``hidden`` a plain tensor
+    (the same on every rank); not under ``torch.compile``; not with ``logits=``."""
+    dtensor = is_dtensor(weight)
+    if vocab_group is None and not dtensor and not is_dtensor(bias):
+        return
+    if compiling:
+        raise RuntimeError("a vocabulary-parallel head (vocab_group= or a DTensor weight) cannot run under "
+                           "torch.compile: its all-reduces take a process group, which a custom op cannot; call the "
+                           "loss outside the compiled region (docs/performance.md, \"Vocabulary parallelism\")")
+    if logits is not None:
+        raise ValueError("vocab_group= applies to (hidden, weight): logits= are already whole rows")
+    if is_dtensor(hidden):
+        raise TypeError(f"hidden is a DTensor (placements {tuple(hidden.placements)}): a vocabulary-parallel head takes "
+                        f"the plain hidden states every rank of the group holds (e.g. hidden.full_tensor())")
+    if vocab_group is not None and not isinstance(vocab_group, torch.distributed.ProcessGroup):
+        raise TypeError(f"vocab_group must be a torch.distributed process group, got {type(vocab_group).__name__}")
+    if not dtensor:
+        if is_dtensor(bias):
+            raise TypeError("bias is a DTensor but weight is not: pass both as DTensors placed Shard(0) on one mesh, "
+                            "or both as this rank's plain shards with vocab_group=")
+        return
+    from torch.distributed.tensor import Shard
+
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"a DTensor weight must be placed Shard(0) on a one-dimensional device mesh (ColwiseParallel on "
+                         f"the LM head), got placements {tuple(weight.placements)} on a mesh of shape "
+                         f"{tuple(mesh.shape)}; a head sharded by FSDP2 is gathered with "
+                         f"fdiv_kernels.hf.full_tensor(weight) first")
+    if bias is not None and not (is_dtensor(bias) and bias.device_mesh == mesh and tuple(bias.placements) == (Shard(0),)):
+        raise TypeError("with a DTensor weight, bias must be a DTensor placed Shard(0) on the weight's mesh (as "
+                        "ColwiseParallel places it)")
+    if vocab_group is not None and vocab_group != mesh.get_group():
+        raise ValueError("vocab_group= names another process group than the DTensor weight's device mesh; pass the "
+                         "DTensor alone (its mesh is the group)")
+
+
+#: what each rank of a vocabulary group tells the others once per call (one all-gather of int64s):
+#: its shard index, the shard's rows, H, the dtype, the bias rows (-1: none), the labels' size and
+#: two checksums, which inputs need gradients (bits: hidden, weight, bias, grad mode), and the rows of
+#: the whole head when the weight knows them (a DTensor; else -1)
+SHARD_FACTS = ("index", "rows", "hidden_size", "dtype", "bias_rows", "tokens", "labels_sum", "labels_moment",
+               "needs_grad", "global_rows")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def shard_facts(index: int, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                labels: torch.Tensor, global_rows: int) -> torch.Tensor:
+    """This rank's :data:`SHARD_FACTS` as an int64 tensor on ``hidden``'s device (no host read)."""
+    y = labels.reshape(-1).long()
+    pos = torch.arange(y.numel(), device=y.device) % 65521 + 1
+    grad = torch.is_grad_enabled()
+    needs = (int(grad and hidden.requires_grad) | int(grad and weight.requires_grad) << 1
+             | int(grad and bias is not None and bias.requires_grad) << 2)
+    dtype = _FLOAT_DTYPES.index(weight.dtype) if weight.dtype in _FLOAT_DTYPES else -1
+    head = [index, weight.shape[0] if weight.dim() == 2 else -1, weight.shape[-1] if weight.dim() else -1, dtype,
+            -1 if bias is None else bias.shape[0] if bias.dim() == 1 else -2, y.numel()]
+    fixed = torch.tensor(head, dtype=torch.int64, device=hidden.device)
+    sums = torch.stack([y.sum(), (y * pos).sum()]).to(hidden.device) if y.numel() else fixed.new_zeros(2)
+    tail = torch.tensor([needs, global_rows], dtype=torch.int64, device=hidden.device)
+    return torch.cat([fixed, sums, tail])
+
+
+def check_vocab_shards(table: torch.Tensor) -> Tuple[int, ...]:
+    """The shards of a vocabulary group tile the vocabulary and every rank passes the same call:
+    ``table [W, len(SHARD_FACTS)]`` holds every rank's :func:`shard_facts` (group rank order; one
+    host read). Returns the shard sizes in vocabulary order. Every rank reads the same table, so
+    every rank raises the same error."""
+    rows = [dict(zip(SHARD_FACTS, r)) for r in table.tolist()]
+    world = len(rows)
+    if sorted(r["index"] for r in rows) != list(range(world)):
+        raise ValueError(f"the shard indices of the vocabulary group's {world} ranks are "
+                         f"{[r['index'] for r in rows]}, not one each of 0..{world - 1}")
+    for name, what in (("hidden_size", "the hidden size H of the weight shard"), ("dtype", "the weight's dtype"),
+                       ("needs_grad", "which of hidden, weight and bias require gradients (and the grad mode)")):
+        values = [r[name] for r in rows]
+        if len(set(values)) > 1:
+            raise ValueError(f"{what} differs across the ranks of the vocabulary group (rank order: {values}); every "
+                             f"rank's shard must match the others")
+    labels = [(r["tokens"], r["labels_sum"], r["labels_moment"]) for r in rows]
+    if len(set(labels)) > 1:
+        other = next(i for i, x in enumerate(labels) if x != labels[0])
+        raise ValueError(f"labels differ across the ranks of the vocabulary group (rank {other}'s from rank 0's: "
+                         f"{labels[other][0]} and {labels[0][0]} tokens, or other ids): every rank of a "
+                         f"tensor-parallel group passes the same batch "
+                         f"(hidden and labels); a head sharded for data parallelism (FSDP2) is gathered with "
+                         f"fdiv_kernels.hf.full_tensor(weight) instead")
+    by_index = sorted(rows, key=lambda r: r["index"])
+    sizes = tuple(r["rows"] for r in by_index)
+    for rank, r in enumerate(rows):
+        if r["bias_rows"] != -1 and r["bias_rows"] != r["rows"]:
+            raise ValueError(f"rank {rank}'s bias shard has {r['bias_rows']} rows but its weight shard {r['rows']}: "
+                             f"each rank passes the bias rows of its own weight rows")
+    if len({r["bias_rows"] == -1 for r in rows}) > 1:
+        raise ValueError("some ranks of the vocabulary group pass a bias and others do not")
+    check_vocab_shard(0, sizes)
+    claimed = {r["global_rows"] for r in rows} - {-1}
+    if claimed and claimed != {sum(sizes)}:
+        raise ValueError(f"the shards hold {sum(sizes)} rows ({list(sizes)}) but the DTensor weight has {claimed.pop()}")
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ that knows it (``docs/integrations.md``, "What the patch reads from the model"):
 * gathering a sharded head: DeepSpeed ZeRO-3 (:func:`gathered`, :func:`register_external`,
   :func:`is_zero3_param`, :func:`full_shape`), FSDP2 (:func:`full_tensor` per call,
   differentiably), and :func:`gathered_head` for a training loop that gathers once per optimizer
-  step (tied weights gathered once);
+  step (tied weights gathered once); a head split along the vocabulary by tensor parallelism
+  (``ColwiseParallel``) is never gathered (:func:`loss_head`, :func:`vocab_parallel`);
 * :func:`head_inputs`: all of the above for one batch; :func:`dpo_loss_module`: the fused DPO
   module of a :class:`~fdiv_kernels.specs.DPOSpec` and a head;
 * :func:`load_model`, :func:`load_tokenizer`, :func:`torch_dtype`: loading from local directories
@@ -39,6 +40,7 @@ from typing import Iterable, NamedTuple, Optional, Tuple
 
 import torch
 
+from . import checks
 from .errors import ConfigError
 from .nn import FusedLinearDPOLoss
 from .specs import DPOSpec, HeadSpec
@@ -46,7 +48,7 @@ from .specs import DPOSpec, HeadSpec
 __all__ = ["BodyWithHead", "DTYPES", "HeadInputs", "LOGIT_SCALES", "body_of", "check_model", "check_model_dir",
            "default_deepspeed_accelerator", "dpo_loss_module", "full_shape", "full_tensor", "gathered", "gathered_head", "head_inputs", "head_of",
            "head_spec", "hidden_states", "hub_id", "is_zero3_param", "load_model", "load_tokenizer", "logit_transform",
-           "register_external", "torch_dtype", "unwrap", "use_head"]
+           "loss_head", "register_external", "torch_dtype", "unwrap", "use_head", "vocab_parallel"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
           "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -439,6 +441,34 @@ def full_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     from torch.distributed.tensor import Partial
 
     return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
+def vocab_parallel(model, weight: torch.Tensor) -> bool:
+    """Whether the LM-head ``weight`` of ``model`` is split along the vocabulary by tensor
+    parallelism: a ``DTensor`` placed ``Shard(0)`` on a one-dimensional mesh (what
+    ``parallelize_module(..., {"lm_head": ColwiseParallel()})`` makes) that FSDP2 does not manage
+    (neither the model nor its head is an ``FSDPModule``: FSDP2 shards a parameter the same way, for
+    data parallelism, and it is gathered instead, :func:`full_tensor`)."""
+    if not checks.is_dtensor(weight):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Shard
+
+    if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        return False
+    m = unwrap(model)
+    head = m.get_output_embeddings() if callable(getattr(m, "get_output_embeddings", None)) else None
+    return not any(isinstance(x, FSDPModule) for x in (m, head))
+
+
+def loss_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight, bias)`` of :func:`head_of` as a fused loss takes them: an FSDP2 (DTensor) head
+    gathered differentiably (:func:`full_tensor`), a vocabulary-parallel one (:func:`vocab_parallel`)
+    as it is (the loss keeps it sharded), anything else as it is."""
+    weight, bias = head_of(model)
+    if vocab_parallel(model, weight):
+        return weight, bias
+    return full_tensor(weight), full_tensor(bias)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ read through (``loss_fn.beta``). The modules hold no parameters and no state. ``
 convention inside the module: ``labels[..., 1:]`` are predicted from ``hidden[..., :-1, :]``
 (``logits[..., :-1, :]``), so unshifted ``labels = input_ids`` (with ``-100`` where unsupervised)
 can be passed as they are (:func:`shift_for_causal_lm`, also behind ``fk.loss(shift=True)``).
+The fused modules take a head split along the vocabulary across a tensor-parallel group
+(``vocab_group=``, or a ``DTensor`` weight placed ``Shard(0)``: :func:`fdiv_kernels.loss`).
 
 With ``divergence="sft"``, ``beta=1`` and no reference, :class:`FDivLoss` and
 :class:`FusedLinearFDivLoss` equal ``F.cross_entropy(logits, labels, ignore_index=-100)``.
@@ -38,7 +40,8 @@ __all__ = ["FDivLoss", "FusedLinearCPOLoss", "FusedLinearDPOLoss", "FusedLinearF
            "FusedLinearORPOLoss", "shift_for_causal_lm"]
 
 HeadLike = Union[torch.Tensor, _tnn.Module]
-_HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadSpec))
+#: the head's keywords of the fused modules (the vocabulary shard is resolved per call from ``vocab_group=``)
+_HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadSpec) if f.name != "vocab")
 
 
 def _split_head(weight: HeadLike, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -132,16 +135,18 @@ class FusedLinearFDivLoss(_SpecModule):
     Options: those of :class:`FDivLoss` (``spec=`` or its keywords), plus the head:
     ``head=HeadSpec(softcap, temperature, backend)`` or those keywords (``softcap``: Gemma-2
     final-logit soft-cap; ``temperature``: logits divided by it; ``backend``: "auto", "torch",
-    ...; see :func:`fdiv_kernels.available_backends`).
+    ...; see :func:`fdiv_kernels.available_backends`). ``vocab_group``: the process group of a
+    vocabulary-parallel head (``weight`` is then this rank's shard; :func:`fdiv_kernels.loss`).
     """
 
     def __init__(self, spec: Optional[Union[FDivSpec, PrimalSpec]] = None, head: Optional[HeadSpec] = None, *,
-                 ignore_index: int = -100, shift_labels: bool = False, **options) -> None:
+                 ignore_index: int = -100, shift_labels: bool = False, vocab_group=None, **options) -> None:
         super().__init__()
         head_options = {k: options.pop(k) for k in _HEAD_FIELDS if k in options}
         self.spec = _built((FDivSpec, PrimalSpec), spec, options, _fdiv_spec, "spec")
         self.head = _built(HeadSpec, head, head_options, HeadSpec, "head")
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
+        self.vocab_group = vocab_group
 
     def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
@@ -150,7 +155,7 @@ class FusedLinearFDivLoss(_SpecModule):
         if self.shift_labels:
             hidden, labels, ref_logp = shift_for_causal_lm(hidden, labels, ref_logp)
         out = loss_from_spec(self.spec, hidden, w, labels, bias=b, ref_logp=ref_logp, head=self.head,
-                             ignore_index=self.ignore_index)
+                             ignore_index=self.ignore_index, vocab_group=self.vocab_group)
         return out if return_output else out.loss
 
 
@@ -160,12 +165,13 @@ class _PreferenceModule(_SpecModule):
     _build = staticmethod(DPOSpec)
 
     def __init__(self, spec=None, head: Optional[HeadSpec] = None, *, ignore_index: int = -100,
-                 shift_labels: bool = False, **options) -> None:
+                 shift_labels: bool = False, vocab_group=None, **options) -> None:
         super().__init__()
         head_options = {k: options.pop(k) for k in _HEAD_FIELDS if k in options}
         self.spec = _built(type(self)._spec_type, spec, options, type(self)._build, "spec")
         self.head = _built(HeadSpec, head, head_options, HeadSpec, "head")
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
+        self.vocab_group = vocab_group
 
     def sequence_logps(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -174,7 +180,7 @@ class _PreferenceModule(_SpecModule):
         if self.shift_labels:
             hidden, labels, _ = shift_for_causal_lm(hidden, labels)
         s = sequence_logp(hidden, w, labels, bias=b, ignore_index=self.ignore_index, softcap=self.head.softcap,
-                          temperature=self.head.temperature, backend=self.head.backend)
+                          temperature=self.head.temperature, backend=self.head.backend, vocab_group=self.vocab_group)
         return s.mean if self.spec.length_normalize else s.sum
 
     def _reference(self, hidden, weight, labels, bias, ref_logp, ref_hidden, ref_weight, ref_bias):
@@ -204,7 +210,7 @@ class _PreferenceModule(_SpecModule):
         if self.shift_labels:
             hidden, labels, _ = shift_for_causal_lm(hidden, labels)
         return loss_from_spec(spec, hidden, w, labels, bias=b, ref_logp=ref, head=self.head,
-                              ignore_index=self.ignore_index)
+                              ignore_index=self.ignore_index, vocab_group=self.vocab_group)
 
 
 class FusedLinearDPOLoss(_PreferenceModule):
@@ -231,7 +237,8 @@ class FusedLinearDPOLoss(_PreferenceModule):
     the loss types', True for ipo, simpo, sigmoid_norm and orpo, as TRL does), ``divergence``/``alpha``
     (f-DPO scores: kl, reverse_kl, js, alpha; :mod:`fdiv_kernels.formulas.preference`),
     ``reference_free``, ``nll_tokens``; ``softcap``, ``temperature``, ``backend``. Plus
-    ``ignore_index`` and ``shift_labels``.
+    ``ignore_index``, ``shift_labels`` and ``vocab_group`` (a vocabulary-parallel head, for the
+    policy's and the reference's heads alike; :func:`fdiv_kernels.loss`).
 
     Returns the mean loss over pairs (float32), or the :class:`fdiv_kernels.DPOOutput` with
     ``return_output=True``.

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Protocol, Tuple, Union
+from typing import Any, NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
 
@@ -44,7 +44,7 @@ from .formulas.stable import exp_linear_tail
 
 __all__ = ["CPO_LOSS_TYPES", "DPOSpec", "FDivSpec", "Coefficients", "HeadSpec", "KTOSpec", "LEVELS",
            "LogSumExpAccumulator", "LossSpec", "Norms", "PER_ELEMENT_KNEE", "PrimalSpec", "REDUCTIONS", "Rows", "Terms",
-           "VALUE_MODES", "cpo_spec", "is_loss_spec", "normalizers", "orpo_spec"]
+           "VALUE_MODES", "VocabShard", "cpo_spec", "is_loss_spec", "normalizers", "orpo_spec"]
 
 LEVELS = ("token", "sequence")
 REDUCTIONS = ("mean", "sum", "none")
@@ -149,14 +149,55 @@ def is_loss_spec(obj) -> bool:
 
 
 @dataclass(frozen=True)
+class VocabShard:
+    """This process's slice of a vocabulary-parallel LM head (``docs/design.md``, "Vocabulary
+    parallelism"): the ``[V, H]`` head is split along the vocabulary into contiguous shards, one per
+    rank of ``group`` (a ``torch.distributed`` process group), shard ``index`` holding rows
+    ``[offset, offset + size)`` of the global vocabulary; ``sizes`` are every shard's rows in
+    vocabulary order (they may differ; each is >= 1).
+
+    Built by the API layer (``fk.loss(..., vocab_group=)`` or a ``DTensor`` weight placed
+    ``Shard(0)``) from one all-gather of the shards' sizes, and carried by the
+    :class:`HeadSpec`; the autograd layer combines the shards' per-token statistics with
+    all-reduces over ``group``; the kernels see only their local shard.
+    """
+
+    group: Any
+    index: int
+    sizes: Tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
+        checks.check_vocab_shard(self.index, self.sizes)
+
+    @property
+    def offset(self) -> int:
+        """Global id of this shard's first row."""
+        return sum(self.sizes[:self.index])
+
+    @property
+    def size(self) -> int:
+        """Rows of this shard (``V_r``)."""
+        return self.sizes[self.index]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the whole head (``V``)."""
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """How logits are formed from the LM head: ``z = cap(h W^T + b) / temperature`` with the
-    soft-cap ``cap(x) = softcap * tanh(x / softcap)`` (``None``: none), and which backend runs it
-    (``"auto"`` or a name of :func:`fdiv_kernels.available_backends`)."""
+    soft-cap ``cap(x) = softcap * tanh(x / softcap)`` (``None``: none), which backend runs it
+    (``"auto"`` or a name of :func:`fdiv_kernels.available_backends`), and, for a head split along
+    the vocabulary across a tensor-parallel group, this process's shard (:class:`VocabShard`;
+    ``None``: the whole head; set by the API layer from ``vocab_group=`` or a ``DTensor`` weight)."""
 
     softcap: Optional[float] = None
     temperature: float = 1.0
     backend: str = "auto"
+    vocab: Optional[VocabShard] = None
 
     def __post_init__(self):
         checks.check_head_options(self)
@@ -165,6 +206,9 @@ class HeadSpec:
             object.__setattr__(self, "softcap", float(self.softcap))
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a name (str), got {type(self.backend).__name__}")
+        if self.vocab is not None and not isinstance(self.vocab, VocabShard):
+            raise TypeError(f"vocab must be a VocabShard or None, got {type(self.vocab).__name__} (pass a process "
+                            f"group as vocab_group= to the API instead)")
 
 
 def normalizers(mask2: torch.Tensor, pairs: int = 0) -> Norms:

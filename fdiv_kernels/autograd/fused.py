@@ -29,6 +29,12 @@ backend's backward. If the outputs ``logp``/``lse``/``entropy`` are used in anot
 differentiable expression, their gradients are added in the backward by the same chunk kernels,
 recomputing each chunk's logits with the forward's GEMM shapes (so they have its bits and
 ``p <= 1`` with the stored ``lse``).
+
+With a vocabulary-parallel head (``head.vocab``), the chunk kernels run on this rank's shard and
+each chunk's statistics are combined across the group after ``stats`` (two all-reduces of O(rows)
+numbers), so that the spec sees the whole head's; ``grads`` takes the global ``lse`` and the
+shard's split of ``g, k``, and ``grad_h`` is summed over the group once, after the last chunk
+(:mod:`.vocab_parallel`). Every rank plans the same chunks (the budget is that of the largest shard).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .. import checks
 from ..kernels.backends import Backend, resolve_backend
 from ..specs import Coefficients, HeadSpec, LogSumExpAccumulator, LossSpec, Rows, Terms
 from .token_stats import backend_options_kw, scatter_tokens, valid_grads, valid_rows
+from .vocab_parallel import combine, kernel_labels, split_coefficients, sum_over_shards
 
 __all__ = ["FusedLossFunction", "FusedParams", "Needs", "Plan", "flat_rows", "fused_forward", "plan_chunks",
            "prepare", "row_order", "stats_grads"]
@@ -194,7 +201,8 @@ def prepare(spec: LossSpec, head: HeadSpec, hidden: torch.Tensor, weight: torch.
     plan = None
     if backend.single_pass is not None:
         mask2 = (labels != ignore_index).reshape(shape)
-        budget = backend.chunk_tokens(weight.shape[0], weight.shape[1], hidden.dtype)
+        rows = weight.shape[0] if head.vocab is None else max(head.vocab.sizes)  # the same plan on every rank
+        budget = backend.chunk_tokens(rows, weight.shape[1], hidden.dtype)
         plan = plan_chunks(spec, mask2, budget)
         if plan is None:
             _announce(f"a row of {int(mask2.sum(1).max())} supervised tokens exceeds the {backend.name} backend's "
@@ -255,6 +263,8 @@ class _ChunkLoop:
         order = plan.order
         self.m_ord = mask2 if order is None else mask2.index_select(0, order)
         self.hv, self.yv = valid_rows(hidden, labels, plan.tok_idx)
+        self.vocab = params.head.vocab
+        self.yk, self.owner = kernel_labels(self.yv, self.vocab)  # the kernels' labels: this shard's ids
         ref_tok, ref_seq = ref_tok.detach(), None if ref_seq is None else ref_seq.detach()
         self.ref_tok_ord = ref_tok if (ref_tok.dim() == 0 or order is None) else ref_tok.index_select(0, order)
         self.ref_seq_ord = ref_seq if (ref_seq is None or order is None) else ref_seq.index_select(0, order)
@@ -282,10 +292,11 @@ class _ChunkLoop:
     def chunk(self, c: Chunk) -> None:
         has_tokens = c.tok1 > c.tok0
         sl = slice(c.tok0, c.tok1)
-        hc, yc = self.hv[sl], self.yv[sl]
+        hc, yc = self.hv[sl], self.yk[sl]
+        owner = None if self.owner is None else self.owner[sl]
         en = None
         if has_tokens:
-            lp, ls, en = self.kern.stats(hc, yc)
+            lp, ls, en = combine(*self.kern.stats(hc, yc), owner, self.vocab)
             self.logp_v[sl], self.lse_v[sl] = lp, ls
             if self.ent_v is not None:
                 self.ent_v[sl] = en
@@ -313,6 +324,7 @@ class _ChunkLoop:
         g, k = _from_grid(coef.logp, local), _from_grid(coef.lse, local)
         if self.checks:
             self.finite = self.finite & checks.all_finite((g, k))
+        g, k = split_coefficients(g, k, owner)
         ghc = self.kern.grads(hc, yc, ls, en if self.ent_v is not None else None, g, k, None, alpha=alpha, beta=beta)
         if self.gh_v is not None:
             self.gh_v[sl] = ghc
@@ -337,7 +349,8 @@ class _ChunkLoop:
         loss = spec.finish(Terms(self.linear, lme), norms)
         grad_w, grad_b = self.kern.results()
         idx, shape = plan.tok_idx, labels.shape
-        grad_h = None if self.gh_v is None else scatter_tokens(self.gh_v, idx, shape)
+        gh_v = sum_over_shards(self.gh_v, self.vocab)
+        grad_h = None if gh_v is None else scatter_tokens(gh_v, idx, shape)
         g_ref_tok = None if self.g_ref_tok is None else scatter_tokens(self.g_ref_tok, idx, self.params.shape)
         g_ref_seq = self.g_ref_seq
         if g_ref_seq is not None and plan.order is not None:
@@ -369,10 +382,11 @@ def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedPar
     valid = y != params.ignore_index
     idx = None if bool(valid.all()) else valid.nonzero().squeeze(1)
     hv, yv = valid_rows(hidden, labels, idx)
+    yk, owner = kernel_labels(yv, head.vocab)
     w_c, b_c = weight.contiguous(), None if bias is None else bias.contiguous()
-    logp_v, lse_v, ent_v = backend.forward(hv, w_c, b_c, yv, head=head,
+    logp_v, lse_v, ent_v = backend.forward(hv, w_c, b_c, yk, head=head,
                                            return_entropy=params.return_entropy, **backend_options_kw(options))
-    ent_v = ent_v if params.return_entropy else None
+    logp_v, lse_v, ent_v = combine(logp_v, lse_v, ent_v if params.return_entropy else None, owner, head.vocab)
     shape2 = params.shape
     mask2 = valid.view(shape2)
     logp, lse = scatter_tokens(logp_v, idx, labels.shape), scatter_tokens(lse_v, idx, labels.shape)
@@ -389,9 +403,9 @@ def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedPar
     finite = checks.all_finite((logp_v, lse_v, ent_v, g, k))
     gh = gw = gb = None
     if needs.hidden or needs.weight or (needs.bias and bias is not None):
-        gh_v, gw, gb = backend.backward(hv, w_c, b_c, yv, lse_v, None, g, k, None, head=head,
-                                        **backend_options_kw(options))
-        gh = scatter_tokens(gh_v, idx, labels.shape) if needs.hidden else None
+        gh_v, gw, gb = backend.backward(hv, w_c, b_c, yk, lse_v, None, *split_coefficients(g, k, owner), None,
+                                        head=head, **backend_options_kw(options))
+        gh = scatter_tokens(sum_over_shards(gh_v, head.vocab), idx, labels.shape) if needs.hidden else None
         gw = gw if needs.weight else None
         gb = gb if (needs.bias and bias is not None) else None
     grads = Grads(gh, gw, gb, coef.ref_tok if needs.ref_tok else None, coef.ref_seq if needs.ref_seq else None)
@@ -428,9 +442,12 @@ def stats_grads(params: FusedParams, hidden, weight, bias, labels, lse_v, ent_v,
     after a two-pass forward."""
     with torch.no_grad():
         hv, yv = valid_rows(hidden, labels, tok_idx)
+        vocab = params.head.vocab
+        yv, owner = kernel_labels(yv, vocab)
         g, k, e = valid_grads(tok_idx, lse_v, ent_v, grad_logp, grad_lse, grad_ent)
         checks.check_coefficients("fk.loss backward (logp/lse/entropy outputs)", grad_logp=g, grad_lse=k,
                                   grad_entropy=e)
+        g, k = split_coefficients(g, k, owner)
         w_c, b_c = weight.contiguous(), None if bias is None else bias.contiguous()
         need_b = needs.bias and bias is not None
         if params.plan is None:
@@ -453,7 +470,7 @@ def stats_grads(params: FusedParams, hidden, weight, bias, labels, lse_v, ent_v,
                 if gh is not None:
                     gh[sl] = ghc
             gw, gb = kern.results()
-        gh = scatter_tokens(gh, tok_idx, labels.shape) if needs.hidden else None
+        gh = scatter_tokens(sum_over_shards(gh, vocab), tok_idx, labels.shape) if needs.hidden else None
         return gh, (gw if needs.weight else None), (gb if need_b else None)
 
 

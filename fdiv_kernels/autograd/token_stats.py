@@ -6,6 +6,11 @@ positions get ``logp = lse = entropy = 0`` and no gradient. Its forward and back
 functions :func:`token_stats_forward` and :func:`token_stats_backward`, which the ``torch.compile``
 ops (:mod:`fdiv_kernels.compiled`) call too. Inputs are trusted here: the API layer validated them
 (:mod:`fdiv_kernels.checks`); nothing in this module checks data.
+
+A vocabulary-parallel head (``params.head.vocab``): the backend runs on this rank's shard, the
+statistics are combined across the group after its forward (two all-reduces of ``[n]``-sized
+tensors) and its backward takes the global ``lse``/entropy and the shard's split of ``g, k``;
+``grad_hidden`` is summed over the group (:mod:`.vocab_parallel`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .. import checks
 from ..kernels import torch_chunked
 from ..kernels.backends import Backend, resolve_backend
 from ..specs import HeadSpec
+from .vocab_parallel import combine, kernel_labels, split_coefficients, sum_over_shards
 
 __all__ = ["LogpLse", "TokenStats", "TokenStatsFunction", "TokenStatsParams", "stats_result", "token_stats",
            "token_stats_from_logits"]
@@ -144,11 +150,12 @@ def token_stats_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     options = backend.options() if backend.options is not None else None
     idx = supervised_index(labels, params.ignore_index)
     hv, yv = valid_rows(hidden, labels, idx)
+    yv, owner = kernel_labels(yv, params.head.vocab)
     bias_c = None if bias is None else bias.contiguous()
     logp_v, lse_v, ent_v = backend.forward(
         hv, weight.contiguous(), bias_c, yv, head=params.head,
         return_entropy=params.return_entropy, **backend_options_kw(options))
-    ent_v = ent_v if params.return_entropy else None
+    logp_v, lse_v, ent_v = combine(logp_v, lse_v, ent_v if params.return_entropy else None, owner, params.head.vocab)
     shape = labels.shape
     ent = None if ent_v is None else scatter_tokens(ent_v, idx, shape)
     return (scatter_tokens(logp_v, idx, shape), scatter_tokens(lse_v, idx, shape), ent,
@@ -162,12 +169,15 @@ def token_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     """``(grad_hidden, grad_weight, grad_bias)`` (``None`` where ``needs`` is False) of the
     statistics' gradients, by the backend's backward kernels."""
     hv, yv = valid_rows(hidden, labels, saved.idx)
+    head = params.head
+    yv, owner = kernel_labels(yv, head.vocab)
     g, k, e = valid_grads(saved.idx, saved.lse_v, saved.ent_v, grad_logp, grad_lse, grad_ent)
     checks.check_coefficients("token_stats backward", grad_logp=g, grad_lse=k, grad_entropy=e)
-    head = params.head
+    g, k = split_coefficients(g, k, owner)
     gh, gw, gb = saved.backend.backward(hv, weight.contiguous(), None if bias is None else bias.contiguous(), yv,
                                         saved.lse_v, saved.ent_v, g, k, e, head=head,
                                         **backend_options_kw(saved.options))
+    gh = sum_over_shards(gh, head.vocab) if needs[0] else gh
     grad_hidden = scatter_tokens(gh, saved.idx, labels.shape).to(hidden.dtype) if needs[0] else None
     grad_weight = gw.to(weight.dtype) if needs[1] else None
     grad_bias = gb.to(bias.dtype) if (bias is not None and needs[2]) else None

@@ -26,8 +26,11 @@ sum divided by it, as HF does, for mean-aggregated divergences) and ``shift_labe
 Model specifics handled from the config: Gemma-2/3 ``final_logit_softcapping`` (-> ``softcap``),
 Cohere ``logit_scale``, Granite ``logits_scaling`` and Falcon-H1 ``lm_head_multiplier``
 (-> ``temperature``), tied input/output embeddings (the head weight *is* the embedding; its
-gradient accumulates as in HF), an LM-head bias, and DeepSpeed ZeRO-3 (the head weight is gathered
-with ``deepspeed.zero.GatheredParameters``; see :func:`fdiv_kernels.hf.gathered`).
+gradient accumulates as in HF), an LM-head bias, DeepSpeed ZeRO-3 (the head weight is gathered
+with ``deepspeed.zero.GatheredParameters``; see :func:`fdiv_kernels.hf.gathered`), FSDP2 (gathered
+with ``full_tensor()``) and tensor parallelism: an ``lm_head`` parallelised with
+``parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})`` stays split along the
+vocabulary, and the loss runs vocabulary-parallel over the mesh's group (:func:`fdiv_kernels.loss`).
 """
 
 from __future__ import annotations
@@ -349,8 +352,7 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     body_out = hf.body_of(model)(**body_kwargs)
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
 
-    weight, bias = hf.head_of(model)
-    weight, bias = hf.full_tensor(weight), hf.full_tensor(bias)  # FSDP2 DTensors: gathered (differentiably)
+    weight, bias = hf.loss_head(model)  # FSDP2 DTensors gathered (differentiably); a ColwiseParallel head stays sharded
     if shift_labels is None:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if ref_logp is not None and ref_logp.dim() == labels.dim() and ref_logp.shape[-1] == labels.shape[-1] + 1:
@@ -370,6 +372,9 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
         else:
             fields = _fdiv_forward(cfg, hidden, weight, bias, labels, ref_logp, num_items)
         if call.get("return_token_metrics"):
+            if hf.vocab_parallel(model, weight):
+                raise ValueError("return_token_metrics=True is not supported with a vocabulary-parallel (ColwiseParallel) "
+                                 "LM head yet: the metrics pass reads the whole head")
             st = token_head_stats(hidden, weight, labels, bias=bias, softcap=head.softcap,
                                   temperature=head.temperature, ignore_index=cfg.ignore_index)
             fields.update(token_entropy=st.entropy, token_mean_logit=st.mean_logit, token_is_top1=st.is_top1)
