@@ -443,14 +443,19 @@ def _native_cases() -> tuple:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Every rank's results (``[rank] -> dict``), from one spawn of :data:`WORLD` processes."""
+    """Every rank's results (``[rank] -> dict``), from one spawn of :data:`WORLD` processes; this
+    process computes the whole head's results in the same small chunks, restored after the module."""
     for k in ("RANK", "WORLD_SIZE"):
         assert os.environ.get(k) in (None, "1", "0"), "run this test outside torchrun"
     out = tmp_path_factory.mktemp("vocab_parallel")
     mp.start_processes(_worker, args=(WORLD, _free_port(), str(out), _native_cases()), nprocs=WORLD, join=True,
                        start_method="spawn")
+    saved = chunk_sizes.TWO_PASS_ELEMENTS, chunk_sizes.CPU_SINGLE_PASS_ELEMENTS
     _small_chunks()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    try:
+        yield [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    finally:
+        chunk_sizes.TWO_PASS_ELEMENTS, chunk_sizes.CPU_SINGLE_PASS_ELEMENTS = saved
 
 
 def _close(got, want, dtype, what):
