@@ -6,7 +6,10 @@ No backend allocates the ``[N, V]`` logits; each visits them in chunks whose siz
   :data:`TWO_PASS_ELEMENTS` = 2**22 float32 logits (16 MiB) per chunk; the torch backend takes
   :func:`torch_rows` whole rows, the cpu backend a ``[rows, cols]`` tile (:func:`cpu_tile_shape`).
 * ``cpu`` backend, one pass: :data:`CPU_SINGLE_PASS_ELEMENTS` = 2**25 float32 logits (128 MiB)
-  per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size.
+  per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size; bf16 inputs
+  (bf16 GEMMs, ``cpu_backend.Bf16ChunkKernels``): :data:`CPU_BF16_SINGLE_PASS_ELEMENTS` = 2**23
+  (32 MiB) per chunk but at least :data:`CPU_BF16_MIN_TOKENS` tokens, in vocabulary tiles of
+  :data:`CPU_BF16_TILE_COLS` columns.
 * GPU backends (``cuda``, ``triton``): :data:`GPU_CHUNK_BYTES`, the one environment variable
   ``FDIV_CUDA_CHUNK_BYTES`` (default 1 GiB), the float32 logits of a one-pass chunk
   (:func:`gpu_chunk_tokens`; the 16-bit coefficient is written over them); the cuda backend's
@@ -28,6 +31,16 @@ import torch
 TWO_PASS_ELEMENTS = 2 ** 22
 #: float32 logits per one-pass chunk of the cpu backend, and per vocabulary tile within it (128 MiB)
 CPU_SINGLE_PASS_ELEMENTS = 2 ** 25
+#: float32 logits per one-pass chunk of the cpu backend for bf16 inputs (32 MiB): the bf16 GEMMs
+#: run at full speed on chunks of a few hundred tokens, and the bf16 path also holds the packed
+#: weight (twice its bf16 size) and a float32 grad_weight accumulator, so its chunk is smaller
+CPU_BF16_SINGLE_PASS_ELEMENTS = 2 ** 23
+#: ... but never fewer tokens than this (the grad_weight GEMM's inner dimension; 64 MiB at V = 64000)
+CPU_BF16_MIN_TOKENS = 256
+#: vocabulary columns per tile of a bf16 chunk: the gradient GEMMs run tile by tile (one parallel
+#: region per tile), the bf16 coefficient of two tiles in a scratch buffer (2 x 2 x n x 4096 bf16:
+#: 8 MiB at n = 256); 8192 was 30% slower in the grad_h GEMM at 2048 x 256 x 32000 (one thread)
+CPU_BF16_TILE_COLS = 4096
 #: GPU chunk budget in bytes (``FDIV_CUDA_CHUNK_BYTES``, 1 GiB): a one-pass chunk's float32 logits
 GPU_CHUNK_BYTES = int(os.environ.get("FDIV_CUDA_CHUNK_BYTES", 2 ** 30))
 #: GPU chunks are a multiple of this many rows (GEMM tile rows) when they have that many
@@ -58,15 +71,24 @@ def cpu_tile_shape(num_rows: int, vocab_size: int, chunk_elements: Optional[int]
 
 
 def cpu_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk of the cpu backend: ``CPU_SINGLE_PASS_ELEMENTS // V`` rounded down
-    to a multiple of 64."""
-    n = max(1, CPU_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
+    """Tokens per one-pass chunk of the cpu backend: ``CPU_SINGLE_PASS_ELEMENTS // V`` (bf16:
+    ``max(CPU_BF16_MIN_TOKENS, CPU_BF16_SINGLE_PASS_ELEMENTS // V)``) rounded down to a multiple of 64."""
+    if dtype == torch.bfloat16:
+        n = max(CPU_BF16_MIN_TOKENS, CPU_BF16_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
+    else:
+        n = max(1, CPU_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
     return n if n < 64 else n - n % 64
 
 
 def cpu_tile_cols(rows: int) -> int:
     """Vocabulary columns per tile of a cpu one-pass chunk of ``rows`` tokens (at least 64)."""
     return max(64, CPU_SINGLE_PASS_ELEMENTS // max(1, rows))
+
+
+def cpu_bf16_tile_cols(vocab_size: int) -> int:
+    """Vocabulary columns per tile of a bf16 cpu chunk: :data:`CPU_BF16_TILE_COLS` (even, as the
+    bf16 GEMMs' operand layout needs)."""
+    return CPU_BF16_TILE_COLS + CPU_BF16_TILE_COLS % 2
 
 
 def aligned_rows(rows: int) -> int:
