@@ -35,7 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight_t_bf16", &fdivk::pack_weight_t_bf16, "W [V,H] bf16 -> [K/2, V, 2] (W^T, vnni)");
   m.def("pack_weight_bf16", &fdivk::pack_weight_bf16, "W [V,H] bf16 -> [V2/2, K, 2] (W, vnni)");
   m.def("unpack_grad_weight_bf16", &fdivk::unpack_grad_weight_bf16,
-        "grad_W^T [K, V] float32 -> grad_W [V, H] bf16", py::arg("grad_weight_t"), py::arg("hidden_size"));
+        "grad_W^T [K, V] float32 -> grad_W [V, H] bf16 (in out_storage's memory when given)",
+        py::arg("grad_weight_t"), py::arg("hidden_size"), py::arg("out_storage") = py::none());
   m.def("chunk_stats_bf16", &fdivk::chunk_stats_bf16_cpu,
         "one-pass chunk, bf16 GEMMs: (hidden[n,K] bf16, weight_t_vnni[K/2,V,2] bf16, bias f32|None, labels, buf, "
         "softcap, temperature, return_entropy, tile_cols) -> (logp[n], lse[n], entropy[n]|None); z kept in buf",

@@ -4,6 +4,11 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FDIV_X86_GATHER 1
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FDIV_NO_CLONES)
 #define FDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -81,6 +86,54 @@ inline void transpose_blocks(const S* __restrict src, int64_t rows, int64_t cols
       }
     }
   }
+}
+
+#ifdef FDIV_X86_GATHER
+bool has_avx512f() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+// 16 rows of a 32-bit matrix, transposed: dst[c * ldd + i] = src[i * lds + c] (i < 16, c < cols),
+// one 16-lane gather per column (the 16 source rows stay in L1 across consecutive columns).
+__attribute__((target("avx512f"))) void gather_rows16_u32(const uint32_t* src, int64_t cols, int64_t lds,
+                                                         uint32_t* dst, int64_t ldd) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(lds)));
+  for (int64_t c = 0; c < cols; ++c) {
+    _mm512_storeu_si512(dst + c * ldd, _mm512_i32gather_epi32(idx, src + c, 4));
+  }
+}
+
+// the same for float32 -> bf16 (round to nearest even, NaN -> 0x7FC0, as to_bf16_bits)
+__attribute__((target("avx512f"))) void gather_rows16_to_bf16(const float* src, int64_t cols, int64_t lds,
+                                                             uint16_t* dst, int64_t ldd) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(lds)));
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t c = 0; c < cols; ++c) {
+    const __m512 x = _mm512_i32gather_ps(idx, src + c, 4);
+    const __m512i u = _mm512_castps_si512(x);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias),
+                                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, qnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm512_cvtepi32_epi16(r));
+  }
+}
+#define FDIV_GATHER(f) (has_avx512f() ? &f : nullptr)
+#else
+#define FDIV_GATHER(f) nullptr
+#endif
+
+// transpose_blocks, the full 16-row blocks by gather16 (an AVX-512 kernel) when it is not null
+template <typename S, typename D, typename F>
+inline void transpose_gathered(const S* src, int64_t rows, int64_t cols, int64_t lds, D* dst, int64_t ldd, F conv,
+                               void (*gather16)(const S*, int64_t, int64_t, D*, int64_t)) {
+  int64_t r0 = 0;
+  if (gather16 != nullptr) {
+    for (; r0 + 16 <= rows; r0 += 16) gather16(src + r0 * lds, cols, lds, dst + r0, ldd);
+  }
+  transpose_blocks(src + r0 * lds, rows - r0, cols, lds, dst + r0, ldd, conv);
 }
 
 }  // namespace
@@ -236,12 +289,13 @@ FDIV_CLONES void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, 
 
 FDIV_CLONES void transpose_u32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst,
                                int64_t ldd) {
-  transpose_blocks(src, rows, cols, lds, dst, ldd, [](uint32_t x) { return x; });
+  transpose_gathered(src, rows, cols, lds, dst, ldd, [](uint32_t x) { return x; }, FDIV_GATHER(gather_rows16_u32));
 }
 
 FDIV_CLONES void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
                                    int64_t ldd) {
-  transpose_blocks(src, rows, cols, lds, dst, ldd, [](float x) { return to_bf16_bits(x); });
+  transpose_gathered(src, rows, cols, lds, dst, ldd, [](float x) { return to_bf16_bits(x); },
+                     FDIV_GATHER(gather_rows16_to_bf16));
 }
 
 FDIV_CLONES void interleave_u16(const uint16_t* __restrict a, const uint16_t* __restrict b, int64_t n,

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <atomic>
+#include <thread>
 #include <cstring>
 #include <vector>
 
@@ -544,12 +545,20 @@ at::Tensor pack_weight_bf16(const at::Tensor& weight) {
   return out;
 }
 
-at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidden_size) {
+at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidden_size,
+                                   const std::optional<at::Tensor>& out_storage) {
   TORCH_CHECK(grad_weight_t.scalar_type() == at::kFloat && grad_weight_t.dim() == 2 && grad_weight_t.is_contiguous() &&
                   grad_weight_t.size(0) >= hidden_size,
               "fdiv cpu bf16 chunk kernels: grad_weight^T must be contiguous float32 [K >= H, V]");
   const int64_t V = grad_weight_t.size(1), H = hidden_size;
-  at::Tensor out = at::empty({V, H}, grad_weight_t.options().dtype(at::kBFloat16));
+  at::Tensor out;
+  if (out_storage.has_value() && out_storage->defined()) {  // memory no longer read (the packed weight)
+    check_bf16(*out_storage, out_storage->dim(), "out_storage");
+    TORCH_CHECK(out_storage->numel() >= V * H, "fdiv cpu bf16: out_storage holds fewer than V * H elements");
+    out = out_storage->view({-1}).narrow(0, 0, V * H).view({V, H});
+  } else {
+    out = at::empty({V, H}, grad_weight_t.options().dtype(at::kBFloat16));
+  }
   const float* src = grad_weight_t.data_ptr<float>();
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<bf16_t>());
   constexpr int64_t cb = 256;
@@ -678,57 +687,89 @@ at::Tensor chunk_grads_bf16_cpu(const at::Tensor& hidden, const std::optional<at
   if (has_w && beta != 0.0 && beta != 1.0) grad_weight_t->mul_(beta);  // then accumulate
   const bool add_w = beta != 0.0;
   const Transform tf = make_transform(softcap, temperature);
-  // h^T [K, n2] (B of nothing, A of the grad_W^T GEMM), transposed by tasks of the first region
+  // h^T [K, n2], the A of the grad_W^T GEMM
   at::Tensor hidden_t = has_w ? at::empty({K, n2}, hidden.options()) : at::Tensor();
   if (has_w && n2 != n) hidden_t.narrow(1, n, 1).zero_();
-  const bf16_t* htp = has_w ? hidden_t.data_ptr<bf16_t>() : nullptr;
-  const int64_t t_tasks = has_w ? blocks(n, kRowBlock) : 0;
+  const uint16_t* hp16 = reinterpret_cast<const uint16_t*>(hidden.data_ptr<bf16_t>());
+  uint16_t* ht16 = has_w ? reinterpret_cast<uint16_t*>(hidden_t.data_ptr<bf16_t>()) : nullptr;
+  const bf16_t* htp = reinterpret_cast<const bf16_t*>(ht16);
   const bf16_t* wvp = need_grad_hidden ? weight_vnni->data_ptr<bf16_t>() : nullptr;
   uint16_t* scratch_p = reinterpret_cast<uint16_t*>(scratch.data_ptr<bf16_t>());
   float* ghp = need_grad_hidden ? grad_h.data_ptr<float>() : nullptr;
   float* gwp = has_w ? grad_weight_t->data_ptr<float>() : nullptr;
-  // Per tile t: (a) the coefficient of each row block, its bf16 operands (in scratch half t % 2)
-  // and its grad_h GEMM; (b) the grad_W^T GEMM of the tile, which needs all its rows: (b) of tile
-  // t - 1 runs in the same parallel region as (a) of tile t (tiles + 1 regions, not 2 tiles).
+  // One parallel region of tasks, claimed in this order (each one's dependencies come earlier, so
+  // the earliest unfinished task can always run):
+  //   T: h^T, one task per row block;
+  //   for each tile t: C(t, rb) per row block: the coefficient of the rows, their bf16 operands (in
+  //     scratch half t % 2) and their grad_h GEMM; then W(t - 1, *): the grad_W^T GEMM of tile t - 1
+  //     by blocks of [kGwRows, kGwCols], which reads all its rows' operands.
+  // C(t, rb) waits for C(t - 1, rb) (grad_h rows accumulate tile after tile) and for W(t - 2, *)
+  // (the scratch half it overwrites); W(t, *) waits for C(t, *) and T. A waiting thread yields.
   const int64_t tiles = blocks(V, tile_cols), row_blocks = blocks(n, kRowBlock);
-  const int64_t half = (n + n2) * tile_cols2;
-  const int64_t k_blocks = gwp != nullptr ? blocks(K, kGwRows) : 0;
-  for (int64_t step = 0; step <= tiles; ++step) {
-    const int64_t v0 = step * tile_cols, cols = step < tiles ? std::min(tile_cols, V - v0) : 0;
+  const int64_t half = (n + n2) * tile_cols2, t_tasks = has_w ? row_blocks : 0;
+  const int64_t k_blocks = has_w ? blocks(K, kGwRows) : 0;
+  auto tile_cols_at = [&](int64_t t) { return std::min(tile_cols, V - t * tile_cols); };
+  struct Task {
+    int64_t kind, tile, index;  // kind 0: T, 1: C, 2: W
+  };
+  std::vector<Task> tasks;
+  for (int64_t rb = 0; rb < t_tasks; ++rb) tasks.push_back({0, 0, rb});
+  auto push_w = [&](int64_t t) {
+    const int64_t col_blocks = blocks(tile_cols_at(t), kGwCols);
+    for (int64_t i = 0; i < k_blocks * col_blocks; ++i) tasks.push_back({2, t, i});
+  };
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t rb = 0; rb < row_blocks; ++rb) tasks.push_back({1, t, rb});
+    if (t > 0) push_w(t - 1);
+  }
+  push_w(tiles - 1);
+  std::atomic<int64_t> t_done{0};
+  std::vector<std::atomic<int64_t>> c_done(tiles), w_done(tiles), rb_tiles(row_blocks);
+  for (auto* v : {&c_done, &w_done}) {
+    for (auto& c : *v) c.store(0);
+  }
+  for (auto& c : rb_tiles) c.store(0);
+  auto wait_for = [](const std::atomic<int64_t>& counter, int64_t target) {
+    while (counter.load(std::memory_order_acquire) < target) std::this_thread::yield();
+  };
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task task = tasks[i];
+    const int64_t t = task.tile, v0 = t * tile_cols, cols = tile_cols_at(t);
     const int64_t cols2 = cols + (cols % 2);  // the K of the grad_h GEMM (a zero column pads an odd V)
-    float* zp = step < tiles ? chunk_tile(buf, n, v0, cols, tile_cols).data_ptr<float>() : nullptr;
-    uint16_t* rm = scratch_p + (step % 2) * half;
+    uint16_t* rm = scratch_p + (t % 2) * half;
     uint16_t* vn = rm + n * cols2;
-    // the previous tile's grad_W^T GEMM
-    const int64_t pv0 = (step - 1) * tile_cols, pcols = step > 0 ? std::min(tile_cols, V - pv0) : 0;
-    const int64_t pcols2 = pcols + (pcols % 2);
-    const uint16_t* pvn = scratch_p + ((step + 1) % 2) * half + n * pcols2;
-    const int64_t a_tasks = step < tiles ? row_blocks : 0, p_col_blocks = blocks(pcols, kGwCols);
-    const int64_t h_tasks = step == 0 ? t_tasks : 0;  // h^T is first read by step 1
-    parallel_tasks(h_tasks + a_tasks + k_blocks * p_col_blocks, [&](int64_t t) {
-      if (t < h_tasks) {
-        const int64_t r0 = t * kRowBlock, r1 = std::min(n, r0 + kRowBlock);
-        transpose_u16(reinterpret_cast<const uint16_t*>(hidden.data_ptr<bf16_t>()) + r0 * K, r1 - r0, K, K,
-                      reinterpret_cast<uint16_t*>(hidden_t.data_ptr<bf16_t>()) + r0, n2);
-        return;
+    if (task.kind == 0) {
+      const int64_t r0 = task.index * kRowBlock, r1 = std::min(n, r0 + kRowBlock);
+      transpose_u16(hp16 + r0 * K, r1 - r0, K, K, ht16 + r0, n2);
+      t_done.fetch_add(1, std::memory_order_release);
+    } else if (task.kind == 1) {
+      const int64_t rb = task.index, r0 = rb * kRowBlock, r1 = std::min(n, r0 + kRowBlock);
+      wait_for(rb_tiles[rb], t);
+      if (t >= 2) {
+        wait_for(w_done[t - 2], k_blocks * blocks(tile_cols_at(t - 2), kGwCols));
       }
-      t -= h_tasks;
-      if (t < a_tasks) {
-        const int64_t r0 = t * kRowBlock, r1 = std::min(n, r0 + kRowBlock);
-        rg.coef_rows(zp, r0, r1, cols, v0, tf);
-        coef_to_bf16(zp, cols, r0, r1, n, rm, cols2, vn, static_cast<float>(alpha));
-        if (ghp != nullptr) {
-          brgemm_bf16(r1 - r0, K, cols2, reinterpret_cast<const bf16_t*>(rm) + r0 * cols2, cols2,
-                      wvp + (v0 / 2) * K * 2, K, ghp + r0 * K, K, v0 > 0);
-        }
-        return;
+      float* zp = chunk_tile(buf, n, v0, cols, tile_cols).data_ptr<float>();
+      rg.coef_rows(zp, r0, r1, cols, v0, tf);
+      coef_to_bf16(zp, cols, r0, r1, n, rm, cols2, vn, static_cast<float>(alpha));
+      if (ghp != nullptr) {
+        brgemm_bf16(r1 - r0, K, cols2, reinterpret_cast<const bf16_t*>(rm) + r0 * cols2, cols2,
+                    wvp + (v0 / 2) * K * 2, K, ghp + r0 * K, K, v0 > 0);
       }
-      t -= a_tasks;
-      const int64_t k0 = (t / p_col_blocks) * kGwRows, c0 = (t % p_col_blocks) * kGwCols;
-      brgemm_bf16(std::min(kGwRows, K - k0), std::min(kGwCols, pcols - c0), n2, htp + k0 * n2, n2,
-                  reinterpret_cast<const bf16_t*>(pvn) + c0 * 2, pcols, gwp + k0 * V + pv0 + c0, V, add_w);
-    });
-    if (step < tiles) update_grad_bias(grad_bias, chunk_tile(buf, n, v0, cols, tile_cols), v0, alpha, beta);
+      rb_tiles[rb].fetch_add(1, std::memory_order_release);
+      c_done[t].fetch_add(1, std::memory_order_release);
+    } else {
+      wait_for(t_done, t_tasks);
+      wait_for(c_done[t], row_blocks);
+      const int64_t col_blocks = blocks(cols, kGwCols);
+      const int64_t k0 = (task.index / col_blocks) * kGwRows, c0 = (task.index % col_blocks) * kGwCols;
+      brgemm_bf16(std::min(kGwRows, K - k0), std::min(kGwCols, cols - c0), n2, htp + k0 * n2, n2,
+                  reinterpret_cast<const bf16_t*>(vn) + c0 * 2, cols, gwp + k0 * V + v0 + c0, V, add_w);
+      w_done[t].fetch_add(1, std::memory_order_release);
+    }
+  });
+  for (int64_t t = 0; t < tiles; ++t) {
+    update_grad_bias(grad_bias, chunk_tile(buf, n, t * tile_cols, tile_cols_at(t), tile_cols), t * tile_cols, alpha,
+                     beta);
   }
   return grad_h;
 }

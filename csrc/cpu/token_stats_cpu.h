@@ -68,10 +68,11 @@ bool bf16_gemm_probe();
 // Operand packing of the bf16 path (parallel copies, zero padding to even sizes):
 // pack_weight_t_bf16: W [V, H] -> [K / 2, V, 2]; pack_weight_bf16: W [V, H] -> [V2 / 2, K, 2];
 // unpack_grad_weight_bf16: grad_W^T [K, V] float32 -> grad_W [V, H] bf16 (rows >= H of the input
-// are padding, dropped).
+// are padding, dropped), written into out_storage (contiguous bf16, >= V * H elements) when given.
 at::Tensor pack_weight_t_bf16(const at::Tensor& weight);
 at::Tensor pack_weight_bf16(const at::Tensor& weight);
-at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidden_size);
+at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidden_size,
+                                   const std::optional<at::Tensor>& out_storage);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats_bf16_cpu(
     const at::Tensor& hidden, const at::Tensor& weight_t_vnni, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, at::Tensor& buf, double softcap, double temperature, bool return_entropy,

@@ -176,8 +176,10 @@ class Bf16ChunkKernels(ChunkGradBuffers):
         grad_wt, grad_b = super().results()
         if grad_wt is None:
             return None, grad_b
-        self.grad_w = None  # the float32 accumulator is freed once the bf16 gradient exists
-        return self.mod.unpack_grad_weight_bf16(grad_wt, self.hidden), grad_b
+        # the bf16 gradient goes into the packed W^T's memory (no longer read; as large when H is
+        # even), and the float32 accumulator is freed
+        storage, self.w_t, self.grad_w = self.w_t, None, None
+        return self.mod.unpack_grad_weight_bf16(grad_wt, self.hidden, storage), grad_b
 
 
 def _even_cols(h: torch.Tensor) -> torch.Tensor:
