@@ -5,6 +5,8 @@ No backend allocates the ``[N, V]`` logits; each visits them in chunks whose siz
 * ``torch`` backend (any device) and the ``cpu`` backend's two-pass kernels:
   :data:`TWO_PASS_ELEMENTS` = 2**22 float32 logits (16 MiB) per chunk; the torch backend takes
   :func:`torch_rows` whole rows, the cpu backend a ``[rows, cols]`` tile (:func:`cpu_tile_shape`).
+* ``torch`` backend, one pass: :data:`TORCH_SINGLE_PASS_BYTES` = 64 MiB of chunk buffers
+  (:func:`torch_chunk_tokens`: the compute-dtype logits, plus their 16-bit copy for 16-bit inputs).
 * ``cpu`` backend, one pass: :data:`CPU_SINGLE_PASS_ELEMENTS` = 2**25 float32 logits (128 MiB)
   per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size; bf16 inputs
   (bf16 GEMMs, ``cpu_backend.Bf16ChunkKernels``): :data:`CPU_BF16_SINGLE_PASS_ELEMENTS` = 2**23
@@ -29,6 +31,10 @@ import torch
 
 #: float32 logits per chunk of the two-pass torch and cpu kernels (16 MiB)
 TWO_PASS_ELEMENTS = 2 ** 22
+#: bytes of chunk buffers of the torch backend's one pass (64 MiB): its per-chunk costs (the
+#: float32 grad_weight read and written once per chunk, the GEMMs' fixed costs, a few small kernels
+#: per chunk) are amortised over a few hundred rows, and the buffer is at most 64 MiB whatever N
+TORCH_SINGLE_PASS_BYTES = 2 ** 26
 #: float32 logits per one-pass chunk of the cpu backend, and per vocabulary tile within it (128 MiB)
 CPU_SINGLE_PASS_ELEMENTS = 2 ** 25
 #: float32 logits per one-pass chunk of the cpu backend for bf16 inputs (32 MiB): the bf16 GEMMs
@@ -54,8 +60,12 @@ def torch_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
 
 
 def torch_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk of the torch backend: the rows of its two-pass chunks."""
-    return torch_rows(vocab_size)
+    """Tokens per one-pass chunk of the torch backend: ``TORCH_SINGLE_PASS_BYTES`` over the bytes a
+    row of the vocabulary takes in its buffers (the logits in float32, or float64 for float64 inputs,
+    plus a 16-bit copy of the coefficient for 16-bit inputs), rounded down to a multiple of 64."""
+    per_logit = 8 if dtype == torch.float64 else (4 + (2 if dtype in (torch.bfloat16, torch.float16) else 0))
+    n = max(1, TORCH_SINGLE_PASS_BYTES // (per_logit * max(1, vocab_size)))
+    return n if n < 64 else n - n % 64
 
 
 def cpu_tile_shape(num_rows: int, vocab_size: int, chunk_elements: Optional[int] = None) -> Tuple[int, int]:

@@ -1,9 +1,11 @@
 """The ``"torch"`` backend: the reference implementation of ``token_stats``, chunked over tokens.
 
-Chunk rule (:mod:`.chunk_sizes`): rows are processed ``torch_rows(V) = max(1, 2**22 // V)`` at a
-time (16 MiB of fp32 logits). Forward holds one chunk of logits; backward holds one chunk of
-logits and one of the gradient coefficient. Peak extra memory is therefore O(2**22 + V*H) (the fp32
-grad_weight accumulator and, for bf16/fp16 inputs, an fp32 copy of the weight), never O(N*V).
+Chunk rule (:mod:`.chunk_sizes`): the two-pass ``forward``/``backward`` process
+``torch_rows(V) = max(1, 2**22 // V)`` rows at a time (16 MiB of fp32 logits); the one-pass
+:class:`ChunkKernels` (``fk.loss``) ``torch_chunk_tokens``: 64 MiB of chunk buffers, reused by every
+chunk of a call. Peak extra memory is therefore O(chunk + V*H) (the fp32 grad_weight accumulator
+and, for bf16/fp16 inputs on devices without 16-bit x 16-bit -> float32 GEMMs, an fp32 copy of the
+weight), never O(N*V).
 
 Math (per row n, with z = cap(h W^T + b) / T, cap(x) = c*tanh(x/c) when a soft-cap c is set):
 
@@ -135,41 +137,157 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return grad_h, grad_w, grad_b
 
 
+def _out_dtype_gemms(device: torch.device) -> bool:
+    """Whether this device runs 16-bit x 16-bit GEMMs with a float32 output (``mm(..., out_dtype=)``):
+    CUDA does; torch's CPU build does not (checked by ``tests/test_torch_backend.py``)."""
+    return device.type == "cuda"
+
+
+def _lowp_gemms_fast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether 16-bit GEMMs (16-bit output) are faster than float32 ones here: on accelerators, and
+    for bf16 on CPUs with bf16 dot-product units (AVX512-BF16 or AMX, through oneDNN); a CPU
+    without them runs bf16 GEMMs slower than float32 ones, and float16 ones much slower."""
+    if device.type != "cpu":
+        return True
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    units = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(f is not None and f() for f in units)
+
+
 class ChunkKernels(ChunkGradBuffers):
     """One-pass chunk kernels of the torch backend (the reference twin of the native ones; see
-    :mod:`fdiv_kernels.ops.backends`): the chunk's fp32 logits are kept between ``stats`` and
-    ``grads``."""
+    :mod:`fdiv_kernels.ops.backends`), written for speed in plain torch:
+
+    * one ``[rows, V]`` compute-dtype buffer per call, reused by every chunk: the logits GEMM writes
+      it (``out=``), ``log_softmax`` overwrites it in place with ``z - lse``, kept between
+      ``stats`` and ``grads``, which turns it into ``p`` and then ``dL/draw`` in place (with a
+      soft-cap the transformed logits are kept besides, for the derivative);
+    * 16-bit inputs: the logits GEMM in float32 (``out_dtype=float32`` where the device has it, else
+      on a float32 copy of the weight); where 16-bit GEMMs are fast (:func:`_lowp_gemms_fast`) the
+      coefficient is rounded to the input dtype for the two gradient GEMMs (as Liger and Cut
+      Cross-Entropy do): ``grad_h`` one 16-bit GEMM per chunk, ``grad_W`` accumulated in float32
+      (``out_dtype`` where the device has it, else each chunk's 16-bit product added to the float32
+      accumulator); elsewhere all three GEMMs run in float32.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
                  need_h: bool, need_w: bool, need_b: bool) -> None:
         self.dtype = compute_dtype(weight.dtype)
-        self.w = weight.to(self.dtype)
+        self.vocab, dev = weight.shape[0], weight.device
+        lowp = weight.dtype not in (torch.float32, torch.float64)
+        self.out_dtype = lowp and _out_dtype_gemms(dev)
+        self.lowp_grads = lowp and _lowp_gemms_fast(weight.dtype, dev)
+        self.w16 = weight.detach() if lowp else None
+        # the compute-dtype weight, for the logits GEMM (without out_dtype) and a float32 grad_h GEMM
+        need_wc = not self.out_dtype or (need_h and not self.lowp_grads)
+        self.w = weight.detach().to(self.dtype) if need_wc else None
         self.b = None if bias is None else bias.to(self.dtype)
         self.softcap, self.temperature, self.return_entropy = head.softcap, head.temperature, return_entropy
         self.need_h = need_h
-        self.grad_w = torch.empty(weight.shape, dtype=self.dtype, device=weight.device) if need_w else None
-        self.grad_b = torch.empty(bias.shape, dtype=self.dtype, device=bias.device) if need_b else None
+        self.grad_w = torch.empty(weight.shape, dtype=self.dtype, device=dev) if need_w else None
+        self.grad_b = torch.empty(bias.shape, dtype=self.dtype, device=dev) if need_b else None
+        self._bufs = {}
         self._kept = None
+
+    def _buffer(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of this call, reused by the later (never larger) chunks."""
+        numel = shape[0] * shape[1]
+        b = self._bufs.get(name)
+        if b is None or b.numel() < numel:
+            b = self._bufs[name] = torch.empty(numel, dtype=dtype, device=self.grad_w.device if self.grad_w is not None
+                                               else (self.w if self.w is not None else self.w16).device)
+        return b[:numel].view(shape)
 
     def stats(self, h: torch.Tensor, y: torch.Tensor):
-        z, t = _logits(h.to(self.dtype), self.w, self.b, self.softcap, self.temperature)
-        self._kept = (z, t)
-        return _stats(z, y, self.return_entropy)
+        z = self._buffer("z", (h.shape[0], self.vocab), self.dtype)
+        if self.out_dtype:
+            torch.mm(h, self.w16.T, out_dtype=self.dtype, out=z)
+        else:
+            torch.mm(h.to(self.dtype), self.w.T, out=z)
+        if self.b is not None:
+            z.add_(self.b)
+        zt = None
+        if self.softcap is not None:  # the transformed logits are kept for the derivative
+            zt, _ = transform(z, self.softcap, self.temperature)
+            z.copy_(zt)
+        elif self.temperature != 1.0:
+            z.mul_(1.0 / self.temperature)  # times the rounded 1/T, as transform()
+        ent = entropy(z) if self.return_entropy else None
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        torch.log_softmax(z, 1, out=z)  # z - lse, in place
+        logp = z.gather(1, y[:, None]).squeeze(1)
+        self._kept = (z, zt)
+        return logp, z_y - logp, ent
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
-        z, t = self._kept
+        ls, zt = self._kept
         self._kept = None
-        coef = _coef(z, t, y, lse, ent, g, k, e, self.temperature)
+        coef = _coef_in_place(ls, zt, y, ent, g, k, e, self.softcap, self.temperature)
         beta = self._accumulate_beta(beta)
-        if self.grad_w is not None:
-            self.grad_w.addmm_(coef.T, h.to(self.dtype), beta=beta, alpha=alpha)
         if self.grad_b is not None:
-            if beta:
-                self.grad_b.mul_(beta).add_(coef.sum(0), alpha=alpha)
-            else:
-                torch.mul(coef.sum(0), alpha, out=self.grad_b)
-        return coef @ self.w if self.need_h else None
+            _accumulate(self.grad_b, coef.sum(0), alpha, beta)
+        if not self.lowp_grads:
+            if self.grad_w is not None:
+                self.grad_w.addmm_(coef.T, h.to(self.dtype), beta=beta, alpha=alpha)
+            return coef @ self.w if self.need_h else None
+        c16 = self._buffer("coef16", coef.shape, self.w16.dtype).copy_(coef)  # rounded, as Liger and CCE
+        if self.grad_w is not None:
+            if self.out_dtype:
+                torch.addmm(self.grad_w, c16.T, h, beta=beta, alpha=alpha, out_dtype=self.dtype, out=self.grad_w)
+            else:  # a 16-bit GEMM (float32 accumulation inside), its result added in float32
+                part = torch.mm(c16.T, h, out=self._buffer("grad_w16", self.grad_w.shape, h.dtype))
+                _accumulate(self.grad_w, part, alpha, beta)
+        if not self.need_h:
+            return None
+        return torch.mm(c16, self.w16, out_dtype=self.dtype) if self.out_dtype else c16 @ self.w16
 
+
+def _accumulate(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float) -> None:
+    """``acc = beta acc + alpha part`` in place (``beta = 0``: ``acc`` is not read)."""
+    if beta:
+        acc.mul_(beta).add_(part, alpha=alpha)
+    else:
+        torch.mul(part, alpha, out=acc)
+
+
+def _out_dtype_gemms(device: torch.device) -> bool:
+    """Whether this device runs 16-bit x 16-bit GEMMs with a float32 output (``mm(..., out_dtype=)``):
+    CUDA does; torch's CPU build does not (``tests/test_torch_backend.py`` checks both)."""
+    return device.type == "cuda"
+
+
+def _lowp_gemms_fast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether 16-bit GEMMs are faster than float32 ones here: on accelerators, and for bf16 on CPUs
+    with bf16 dot-product units (AVX512-BF16 or AMX, through oneDNN); a CPU without them runs bf16
+    GEMMs no faster than float32 ones (or far slower, without oneDNN), and float16 ones slower."""
+    if device.type != "cpu":
+        return True
+    if dtype != torch.bfloat16 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(f is not None and f() for f in probes)
+
+
+def _coef_in_place(ls: torch.Tensor, zt: Optional[torch.Tensor], labels: torch.Tensor, entropy: Optional[torch.Tensor],
+                   g: torch.Tensor, k: torch.Tensor, e: Optional[torch.Tensor], softcap: Optional[float],
+                   temperature: float) -> torch.Tensor:
+    """``dL/draw`` over ``ls = z - lse`` in place (``zt``: the transformed logits, with a soft-cap):
+    the math of :func:`_coef`, with ``p = exp(ls)`` and ``z - mean_z = ls + entropy``."""
+    cdt = ls.dtype
+    col = lambda t: t.to(cdt)[:, None]  # noqa: E731
+    if e is None:
+        coef = ls.exp_().mul_(col(k - g))
+    else:
+        p = torch.exp(ls)
+        centered = torch.where(p > 0, ls + col(entropy), torch.zeros((), dtype=cdt, device=ls.device))
+        coef = torch.mul(p, col(k - g), out=ls).sub_(p.mul_(centered).mul_(col(e)))  # 0, not 0 * -inf, at p = 0
+    coef.scatter_add_(1, labels[:, None], col(g))
+    if zt is not None:  # the soft-cap derivative 1 - tanh^2, tanh = z T / c
+        coef.mul_(zt.mul_(temperature / softcap).square_().neg_().add_(1.0))
+    if temperature != 1.0:
+        coef.mul_(1.0 / temperature)
+    return coef
 
 
 register_backend(Backend(
