@@ -13,6 +13,7 @@ one reused buffer per call, 16-bit gradient GEMMs where they are fast.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import oracle
 import pytest
@@ -77,3 +78,36 @@ def test_one_pass_over_chunks_matches_the_oracle(lead, t, h, v, kw, head, dtype,
     want_grads = torch.autograd.grad(want + 0.2 * (st.entropy * mask).sum(), r)
     for name, a, e in zip(("hidden", "weight", "bias"), grads, want_grads):
         oracle.assert_close(a, e, **TOL[dtype], what=f"d/d{name}")
+
+
+def test_auto_reads_a_measured_cpu_ranking(tmp_path, monkeypatch):
+    """``backend="auto"`` on a CPU takes the order measured on this CPU model when there is one."""
+    from fdiv_kernels.ops import backends
+    table = tmp_path / "measured_ranking.json"
+    table.write_text(json.dumps({"devices": {backends.cpu_model_name(): {"order": ["torch", "cpu"]}}}))
+    monkeypatch.setattr(backends, "MEASURED_RANKING", table)
+    backends.measured_ranking.cache_clear()
+    try:
+        assert [b.name for b in backends.auto_order("cpu")][:2] == ["torch", "cpu"]
+    finally:
+        backends.measured_ranking.cache_clear()
+
+
+def test_cpu_ranking_from_bench_results(tmp_path):
+    """bench.rank_backends orders the fk backends of a CPU's ``make bench`` results by the geometric
+    mean of their time over the fastest's, over the ``ce`` forward + backward cases all of them ran."""
+    from bench.rank_backends import cpu_ranking_from
+
+    def row(impl, dtype, t, check="ok", mode="fwdbwd"):
+        case = {"suite": "ce", "impl": impl, "mode": mode, "n": 8, "h": 4, "v": 16, "dtype": dtype}
+        return {"extra_info": {"case": case, "check": check}, "stats": {"min": t}}
+
+    rows = [row("fk[cpu]", "fp32", 1.0), row("fk[torch]", "fp32", 3.0), row("fk[cpu]", "bf16", 1.0),
+            row("fk[torch]", "bf16", 0.5), row("fk[cpu]", "bf16", 9.0, mode="fwd"), row("naive", "fp32", 0.1),
+            row("fk[triton]", "fp32", 0.1, check="MISMATCH")]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"datetime": "x", "benchmarks": rows,
+                                "fdiv": {"provenance": {"device_type": "cpu", "cpu_model": "Some CPU"}}}))
+    got = cpu_ranking_from([path])["Some CPU"]
+    assert got["order"] == ["cpu", "torch"]  # cpu: 1 and 2 x the fastest; torch: 3 and 1
+    assert got["x_fastest"] == {"cpu": pytest.approx(2 ** 0.5, abs=1e-3), "torch": pytest.approx(3 ** 0.5, abs=1e-3)}
