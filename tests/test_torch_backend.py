@@ -53,13 +53,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("grads16", [True, False], ids=["16-bit-grad-gemms", "float32-grad-gemms"])
+@pytest.mark.parametrize("gemms", ["16-bit-grads", "float32-grads", "out-dtype"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("lead,t,h,v,kw,head", CASES)
-def test_one_pass_over_chunks_matches_the_oracle(lead, t, h, v, kw, head, dtype, grads16, monkeypatch):
-    if dtype == torch.float32 and not grads16:
+def test_one_pass_over_chunks_matches_the_oracle(lead, t, h, v, kw, head, dtype, gemms, monkeypatch):
+    """``out-dtype``: the CUDA code path (``gemm_chunks.mm_f32``/``addmm_f32``, whose CPU twins
+    upcast) run on the CPU."""
+    if dtype == torch.float32 and gemms != "16-bit-grads":
         pytest.skip("float32 inputs have one path")
-    monkeypatch.setattr(torch_chunked, "_lowp_gemms_fast", lambda dt, dev: grads16)
+    monkeypatch.setattr(torch_chunked, "_lowp_gemms_fast", lambda dt, dev: gemms != "float32-grads")
+    monkeypatch.setattr(torch_chunked, "_out_dtype_gemms", lambda dev: gemms == "out-dtype")
     b = fk.ops.backends._BACKENDS["torch"]  # chunks of 23 tokens: several per batch
     monkeypatch.setitem(fk.ops.backends._BACKENDS, "torch", dataclasses.replace(b, chunk_tokens=lambda *a: 23))
     x = oracle.make_inputs(lead, t, h, v, dtype=dtype, bias=True, bias_scale=0.1, ignore_frac=0.1, edge_labels=True,

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import chunk_sizes
+from . import chunk_sizes, gemm_chunks
 from .backends import Backend, ChunkGradBuffers, register_backend
 
 
@@ -202,7 +202,7 @@ class ChunkKernels(ChunkGradBuffers):
     def stats(self, h: torch.Tensor, y: torch.Tensor):
         z = self._buffer("z", (h.shape[0], self.vocab), self.dtype)
         if self.out_dtype:
-            torch.mm(h, self.w16.T, out_dtype=self.dtype, out=z)
+            gemm_chunks.mm_f32(h, self.w16.T, out=z)
         else:
             torch.mm(h.to(self.dtype), self.w.T, out=z)
         if self.b is not None:
@@ -233,14 +233,14 @@ class ChunkKernels(ChunkGradBuffers):
             return coef @ self.w if self.need_h else None
         c16 = self._buffer("coef16", coef.shape, self.w16.dtype).copy_(coef)  # rounded, as Liger and CCE
         if self.grad_w is not None:
-            if self.out_dtype:
-                torch.addmm(self.grad_w, c16.T, h, beta=beta, alpha=alpha, out_dtype=self.dtype, out=self.grad_w)
+            if self.out_dtype:  # (with the cuda backend's fallback where this torch lacks it)
+                gemm_chunks.addmm_f32(self.grad_w, c16.T, h, beta=beta, alpha=alpha)
             else:  # a 16-bit GEMM (float32 accumulation inside), its result added in float32
                 part = torch.mm(c16.T, h, out=self._buffer("grad_w16", self.grad_w.shape, h.dtype))
                 _accumulate(self.grad_w, part, alpha, beta)
         if not self.need_h:
             return None
-        return torch.mm(c16, self.w16, out_dtype=self.dtype) if self.out_dtype else c16 @ self.w16
+        return gemm_chunks.mm_f32(c16, self.w16) if self.out_dtype else c16 @ self.w16
 
 
 def _accumulate(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float) -> None:
@@ -252,9 +252,10 @@ def _accumulate(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float
 
 
 def _out_dtype_gemms(device: torch.device) -> bool:
-    """Whether this device runs 16-bit x 16-bit GEMMs with a float32 output (``mm(..., out_dtype=)``):
-    CUDA does; torch's CPU build does not (``tests/test_torch_backend.py`` checks both)."""
-    return device.type == "cuda"
+    """Whether this device runs 16-bit x 16-bit GEMMs with a float32 output (``mm(..., out_dtype=)``,
+    :func:`.gemm_chunks.mm_f32`): CUDA does (unless this torch was found to lack it); torch's CPU
+    build does not (``tests/test_torch_backend.py``)."""
+    return device.type == "cuda" and gemm_chunks.mixed_gemm_supported()
 
 
 def _lowp_gemms_fast(dtype: torch.dtype, device: torch.device) -> bool:
