@@ -137,38 +137,6 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return grad_h, grad_w, grad_b
 
 
-def _accumulate_16(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float) -> None:
-    """:func:`_accumulate` of a 16-bit ``part`` into the float32 ``acc``, converted in blocks of rows
-    (8 MiB): an add with a 16-bit operand takes torch's mixed-dtype path, 4x slower on this CPU than
-    a conversion followed by a float32 add."""
-    if not beta and alpha == 1.0:
-        acc.copy_(part)
-        return
-    rows = max(1, 2 ** 21 // max(1, acc.shape[1]))
-    tmp = torch.empty((min(rows, acc.shape[0]), acc.shape[1]), dtype=acc.dtype, device=acc.device)
-    for r0 in range(0, acc.shape[0], rows):
-        blk = part[r0:r0 + rows]
-        _accumulate(acc[r0:r0 + rows], tmp[:blk.shape[0]].copy_(blk), alpha, beta)
-
-
-def _out_dtype_gemms(device: torch.device) -> bool:
-    """Whether this device runs 16-bit x 16-bit GEMMs with a float32 output (``mm(..., out_dtype=)``):
-    CUDA does; torch's CPU build does not (checked by ``tests/test_torch_backend.py``)."""
-    return device.type == "cuda"
-
-
-def _lowp_gemms_fast(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether 16-bit GEMMs (16-bit output) are faster than float32 ones here: on accelerators, and
-    for bf16 on CPUs with bf16 dot-product units (AVX512-BF16 or AMX, through oneDNN); a CPU
-    without them runs bf16 GEMMs slower than float32 ones, and float16 ones much slower."""
-    if device.type != "cpu":
-        return True
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
-        return False
-    units = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(f is not None and f() for f in units)
-
-
 class ChunkKernels(ChunkGradBuffers):
     """One-pass chunk kernels of the torch backend (the reference twin of the native ones; see
     :mod:`fdiv_kernels.ops.backends`), written for speed in plain torch:
