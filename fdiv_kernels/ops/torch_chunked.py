@@ -142,9 +142,10 @@ class ChunkKernels(ChunkGradBuffers):
     :mod:`fdiv_kernels.ops.backends`), written for speed in plain torch:
 
     * one ``[rows, V]`` compute-dtype buffer per call, reused by every chunk: the logits GEMM writes
-      it (``out=``), ``log_softmax`` overwrites it in place with ``z - lse``, kept between
-      ``stats`` and ``grads``, which turns it into ``p`` and then ``dL/draw`` in place (with a
-      soft-cap the transformed logits are kept besides, for the derivative);
+      it (``out=``), ``log_softmax`` overwrites it in place with ``z - lse`` (``lse`` read off at the
+      row's largest logit), kept between ``stats`` and ``grads``, which turns it into ``p`` and then
+      ``dL/draw`` in place (with a soft-cap the transformed logits are kept besides, for the
+      derivative);
     * 16-bit inputs: the logits GEMM in float32 (``out_dtype=float32`` where the device has it, else
       on a float32 copy of the weight); where 16-bit GEMMs are fast (:func:`_lowp_gemms_fast`) the
       coefficient is rounded to the input dtype for the two gradient GEMMs (as Liger and Cut
@@ -196,11 +197,14 @@ class ChunkKernels(ChunkGradBuffers):
         elif self.temperature != 1.0:
             z.mul_(1.0 / self.temperature)  # times the rounded 1/T, as transform()
         ent = entropy(z) if self.return_entropy else None
-        z_y = z.gather(1, y[:, None]).squeeze(1)
+        z_m, m = torch.max(z, 1, keepdim=True)
         torch.log_softmax(z, 1, out=z)  # z - lse, in place
         logp = z.gather(1, y[:, None]).squeeze(1)
+        # lse = z - (z - lse) at the row's largest logit (finite whenever lse is, unlike the label's
+        # logit, which a -inf bias may mask): max z + log sum exp(z - max z)
+        lse = (z_m - z.gather(1, m)).squeeze(1)
         self._kept = (z, zt)
-        return logp, z_y - logp, ent
+        return logp, lse, ent
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         ls, zt = self._kept
@@ -217,9 +221,8 @@ class ChunkKernels(ChunkGradBuffers):
         if self.grad_w is not None:
             if self.out_dtype:  # (with the cuda backend's fallback where this torch lacks it)
                 gemm_chunks.addmm_f32(self.grad_w, c16.T, h, beta=beta, alpha=alpha)
-            else:  # a 16-bit GEMM (float32 accumulation inside), its result added in float32
-                part = torch.mm(c16.T, h, out=self._buffer("grad_w16", self.grad_w.shape, h.dtype))
-                _accumulate_16(self.grad_w, part, alpha, beta)
+            else:  # 16-bit GEMMs (float32 accumulation inside), their results added in float32
+                _addmm_16(self.grad_w, c16.T, h, alpha, beta)
         if not self.need_h:
             return None
         return gemm_chunks.mm_f32(c16, self.w16) if self.out_dtype else c16 @ self.w16
@@ -233,18 +236,18 @@ def _accumulate(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float
         torch.mul(part, alpha, out=acc)
 
 
-def _accumulate_16(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float) -> None:
-    """:func:`_accumulate` of a 16-bit ``part`` into the float32 ``acc``, converted in blocks of rows
-    (8 MiB): an add with a 16-bit operand takes torch's mixed-dtype path, 4x slower on this CPU than
-    a conversion followed by a float32 add."""
-    if not beta and alpha == 1.0:
-        acc.copy_(part)
-        return
+def _addmm_16(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float) -> None:
+    """``acc = beta acc + alpha a @ b`` on the float32 ``acc`` with 16-bit GEMMs (float32 accumulation
+    inside, a 16-bit result), by blocks of 8 MiB of ``acc``'s rows, each result converted to float32
+    and added: no ``acc``-sized temporary, and no add with a 16-bit operand (torch's mixed-dtype
+    path, 4x slower on this CPU than a conversion followed by a float32 add)."""
     rows = max(1, 2 ** 21 // max(1, acc.shape[1]))
-    tmp = torch.empty((min(rows, acc.shape[0]), acc.shape[1]), dtype=acc.dtype, device=acc.device)
+    part = torch.empty((min(rows, acc.shape[0]), acc.shape[1]), dtype=a.dtype, device=acc.device)
+    tmp = torch.empty(part.shape, dtype=acc.dtype, device=acc.device)
     for r0 in range(0, acc.shape[0], rows):
-        blk = part[r0:r0 + rows]
-        _accumulate(acc[r0:r0 + rows], tmp[:blk.shape[0]].copy_(blk), alpha, beta)
+        r1 = min(acc.shape[0], r0 + rows)
+        p = torch.mm(a[r0:r1], b, out=part[:r1 - r0])
+        _accumulate(acc[r0:r1], tmp[:r1 - r0].copy_(p), alpha, beta)
 
 
 def _out_dtype_gemms(device: torch.device) -> bool:
