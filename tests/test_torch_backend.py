@@ -114,3 +114,15 @@ def test_cpu_ranking_from_bench_results(tmp_path):
     got = cpu_ranking_from([path])["Some CPU"]
     assert got["order"] == ["cpu", "torch"]  # cpu: 1 and 2 x the fastest; torch: 3 and 1
     assert got["x_fastest"] == {"cpu": pytest.approx(2 ** 0.5, abs=1e-3), "torch": pytest.approx(3 ** 0.5, abs=1e-3)}
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (64, 32000), (5, 100003)])
+def test_in_place_log_softmax_matches(shape):
+    """The torch backend writes log_softmax over its input on the CPU (``_log_softmax_``): the kernel
+    must give the out-of-place bits, -inf entries included."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(shape, generator=g) * 8
+    z[0, 1] = -torch.inf
+    want = torch.log_softmax(z, 1)
+    torch_chunked._log_softmax_(z)
+    assert torch.equal(z, want)

@@ -198,7 +198,7 @@ class ChunkKernels(ChunkGradBuffers):
             z.mul_(1.0 / self.temperature)  # times the rounded 1/T, as transform()
         ent = entropy(z) if self.return_entropy else None
         z_m, m = torch.max(z, 1, keepdim=True)
-        torch.log_softmax(z, 1, out=z)  # z - lse, in place
+        _log_softmax_(z)  # z - lse, in place
         logp = z.gather(1, y[:, None]).squeeze(1)
         # lse = z - (z - lse) at the row's largest logit (finite whenever lse is, unlike the label's
         # logit, which a -inf bias may mask): max z + log sum exp(z - max z)
@@ -226,6 +226,16 @@ class ChunkKernels(ChunkGradBuffers):
         if not self.need_h:
             return None
         return gemm_chunks.mm_f32(c16, self.w16) if self.out_dtype else c16 @ self.w16
+
+
+def _log_softmax_(z: torch.Tensor) -> None:
+    """``z = log_softmax(z, 1)`` in place: by the CPU kernel writing over its input (tested here:
+    each row is reduced before it is written, element by element); elsewhere (CUDA, MPS, XPU, where
+    that is not verified) through a temporary."""
+    if z.device.type == "cpu":
+        torch.log_softmax(z, 1, out=z)
+    else:
+        z.copy_(torch.log_softmax(z, 1))
 
 
 def _accumulate(acc: torch.Tensor, part: torch.Tensor, alpha: float, beta: float) -> None:
