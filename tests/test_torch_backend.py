@@ -53,14 +53,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("gemms", ["16-bit-grads", "float32-grads", "out-dtype"])
+@pytest.mark.parametrize("gemms", ["16-bit-grads", "float32-grads", "out-dtype", "blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("lead,t,h,v,kw,head", CASES)
 def test_one_pass_over_chunks_matches_the_oracle(lead, t, h, v, kw, head, dtype, gemms, monkeypatch):
     """``out-dtype``: the CUDA code path (``gemm_chunks.mm_f32``/``addmm_f32``, whose CPU twins
-    upcast) run on the CPU."""
+    upcast) run on the CPU; ``blocks``: the weight converted and grad_weight accumulated by blocks
+    of 50 rows (a weight larger than the chunk budget)."""
     if dtype == torch.float32 and gemms != "16-bit-grads":
         pytest.skip("float32 inputs have one path")
+    if gemms == "blocks":
+        monkeypatch.setattr(chunk_sizes, "TORCH_SINGLE_PASS_BYTES", 1)
+        monkeypatch.setattr(torch_chunked, "_BLOCK_ELEMENTS", 50 * h)
     monkeypatch.setattr(torch_chunked, "_lowp_gemms_fast", lambda dt, dev: gemms != "float32-grads")
     monkeypatch.setattr(torch_chunked, "_out_dtype_gemms", lambda dev: gemms == "out-dtype")
     b = fk.ops.backends._BACKENDS["torch"]  # chunks of 23 tokens: several per batch
