@@ -1,13 +1,15 @@
 """Ratios of the ``ce`` implementations measured in ONE process, sides alternated round by round.
 
     python -m bench.side_by_side [--shapes B/4,A/4] [--dtypes bf16,fp32] [--impls naive,cce,gemm,fk[cpu],fk[torch]]
-                                 [--rounds 5] [--mem] [--out bench/results/<date>-side-by-side.md]
+                                 [--rounds 5] [--threads N] [--mem] [--out bench/results/<date>-side-by-side.md]
 
 For each shape x dtype: the ``ce`` suite's inputs and implementations (bench/impls.py, forward +
 backward, the same code as ``make bench``), one warm-up call each, then ``rounds`` rounds in which
 every implementation runs once, in a rotated order (so that a burst of load from another process
 hits every side alike). Reports the median and the minimum wall time per implementation and their
-ratio to ``naive`` and to ``gemm`` (the three bare GEMMs). ``--mem`` adds each one's peak memory
+ratio to ``naive`` and to ``gemm`` (the three bare GEMMs). ``--threads 1`` times the process's CPU time
+(``time.process_time``) on one thread: what each side costs, least disturbed by other processes on
+a shared machine (which stall multi-threaded code at every barrier). ``--mem`` adds each one's peak memory
 above the inputs, measured in this process after the timing (bench/common.measure_peak: the cpu
 backend's workspace is released first, so it counts).
 
@@ -47,6 +49,7 @@ def _calls(shape: str, dtype: str, impls):
 
 
 def measure(shape: str, dtype: str, impls, rounds: int, mem: bool) -> dict:
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     calls = _calls(shape, dtype, impls)
     for name, (fn, x) in calls.items():  # warm-up (compiles, lazy init)
         fn()
@@ -59,9 +62,9 @@ def measure(shape: str, dtype: str, impls, rounds: int, mem: bool) -> dict:
             fn, x = calls[name]
             clear_grads(x)
             gc.collect()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
             clear_grads(x)
     res = {}
     for name in names:
@@ -99,10 +102,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--impls", default="naive,cce,gemm,fk[cpu],fk[torch]")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--mem", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     tune_glibc_malloc()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     impls = a.impls.split(",")
     load0 = os.getloadavg()[0]
     parts = []
@@ -115,7 +121,8 @@ def main(argv=None) -> int:
     prov = provenance(torch.device("cpu"), "python -m bench.side_by_side " + " ".join(argv or sys.argv[1:]))
     head = (f"{prov['device']}, torch {prov['versions']['torch']}, commit {prov['git_commit']}, "
             f"{prov['date_utc']}; load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
-            f"{a.rounds} alternated rounds")
+            f"{a.rounds} alternated rounds, " + ("process CPU time, 1 thread" if torch.get_num_threads() == 1
+                                                 else f"wall time, {torch.get_num_threads()} threads"))
     print(head)
     if a.out:
         with open(a.out, "w") as f:

@@ -33,7 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemm_probe", &fdivk::bf16_gemm_probe,
         "whether bf16 x bf16 -> float32 GEMMs run on this CPU's bf16 units (AVX512-BF16, oneDNN brgemm)");
   m.def("pack_weight_t_bf16", &fdivk::pack_weight_t_bf16, "W [V,H] bf16 -> [K/2, V, 2] (W^T, vnni)");
-  m.def("pack_weight_bf16", &fdivk::pack_weight_bf16, "W [V,H] bf16 -> [V2/2, K, 2] (W, vnni)");
+  m.def("pack_weight_bf16", &fdivk::pack_weight_bf16, "W [V,H] bf16 -> [V2/2, K, 2] (W, vnni; in out_storage when given)",
+        py::arg("weight"), py::arg("out_storage") = py::none());
   m.def("unpack_grad_weight_bf16", &fdivk::unpack_grad_weight_bf16,
         "grad_W^T [K, V] float32 -> grad_W [V, H] bf16 (in out_storage's memory when given)",
         py::arg("grad_weight_t"), py::arg("hidden_size"), py::arg("out_storage") = py::none());

@@ -28,6 +28,7 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cmath>
 #include <cstdint>
@@ -513,6 +514,16 @@ void check_bf16(const at::Tensor& t, int64_t dim, const char* what) {
 
 }  // namespace
 
+// a bf16 tensor of `sizes` in the memory of `storage` (contiguous bf16, large enough), or a new one
+static at::Tensor storage_or_empty(const std::optional<at::Tensor>& storage, at::IntArrayRef sizes,
+                                   const at::TensorOptions& options) {
+  if (!storage.has_value() || !storage->defined()) return at::empty(sizes, options);
+  check_bf16(*storage, storage->dim(), "the output storage");
+  const int64_t numel = c10::multiply_integers(sizes);
+  TORCH_CHECK(storage->numel() >= numel, "fdiv cpu bf16: the output storage holds fewer than ", numel, " elements");
+  return storage->view({-1}).narrow(0, 0, numel).view(sizes);
+}
+
 at::Tensor pack_weight_t_bf16(const at::Tensor& weight) {
   check_bf16(weight, 2, "weight [V, H]");
   const int64_t V = weight.size(0), H = weight.size(1), K2 = (H + 1) / 2;
@@ -529,11 +540,11 @@ at::Tensor pack_weight_t_bf16(const at::Tensor& weight) {
   return out;
 }
 
-at::Tensor pack_weight_bf16(const at::Tensor& weight) {
+at::Tensor pack_weight_bf16(const at::Tensor& weight, const std::optional<at::Tensor>& out_storage) {
   check_bf16(weight, 2, "weight [V, H]");
   const int64_t V = weight.size(0), H = weight.size(1), K = H + H % 2, pairs = (V + 1) / 2;
   const at::Tensor w = H % 2 == 0 ? weight : at::constant_pad_nd(weight, {0, 1});
-  at::Tensor out = at::empty({pairs, K, 2}, weight.options());
+  const at::Tensor out = storage_or_empty(out_storage, {pairs, K, 2}, weight.options());
   const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr<bf16_t>());
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<bf16_t>());
   at::parallel_for(0, pairs, 16, [&](int64_t p0, int64_t p1) {
@@ -551,14 +562,8 @@ at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidd
                   grad_weight_t.size(0) >= hidden_size,
               "fdiv cpu bf16 chunk kernels: grad_weight^T must be contiguous float32 [K >= H, V]");
   const int64_t V = grad_weight_t.size(1), H = hidden_size;
-  at::Tensor out;
-  if (out_storage.has_value() && out_storage->defined()) {  // memory no longer read (the packed weight)
-    check_bf16(*out_storage, out_storage->dim(), "out_storage");
-    TORCH_CHECK(out_storage->numel() >= V * H, "fdiv cpu bf16: out_storage holds fewer than V * H elements");
-    out = out_storage->view({-1}).narrow(0, 0, V * H).view({V, H});
-  } else {
-    out = at::empty({V, H}, grad_weight_t.options().dtype(at::kBFloat16));
-  }
+  // out_storage: memory no longer read (the packed weight)
+  const at::Tensor out = storage_or_empty(out_storage, {V, H}, grad_weight_t.options().dtype(at::kBFloat16));
   const float* src = grad_weight_t.data_ptr<float>();
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<bf16_t>());
   constexpr int64_t cb = 256;

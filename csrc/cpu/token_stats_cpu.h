@@ -66,11 +66,12 @@ at::Tensor chunk_grads_cpu(const at::Tensor& hidden, const at::Tensor& weight, c
 //   2 x 16 x 2 product checked); false elsewhere (the caller converts to float32 instead).
 bool bf16_gemm_probe();
 // Operand packing of the bf16 path (parallel copies, zero padding to even sizes):
-// pack_weight_t_bf16: W [V, H] -> [K / 2, V, 2]; pack_weight_bf16: W [V, H] -> [V2 / 2, K, 2];
+// pack_weight_t_bf16: W [V, H] -> [K / 2, V, 2]; pack_weight_bf16: W [V, H] -> [V2 / 2, K, 2] (into
+// out_storage's memory when given, as unpack_grad_weight_bf16);
 // unpack_grad_weight_bf16: grad_W^T [K, V] float32 -> grad_W [V, H] bf16 (rows >= H of the input
 // are padding, dropped), written into out_storage (contiguous bf16, >= V * H elements) when given.
 at::Tensor pack_weight_t_bf16(const at::Tensor& weight);
-at::Tensor pack_weight_bf16(const at::Tensor& weight);
+at::Tensor pack_weight_bf16(const at::Tensor& weight, const std::optional<at::Tensor>& out_storage);
 at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidden_size,
                                    const std::optional<at::Tensor>& out_storage);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats_bf16_cpu(

@@ -61,24 +61,29 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 _workspace = threading.local()
 
 
-def workspace(numel: int) -> torch.Tensor:
-    """This thread's one-pass chunk buffer, at least ``numel`` float32, kept between calls.
+def workspace(numel: int, name: str = "chunk", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's buffer ``name`` (the one-pass chunk buffer by default), at least ``numel``
+    elements of ``dtype``, kept between calls.
 
     A fresh 128 MiB buffer per call costs its page faults and zeroing (1-2% of a forward +
     backward at 2048 x 512 x 32000 on one thread, measured with ``perf``); torch's CPU allocator
-    does not cache, so the backend keeps one buffer per thread (at most
-    ``chunk_sizes.CPU_SINGLE_PASS_ELEMENTS`` floats), as the CUDA caching allocator does on GPUs.
-    :func:`release_workspace` frees it."""
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.numel() < numel:
-        _workspace.buf = buf = None  # free the old one before allocating the larger
-        _workspace.buf = buf = torch.empty(numel, dtype=torch.float32)
+    does not cache, so the backend keeps its buffers per thread (the chunk buffer: at most
+    ``chunk_sizes.CPU_SINGLE_PASS_ELEMENTS`` floats; the bf16 path's packed weight and float32
+    ``grad_weight`` accumulator: weight-sized, whose page faults were 8% of a step at 1024 x 1024
+    x 32000), as the CUDA caching allocator does on GPUs. :func:`release_workspace` frees them."""
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        _workspace.bufs = bufs = {}
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        bufs[name] = buf = None  # free the old one before allocating the larger
+        bufs[name] = buf = torch.empty(numel, dtype=dtype)
     return buf
 
 
 def release_workspace() -> None:
-    """Free this thread's chunk buffer (benchmarks call it so that a measured peak includes it)."""
-    _workspace.buf = None
+    """Free this thread's buffers (benchmarks call it so that a measured peak includes them)."""
+    _workspace.bufs = {}
 
 
 class ChunkKernels(ChunkGradBuffers):
@@ -141,13 +146,15 @@ class Bf16ChunkKernels(ChunkGradBuffers):
         self.mod = native.load("cpu")
         w = weight.detach()
         self.vocab, self.hidden = w.shape
-        self.w_t = self.mod.pack_weight_t_bf16(w)  # [K/2, V, 2]: B of the logits GEMM
-        self.w_n = self.mod.pack_weight_bf16(w) if need_h else None  # [V2/2, K, 2]: B of grad_h
-        k = 2 * self.w_t.shape[0]
+        k, v2 = self.hidden + self.hidden % 2, self.vocab + self.vocab % 2
+        # [K/2, V, 2]: B of the logits GEMM (fresh: its memory becomes the bf16 grad_weight)
+        self.w_t = self.mod.pack_weight_t_bf16(w)
+        # [V2/2, K, 2]: B of the grad_h GEMM, and the float32 grad_W^T accumulator, in workspaces
+        self.w_n = self.mod.pack_weight_bf16(w, workspace(v2 * k, "w_vnni", torch.bfloat16)) if need_h else None
         self.b = None if bias is None else bias.detach().to(torch.float32).contiguous()
         self.cap, self.temperature, self.return_entropy = native.softcap_arg(head.softcap), float(head.temperature), return_entropy
         self.need_h = need_h
-        self.grad_w = torch.empty((k, self.vocab), dtype=torch.float32) if need_w else None  # grad_W^T
+        self.grad_w = workspace(k * self.vocab, "grad_wt")[:k * self.vocab].view(k, self.vocab) if need_w else None
         self.grad_b = torch.empty(self.vocab, dtype=torch.float32) if need_b else None
 
     def stats(self, h: torch.Tensor, y: torch.Tensor):
