@@ -130,14 +130,8 @@ def probe_in_subprocess(spec: dict, *, timeout: float = 600.0) -> Dict[str, floa
 # ---------------------------------------------------------------------------------------------
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from fdiv_kernels.kernels.backends import cpu_model_name  # the key backend="auto" looks up
+    return cpu_model_name()
 
 
 def _version(mod: str) -> str:

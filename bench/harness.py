@@ -115,6 +115,9 @@ def run_case(benchmark, case: Case, options: dict) -> None:
             clear_grads(inputs)
             if inproc and "base" not in state:
                 import gc
+
+                from fdiv_kernels.kernels import release_workspaces
+                release_workspaces()  # buffers kept from the warm-up count in the measured round's peak
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)

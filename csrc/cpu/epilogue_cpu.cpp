@@ -4,6 +4,11 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FDIV_X86_GATHER 1
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FDIV_NO_CLONES)
 #define FDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -58,6 +63,77 @@ inline float tanh_f(float x) {
   float big = (1.0f - e) / (1.0f + e);
   big = x < 0.0f ? -big : big;
   return ax < 0.625f ? small : big;
+}
+
+// float32 -> bfloat16 bits, round to nearest even; a NaN stays a (quiet) NaN, as c10::BFloat16.
+inline uint16_t to_bf16_bits(float f) {
+  const uint32_t u = static_cast<uint32_t>(float_to_bits(f));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
+}
+
+template <typename S, typename D, typename F>
+inline void transpose_blocks(const S* __restrict src, int64_t rows, int64_t cols, int64_t lds, D* __restrict dst,
+                             int64_t ldd, F conv) {
+  constexpr int64_t B = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += B) {
+    const int64_t r1 = r0 + B < rows ? r0 + B : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += B) {
+      const int64_t c1 = c0 + B < cols ? c0 + B : cols;
+      for (int64_t c = c0; c < c1; ++c) {
+        D* out = dst + c * ldd;
+        for (int64_t r = r0; r < r1; ++r) out[r] = conv(src[r * lds + c]);
+      }
+    }
+  }
+}
+
+#ifdef FDIV_X86_GATHER
+bool has_avx512f() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+// 16 rows of a 32-bit matrix, transposed: dst[c * ldd + i] = src[i * lds + c] (i < 16, c < cols),
+// one 16-lane gather per column (the 16 source rows stay in L1 across consecutive columns).
+__attribute__((target("avx512f"))) void gather_rows16_u32(const uint32_t* src, int64_t cols, int64_t lds,
+                                                         uint32_t* dst, int64_t ldd) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(lds)));
+  for (int64_t c = 0; c < cols; ++c) {
+    _mm512_storeu_si512(dst + c * ldd, _mm512_i32gather_epi32(idx, src + c, 4));
+  }
+}
+
+// the same for float32 -> bf16 (round to nearest even, NaN -> 0x7FC0, as to_bf16_bits)
+__attribute__((target("avx512f"))) void gather_rows16_to_bf16(const float* src, int64_t cols, int64_t lds,
+                                                             uint16_t* dst, int64_t ldd) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(lds)));
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t c = 0; c < cols; ++c) {
+    const __m512 x = _mm512_i32gather_ps(idx, src + c, 4);
+    const __m512i u = _mm512_castps_si512(x);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias),
+                                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, qnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm512_cvtepi32_epi16(r));
+  }
+}
+#define FDIV_GATHER(f) (has_avx512f() ? &f : nullptr)
+#else
+#define FDIV_GATHER(f) nullptr
+#endif
+
+// transpose_blocks, the full 16-row blocks by gather16 (an AVX-512 kernel) when it is not null
+template <typename S, typename D, typename F>
+inline void transpose_gathered(const S* src, int64_t rows, int64_t cols, int64_t lds, D* dst, int64_t ldd, F conv,
+                               void (*gather16)(const S*, int64_t, int64_t, D*, int64_t)) {
+  int64_t r0 = 0;
+  if (gather16 != nullptr) {
+    for (; r0 + 16 <= rows; r0 += 16) gather16(src + r0 * lds, cols, lds, dst + r0, ldd);
+  }
+  transpose_blocks(src + r0 * lds, rows - r0, cols, lds, dst + r0, ldd, conv);
 }
 
 }  // namespace
@@ -173,6 +249,69 @@ FDIV_CLONES void coef_segment(float* __restrict c, int64_t V, int64_t y, const T
     const float p = d0 < -87.0f ? 0.0f : exp_f(d);
     const float zc = tf.has_cap ? z_y : d + lse;
     c[y] = d_y * (p * (a - e * (zc - mean_z)) + g);
+  }
+}
+
+FDIV_CLONES void add_row(float* __restrict z, const float* __restrict b, int64_t n) {
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) z[v] += b[v];
+}
+
+FDIV_CLONES void coef_to_bf16(const float* __restrict c, int64_t cols, int64_t r0, int64_t r1, int64_t n_rows,
+                              uint16_t* __restrict rm, int64_t ld_rm, uint16_t* __restrict vnni, float vnni_scale) {
+  for (int64_t r = r0; r < r1; r += 2) {
+    const float* a = c + r * cols;
+    const bool pair = r + 1 < n_rows;
+    const float* b = pair ? a + cols : a;  // no partner: b is read but its slots are set to 0
+    uint16_t* ra = rm + r * ld_rm;
+    uint16_t* rb = ra + ld_rm;
+    uint16_t* vp = vnni + (r / 2) * cols * 2;
+    const uint16_t keep_b = pair ? 0xFFFFu : 0u;
+#pragma omp simd
+    for (int64_t v = 0; v < cols; ++v) {
+      ra[v] = to_bf16_bits(a[v]);
+      vp[2 * v] = to_bf16_bits(a[v] * vnni_scale);
+      vp[2 * v + 1] = static_cast<uint16_t>(to_bf16_bits(b[v] * vnni_scale) & keep_b);
+    }
+    for (int64_t v = cols; v < ld_rm; ++v) ra[v] = 0;
+    if (pair) {
+#pragma omp simd
+      for (int64_t v = 0; v < cols; ++v) rb[v] = to_bf16_bits(b[v]);
+      for (int64_t v = cols; v < ld_rm; ++v) rb[v] = 0;
+    }
+  }
+}
+
+FDIV_CLONES void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
+                               int64_t ldd) {
+  transpose_blocks(src, rows, cols, lds, dst, ldd, [](uint16_t x) { return x; });
+}
+
+FDIV_CLONES void transpose_u32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst,
+                               int64_t ldd) {
+  transpose_gathered(src, rows, cols, lds, dst, ldd, [](uint32_t x) { return x; }, FDIV_GATHER(gather_rows16_u32));
+}
+
+FDIV_CLONES void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
+                                   int64_t ldd) {
+  transpose_gathered(src, rows, cols, lds, dst, ldd, [](float x) { return to_bf16_bits(x); },
+                     FDIV_GATHER(gather_rows16_to_bf16));
+}
+
+FDIV_CLONES void interleave_u16(const uint16_t* __restrict a, const uint16_t* __restrict b, int64_t n,
+                                uint16_t* __restrict out) {
+  if (b == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      out[2 * i] = a[i];
+      out[2 * i + 1] = 0;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[2 * i] = a[i];
+    out[2 * i + 1] = b[i];
   }
 }
 

@@ -52,6 +52,39 @@ at::Tensor chunk_grads_cpu(const at::Tensor& hidden, const at::Tensor& weight, c
                            const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias,
                            double alpha, double beta, bool need_grad_hidden, int64_t tile_cols);
 
+// One-pass chunk kernels of bf16 inputs on CPUs with bf16 dot-product units: the three GEMMs are
+// bf16 x bf16 -> float32 oneDNN brgemm calls (float32 logits, float32 accumulation), the epilogues
+// those of the float32 kernels. K = H rounded up to even, n2 = n and V2 = V rounded up to even
+// (zero padding; cpu_backend.py packs the operands):
+// chunk_stats_bf16: hidden [n, K] bf16, weight_t_vnni [K / 2, V, 2] bf16 (W^T, pairs of hidden
+//   units interleaved), bias [V] float32 or none; like chunk_stats_cpu (tile_cols even).
+// chunk_grads_bf16: hidden [n, K] bf16 (as chunk_stats_bf16's), weight_vnni [V2 / 2, K, 2] bf16
+//   (W, pairs of vocabulary rows interleaved; needed for grad_hidden only), scratch bf16 >= (n + n2) * min(tile_cols, V2) elements;
+//   grad_weight_t [K, V] float32 (W's gradient transposed) = beta grad_weight_t + alpha coef^T h;
+//   the coefficient is rounded to bf16 for both GEMMs. Returns grad_hidden [n, K] float32.
+// bf16_gemm_probe: whether this CPU has AVX512-BF16 and torch's brgemm runs bf16 there (a
+//   2 x 16 x 2 product checked); false elsewhere (the caller converts to float32 instead).
+bool bf16_gemm_probe();
+// Operand packing of the bf16 path (parallel copies, zero padding to even sizes):
+// pack_weight_t_bf16: W [V, H] -> [K / 2, V, 2]; pack_weight_bf16: W [V, H] -> [V2 / 2, K, 2] (into
+// out_storage's memory when given, as unpack_grad_weight_bf16);
+// unpack_grad_weight_bf16: grad_W^T [K, V] float32 -> grad_W [V, H] bf16 (rows >= H of the input
+// are padding, dropped), written into out_storage (contiguous bf16, >= V * H elements) when given.
+at::Tensor pack_weight_t_bf16(const at::Tensor& weight);
+at::Tensor pack_weight_bf16(const at::Tensor& weight, const std::optional<at::Tensor>& out_storage);
+at::Tensor unpack_grad_weight_bf16(const at::Tensor& grad_weight_t, int64_t hidden_size,
+                                   const std::optional<at::Tensor>& out_storage);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats_bf16_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight_t_vnni, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, at::Tensor& buf, double softcap, double temperature, bool return_entropy,
+    int64_t tile_cols);
+at::Tensor chunk_grads_bf16_cpu(
+    const at::Tensor& hidden, const std::optional<at::Tensor>& weight_vnni, const at::Tensor& labels, at::Tensor& buf,
+    at::Tensor& scratch, const at::Tensor& lse, const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+    const at::Tensor& grad_lse, const std::optional<at::Tensor>& grad_entropy, double softcap, double temperature,
+    const std::optional<at::Tensor>& grad_weight_t, const std::optional<at::Tensor>& grad_bias, double alpha,
+    double beta, bool need_grad_hidden, int64_t vocab_size, int64_t tile_cols);
+
 // Test hooks: the vectorisable exp / tanh approximations used by the epilogues, elementwise on
 // a float32 tensor (so tests can compare them with float64 math).
 at::Tensor exp_approx(const at::Tensor& x);

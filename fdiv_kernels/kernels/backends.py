@@ -132,7 +132,7 @@ def available_backends(device_type: str | None = None) -> Dict[str, str]:
 
 
 #: measured order of the fk backends per device name (fastest first), written by
-#: ``python -m bench.rank_backends`` from the GPU check's results in ``bench/results/``.
+#: ``python -m bench.rank_backends`` from the GPU check's and ``make bench``'s results in ``bench/results/``.
 MEASURED_RANKING = Path(__file__).with_name("measured_ranking.json")
 
 
@@ -152,13 +152,45 @@ def _device_name(device_type: str) -> str:
         import torch
         if torch.cuda.is_available():
             return torch.cuda.get_device_name()
+    if device_type == "cpu":
+        return cpu_model_name()
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_model_name() -> str:
+    """This CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): the key of a CPU
+    in :data:`MEASURED_RANKING` (``make bench`` records the same name)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 dot-product units (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    ``/proc/cpuinfo``; False where that file is missing): where torch's bf16 GEMMs (oneDNN) beat
+    float32 ones."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def auto_order(device_type: str) -> Tuple[Backend, ...]:
-    """The ``backend="auto"`` order for ``device_type``: backends measured on this device (by
-    ``bench/results``, :data:`MEASURED_RANKING`) in their measured order, then the rest by
-    ``priority`` (set from the cost model, ``python -m bench.costmodel``: cuda > triton on GPUs;
+    """The ``backend="auto"`` order for ``device_type``: backends measured on this device (a GPU or
+    CPU model, by ``bench/results``, :data:`MEASURED_RANKING`) in their measured order, then the rest
+    by ``priority`` (set from the cost model, ``python -m bench.costmodel``: cuda > triton on GPUs;
     cpu > torch on CPUs). The first available one wins."""
     measured = measured_ranking(_device_name(device_type))
     candidates = [b for b in _BACKENDS.values() if device_type in b.device_types]

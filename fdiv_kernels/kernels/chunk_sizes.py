@@ -5,8 +5,13 @@ No backend allocates the ``[N, V]`` logits; each visits them in chunks whose siz
 * ``torch`` backend (any device) and the ``cpu`` backend's two-pass kernels:
   :data:`TWO_PASS_ELEMENTS` = 2**22 float32 logits (16 MiB) per chunk; the torch backend takes
   :func:`torch_rows` whole rows, the cpu backend a ``[rows, cols]`` tile (:func:`cpu_tile_shape`).
+* ``torch`` backend, one pass: :data:`TORCH_SINGLE_PASS_BYTES` = 64 MiB of chunk buffers
+  (:func:`torch_chunk_tokens`: the compute-dtype logits, plus their 16-bit copy for 16-bit inputs).
 * ``cpu`` backend, one pass: :data:`CPU_SINGLE_PASS_ELEMENTS` = 2**25 float32 logits (128 MiB)
-  per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size.
+  per chunk (:func:`cpu_chunk_tokens`), reduced in vocabulary tiles of the same size; bf16 inputs
+  (bf16 GEMMs, ``cpu_backend.Bf16ChunkKernels``): :data:`CPU_BF16_SINGLE_PASS_ELEMENTS` = 2**23
+  (32 MiB) per chunk but at least :data:`CPU_BF16_MIN_TOKENS` tokens, in vocabulary tiles of
+  :data:`CPU_BF16_TILE_COLS` columns.
 * GPU backends (``cuda``, ``triton``): the knob ``gpu_chunk_bytes`` (``FDIV_CUDA_CHUNK_BYTES``,
   default 1 GiB; :mod:`fdiv_kernels.knobs`), the float32 logits of a one-pass chunk
   (:func:`gpu_chunk_tokens`; the 16-bit coefficient is written over them); the cuda backend's
@@ -27,8 +32,22 @@ from .. import knobs
 
 #: float32 logits per chunk of the two-pass torch and cpu kernels (16 MiB)
 TWO_PASS_ELEMENTS = 2 ** 22
+#: bytes of chunk buffers of the torch backend's one pass (64 MiB): its per-chunk costs (the
+#: float32 grad_weight read and written once per chunk, the GEMMs' fixed costs, a few small kernels
+#: per chunk) are amortised over a few hundred rows, and the buffer is at most 64 MiB whatever N
+TORCH_SINGLE_PASS_BYTES = 2 ** 26
 #: float32 logits per one-pass chunk of the cpu backend, and per vocabulary tile within it (128 MiB)
 CPU_SINGLE_PASS_ELEMENTS = 2 ** 25
+#: float32 logits per one-pass chunk of the cpu backend for bf16 inputs (32 MiB): the bf16 GEMMs
+#: run at full speed on chunks of a few hundred tokens, and the bf16 path also holds the packed
+#: weight (twice its bf16 size) and a float32 grad_weight accumulator, so its chunk is smaller
+CPU_BF16_SINGLE_PASS_ELEMENTS = 2 ** 23
+#: ... but never fewer tokens than this (the grad_weight GEMM's inner dimension; 64 MiB at V = 64000)
+CPU_BF16_MIN_TOKENS = 256
+#: vocabulary columns per tile of a bf16 chunk: the gradient GEMMs run tile by tile (one parallel
+#: region per tile), the bf16 coefficient of two tiles in a scratch buffer (2 x 2 x n x 4096 bf16:
+#: 8 MiB at n = 256); 8192 was 30% slower in the grad_h GEMM at 2048 x 256 x 32000 (one thread)
+CPU_BF16_TILE_COLS = 4096
 #: GPU chunks are a multiple of this many rows (GEMM tile rows) when they have that many
 ROW_ALIGN = 256
 
@@ -40,8 +59,12 @@ def torch_rows(vocab_size: int, chunk_elements: Optional[int] = None) -> int:
 
 
 def torch_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk of the torch backend: the rows of its two-pass chunks."""
-    return torch_rows(vocab_size)
+    """Tokens per one-pass chunk of the torch backend: ``TORCH_SINGLE_PASS_BYTES`` over the bytes a
+    row of the vocabulary takes in its buffers (the logits in float32, or float64 for float64 inputs,
+    plus a 16-bit copy of the coefficient for 16-bit inputs), rounded down to a multiple of 64."""
+    per_logit = 8 if dtype == torch.float64 else (4 + (2 if dtype in (torch.bfloat16, torch.float16) else 0))
+    n = max(1, TORCH_SINGLE_PASS_BYTES // (per_logit * max(1, vocab_size)))
+    return n if n < 64 else n - n % 64
 
 
 def cpu_tile_shape(num_rows: int, vocab_size: int, chunk_elements: Optional[int] = None) -> Tuple[int, int]:
@@ -57,15 +80,24 @@ def cpu_tile_shape(num_rows: int, vocab_size: int, chunk_elements: Optional[int]
 
 
 def cpu_chunk_tokens(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Tokens per one-pass chunk of the cpu backend: ``CPU_SINGLE_PASS_ELEMENTS // V`` rounded down
-    to a multiple of 64."""
-    n = max(1, CPU_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
+    """Tokens per one-pass chunk of the cpu backend: ``CPU_SINGLE_PASS_ELEMENTS // V`` (bf16:
+    ``max(CPU_BF16_MIN_TOKENS, CPU_BF16_SINGLE_PASS_ELEMENTS // V)``) rounded down to a multiple of 64."""
+    if dtype == torch.bfloat16:
+        n = max(CPU_BF16_MIN_TOKENS, CPU_BF16_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
+    else:
+        n = max(1, CPU_SINGLE_PASS_ELEMENTS // max(1, vocab_size))
     return n if n < 64 else n - n % 64
 
 
 def cpu_tile_cols(rows: int) -> int:
     """Vocabulary columns per tile of a cpu one-pass chunk of ``rows`` tokens (at least 64)."""
     return max(64, CPU_SINGLE_PASS_ELEMENTS // max(1, rows))
+
+
+def cpu_bf16_tile_cols(vocab_size: int) -> int:
+    """Vocabulary columns per tile of a bf16 cpu chunk: :data:`CPU_BF16_TILE_COLS` (even, as the
+    bf16 GEMMs' operand layout needs)."""
+    return CPU_BF16_TILE_COLS + CPU_BF16_TILE_COLS % 2
 
 
 def aligned_rows(rows: int) -> int:

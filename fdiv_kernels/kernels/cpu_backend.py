@@ -18,10 +18,15 @@ rows. Peak extra memory: one tile buffer (16 MiB) plus the float32 ``grad_weight
 ``grad_hidden``. float32, bfloat16 and float16 inputs (float64 goes to the torch reference,
 :attr:`Backend.dtypes`). The extension is built on first use
 (see :mod:`.native`), never at import.
+
+bf16 inputs of the one-pass path on CPUs with bf16 dot-product units (:func:`bf16_gemm_available`)
+run :class:`Bf16ChunkKernels`: bf16 x bf16 -> float32 GEMMs (oneDNN's brgemm), the same float32
+epilogues; elsewhere bf16 and float16 are converted to float32 (:class:`ChunkKernels`).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
 
@@ -56,24 +61,29 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 _workspace = threading.local()
 
 
-def workspace(numel: int) -> torch.Tensor:
-    """This thread's one-pass chunk buffer, at least ``numel`` float32, kept between calls.
+def workspace(numel: int, name: str = "chunk", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's buffer ``name`` (the one-pass chunk buffer by default), at least ``numel``
+    elements of ``dtype``, kept between calls.
 
     A fresh 128 MiB buffer per call costs its page faults and zeroing (1-2% of a forward +
     backward at 2048 x 512 x 32000 on one thread, measured with ``perf``); torch's CPU allocator
-    does not cache, so the backend keeps one buffer per thread (at most
-    ``chunk_sizes.CPU_SINGLE_PASS_ELEMENTS`` floats), as the CUDA caching allocator does on GPUs.
-    :func:`release_workspace` frees it."""
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.numel() < numel:
-        _workspace.buf = buf = None  # free the old one before allocating the larger
-        _workspace.buf = buf = torch.empty(numel, dtype=torch.float32)
+    does not cache, so the backend keeps its buffers per thread (the chunk buffer: at most
+    ``chunk_sizes.CPU_SINGLE_PASS_ELEMENTS`` floats; the bf16 path's packed weight and float32
+    ``grad_weight`` accumulator: weight-sized, whose page faults were 8% of a step at 1024 x 1024
+    x 32000), as the CUDA caching allocator does on GPUs. :func:`release_workspace` frees them."""
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        _workspace.bufs = bufs = {}
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        bufs[name] = buf = None  # free the old one before allocating the larger
+        bufs[name] = buf = torch.empty(numel, dtype=dtype)
     return buf
 
 
 def release_workspace() -> None:
-    """Free this thread's chunk buffer (benchmarks call it so that a measured peak includes it)."""
-    _workspace.buf = None
+    """Free this thread's buffers (benchmarks call it so that a measured peak includes them)."""
+    _workspace.bufs = {}
 
 
 class ChunkKernels(ChunkGradBuffers):
@@ -117,8 +127,96 @@ class ChunkKernels(ChunkGradBuffers):
 
 
 
+class Bf16ChunkKernels(ChunkGradBuffers):
+    """One-pass chunk kernels of bf16 inputs on CPUs with bf16 dot-product units (:func:`bf16_gemm_available`).
+
+    The three GEMMs are bf16 x bf16 -> float32 oneDNN brgemm calls (``at::native::cpublas::brgemm``:
+    AVX512-BF16 or AMX, float32 accumulation, float32 logits); the epilogues are the float32 ones.
+    The weight is packed once per call into the two layouts brgemm reads (``W^T`` and ``W`` with
+    pairs of rows interleaved: twice the weight's bf16 size), the chunk's hidden rows once per
+    chunk (``h^T``). The coefficient is rounded to bf16 for the two gradient GEMMs (as Liger and Cut
+    Cross-Entropy do); ``grad_weight`` is accumulated in float32 (transposed, ``[H, V]``) and
+    returned in bf16 by :meth:`results`, ``grad_hidden`` per chunk in float32.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], head, *, return_entropy: bool,
+                 need_h: bool, need_w: bool, need_b: bool) -> None:
+        self.mod = native.load("cpu")
+        w = weight.detach()
+        self.vocab, self.hidden = w.shape
+        k, v2 = self.hidden + self.hidden % 2, self.vocab + self.vocab % 2
+        # [K/2, V, 2]: B of the logits GEMM (fresh: its memory becomes the bf16 grad_weight)
+        self.w_t = self.mod.pack_weight_t_bf16(w)
+        # [V2/2, K, 2]: B of the grad_h GEMM, and the float32 grad_W^T accumulator, in workspaces
+        self.w_n = self.mod.pack_weight_bf16(w, workspace(v2 * k, "w_vnni", torch.bfloat16)) if need_h else None
+        self.b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.cap, self.temperature, self.return_entropy = native.softcap_arg(head.softcap), float(head.temperature), return_entropy
+        self.need_h = need_h
+        self.grad_w = workspace(k * self.vocab, "grad_wt")[:k * self.vocab].view(k, self.vocab) if need_w else None
+        self.grad_b = torch.empty(self.vocab, dtype=torch.float32) if need_b else None
+
+    def stats(self, h: torch.Tensor, y: torch.Tensor):
+        h = h.detach().contiguous()
+        n = h.shape[0]
+        tile = chunk_sizes.cpu_bf16_tile_cols(self.vocab)
+        v2 = self.vocab + self.vocab % 2
+        c = min(tile, v2)
+        scratch_floats = (2 * n + 2) * c  # bf16 coefficient operands of two tiles (n * c + n2 * c each)
+        self.buf = workspace(n * self.vocab + scratch_floats)
+        self.scratch = self.buf[n * self.vocab:].view(torch.bfloat16)
+        hk = _even_cols(h)
+        logp, lse, ent = self.mod.chunk_stats_bf16(hk, self.w_t, self.b, y, self.buf, self.cap, self.temperature,
+                                                   self.return_entropy, tile)
+        return logp, lse, (ent if self.return_entropy else None)
+
+    def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
+        beta = self._accumulate_beta(beta)
+        gh = self.mod.chunk_grads_bf16(_even_cols(h.detach().contiguous()), self.w_n, y, self.buf,
+                                       self.scratch, _f32(lse), _f32(ent) if e is not None else None, _f32(g), _f32(k),
+                                       _f32(e), self.cap, self.temperature, self.grad_w, self.grad_b, float(alpha),
+                                       float(beta), self.need_h, self.vocab, chunk_sizes.cpu_bf16_tile_cols(self.vocab))
+        return None if gh is None else gh[:, :self.hidden]  # a padded hidden unit's column dropped
+
+    def results(self):
+        grad_wt, grad_b = super().results()
+        if grad_wt is None:
+            return None, grad_b
+        # the bf16 gradient goes into the packed W^T's memory (no longer read; as large when H is
+        # even), and the float32 accumulator is freed
+        storage, self.w_t, self.grad_w = self.w_t, None, None
+        return self.mod.unpack_grad_weight_bf16(grad_wt, self.hidden, storage), grad_b
+
+
+def _even_cols(h: torch.Tensor) -> torch.Tensor:
+    """``h [n, H]``, with a zero column when ``H`` is odd (the bf16 GEMMs' inner dimension is even)."""
+    return h if h.shape[1] % 2 == 0 else torch.nn.functional.pad(h, (0, 1))
+
+
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(torch.float32).contiguous()
+
+
+def bf16_gemm_available() -> bool:
+    """Whether bf16 inputs run their GEMMs on this CPU's bf16 units: AVX512-BF16 (or AMX) and torch's
+    oneDNN brgemm present and working (a probe, once per process), oneDNN not switched off
+    (``torch.backends.mkldnn.enabled``, read at each call). Elsewhere bf16 inputs are converted to
+    float32 (:class:`ChunkKernels`)."""
+    return bool(torch.backends.mkldnn.enabled) and _bf16_probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_probe() -> bool:
+    return bool(native.load("cpu").bf16_gemm_probe())
+
+
+def single_pass(weight: torch.Tensor, bias: Optional[torch.Tensor], head, **kw) -> ChunkGradBuffers:
+    """The cpu backend's one-pass chunk kernels for ``weight``'s dtype: :class:`Bf16ChunkKernels` for
+    bf16 on CPUs with bf16 units, :class:`ChunkKernels` (float32 GEMMs) otherwise."""
+    if weight.dtype == torch.bfloat16 and bf16_gemm_available():
+        return Bf16ChunkKernels(weight, bias, head, **kw)
+    return ChunkKernels(weight, bias, head, **kw)
 
 
 register_backend(Backend(
@@ -129,6 +227,6 @@ register_backend(Backend(
     is_available=lambda: native.status("cpu"),
     priority=10,
     dtypes=(torch.float32, torch.bfloat16, torch.float16),
-    single_pass=ChunkKernels,
+    single_pass=single_pass,
     chunk_tokens=chunk_sizes.cpu_chunk_tokens,
 ))
