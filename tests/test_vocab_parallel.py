@@ -38,9 +38,11 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-
 
 
 def _small_chunks() -> None:
-    """Chunks of :data:`CHUNK_TOKENS` tokens on the torch and cpu backends (for the largest shard)."""
+    """Chunks of :data:`CHUNK_TOKENS` tokens on the torch (two-pass; one pass: float64) and cpu backends (for
+    the largest shard)."""
     chunk_sizes.TWO_PASS_ELEMENTS = CHUNK_TOKENS * max(SIZES[2])
     chunk_sizes.CPU_SINGLE_PASS_ELEMENTS = CHUNK_TOKENS * max(SIZES[2])
+    chunk_sizes.TORCH_SINGLE_PASS_BYTES = CHUNK_TOKENS * max(SIZES[2]) * 8  # float64 logits (float32: 10 tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,12 +452,14 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab_parallel")
     mp.start_processes(_worker, args=(WORLD, _free_port(), str(out), _native_cases()), nprocs=WORLD, join=True,
                        start_method="spawn")
-    saved = chunk_sizes.TWO_PASS_ELEMENTS, chunk_sizes.CPU_SINGLE_PASS_ELEMENTS
+    names = ("TWO_PASS_ELEMENTS", "CPU_SINGLE_PASS_ELEMENTS", "TORCH_SINGLE_PASS_BYTES")
+    saved = {k: getattr(chunk_sizes, k) for k in names}
     _small_chunks()
     try:
         yield [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     finally:
-        chunk_sizes.TWO_PASS_ELEMENTS, chunk_sizes.CPU_SINGLE_PASS_ELEMENTS = saved
+        for k, v in saved.items():
+            setattr(chunk_sizes, k, v)
 
 
 def _close(got, want, dtype, what):

@@ -22,6 +22,7 @@ inputs); low-precision inputs are upcast chunk by chunk.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -211,12 +212,20 @@ class ChunkKernels(ChunkGradBuffers):
         # lse = z - (z - lse) at the row's largest logit (finite whenever lse is, unlike the label's
         # logit, which a -inf bias may mask): max z + log sum exp(z - max z)
         lse = (z_m - z.gather(1, m)).squeeze(1)
-        self._kept = (z, zt)
+        if self.head.vocab is not None:  # a shard's row may be all -inf: lse = logp = -inf, not NaN
+            live = torch.isfinite(z_m.squeeze(1))
+            lse = torch.where(live, lse, z_m.squeeze(1))
+            logp = torch.where(live, logp, z_m.squeeze(1))
+        self._kept = (z, zt, lse)
         return logp, lse, ent
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
-        ls, zt = self._kept
+        ls, zt, lse_kept = self._kept
         self._kept = None
+        if self.head.vocab is not None:
+            # kept: z - lse of this shard; wanted (the kernel contract): z - lse with the lse given, the
+            # whole head's (autograd.vocab_parallel). A row all -inf on this shard: p = 0 (NaN -> -inf).
+            ls.add_((lse_kept - lse).to(ls.dtype)[:, None]).nan_to_num_(nan=-math.inf, posinf=-math.inf)
         coef = _coef_in_place(ls, zt, y, ent, g, k, e, self.head.softcap, self.head.temperature)
         beta = self._accumulate_beta(beta)
         if self.grad_b is not None:
