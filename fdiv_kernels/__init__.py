@@ -9,8 +9,9 @@ Public API::
     fk.primal_loss(hidden, weight, labels, divergence="alpha", alpha=1.5)
     fk.sequence_logp(hidden, weight, labels)        # per-row sum / mean log-prob
     fk.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="sigmoid", divergence="kl")
+    fk.distill_loss(hidden, weight, labels, teacher_hidden=th, teacher_weight=tw, divergence="js", beta=0.5)
     fk.loss_from_spec(fk.FDivSpec("kl", beta=0.1), hidden, weight, labels, head=fk.HeadSpec(backend="cpu"))
-    fk.nn.FusedLinearFDivLoss, fk.nn.FusedLinearDPOLoss, fk.nn.FDivLoss
+    fk.nn.FusedLinearFDivLoss, fk.nn.FusedLinearDPOLoss, fk.nn.FDivLoss, fk.nn.FusedLinearDistillLoss
     fk.DIVERGENCE_REGISTRY, fk.divergence_names("primal"), fk.DPO_LOSS_TYPES, fk.available_backends()
     with fk.config(check_finite=False): ...          # the knobs (fdiv_kernels.knobs)
 
@@ -22,8 +23,8 @@ points (:mod:`fdiv_kernels.api`, :mod:`fdiv_kernels.nn`).
 """
 
 from . import nn  # noqa: F401  (fk.nn.FusedLinearFDivLoss, ...)
-from .api import (DPOOutput, LossOutput, SequenceLogp, dpo_loss, loss, loss_from_spec, primal_loss, sequence_logp,
-                  shift_for_causal_lm, token_stats, token_stats_from_logits)
+from .api import (DistillOutput, DPOOutput, LossOutput, SequenceLogp, distill_from_spec, distill_loss, dpo_loss, loss,
+                  loss_from_spec, primal_loss, sequence_logp, shift_for_causal_lm, token_stats, token_stats_from_logits)
 from .autograd.token_stats import LogpLse, TokenStats, TokenStatsFunction, TokenStatsParams
 from .formulas.divergences import (DIVERGENCE_REGISTRY, DIVERGENCES, Divergence, divergence_names, get_divergence,
                                    register_divergence)
@@ -31,7 +32,7 @@ from .formulas.preference import DPO_LOSS_TYPES, TRL_F_DIVERGENCES, DPOLossType
 from .formulas.primal import PrimalLoss
 from .kernels import Backend, available_backends, register_backend
 from .knobs import config
-from .specs import DPOSpec, FDivSpec, HeadSpec, LogSumExpAccumulator, LossSpec, PrimalSpec
+from .specs import DistillSpec, DPOSpec, FDivSpec, HeadSpec, LogSumExpAccumulator, LossSpec, PrimalSpec
 
 __version__ = "0.1.0"
 
@@ -39,13 +40,16 @@ __version__ = "0.1.0"
 #: (:data:`DIVERGENCES` is what :func:`loss` accepts)
 PRIMAL_DIVERGENCES = divergence_names("primal")
 DPO_DIVERGENCES = divergence_names("dpo")
+#: what :func:`distill_loss`'s ``divergence=`` accepts
+DISTILL_DIVERGENCES = divergence_names("distill")
 
 __all__ = [
-    "DIVERGENCES", "DIVERGENCE_REGISTRY", "DPO_DIVERGENCES", "DPO_LOSS_TYPES", "PRIMAL_DIVERGENCES",
-    "TRL_F_DIVERGENCES", "Backend", "DPOLossType", "DPOOutput", "DPOSpec", "Divergence", "FDivSpec", "HeadSpec",
+    "DISTILL_DIVERGENCES", "DIVERGENCES", "DIVERGENCE_REGISTRY", "DPO_DIVERGENCES", "DPO_LOSS_TYPES", "PRIMAL_DIVERGENCES",
+    "TRL_F_DIVERGENCES", "Backend", "DPOLossType", "DPOOutput", "DPOSpec", "DistillOutput", "DistillSpec", "Divergence",
+    "FDivSpec", "HeadSpec",
     "LogSumExpAccumulator", "LogpLse", "LossOutput", "LossSpec", "PrimalLoss", "PrimalSpec", "SequenceLogp",
     "TokenStats", "TokenStatsFunction", "TokenStatsParams", "__version__", "available_backends", "config",
-    "divergence_names", "dpo_loss", "get_divergence", "loss", "loss_from_spec", "nn", "primal_loss",
+    "distill_from_spec", "distill_loss", "divergence_names", "dpo_loss", "get_divergence", "loss", "loss_from_spec", "nn", "primal_loss",
     "register_backend", "register_divergence", "sequence_logp", "shift_for_causal_lm", "token_stats",
     "token_stats_from_logits",
 ]

@@ -11,6 +11,7 @@ import logging
 
 from . import torch_chunked  # noqa: F401  (registers the "torch" backend)
 from . import triton_backend  # noqa: F401  (registers "triton"; imports triton lazily, so never fails without it)
+from . import distill_chunks  # noqa: F401  (distillation kernels of the torch backend; the native ones below)
 from .backends import Backend, available_backends, backend_names, get_backend, register_backend, resolve_backend
 
 _logger = logging.getLogger("fdiv_kernels")
