@@ -17,6 +17,7 @@ from .backends import Backend, available_backends, backend_names, get_backend, r
 _logger = logging.getLogger("fdiv_kernels")
 try:  # C++ CPU backend: registers "cpu"; builds lazily on first use, never at import
     from . import cpu_backend
+    from . import distill_cpu  # noqa: F401  (its distillation kernels)
 except Exception as _exc:  # pragma: no cover - a broken optional backend must not break the package
     cpu_backend = None
     _logger.warning("fdiv_kernels: cpu backend not registered: %s", _exc)
