@@ -523,9 +523,10 @@ def _(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias
 def distill_loss(spec, head: specs.HeadSpec, hidden, weight, bias, labels, teacher_hidden, teacher_weight,
                  teacher_bias, teacher_logits, ignore_index: int):
     """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``distill_loss`` through the op."""
+    grad = torch.is_grad_enabled()
     out = distill_loss_op(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                          encode_spec(spec), head.backend, ignore_index, hidden.requires_grad, weight.requires_grad,
-                          bias is not None and bias.requires_grad)
+                          encode_spec(spec), head.backend, ignore_index, grad and hidden.requires_grad,
+                          grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
     return out[0], out[1], out[2]
 
 

@@ -472,6 +472,67 @@ def distill_loss(zt, zs, labels, *, divergence="kl", beta=0.5, alpha=None, tempe
     return per.sum() if reduction == "sum" else per.sum() / max(int(mask.sum()), 1)
 
 
+def mp_generator(name: str, c: float = 0.0):
+    """The distillation generator ``f`` in mpmath (js's beta 0 / 1 and alpha's 1 / 0 as their KL limits)."""
+    import mpmath as mp
+
+    name = fk.get_divergence(name, "distill").name
+    if name == "js" and c in (0.0, 1.0):
+        name = "kl" if c == 0.0 else "reverse_kl"
+    if name == "alpha" and c == 1.0:
+        return lambda r: r * mp.log(r) - r + 1
+    if name == "alpha" and c == 0.0:
+        return lambda r: r - 1 - mp.log(r)
+    return {
+        "kl": lambda r: r * mp.log(r),
+        "reverse_kl": lambda r: -mp.log(r),
+        "js": lambda r: c * r * mp.log(r) - (c * r + 1 - c) * mp.log(c * r + 1 - c),
+        "tv": lambda r: abs(r - 1) / 2,
+        "squared_hellinger": lambda r: (mp.sqrt(r) - 1) ** 2,
+        "pearson": lambda r: (r - 1) ** 2,
+        "neyman": lambda r: (1 - r) ** 2 / r,
+        "alpha": lambda r: (r ** c - 1 - c * (r - 1)) / (c * (c - 1)),
+    }[name]
+
+
+def distill_mp(zt, zs, *, divergence="kl", beta=0.5, alpha=None, temperature=1.0, dps=60):
+    """``(mean over rows of D_f(P_t || P_s), d/d zs [n, V])`` in ``dps``-digit mpmath from finite
+    logits ``[n, V]`` (every row counted): probabilities of any range (``e^-10000``) without
+    underflow, the gradient by mpmath's numerical differentiation. For the extreme-input tests,
+    where float64 probabilities underflow."""
+    import mpmath as mp
+
+    name = fk.get_divergence(divergence, "distill").name
+    c = beta if name == "js" else (alpha if name == "alpha" else 0.0)
+    f = mp_generator(name, c)
+    n, v = zs.shape
+    with mp.workdps(dps):
+        t = mp.mpf(temperature)
+
+        def log_softmax(row):  # row: mpf values (a perturbation of one survives)
+            z = [x / t for x in row]
+            m = max(z)
+            lse = m + mp.log(mp.fsum(mp.exp(x - m) for x in z))
+            return [x - lse for x in z]
+
+        def div(lt, zs_row):
+            ls = log_softmax(zs_row)
+            return mp.fsum(mp.exp(b) * f(mp.exp(a - b)) for a, b in zip(lt, ls))
+
+        total, grad = mp.mpf(0), torch.zeros(n, v, dtype=torch.float64)
+        for i in range(n):
+            lt = log_softmax([mp.mpf(float(x)) for x in zt[i]])
+            row = [mp.mpf(float(x)) for x in zs[i]]
+            total += div(lt, row)
+            for j in range(v):
+                def g(x, j=j):
+                    r = list(row)
+                    r[j] = x
+                    return div(lt, r)
+                grad[i, j] = float(mp.diff(g, row[j]) / n)
+        return float(total / n), grad
+
+
 # ---------------------------------------------------------------------------------------------
 # Comparing
 # ---------------------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ FDIV_DISTILL_CLONES __attribute__((optimize("no-unswitch-loops"))) void row_impl
     }
     return;
   }
+  int64_t im = 0;  // the student's argmax (its first), where the coefficient is formed without cancellation
+  while (zs[im] != ms) ++im;
   const float mtz = mt * it, msz = ms * it;
   const bool raw = a.hard && it != 1.0f;
   double st = 0.0, ss = 0.0, sr = 0.0;
@@ -183,11 +185,11 @@ FDIV_DISTILL_CLONES __attribute__((optimize("no-unswitch-loops"))) void row_impl
   const float lse_s = msz + static_cast<float>(std::log(ss));
   const float lse_r = raw ? ms + static_cast<float>(std::log(sr)) : lse_s;
   *nll = a.hard ? lse_r - zs[y] : 0.0f;
-  double dsum = 0.0, asum = 0.0;
+  double dsum = 0.0, asum = 0.0, rest_s = 0.0, rest_a = 0.0;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
-    float bd = 0.0f, ba = 0.0f;
-#pragma omp simd reduction(+ : bd, ba)
+    float bd = 0.0f, ba = 0.0f, brs = 0.0f, bra = 0.0f;
+#pragma omp simd reduction(+ : bd, ba, brs, bra)
     for (int64_t v = b0; v < b1; ++v) {
       const float lt = zt[v] * it - lse_t, ls = zs[v] * it - lse_s;
       const bool t0 = lt == -INFINITY, s0 = ls == -INFINITY;
@@ -198,14 +200,20 @@ FDIV_DISTILL_CLONES __attribute__((optimize("no-unswitch-loops"))) void row_impl
       pa = t0 ? (s0 ? 0.0f : limit(ps, a.a0)) : (s0 ? 0.0f : pa);
       bd += term;
       ba += pa;
+      const bool rest = v != im;
+      brs += rest ? ps : 0.0f;
+      bra += rest ? pa : 0.0f;
       zt[v] = pa;  // the teacher's logits are spent: keep pa for the coefficient
     }
     dsum += bd;
     asum += ba;
+    rest_s += brs;
+    rest_a += bra;
   }
   *div = static_cast<float>(dsum);
   if (!coef) return;
   const float big_a = static_cast<float>(asum);
+  const float z_m = zs[im];
   if (a.hard) {
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
@@ -216,6 +224,12 @@ FDIV_DISTILL_CLONES __attribute__((optimize("no-unswitch-loops"))) void row_impl
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) zs[v] = coef_scale * (zt[v] - vexp(zs[v] * it - lse_s) * big_a);
   }
+  // the argmax: pa_m S' - p_m A' (S', A' the sums without it), not pa_m - p_m A (formulas/distill.py,
+  // dominant_safe)
+  float c_m = coef_scale * (zt[im] * static_cast<float>(rest_s) -
+                            vexp(z_m * it - lse_s) * static_cast<float>(rest_a));
+  if (a.hard) c_m += hard_scale * (vexp(z_m - lse_r) - (im == y ? 1.0f : 0.0f));
+  zs[im] = c_m;
 }
 
 }  // namespace

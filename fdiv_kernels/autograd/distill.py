@@ -226,8 +226,14 @@ def eager_distill_loss(spec: DistillSpec, head: HeadSpec, hidden, weight, bias, 
     """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``distill_loss``:
     :class:`DistillFunction` and its data check; returns ``(loss, div, nll)``."""
     params = prepare_distill(spec, head, hidden, ignore_index)
-    loss, div, nll, finite = DistillFunction.apply(hidden, weight, bias, labels, teacher_hidden, teacher_weight,
-                                                   teacher_bias, teacher_logits, params)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        loss, div, nll, finite = DistillFunction.apply(hidden, weight, bias, labels, teacher_hidden, teacher_weight,
+                                                       teacher_bias, teacher_logits, params)
+    else:  # no gradient wanted: the values alone (two GEMMs and the epilogue per chunk)
+        res = distill_forward(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias,
+                              teacher_logits, params, DistillNeeds(False, False, False))
+        loss, div, nll, finite = res.loss, res.div, res.nll, res.finite
     checks.check_distill_data(loss, finite, explain_distill(spec, hidden.detach(), weight.detach(),
                                                             None if bias is None else bias.detach(), labels,
                                                             teacher_hidden, teacher_weight, teacher_bias,

@@ -54,7 +54,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["DISTILL_FORMS", "DistillForm", "FORM_IDS", "chunk_epilogue", "resolve"]
+__all__ = ["DISTILL_FORMS", "DistillForm", "FORM_IDS", "chunk_epilogue", "dominant_safe", "resolve"]
 
 _NEG_INF = -math.inf
 
@@ -259,6 +259,21 @@ def resolve(name: str, beta: float, alpha: Optional[float]) -> Tuple[DistillForm
     return DISTILL_FORMS[name], 0.0
 
 
+def dominant_safe(pa: torch.Tensor, ps: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``pa - p_s A`` (``A = sum_v pa``) per row, exact where one entry holds almost all the student's
+    mass: at that entry ``m`` (the argmax of ``p_s``, ``[n, 1]``) ``pa_m - p_s,m A`` is a difference of
+    two nearly equal numbers (``p_s,m -> 1``), so it is formed as ``pa_m S' - p_s,m A'`` with
+    ``S' = sum_(v != m) p_s`` (``= 1 - p_s,m``) and ``A' = sum_(v != m) pa``: equal in exact arithmetic,
+    and no cancellation (a student sure of one token whose ratio there is extreme, e.g. alpha < 0
+    with logits 270 nats apart, had its largest gradient entry rounded to 0, in float64 too)."""
+    at_m = torch.zeros_like(ps, dtype=torch.bool).scatter_(1, m, True)
+    zero = ps.new_zeros(())
+    rest_s = torch.where(at_m, zero, ps).sum(-1, keepdim=True)
+    rest_a = torch.where(at_m, zero, pa).sum(-1, keepdim=True)
+    coef = pa - ps * (pa.gather(1, m) + rest_a)
+    return torch.where(at_m, pa * rest_s - ps * rest_a, coef)
+
+
 def chunk_epilogue(zt_raw: torch.Tensor, zs_raw: torch.Tensor, y: torch.Tensor, wt: Optional[torch.Tensor], *,
                    form: DistillForm, c: float, inv_t: float, kappa: float,
                    hard_weight: float) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -274,7 +289,7 @@ def chunk_epilogue(zt_raw: torch.Tensor, zs_raw: torch.Tensor, y: torch.Tensor, 
         coef   = wt (kappa inv_t (pa - p_s sum_v pa) + hard_weight (softmax(zs_raw) - onehot(y)))
 
     Returns ``(div, nll, coef [n, V] | None)``: ``coef`` is ``d(sum_n wt (kappa div + hard_weight
-    nll)) / d zs_raw``.
+    nll)) / d zs_raw``; ``pa - p_s sum pa`` is formed by :func:`dominant_safe`.
     """
     zt = zt_raw * inv_t if inv_t != 1.0 else zt_raw
     zs = zs_raw * inv_t if inv_t != 1.0 else zs_raw
@@ -289,7 +304,7 @@ def chunk_epilogue(zt_raw: torch.Tensor, zs_raw: torch.Tensor, y: torch.Tensor, 
         return div, nll, None
     pa = form.pa(lt, ls, c)
     ps = torch.exp(ls)
-    coef = (kappa * inv_t) * (pa - ps * pa.sum(-1, keepdim=True))
+    coef = (kappa * inv_t) * dominant_safe(pa, ps, ls.argmax(-1, keepdim=True))
     if hard_weight > 0:
         hard = torch.softmax(zs_raw, dim=-1)
         hard.scatter_add_(1, y[:, None], hard.new_full((y.shape[0], 1), -1.0))
