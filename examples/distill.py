@@ -8,7 +8,7 @@
 The teacher is the demo's final model (``make demo``: a 0.17M-parameter Llama pretrained,
 SFT'd and DPO'd on four synthetic tasks; ``<run>/dpo/final``). Without a finished demo run the
 script runs the demo pipeline first into a temporary directory (``fdiv-train pipeline --config
-demo``, about a minute). The student is a smaller Llama (hidden 32, 2 layers: about a quarter of
+demo``, about a minute). The student is a smaller Llama (hidden 32, 2 layers: about a fifth of
 the teacher's parameters) trained from scratch on the demo's SFT demonstrations, teacher-forced:
 at every answer token the loss is ``D_f(P_teacher || P_student)`` over the vocabulary, fused with
 both LM heads (no logits of either model are formed), plus ``--hard-label-weight`` times the NLL
@@ -83,7 +83,7 @@ def distil(teacher, tok, examples, eval_rows, divergence: str, args) -> tuple:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         if step % max(1, args.steps // 4) == 0 or step == args.steps - 1:
-            print(f"  [{divergence}] step {step:4d}  loss {float(out.loss):.4f}")
+            print(f"  [{divergence}] step {step:4d}  loss {float(out.loss.detach()):.4f}")
     return before, accuracy(student, tok, eval_rows), time.perf_counter() - t0
 
 
@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny demo run and few prompts (seconds)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_flush_denormal(True)
 
     run = teacher_run(args.run, args.tiny)
     final = os.path.join(run, "dpo", "final")
