@@ -85,13 +85,13 @@ def render(paths: List[str], readme_dir: str) -> str:
     return "\n".join(lines)
 
 
-def replace_between(text: str, body: str) -> str:
-    i, j = text.find(START), text.find(END)
+def replace_between(text: str, body: str, start: str = START, end: str = END) -> str:
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < 0:
-        raise SystemExit(f"README has no '{START}' ... '{END}' markers: add them where the Performance section goes")
-    if text.count(START) != 1 or text.count(END) != 1 or j < i:
-        raise SystemExit(f"README must contain exactly one '{START}' followed by one '{END}'")
-    return text[: i + len(START)] + "\n" + body.strip("\n") + "\n" + text[j:]
+        raise SystemExit(f"README has no '{start}' ... '{end}' markers: add them where the section goes")
+    if text.count(start) != 1 or text.count(end) != 1 or j < i:
+        raise SystemExit(f"README must contain exactly one '{start}' followed by one '{end}'")
+    return text[: i + len(start)] + "\n" + body.strip("\n") + "\n" + text[j:]
 
 
 def main(argv=None) -> int:

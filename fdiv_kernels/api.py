@@ -1,5 +1,6 @@
-"""The public entry points: ``fk.loss``, ``fk.primal_loss``, ``fk.dpo_loss``, ``fk.token_stats``,
-``fk.token_stats_from_logits``, ``fk.sequence_logp`` and ``fk.loss_from_spec``.
+"""The public entry points: ``fk.loss``, ``fk.primal_loss``, ``fk.dpo_loss``, ``fk.distill_loss``,
+``fk.token_stats``, ``fk.token_stats_from_logits``, ``fk.sequence_logp``, ``fk.loss_from_spec`` and
+``fk.distill_from_spec``.
 
 Each one validates its inputs once (:mod:`fdiv_kernels.checks`: after that line everything below
 trusts them), builds the spec of its options (:mod:`fdiv_kernels.specs`) and calls the autograd
@@ -45,10 +46,11 @@ from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
 from .formulas.divergences import Divergence
 from .formulas.preference import kto_losses, nll_weight, pair_losses
 from .formulas.primal import PrimalLoss
-from .specs import DPOSpec, FDivSpec, HeadSpec, KTOSpec, LossSpec, PrimalSpec, Rows, VocabShard, is_loss_spec
+from .specs import DistillSpec, DPOSpec, FDivSpec, HeadSpec, KTOSpec, LossSpec, PrimalSpec, Rows, VocabShard, is_loss_spec
 
-__all__ = ["DPOOutput", "KTOOutput", "LossOutput", "SequenceLogp", "dpo_loss", "kto_loss", "loss", "loss_from_spec",
-           "primal_loss", "sequence_logp", "shift_for_causal_lm", "token_stats", "token_stats_from_logits"]
+__all__ = ["DPOOutput", "DistillOutput", "KTOOutput", "LossOutput", "SequenceLogp", "distill_from_spec", "distill_loss",
+           "dpo_loss", "kto_loss", "loss", "loss_from_spec", "primal_loss", "sequence_logp", "shift_for_causal_lm",
+           "token_stats", "token_stats_from_logits"]
 
 
 def primitives() -> Primitives:
@@ -532,6 +534,119 @@ def kto_output(spec: KTOSpec, losses: torch.Tensor, s: torch.Tensor, ref: Option
     r = spec.beta * (s if ref is None else s - ref).detach()
     return KTOOutput(loss=losses.sum() if losses.numel() == 0 else losses.mean(), losses=losses,
                      chosen_rewards=r[desirable], rejected_rewards=r[~desirable], kl=kl.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DistillOutput:
+    """What :func:`distill_loss` returns.
+
+    Attributes:
+        loss: the scalar loss (per token ``[..., T]`` for ``reduction="none"``), differentiable in
+            the student's ``hidden``, ``weight`` and ``bias``.
+        divergence_loss: ``[..., T]`` per-token ``kappa D_f(P_t || P_s)`` (``kappa = T^2`` with
+            ``t2_scaling``, else 1), detached; 0 at ignored positions.
+        hard_loss: ``[..., T]`` per-token NLL of the label under the untempered student, detached (0
+            at ignored positions, and everywhere when ``hard_label_weight = 0``: not computed).
+        mask: ``[..., T]`` bool, the counted positions; num_tokens: their number (0-d).
+        divergence: the registry entry used.
+    """
+
+    loss: torch.Tensor
+    divergence_loss: torch.Tensor
+    hard_loss: torch.Tensor
+    mask: torch.Tensor
+    num_tokens: torch.Tensor
+    divergence: Divergence
+
+
+def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                 teacher_bias: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
+                 divergence: str = "kl", beta: float = 0.5, alpha: Optional[float] = None, temperature: float = 1.0,
+                 hard_label_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                 bias: Optional[torch.Tensor] = None, shift: bool = False, backend: str = "auto",
+                 t2_scaling: bool = False) -> DistillOutput:
+    """Knowledge distillation with any f-divergence, fused with both LM heads (no ``[N, V]`` logits).
+
+    Per counted token (``labels != ignore_index``), with ``p_t = softmax(z_t / T)`` the teacher's
+    and ``p_s = softmax(z_s / T)`` the student's next-token distribution::
+
+        loss_token = kappa * D_f(P_t || P_s) + hard_label_weight * NLL(label | softmax(z_s)),
+        D_f(P_t || P_s) = sum_v p_s[v] f(p_t[v] / p_s[v])
+
+    Args:
+        hidden: ``[..., T, H]`` the student's hidden states before its LM head ``weight [V, H]``
+            (``bias [V]``): the only tensors that get gradients.
+        labels: ``[..., T]``: ``ignore_index`` at the positions that do not count; elsewhere the
+            target of the hard-label term (Liger's ``weight_hard_loss``).
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's hidden states ``[..., T, H_t]``
+            and LM head ``[V, H_t]`` (``H_t`` may differ from ``H``; ``V`` must match), or
+        teacher_logits: ``[..., T, V]`` precomputed teacher logits. Neither gets a gradient.
+        divergence: a registry name with a distillation form (:data:`fdiv_kernels.DISTILL_DIVERGENCES`):
+            ``kl`` (forward, KL(teacher || student)), ``reverse_kl``, ``js`` (with ``beta``),
+            ``tv``, ``squared_hellinger``, ``pearson``, ``neyman``, ``alpha`` (with ``alpha``).
+        beta: ``js``'s mixture weight in ``[0, 1]``: TRL's ``generalized_jsd_loss`` and Liger's
+            ``LigerFusedLinearJSDLoss`` (``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``,
+            ``m = beta p_t + (1 - beta) p_s``; 0 = forward KL, 1 = reverse KL, as theirs).
+        alpha: Amari's coefficient for ``divergence="alpha"`` (1 = forward KL, 0 = reverse KL).
+        temperature: divides both models' logits (not the hard-label term's).
+        hard_label_weight: weight of the hard-label NLL (0: none).
+        reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (per token).
+        shift: the causal-LM shift (:func:`shift_for_causal_lm`) of ``hidden``, ``teacher_hidden``,
+            ``teacher_logits`` and ``labels`` (``labels = input_ids``).
+        backend: ``"auto"`` or a backend with distillation kernels (torch, cpu, triton, cuda).
+        t2_scaling: multiply the divergence by ``T^2`` (Hinton et al.; off by default, as TRL and Liger).
+
+    Returns:
+        :class:`DistillOutput`.
+
+    Values and gradients are exact to float32 resolution wherever the divergence is finite in
+    float32 (masked vocabulary entries, far-apart distributions, large logits); where it is
+    infinite (``kl``/``pearson`` with a teacher token the student masks, ``reverse_kl``/``neyman``
+    the other way round) or beyond float32, a ``ValueError`` names the divergence, the position and
+    why (``docs/math.md``, section 8).
+    """
+    spec = DistillSpec(divergence, beta=beta, alpha=alpha, temperature=temperature,
+                       hard_label_weight=hard_label_weight, reduction=reduction, t2_scaling=t2_scaling)
+    if shift:
+        checks.check_labels_dtype(labels)
+        hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+        if teacher_hidden is not None:
+            teacher_hidden = teacher_hidden[..., :-1, :]
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits[..., :-1, :]
+    return distill_from_spec(spec, hidden, weight, labels, teacher_hidden=teacher_hidden,
+                             teacher_weight=teacher_weight, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                             bias=bias, head=HeadSpec(backend=backend), ignore_index=ignore_index)
+
+
+def distill_from_spec(spec: DistillSpec, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                      teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                      teacher_bias: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, head: HeadSpec = HeadSpec(),
+                      ignore_index: int = -100) -> DistillOutput:
+    """:func:`distill_loss` for a built :class:`~fdiv_kernels.specs.DistillSpec` and head (its
+    backend; ``labels`` already shifted): what :class:`fdiv_kernels.nn.FusedLinearDistillLoss` and
+    the TRL trainer call. Validates the inputs once, then eager or the custom op."""
+    if not isinstance(spec, DistillSpec):
+        raise TypeError(f"spec must be a fdiv_kernels.DistillSpec, got {type(spec).__name__}")
+    if head.softcap is not None or head.temperature != 1.0:
+        raise ValueError("distillation takes its temperature from the spec (DistillSpec.temperature); the head's "
+                         "softcap and temperature must be left unset")
+    checks.check_distill_inputs(hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias,
+                                teacher_logits)
+    checks.check_rows(labels)
+    prims = primitives()
+    labels = prims.check_labels(labels, weight.shape[0], ignore_index)
+    loss, div, nll = prims.distill_loss(spec, head, hidden, weight, bias, labels, teacher_hidden, teacher_weight,
+                                        teacher_bias, teacher_logits, ignore_index)
+    mask = labels != ignore_index
+    return DistillOutput(loss=loss, divergence_loss=div, hard_loss=nll, mask=mask, num_tokens=mask.sum(),
+                         divergence=spec.divergence)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ import torch
 
 from . import knobs
 
-__all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "check_finite_number",
+__all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "check_distill_data",
+           "check_distill_inputs", "check_finite_number", "check_unit_interval",
            "check_floating", "check_head", "check_head_options", "check_label_values", "check_labels_dtype",
            "check_logits", "check_loss_data", "check_loss_types", "check_pairs", "check_reference", "check_rows",
            "check_same_device", "check_scalar_tensor", "check_token_stats", "check_vocab_layout", "check_vocab_shard",
@@ -93,6 +94,12 @@ def check_loss_types(loss_type, loss_weights, choices) -> Tuple[Tuple[str, ...],
     for w in weights:
         check_finite_number("loss_weights", w)
     return names, tuple(float(w) for w in weights)
+
+
+def check_unit_interval(name: str, value) -> None:
+    """``value`` is a real number in ``[0, 1]``."""
+    if not (is_real(value) and 0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def check_head_options(head) -> None:
@@ -210,6 +217,52 @@ def check_reference(ref_logp: torch.Tensor, labels: torch.Tensor, allowed: Seque
     expect = " or ".join(f"{tuple(labels.shape)} per token" if a == "token" else f"{row_shape} per row"
                          for a in allowed)
     raise ValueError(f"ref_logp must have shape {expect}, got {tuple(ref_logp.shape)}")
+
+
+def check_distill_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         bias: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+                         teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
+                         teacher_logits: Optional[torch.Tensor]) -> None:
+    """Shapes, dtypes and devices of a distillation call: the student's head (:func:`check_head`)
+    and one teacher, ``(teacher_hidden [..., T, H_t], teacher_weight [V, H_t], teacher_bias [V] |
+    None)`` (``H_t`` may differ from the student's ``H``) or ``teacher_logits [..., T, V]``, over the
+    student's vocabulary ``V`` and positions."""
+    check_head(hidden, weight, labels, bias)
+    v = weight.shape[0]
+    by_head = teacher_hidden is not None or teacher_weight is not None
+    if teacher_logits is not None and (by_head or teacher_bias is not None):
+        raise ValueError("pass the teacher either as teacher_logits= or as (teacher_hidden=, teacher_weight=[, "
+                         "teacher_bias=]), not both")
+    if teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("distillation needs a teacher: teacher_hidden= and teacher_weight= (its LM head), or "
+                         "teacher_logits=")
+    if teacher_logits is not None:
+        check_floating("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != tuple(labels.shape) + (v,):
+            raise ValueError(f"teacher_logits must have shape {tuple(labels.shape) + (v,)} (labels' shape and the "
+                             f"student's vocabulary V={v}), got {tuple(teacher_logits.shape)}")
+        check_same_device(hidden=hidden, teacher_logits=teacher_logits)
+        return
+    check_floating("teacher_hidden", teacher_hidden)
+    check_floating("teacher_weight", teacher_weight)
+    if teacher_weight.dim() != 2:
+        raise ValueError(f"teacher_weight must have shape [V, H_t], got {tuple(teacher_weight.shape)}")
+    if teacher_weight.shape[0] != v:
+        raise ValueError(f"teacher_weight has a vocabulary of {teacher_weight.shape[0]} but the student's weight one of "
+                         f"{v}: distillation compares two distributions over one vocabulary (pad or slice the heads "
+                         f"to the shared tokenizer)")
+    if teacher_hidden.dtype != teacher_weight.dtype:
+        raise TypeError(f"teacher_hidden and teacher_weight must share a dtype, got {teacher_hidden.dtype} and "
+                        f"{teacher_weight.dtype}")
+    if tuple(teacher_hidden.shape) != tuple(labels.shape) + (teacher_weight.shape[1],):
+        raise ValueError(f"teacher_hidden must have shape {tuple(labels.shape) + (teacher_weight.shape[1],)} (labels' "
+                         f"shape and teacher_weight's H_t), got {tuple(teacher_hidden.shape)}")
+    if teacher_bias is not None:
+        check_floating("teacher_bias", teacher_bias)
+        if tuple(teacher_bias.shape) != (v,):
+            raise ValueError(f"teacher_bias must have shape [V]=({v},), got {tuple(teacher_bias.shape)}")
+    check_same_device(hidden=hidden, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                      teacher_bias=teacher_bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,3 +551,14 @@ def check_coefficients(where: str, **grads: Optional[torch.Tensor]) -> None:
             raise ValueError(f"{where}: the loss's derivative {name} is not finite ({float(g.reshape(-1)[bad.reshape(-1)][0])}) "
                              f"at token {first_position(bad)}: the loss built on these statistics has a non-finite "
                              f"gradient there")
+
+
+def check_distill_data(loss: torch.Tensor, finite: torch.Tensor, explain: Explain) -> None:
+    """The data check of :func:`fdiv_kernels.distill_loss` (one device sync): the loss, the per-token
+    values and the student's gradients are finite (``finite``, folded on the device by the
+    kernels' loop), else a ``ValueError`` with the spec's explanation (which divergence, where, why)."""
+    if not data_checks_enabled():
+        return
+    if bool(finite & all_finite((loss,)).to(finite.device)):
+        return
+    raise ValueError(explain() or f"the distillation loss is not finite ({loss.detach().reshape(-1)[:1].tolist()})")

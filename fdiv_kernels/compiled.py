@@ -15,6 +15,11 @@ that calls another plain function; no op body needs autograd, so none touches to
 * ``fdiv_kernels::token_stats``: :func:`fdiv_kernels.autograd.token_stats.token_stats_forward`
   (``fk.token_stats``, ``fk.sequence_logp``, the two-pass specs and every no-grad call); backward
   ``token_stats_backward`` (the backend's backward kernels).
+* ``fdiv_kernels::distill_loss``: :func:`fdiv_kernels.autograd.distill.distill_forward` (backend
+  resolution and the data check included): the distillation loss, its per-token values and the
+  student's gradients at ``grad_output = 1``, scaled by ``grad_output`` in its backward; for
+  ``reduction="none"`` the backward is ``distill_loss_backward`` (the pass again, each token weighted
+  by its ``grad_output``).
 * ``check_labels``, ``check_token_stats``, ``check_loss``, ``check_pairs``: the data checks of
   :mod:`fdiv_kernels.checks` on the traced paths. Each returns a copy of what it checked, which
   the rest of the graph uses, so the check can neither be removed as dead code nor reordered after
@@ -36,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, specs
+from .autograd.distill import DistillNeeds, distill_forward, explain_distill, prepare_distill
 from .autograd.evaluate import Primitives, explain_loss
 from .autograd.fused import Needs, flat_rows, fused_forward, prepare, stats_grads
 from .autograd.token_stats import (TokenStatsParams, TokenStatsSaved, supervised_index, token_stats_backward,
@@ -426,6 +432,106 @@ def _check_pairs(spec, losses, pc, pr, rc, rr):
     return check_pairs_op(losses, pc, pr, rc, rr, encode_spec(spec))
 
 
+# ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{NAMESPACE}::distill_loss", mutates_args=())
+def distill_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                    teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
+                    teacher_bias: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor], spec: str,
+                    backend: str, ignore_index: int, need_h: bool, need_w: bool,
+                    need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
+    """``(loss, div, nll, grad_hidden, grad_weight, grad_bias)`` (gradients at ``grad_output = 1`` or
+    ``[0]``; none for ``reduction="none"``, whose backward is :func:`distill_loss_backward_op`): the
+    distillation loss with its data check."""
+    dspec = decode_spec(spec)
+    params = prepare_distill(dspec, _head(None, 1.0, backend), hidden, ignore_index)
+    res = distill_forward(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                          params, DistillNeeds(need_h, need_w, need_b and bias is not None))
+    checks.check_distill_data(res.loss, res.finite, explain_distill(
+        dspec, hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, res.div,
+        res.nll, ignore_index))
+    dev = labels.device
+    return (res.loss.clone(), res.div, res.nll, _or_empty(res.grad_hidden, dev), _or_empty(res.grad_weight, dev),
+            _or_empty(res.grad_bias, dev))
+
+
+def _distill_fake(hidden, weight, bias, labels, spec, need_h, need_w, need_b, with_grads: bool):
+    dev, cdt = labels.device, _compute_dtype(hidden)
+    return (_grad_like(hidden, with_grads and need_h, dev, cdt), _grad_like(weight, with_grads and need_w, dev, cdt),
+            _grad_like(bias, with_grads and need_b, dev, cdt))
+
+
+@distill_loss_op.register_fake
+def _(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, spec, backend,
+      ignore_index, need_h, need_w, need_b):
+    per_token = decode_spec(spec).reduction == "none"
+    loss = _stat_like(labels, hidden) if per_token else torch.empty((), dtype=_compute_dtype(hidden),
+                                                                    device=labels.device)
+    return (loss, _stat_like(labels, hidden), _stat_like(labels, hidden)) + _distill_fake(
+        hidden, weight, bias, labels, spec, need_h, need_w, need_b, not per_token)
+
+
+def _distill_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*inputs[:8], *output[3:])
+    ctx.options = inputs[8:]
+
+
+def _distill_backward(ctx, g_loss, *_):
+    saved = ctx.saved_tensors
+    hidden, weight, bias = saved[:3]
+    needs = ctx.needs_input_grad
+    if g_loss is None:
+        return (None,) * 14
+    spec, backend, ignore_index, need_h, need_w, need_b = ctx.options
+    if decode_spec(spec).reduction == "none":
+        grads = distill_loss_backward_op(*saved[:8], g_loss, spec, backend, ignore_index, need_h, need_w, need_b)
+        grads = tuple(g.to(t.dtype) if n and t is not None else None for g, t, n in zip(grads, (hidden, weight, bias),
+                                                                                       needs[:3]))
+    else:
+        grads = tuple(_scaled(g, t, n, g_loss) for g, t, n in zip(saved[8:], (hidden, weight, bias), needs[:3]))
+    return grads + (None,) * 11
+
+
+distill_loss_op.register_autograd(_distill_backward, setup_context=_distill_setup)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::distill_loss_backward", mutates_args=())
+def distill_loss_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             labels: torch.Tensor, teacher_hidden: Optional[torch.Tensor],
+                             teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
+                             teacher_logits: Optional[torch.Tensor], grad_tokens: torch.Tensor, spec: str, backend: str,
+                             ignore_index: int, need_h: bool, need_w: bool,
+                             need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of a per-token (``reduction="none"``) :func:`distill_loss_op`: the student's
+    gradients of ``sum(grad_tokens * loss)`` (compute dtype, ``[0]`` where not needed)."""
+    params = prepare_distill(decode_spec(spec), _head(None, 1.0, backend), hidden, ignore_index)
+    res = distill_forward(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                          params, DistillNeeds(need_h, need_w, need_b and bias is not None), grad_tokens=grad_tokens)
+    return tuple(_or_empty(g, labels.device) for g in (res.grad_hidden, res.grad_weight, res.grad_bias))
+
+
+@distill_loss_backward_op.register_fake
+def _(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, grad_tokens, spec,
+      backend, ignore_index, need_h, need_w, need_b):
+    return _distill_fake(hidden, weight, bias, labels, spec, need_h, need_w, need_b, True)
+
+
+def distill_loss(spec, head: specs.HeadSpec, hidden, weight, bias, labels, teacher_hidden, teacher_weight,
+                 teacher_bias, teacher_logits, ignore_index: int):
+    """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``distill_loss`` through the op."""
+    grad = torch.is_grad_enabled()
+    out = distill_loss_op(hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                          encode_spec(spec), head.backend, ignore_index, grad and hidden.requires_grad,
+                          grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+    return out[0], out[1], out[2]
+
+
 #: the autograd layer's primitives as custom ops (what the API layer uses under ``torch.compile``)
 OPS = Primitives(fused_loss=fused_loss, token_stats=token_stats, check_labels=check_labels_op,
-                 check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs)
+                 check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs,
+                 distill_loss=distill_loss)

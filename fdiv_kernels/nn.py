@@ -7,6 +7,8 @@
   :class:`FusedLinearCPOLoss` and :class:`FusedLinearORPOLoss` the same module with the options of
   TRL's CPO and ORPO trainers (:func:`~fdiv_kernels.specs.cpo_spec`, :func:`~fdiv_kernels.specs.orpo_spec`).
 * :class:`FusedLinearKTOLoss`: KTO from unpaired rows, each desirable or not.
+* :class:`FusedLinearDistillLoss`: distillation of a teacher into the student with any
+  f-divergence, fused with both LM heads.
 
 Each module holds one validated loss spec (``.spec``: :class:`~fdiv_kernels.specs.FDivSpec`,
 :class:`~fdiv_kernels.specs.PrimalSpec` or :class:`~fdiv_kernels.specs.DPOSpec`) and, for the
@@ -31,13 +33,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn as _tnn
 
-from .api import (DPOOutput, KTOOutput, LossOutput, dpo_output, kl_estimate, kto_output, loss_from_spec, sequence_logp,
-                  shift_for_causal_lm)
+from .api import (DistillOutput, DPOOutput, KTOOutput, LossOutput, distill_from_spec, dpo_output, kl_estimate, kto_output,
+                  loss_from_spec, sequence_logp, shift_for_causal_lm)
 from .autograd.fused import row_order
-from .specs import DPOSpec, FDivSpec, HeadSpec, KTOSpec, PrimalSpec, Rows, cpo_spec, orpo_spec
+from .specs import DistillSpec, DPOSpec, FDivSpec, HeadSpec, KTOSpec, PrimalSpec, Rows, cpo_spec, orpo_spec
 
-__all__ = ["FDivLoss", "FusedLinearCPOLoss", "FusedLinearDPOLoss", "FusedLinearFDivLoss", "FusedLinearKTOLoss",
-           "FusedLinearORPOLoss", "shift_for_causal_lm"]
+__all__ = ["FDivLoss", "FusedLinearCPOLoss", "FusedLinearDPOLoss", "FusedLinearDistillLoss", "FusedLinearFDivLoss",
+           "FusedLinearKTOLoss", "FusedLinearORPOLoss", "shift_for_causal_lm"]
 
 HeadLike = Union[torch.Tensor, _tnn.Module]
 #: the head's keywords of the fused modules (the vocabulary shard is resolved per call from ``vocab_group=``)
@@ -353,3 +355,54 @@ def _check_pairs(hidden: torch.Tensor) -> None:
         raise ValueError(f"hidden must have shape [2B, T, H], got {tuple(hidden.shape)}")
     if hidden.shape[0] % 2 != 0:
         raise ValueError(f"hidden's first dim must be 2B (chosen rows then rejected rows), got {hidden.shape[0]}")
+
+
+def _distill_spec(**options) -> DistillSpec:
+    """The spec of the keywords of :func:`fdiv_kernels.distill_loss`."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DistillSpec)})
+    if unknown:
+        raise TypeError(f"unknown distillation option(s) {unknown}; the options are the fields of DistillSpec")
+    return DistillSpec(**options)
+
+
+class FusedLinearDistillLoss(_SpecModule):
+    """Knowledge distillation fused with both LM heads (:func:`fdiv_kernels.distill_loss`): neither
+    model's ``[N, V]`` logits are stored.
+
+    ``loss_fn(hidden [..., T, H], weight, labels [..., T], *, bias=None, teacher_hidden=None,
+    teacher_weight=None, teacher_bias=None, teacher_logits=None, return_output=False)``: ``weight``
+    and ``teacher_weight`` are ``[V, H]`` / ``[V, H_t]`` head weights or the head modules (their
+    ``.bias`` is then used); or ``teacher_logits [..., T, V]``. Gradients reach the student's
+    ``hidden``, ``weight`` and ``bias`` only.
+
+    Options: ``spec=DistillSpec(...)`` or its keywords (``divergence``, ``beta``, ``alpha``,
+    ``temperature``, ``hard_label_weight``, ``reduction``, ``t2_scaling``), validated once here;
+    ``backend`` (or ``head=HeadSpec(backend=...)``); ``ignore_index``; ``shift_labels`` (the HF
+    causal-LM shift of the module docstring, applied to the teacher's inputs too). The spec's
+    fields read through (``loss_fn.beta``). Returns the loss, or the :class:`fdiv_kernels.DistillOutput`
+    with ``return_output=True``.
+    """
+
+    def __init__(self, spec: Optional[DistillSpec] = None, head: Optional[HeadSpec] = None, *,
+                 ignore_index: int = -100, shift_labels: bool = False, **options) -> None:
+        super().__init__()
+        head_options = {k: options.pop(k) for k in ("backend",) if k in options}
+        self.spec = _built(DistillSpec, spec, options, _distill_spec, "spec")
+        self.head = _built(HeadSpec, head, head_options, HeadSpec, "head")
+        self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
+
+    def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
+                teacher_weight: Optional[HeadLike] = None, teacher_bias: Optional[torch.Tensor] = None,
+                teacher_logits: Optional[torch.Tensor] = None,
+                return_output: bool = False) -> Union[torch.Tensor, DistillOutput]:
+        w, b = _split_head(weight, bias)
+        tw, tb = (None, teacher_bias) if teacher_weight is None else _split_head(teacher_weight, teacher_bias)
+        if self.shift_labels:
+            hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+            teacher_hidden = None if teacher_hidden is None else teacher_hidden[..., :-1, :]
+            teacher_logits = None if teacher_logits is None else teacher_logits[..., :-1, :]
+        out = distill_from_spec(self.spec, hidden, w, labels, bias=b, teacher_hidden=teacher_hidden,
+                                teacher_weight=tw, teacher_bias=tb, teacher_logits=teacher_logits, head=self.head,
+                                ignore_index=self.ignore_index)
+        return out if return_output else out.loss

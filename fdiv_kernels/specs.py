@@ -36,13 +36,16 @@ from typing import Any, NamedTuple, Optional, Protocol, Tuple, Union
 import torch
 
 from . import checks
+from .formulas.distill import DistillForm
+from .formulas.distill import chunk_epilogue as distill_epilogue
+from .formulas.distill import resolve as resolve_distill
 from .formulas.divergences import Divergence, get_divergence
 from .formulas.preference import (DPO_LOSS_TYPES, KTO_LOSS_TYPES, PreferenceScore, explain_pair, kto_loss_grads,
                                   kto_losses, nll_weight, pair_loss_grads, pair_losses)
 from .formulas.primal import PrimalLoss
 from .formulas.stable import exp_linear_tail
 
-__all__ = ["CPO_LOSS_TYPES", "DPOSpec", "FDivSpec", "Coefficients", "HeadSpec", "KTOSpec", "LEVELS",
+__all__ = ["CPO_LOSS_TYPES", "DPOSpec", "DistillSpec", "FDivSpec", "Coefficients", "HeadSpec", "KTOSpec", "LEVELS",
            "LogSumExpAccumulator", "LossSpec", "Norms", "PER_ELEMENT_KNEE", "PrimalSpec", "REDUCTIONS", "Rows", "Terms",
            "VALUE_MODES", "VocabShard", "cpo_spec", "is_loss_spec", "normalizers", "orpo_spec"]
 
@@ -1081,3 +1084,138 @@ class KTOSpec:
             ref = None if rows.ref_seq is None else float(rows.ref_seq[i])
         return (f"row {i}: the KTO loss is {float(per[i])} (policy log-prob {s:g}, reference + KL {ref}): "
                 f"a NaN input or an overflowing beta")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation D_f(P_teacher || P_student) over the vocabulary
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """The distillation loss of :func:`fdiv_kernels.distill_loss` (validated on creation; the one
+    home of its options, from the public signature down to the kernels' epilogue).
+
+    Per counted token, with ``p_t = softmax(z_t / T)``, ``p_s = softmax(z_s / T)``:
+
+        loss_token = kappa D_f(P_t || P_s) + hard_label_weight * NLL(y | softmax(z_s)),
+
+    ``kappa = T^2`` with ``t2_scaling`` (Hinton et al.: keeps the soft gradients' scale as ``T``
+    changes) and 1 otherwise (TRL, Liger); the hard-label NLL uses the untempered student logits.
+    ``reduction``: mean over counted tokens, sum, or none (per token).
+
+    ``divergence``: a registry name or entry with a ``"distill"`` form
+    (:mod:`fdiv_kernels.formulas.distill`); ``beta`` in ``[0, 1]``: the mixture weight of ``js``
+    (TRL's ``generalized_jsd_loss``: 0 = forward KL, 1 = reverse KL); ``alpha``: Amari's
+    coefficient, required by (and only by) ``divergence="alpha"``.
+    """
+
+    divergence: Union[str, Divergence] = "kl"
+    beta: float = 0.5
+    alpha: Optional[float] = None
+    temperature: float = 1.0
+    hard_label_weight: float = 0.0
+    reduction: str = "mean"
+    t2_scaling: bool = False
+
+    def __post_init__(self):
+        entry = get_divergence(self.divergence, "distill")
+        checks.check_choice("reduction", self.reduction, REDUCTIONS)
+        checks.check_unit_interval("beta", self.beta)
+        checks.check_finite_number("temperature", self.temperature)
+        if not float(self.temperature) > 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        checks.check_finite_number("hard_label_weight", self.hard_label_weight, minimum=0.0)
+        if entry.name == "alpha":
+            if self.alpha is None:
+                raise ValueError("divergence='alpha' needs alpha= (Amari's coefficient; 1 is forward KL, 0 reverse KL)")
+            checks.check_finite_number("alpha", self.alpha)
+        elif self.alpha is not None:
+            raise ValueError(f"alpha= applies to divergence='alpha' only, got alpha={self.alpha!r} with "
+                             f"divergence={entry.name!r}")
+        if not isinstance(self.t2_scaling, bool):
+            raise TypeError(f"t2_scaling must be a bool, got {type(self.t2_scaling).__name__}")
+        for name, value in (("divergence", entry), ("beta", float(self.beta)),
+                            ("alpha", None if self.alpha is None else float(self.alpha)),
+                            ("temperature", float(self.temperature)),
+                            ("hard_label_weight", float(self.hard_label_weight))):
+            object.__setattr__(self, name, value)
+
+    @property
+    def form(self) -> DistillForm:
+        """The form computed (``js`` at ``beta`` 0 / 1 is forward / reverse KL, as in TRL and Liger)."""
+        return resolve_distill(self.divergence.name, self.beta, self.alpha)[0]
+
+    @property
+    def param(self) -> float:
+        """The form's parameter ``c`` (``beta`` of ``js``, ``alpha`` of ``alpha``, else 0)."""
+        return resolve_distill(self.divergence.name, self.beta, self.alpha)[1]
+
+    @property
+    def inv_temperature(self) -> float:
+        """``1 / T`` as every backend multiplies the logits by it (one rounding, the same bits)."""
+        return 1.0 / self.temperature
+
+    @property
+    def kappa(self) -> float:
+        """The divergence's weight: ``T^2`` with ``t2_scaling``, else 1."""
+        return self.temperature ** 2 if self.t2_scaling else 1.0
+
+    def epilogue(self, zt_raw: torch.Tensor, zs_raw: torch.Tensor, y: torch.Tensor, wt: Optional[torch.Tensor]):
+        """``(div, nll, coef | None)`` of one chunk of rows in closed form (no autograd):
+        :func:`fdiv_kernels.formulas.distill.chunk_epilogue` with this spec's options."""
+        with torch.no_grad():
+            return distill_epilogue(zt_raw, zs_raw, y, wt, form=self.form, c=self.param, inv_t=self.inv_temperature,
+                                    kappa=self.kappa, hard_weight=self.hard_label_weight)
+
+    def token_terms(self, zt_raw: torch.Tensor, zs_raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per row ``kappa D + hard_label_weight NLL`` from ``[n, V]`` logits, differentiable by
+        autograd in ``zs_raw`` (the reference :meth:`epilogue`'s coefficient is checked against:
+        tests/test_specs.py)."""
+        inv_t = self.inv_temperature
+        lt = torch.log_softmax(zt_raw * inv_t, dim=-1)
+        ls = torch.log_softmax(zs_raw * inv_t, dim=-1)
+        out = self.kappa * self.form.term(lt, ls, self.param).sum(-1)
+        if self.hard_label_weight > 0:
+            nll = torch.logsumexp(zs_raw, dim=-1) - zs_raw.gather(1, y[:, None]).squeeze(1)
+            out = out + self.hard_label_weight * nll
+        return out
+
+    def explain(self, zt_raw: torch.Tensor, zs_raw: torch.Tensor, label: int, pos: Tuple[int, ...]) -> str:
+        """Why the loss of the token at ``pos`` (its ``[V]`` raw logits, recomputed in float64) is
+        not finite in float32: a masked or non-finite vocabulary, a hard label on a masked
+        token, a divergence infinite on these distributions, or one beyond float32."""
+        zt, zs = zt_raw.double(), zs_raw.double()
+        div = self.divergence.name
+        for who, z, arg in (("teacher", zt, "teacher_hidden, teacher_weight, teacher_bias or teacher_logits"),
+                            ("student", zs, "hidden, weight or bias")):
+            if bool(torch.isnan(z).any() or (z == math.inf).any()):
+                return (f"the {who}'s logits at position {pos} are not finite: {arg} hold NaN/inf, or the logits "
+                        f"overflow float32")
+            if bool((z == -math.inf).all()):
+                return (f"every {who} logit at position {pos} is -inf (the whole vocabulary is masked): its softmax is "
+                        f"undefined there; set labels{list(pos)} to ignore_index")
+        if self.hard_label_weight > 0 and float(zs[label]) == -math.inf:
+            return (f"labels{list(pos)} = {label} is a masked token of the student (its logit is -inf), so the hard-label "
+                    f"NLL (hard_label_weight={self.hard_label_weight:g}) is infinite; mask that position "
+                    f"(ignore_index) or unmask the token")
+        inv_t = self.inv_temperature
+        lt, ls = torch.log_softmax(zt * inv_t, -1), torch.log_softmax(zs * inv_t, -1)
+        terms = self.form.term(lt, ls, self.param)
+        bad = ~torch.isfinite(terms)
+        if bool(bad.any()):
+            v = int(bad.nonzero()[0])
+            if float(ls[v]) == -math.inf:
+                side = (f"the teacher gives token {v} probability {math.exp(float(lt[v])):.3g} where the student's is 0 "
+                        f"(its logit is -inf)")
+            else:
+                side = (f"the student gives token {v} probability {math.exp(float(ls[v])):.3g} where the teacher's is "
+                        f"0 (its logit is -inf)")
+            return (f"divergence {div!r} is infinite at position {pos}: {side}, and {div}'s generator f has no finite "
+                    f"limit there; mask that position (ignore_index), unmask the token, or use a bounded divergence "
+                    f"(tv, js, squared_hellinger)")
+        value = float(self.kappa * terms.sum())
+        lr = lt - ls
+        v = int(torch.argmax(lr.abs().nan_to_num(0.0)))
+        return (f"divergence {div!r} at position {pos} is {value:.3g} in float64, beyond float32 (or its gradient is): "
+                f"token {v} has log p_t - log p_s = {float(lr[v]):.4g} at temperature {self.temperature:g}; a bounded "
+                f"divergence (tv, js, squared_hellinger), a higher temperature or reduction='mean' keep it finite")

@@ -16,6 +16,10 @@ oracle's float64 leaves (:func:`leaves64`).
 * :func:`trl_dpo_loss`, :func:`trl_kto_loss`: TRL 1.16's own ``DPOTrainer._compute_loss`` /
   ``KTOTrainer._compute_loss`` run on given per-token log-probs (a stand-in model and trainer
   object; no model, no data pipeline): the peer's code itself, in float64.
+  DPO family per TRL (``trl/trainer/dpo_trainer.py``; SimPO from ``trl/experimental/cpo``).
+* :func:`distill_divergence`, :func:`distill_loss`: ``fk.distill_loss``, ``D_f(P_t || P_s) =
+  sum_v p_s f(p_t / p_s)`` from each generator ``f`` (with ``f(0)`` and ``lim f(r)/r`` where one
+  distribution is 0), plus the hard-label cross-entropy.
 
 Builder: :func:`make_inputs` returns an :class:`Inputs` (hidden, weight, bias, labels, per-token
 reference, masked columns, three per-token coefficients), every knob a keyword with a default.
@@ -62,6 +66,9 @@ class Inputs:
     ref: torch.Tensor | None
     masked: torch.Tensor
     coef: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    teacher_hidden: torch.Tensor | None = None
+    teacher_weight: torch.Tensor | None = None
+    teacher_bias: torch.Tensor | None = None
 
     def leaves(self, dtype: torch.dtype | None = None, bias: bool = True):
         """Fresh ``(hidden, weight, bias)`` copies (in ``dtype`` if given) that require grad."""
@@ -80,7 +87,8 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
                 ignore_frac: float = 0.0, ignore_prefix: int = 0, ignore_suffix: int = 0,
                 ignore_rows: Sequence[int] = (), ignore_at: Sequence[tuple[int, ...]] = (),
                 keep_first: int = 0, edge_labels: bool = False, mask: Sequence[int] = (),
-                ref_scale: float | None = 3.0, ref_spread: float = 0.0, device="cpu") -> Inputs:
+                ref_scale: float | None = 3.0, ref_spread: float = 0.0, teacher: int | None = None,
+                teacher_mask: Sequence[int] = (), teacher_scale: float = 1.5, device="cpu") -> Inputs:
     """A batch for ``fk.token_stats`` / ``fk.loss`` (see :class:`Inputs`).
 
     Args:
@@ -102,6 +110,10 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
             (unless every column is masked).
         ref_scale: references are ``-U(0, ref_scale)``; ``None`` for no reference.
         ref_spread: adds ``spread * r * (-1)^r`` to row ``r``'s reference (rows far apart in reward).
+        teacher: ``H_t``: also a teacher (``teacher_hidden [*lead, T, H_t]``, ``teacher_weight [V, H_t]``
+            scaled like the student's times ``teacher_scale``, a ``N(0, bias_scale^2)`` ``teacher_bias``),
+            drawn after everything else (the student's tensors do not depend on it);
+            ``teacher_mask``: vocabulary columns the teacher masks with a ``-inf`` bias.
         device: where the tensors are put.
     """
     g = torch.Generator().manual_seed(seed)
@@ -140,6 +152,12 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
             r = torch.arange(rows.shape[0], dtype=torch.float32)
             ref = ref + (ref_spread * r * (-1) ** r).view(shape[:-1] + (1,))
     coef = tuple(torch.randn(shape, generator=g) for _ in range(3))
+    th = tw = tb = None
+    if teacher is not None:
+        th = torch.randn(*shape, teacher, generator=g) * scale
+        tw = torch.randn(v, teacher, generator=g) * teacher ** -0.5 * teacher_scale
+        tb = torch.randn(v, generator=g) * bias_scale
+        tb[list(teacher_mask)] = -math.inf
 
     def put(x):
         return None if x is None else x.to(device)
@@ -147,7 +165,8 @@ def make_inputs(lead: Sequence[int] = (3,), t: int = 9, h: int = 16, v: int = 37
     def cast(x):
         return None if x is None else x.to(dtype).to(device)
 
-    return Inputs(cast(hidden), cast(weight), cast(b), put(labels), put(ref), masked, tuple(put(c) for c in coef))
+    return Inputs(cast(hidden), cast(weight), cast(b), put(labels), put(ref), masked, tuple(put(c) for c in coef),
+                  cast(th), cast(tw), cast(tb))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +568,136 @@ def trl_kto_loss(per_token_logps, mask, ref_logps, desirable, *, beta: float, lo
         return _model_out(kl_policy[:, None].to(logps.dtype) if bool((input_ids == 1).all()) else logps)
 
     return KTOTrainer._compute_loss(me, model, inputs, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+def _distill_generator(name: str, c: float):
+    """``(f, f(0), lim_{r->inf} f(r)/r)`` of a distillation divergence (``c``: js's beta, alpha's a)."""
+    inf = math.inf
+    if name == "js" and c in (0.0, 1.0):  # TRL / Liger: beta 0 = forward KL, 1 = reverse KL
+        name = "kl" if c == 0.0 else "reverse_kl"
+    if name == "alpha" and c in (0.0, 1.0):
+        name = "reverse_kl" if c == 0.0 else "kl"
+    if name == "kl":
+        return (lambda r: r * torch.log(r)), 0.0, inf
+    if name == "reverse_kl":
+        return (lambda r: -torch.log(r)), inf, 0.0
+    if name == "js":
+        b = c
+        return (lambda r: b * r * torch.log(r) - (b * r + 1 - b) * torch.log(b * r + 1 - b)), \
+            -(1 - b) * math.log(1 - b), -b * math.log(b)
+    if name == "tv":
+        return (lambda r: (r - 1).abs() / 2), 0.5, 0.5
+    if name == "squared_hellinger":
+        return (lambda r: (torch.sqrt(r) - 1) ** 2), 1.0, 1.0
+    if name == "pearson":
+        return (lambda r: (r - 1) ** 2), 1.0, inf
+    if name == "neyman":
+        return (lambda r: (1 - r) ** 2 / r), inf, 1.0
+    if name == "alpha":
+        a = c
+        return (lambda r: (r ** a - 1 - a * (r - 1)) / (a * (a - 1))), (1 / a if a > 0 else inf), \
+            (1 / (1 - a) if a < 1 else inf)
+    raise AssertionError(f"no distillation oracle for {name!r}")
+
+
+def distill_divergence(zt, zs, name: str, c: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    """``[...]`` ``D_f(P_t || P_s)`` per row of logits ``[..., V]`` (float64, differentiable in ``zs``):
+    ``sum_v p_s f(p_t / p_s)`` over the entries where both are positive, ``p_s f(0)`` where only
+    ``p_t = 0``, ``p_t lim f(r)/r`` where only ``p_s = 0``."""
+    f, f0, finf = _distill_generator(fk.get_divergence(name, "distill").name, c)
+    pt = torch.softmax(zt.double() / temperature, -1)
+    ps = torch.softmax(zs.double() / temperature, -1)
+    both = (pt > 0) & (ps > 0)
+    r = torch.where(both, pt, 1.0) / torch.where(both, ps, 1.0)
+    main = torch.where(both, torch.where(both, ps, 1.0) * f(r), 0.0)
+    t0 = (pt == 0) & (ps > 0)
+    s0 = (ps == 0) & (pt > 0)
+    edge_t = torch.where(t0, ps * f0, 0.0) if math.isfinite(f0) else torch.where(t0, math.inf, 0.0)
+    edge_s = torch.where(s0, pt * finf, 0.0) if math.isfinite(finf) else torch.where(s0, math.inf, 0.0)
+    return (main + edge_t + edge_s).sum(-1)
+
+
+def distill_loss(zt, zs, labels, *, divergence="kl", beta=0.5, alpha=None, temperature=1.0, hard_label_weight=0.0,
+                 reduction="mean", t2_scaling=False, ignore_index=IGNORE) -> torch.Tensor:
+    """``fk.distill_loss``'s value from full teacher / student logits ``[..., T, V]`` (float64):
+    ``kappa D + w NLL`` per counted token (``kappa = T^2`` with ``t2_scaling``; NLL of the label
+    under the untempered student), reduced by mean / sum over counted tokens or per token."""
+    name = fk.get_divergence(divergence, "distill").name
+    c = beta if name == "js" else (alpha if name == "alpha" else 0.0)
+    mask = labels != ignore_index
+    per = distill_divergence(zt, zs, name, c, temperature) * (temperature ** 2 if t2_scaling else 1.0)
+    if hard_label_weight:
+        nll = torch.logsumexp(zs.double(), -1) - zs.double().gather(-1, torch.where(mask, labels, 0)[..., None]).squeeze(-1)
+        per = per + hard_label_weight * nll
+    per = torch.where(mask, per, 0.0)
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.sum() / max(int(mask.sum()), 1)
+
+
+def mp_generator(name: str, c: float = 0.0):
+    """The distillation generator ``f`` in mpmath (js's beta 0 / 1 and alpha's 1 / 0 as their KL limits)."""
+    import mpmath as mp
+
+    name = fk.get_divergence(name, "distill").name
+    if name == "js" and c in (0.0, 1.0):
+        name = "kl" if c == 0.0 else "reverse_kl"
+    if name == "alpha" and c == 1.0:
+        return lambda r: r * mp.log(r) - r + 1
+    if name == "alpha" and c == 0.0:
+        return lambda r: r - 1 - mp.log(r)
+    return {
+        "kl": lambda r: r * mp.log(r),
+        "reverse_kl": lambda r: -mp.log(r),
+        "js": lambda r: c * r * mp.log(r) - (c * r + 1 - c) * mp.log(c * r + 1 - c),
+        "tv": lambda r: abs(r - 1) / 2,
+        "squared_hellinger": lambda r: (mp.sqrt(r) - 1) ** 2,
+        "pearson": lambda r: (r - 1) ** 2,
+        "neyman": lambda r: (1 - r) ** 2 / r,
+        "alpha": lambda r: (r ** c - 1 - c * (r - 1)) / (c * (c - 1)),
+    }[name]
+
+
+def distill_mp(zt, zs, *, divergence="kl", beta=0.5, alpha=None, temperature=1.0, dps=60):
+    """``(mean over rows of D_f(P_t || P_s), d/d zs [n, V])`` in ``dps``-digit mpmath from finite
+    logits ``[n, V]`` (every row counted): probabilities of any range (``e^-10000``) without
+    underflow, the gradient by mpmath's numerical differentiation. For the extreme-input tests,
+    where float64 probabilities underflow."""
+    import mpmath as mp
+
+    name = fk.get_divergence(divergence, "distill").name
+    c = beta if name == "js" else (alpha if name == "alpha" else 0.0)
+    f = mp_generator(name, c)
+    n, v = zs.shape
+    with mp.workdps(dps):
+        t = mp.mpf(temperature)
+
+        def log_softmax(row):  # row: mpf values (a perturbation of one survives)
+            z = [x / t for x in row]
+            m = max(z)
+            lse = m + mp.log(mp.fsum(mp.exp(x - m) for x in z))
+            return [x - lse for x in z]
+
+        def div(lt, zs_row):
+            ls = log_softmax(zs_row)
+            return mp.fsum(mp.exp(b) * f(mp.exp(a - b)) for a, b in zip(lt, ls))
+
+        total, grad = mp.mpf(0), torch.zeros(n, v, dtype=torch.float64)
+        for i in range(n):
+            lt = log_softmax([mp.mpf(float(x)) for x in zt[i]])
+            row = [mp.mpf(float(x)) for x in zs[i]]
+            total += div(lt, row)
+            for j in range(v):
+                def g(x, j=j):
+                    r = list(row)
+                    r[j] = x
+                    return div(lt, r)
+                grad[i, j] = float(mp.diff(g, row[j]) / n)
+        return float(total / n), grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,9 +183,11 @@ def test_registry_says_what_each_entry_supports():
     assert set(fk.DIVERGENCES) == {n for n, d in reg.items() if "variational" in d.supports}
     assert set(fk.PRIMAL_DIVERGENCES) == set(fk.formulas.primal.PRIMAL_LOSSES) == set(fk.divergence_names("primal"))
     assert set(fk.DPO_DIVERGENCES) == {"kl", "reverse_kl", "js", "alpha"}
-    assert reg["kl"].supports == ("variational", "primal", "dpo")
-    assert reg["reverse_kl"].supports == ("variational", "dpo") and reg["neyman"].supports == ("variational",)
-    assert reg["alpha"].supports == ("primal", "dpo")
+    assert set(fk.DISTILL_DIVERGENCES) == set(reg)  # every generator distils
+    assert reg["kl"].supports == ("variational", "primal", "dpo", "distill")
+    assert reg["reverse_kl"].supports == ("variational", "dpo", "distill")
+    assert reg["neyman"].supports == ("variational", "distill")
+    assert reg["alpha"].supports == ("primal", "dpo", "distill")
     assert set(TRL_F_DIVERGENCES.values()) <= set(fk.DPO_DIVERGENCES)
 
 

@@ -102,3 +102,19 @@ def test_dpo_module_checks_once(monkeypatch):
     calls = _spy(monkeypatch, ["check_head", "check_label_values", "check_loss_data", "check_pairs"])
     fk.nn.FusedLinearDPOLoss(backend="torch")(hidden, weight, labels, ref_logp=ref, return_output=True)
     assert calls == {"check_head": 1, "check_label_values": 1, "check_loss_data": 1, "check_pairs": 0}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_distill_checks_once(monkeypatch, reduction):
+    """fk.distill_loss: each input check once, the data check once (at the forward), nothing in the
+    backward (reduction="none" reruns the pass there without checks)."""
+    hidden, weight, labels, _ = _inputs()
+    g = torch.Generator().manual_seed(1)
+    th, tw = torch.randn(4, 64, 16, generator=g), torch.randn(500, 16, generator=g)
+    calls = _spy(monkeypatch, ["check_head", "check_distill_inputs", "check_label_values", "check_distill_data",
+                               "check_loss_data"])
+    out = fk.distill_loss(hidden, weight, labels, teacher_hidden=th, teacher_weight=tw, divergence="js",
+                          reduction=reduction, backend="torch")
+    out.loss.sum().backward()
+    assert calls == {"check_head": 1, "check_distill_inputs": 1, "check_label_values": 1, "check_distill_data": 1,
+                     "check_loss_data": 0}

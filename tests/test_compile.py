@@ -312,3 +312,30 @@ def test_new_sequence_length_and_changed_option():
             hidden, weight, labels, _ = _inputs(t=t, seed=t)
             mod.beta = beta
             torch.testing.assert_close(step(hidden, weight, labels), mod(hidden, weight, labels), **TOL)
+
+
+# --- fk.distill_loss ---------------------------------------------------------------------------
+
+DISTILL_CASES = {
+    "js_teacher_head": {"divergence": "js", "beta": 0.3, "hard_label_weight": 0.5, "temperature": 1.5},
+    "pearson_teacher_logits": {"divergence": "pearson", "logits": True},
+    "alpha_reduction_none": {"divergence": "alpha", "alpha": 1.5, "reduction": "none"},  # backward op
+}
+
+
+@pytest.mark.parametrize("case", sorted(DISTILL_CASES))
+def test_distill_loss(case):
+    opts = dict(DISTILL_CASES[case])
+    from_logits = opts.pop("logits", False)
+    hidden, weight, labels, _ = _inputs(seed=9)
+    g = torch.Generator().manual_seed(10)
+    t_hidden, t_weight = torch.randn(*labels.shape, 24, generator=g), torch.randn(V, 24, generator=g) * 0.3
+    bias = torch.randn(V, generator=g) * 0.1
+    _grad(hidden, weight, bias)
+
+    def step(h, w, y, b, th, tw):
+        teacher = {"teacher_logits": th @ tw.T} if from_logits else {"teacher_hidden": th, "teacher_weight": tw}
+        out = fk.distill_loss(h, w, y, bias=b, backend="torch", **teacher, **opts)
+        return out.loss, out.divergence_loss
+
+    _assert_same(step, (hidden, weight, labels, bias, t_hidden, t_weight))

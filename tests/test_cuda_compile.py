@@ -59,13 +59,14 @@ def test_nvcc_build_flags_embed_sm90_and_ptx(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
-def test_cuda_binding_compiles_without_cuda_headers():
+@pytest.mark.parametrize("source", ["bindings_cuda.cpp", "distill_bindings_cuda.cpp"])
+def test_cuda_binding_compiles_without_cuda_headers(source):
     from torch.utils import cpp_extension
 
     inc = cpp_extension.include_paths()
     cmd = ["c++", "-fsyntax-only", "-std=c++20", "-DTORCH_EXTENSION_NAME=fdiv_kernels_cuda",
            "-DTORCH_API_INCLUDE_EXTENSION_H", *[f"-isystem{p}" for p in inc],
-           f"-isystem{sysconfig.get_paths()['include']}", str(CSRC / "cuda" / "bindings_cuda.cpp")]
+           f"-isystem{sysconfig.get_paths()['include']}", str(CSRC / "cuda" / source)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -93,3 +93,11 @@ def test_one_deepspeed_zero3_config_serves_hf_and_the_trainer():
     ds.trainer_config_finalize(args, model=None, num_training_steps=10)
     assert (ds.config["train_micro_batch_size_per_gpu"], ds.config["gradient_accumulation_steps"],
             ds.config["gradient_clipping"], ds.config["train_batch_size"]) == (4, 3, 0.5, 24)
+
+
+def test_distill(tmp_path):
+    """examples/distill.py: the tiny demo run as the teacher, one student per divergence asked for,
+    its accuracy before and after printed."""
+    out = _run("distill.py", "--steps", "3", "--divergences", "js", "alpha", "--run", str(tmp_path / "none"))
+    assert "running the demo pipeline" in out and "done: 2 divergence(s), 3 steps each" in out
+    assert re.search(r"^js\s+[\d.]+% +[\d.]+%", out, re.M) and re.search(r"^alpha=1.5\s+[\d.]+%", out, re.M), out

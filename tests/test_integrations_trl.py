@@ -228,3 +228,91 @@ def test_dpo_evaluation_step_equals_trl(tmp_path):
     lb, logits_b, _ = ours.prediction_step(ours.model, dict(batch), prediction_loss_only=False)
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (la, lb)
     assert logits_b is not None and torch.allclose(logits_a, logits_b, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# FDivGKDTrainer (TRL's experimental GKDTrainer with the fused distillation loss)
+# ------------------------------------------------------------------------------------------
+
+CHAT = ("{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %} {% endif %}")
+
+
+def _gkd_trainers(tmp_path, *, beta=0.5, distill=None, lmbda=0.0, steps=2):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from fdiv_kernels.integrations.trl import FDivGKDTrainer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT
+    student = tiny_llama(tok, seed=0)
+    teacher = _tiny.tiny_llama(tok, hidden_size=48, seed=1)  # another width: H_t != H_s
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20)
+    ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "the cat"},
+                                                   {"role": "assistant", "content": "sat on the mat"}],
+                                                  [{"role": "user", "content": "a dog"},
+                                                   {"role": "assistant", "content": "ran fast"}]] * 4})
+
+    def cfg(name):
+        return GKDConfig(**_common(tmp_path, name, max_steps=steps), lmbda=lmbda, beta=beta, max_length=32,
+                         max_new_tokens=4)
+
+    theirs = GKDTrainer(model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=cfg("a"),
+                        train_dataset=ds, processing_class=tok)
+    ours = FDivGKDTrainer(model=student, teacher_model=teacher, args=cfg("b"), train_dataset=ds, processing_class=tok,
+                          distill=distill, backend="torch")
+    return theirs, ours, tok
+
+
+def _gkd_batch(tok, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tok), (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+    ids[2, -3:] = tok.pad_token_id
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.0, 1.0, 0.2])
+def test_gkd_equals_trl_generalized_jsd(tmp_path, beta):
+    """The default loss (js with GKDConfig.beta) is TRL's GKD loss: values (mean, and sum over
+    num_items_in_batch) and the student's gradients; no gradient reaches the teacher."""
+    theirs, ours, tok = _gkd_trainers(tmp_path, beta=beta)
+    batch = _gkd_batch(tok)
+    for n in (None, torch.tensor(11)):
+        for tr in (theirs, ours):
+            tr.model.zero_grad(set_to_none=True)
+        a = theirs.compute_loss(theirs.model, dict(batch), num_items_in_batch=n)
+        b = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
+        a.backward()
+        b.backward()
+        for (name, pa), (_, pb) in zip(theirs.model.named_parameters(), ours.model.named_parameters()):
+            assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), name
+    assert all(p.grad is None for p in ours.teacher_model.parameters())
+
+
+def test_gkd_any_divergence_matches_the_formula(tmp_path):
+    """distill={"divergence": "alpha", ...} against the float64 oracle on both models' full logits."""
+    import oracle
+
+    opts = {"divergence": "alpha", "alpha": 1.5, "temperature": 2.0, "hard_label_weight": 0.3}
+    _, ours, tok = _gkd_trainers(tmp_path, distill=opts)
+    batch = _gkd_batch(tok, seed=1)
+    got = ours.compute_loss(ours.model, dict(batch))
+    with torch.no_grad():
+        zs = ours.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        zt = ours.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    want = oracle.distill_loss(zt.double(), zs.double(), batch["labels"][:, 1:], **opts)
+    assert abs(float(got) - float(want)) < 1e-5 * max(1.0, abs(float(want))), (float(got), float(want))
+
+
+def test_gkd_trains_on_policy(tmp_path):
+    """lmbda=1: every step generates with the student (TRL's generation, unchanged), then the fused loss."""
+    _, ours, _ = _gkd_trainers(tmp_path, lmbda=1.0, distill={"divergence": "squared_hellinger"}, steps=2)
+    ours.train()
+    losses = _losses(ours)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses

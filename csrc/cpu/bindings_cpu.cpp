@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "token_stats_cpu.h"
+#include "distill_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fdiv_kernels CPU backend: fused LM head + log-softmax statistics (forward/backward)";
@@ -53,4 +54,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta"), py::arg("need_grad_hidden"), py::arg("vocab_size"), py::arg("tile_cols"));
   m.def("exp_approx", &fdivk::exp_approx, "elementwise exp approximation used by the epilogues (float32)");
   m.def("tanh_approx", &fdivk::tanh_approx, "elementwise tanh approximation used by the epilogues (float32)");
+  fdivk::bind_distill(m);  // distillation (distill_cpu.cpp)
 }

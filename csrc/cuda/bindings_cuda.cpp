@@ -253,6 +253,10 @@ void chunk_coef_epilogue(const at::Tensor& z, at::Tensor& coef, const std::optio
 
 }  // namespace fdivk_cuda
 
+namespace fdivk_cuda {
+void bind_distill(pybind11::module_& m);  // distillation (distill_bindings_cuda.cpp)
+}  // namespace fdivk_cuda
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fdiv_kernels CUDA backend: cuBLAS GEMMs per chunk + CUDA epilogues (forward/backward)";
   m.def("forward", &fdivk_cuda::forward_cuda,
@@ -279,4 +283,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_lse"), py::arg("grad_entropy"), py::arg("softcap"),
         py::arg("temperature"), py::arg("chunk_rows"), py::arg("mixed_gemm"), py::arg("stream"));
+  fdivk_cuda::bind_distill(m);  // distillation (distill_bindings_cuda.cpp)
 }

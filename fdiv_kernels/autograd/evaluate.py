@@ -27,6 +27,7 @@ import torch
 from .. import checks, knobs
 from ..formulas.preference import explain_pair
 from ..specs import HeadSpec, LossSpec, Norms, Rows
+from .distill import eager_distill_loss
 from .fused import FusedLossFunction, flat_rows, prepare, row_order
 from .token_stats import TokenStatsParams, token_stats, token_stats_from_logits
 
@@ -55,7 +56,10 @@ class Primitives(NamedTuple):
     * ``check_labels(labels, vocab_size, ignore_index) -> labels``;
     * ``check_token_stats(logp, lse, entropy, labels, head) -> (logp, lse, entropy)``;
     * ``check_loss(spec, loss, logp, lse, entropy, labels, ref_tok, ref_seq, head, ignore_index) -> loss``;
-    * ``check_pairs(spec, losses, pc, pr, rc, rr) -> losses``.
+    * ``check_pairs(spec, losses, pc, pr, rc, rr) -> losses``;
+    * ``distill_loss(spec, head, hidden, weight, bias, labels, teacher_hidden, teacher_weight,
+      teacher_bias, teacher_logits, ignore_index) -> (loss, div, nll)``, its data check included
+      (:mod:`.distill`).
 
     Each check returns what it checked, so a traced graph keeps it before its use.
     """
@@ -66,6 +70,7 @@ class Primitives(NamedTuple):
     check_token_stats: Callable
     check_loss: Callable
     check_pairs: Callable
+    distill_loss: Optional[Callable] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +148,8 @@ def _check_pairs(spec, losses, pc, pr, rc, rr):
 
 
 EAGER = Primitives(fused_loss=eager_fused_loss, token_stats=token_stats, check_labels=_check_labels,
-                   check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs)
+                   check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs,
+                   distill_loss=eager_distill_loss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ supports follows from which forms it holds (:attr:`Divergence.supports`):
 * ``"primal"``: the per-token ``D_f(onehot(y) || p)`` (:attr:`Divergence.primal`, a
   :class:`~fdiv_kernels.formulas.primal.PrimalLoss`; :func:`fdiv_kernels.primal_loss`);
 * ``"dpo"``: the f-DPO score ``f'(pi / pi_ref)`` (:attr:`Divergence.preference`, a
-  :class:`~fdiv_kernels.formulas.preference.PreferenceScore`; :func:`fdiv_kernels.dpo_loss`).
+  :class:`~fdiv_kernels.formulas.preference.PreferenceScore`; :func:`fdiv_kernels.dpo_loss`);
+* ``"distill"``: ``D_f(P_teacher || P_student)`` over the vocabulary (:attr:`Divergence.distill`, a
+  :class:`~fdiv_kernels.formulas.distill.DistillForm`; :func:`fdiv_kernels.distill_loss`).
 
 :func:`get_divergence` looks a name up for one of these uses and raises a ``ValueError`` naming
 the argument and the names that use supports.
@@ -42,6 +44,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .distill import DISTILL_FORMS, DistillForm
 from .preference import DPO_SCORES, PreferenceScore
 from .primal import PRIMAL_LOSSES, PrimalLoss
 from .stable import apply_elementwise, dlog_softplus, log_softplus
@@ -67,6 +70,7 @@ class Divergence:
         paper_form: the paper's Table 4 objective, when it gives one.
         primal: the closed form of ``D_f(onehot(y) || p)``, or ``None`` (``f(0) = inf``).
         preference: the f-DPO score, or ``None``.
+        distill: the distillation form (per-entry ``p_s f(p_t / p_s)`` and its coefficient), or ``None``.
     """
 
     name: str
@@ -84,12 +88,13 @@ class Divergence:
     paper_form: Optional[str] = None
     primal: Optional[PrimalLoss] = None
     preference: Optional[PreferenceScore] = None
+    distill: Optional[DistillForm] = None
 
     @property
     def supports(self) -> Tuple[str, ...]:
         """The uses of :data:`USES` this entry has forms for."""
         has = {"variational": self.phi is not None, "primal": self.primal is not None,
-               "dpo": self.preference is not None}
+               "dpo": self.preference is not None, "distill": self.distill is not None}
         return tuple(use for use in USES if has[use])
 
     def __reduce__(self):
@@ -187,11 +192,12 @@ _FORMS = [
 
 
 #: what an entry can be used for, and the API that uses it
-USES = ("variational", "primal", "dpo")
-_API = {"variational": "fk.loss", "primal": "fk.primal_loss", "dpo": "fk.dpo_loss"}
+USES = ("variational", "primal", "dpo", "distill")
+_API = {"variational": "fk.loss", "primal": "fk.primal_loss", "dpo": "fk.dpo_loss", "distill": "fk.distill_loss"}
 
-# each entry with the primal form and the f-DPO score of the same name, where they exist
-_ENTRIES = [dataclasses.replace(d, primal=PRIMAL_LOSSES.get(d.name), preference=DPO_SCORES.get(d.name))
+# each entry with the primal form, the f-DPO score and the distillation form of the same name, where they exist
+_ENTRIES = [dataclasses.replace(d, primal=PRIMAL_LOSSES.get(d.name), preference=DPO_SCORES.get(d.name),
+                                distill=DISTILL_FORMS.get(d.name))
             for d in _FORMS]
 
 #: every entry, by canonical name
@@ -214,7 +220,7 @@ def divergence_names(use: Optional[str] = None) -> Tuple[str, ...]:
 
 def get_divergence(name, use: str = "variational", *, argument: str = "divergence") -> Divergence:
     """Look a divergence up by name or alias (case-insensitive) for ``use`` (``"variational"``:
-    :func:`fdiv_kernels.loss`, ``"primal"``, ``"dpo"``); a :class:`Divergence` passes through.
+    :func:`fdiv_kernels.loss`, ``"primal"``, ``"dpo"``, ``"distill"``); a :class:`Divergence` passes through.
 
     ``ValueError`` naming ``argument`` and listing the names ``use`` supports for an unknown name or
     an entry without that use.

@@ -1,4 +1,5 @@
-"""TRL recipes: ``SFTTrainer`` with a fused f-divergence loss, ``DPOTrainer`` with fused log-probs.
+"""TRL recipes: ``SFTTrainer`` with a fused f-divergence loss, ``DPOTrainer`` with fused log-probs,
+``GKDTrainer`` with fused distillation by any f-divergence.
 
 ::
 
@@ -6,6 +7,8 @@
     trainer = FDivSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, processing_class=tok,
                              fdiv={"divergence": "js", "beta": 0.1}, ref_model=ref)   # ref_model optional
     trainer = FDivDPOTrainer(model=model, ref_model=ref, args=DPOConfig(beta=0.1, loss_type=["sigmoid"]), ...)
+    trainer = FDivGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(lmbda=0.5, beta=0.5), ...,
+                             distill={"divergence": "alpha", "alpha": 1.5})
 
 Written against TRL 1.16 (``trl>=1.0``). Both subclasses keep TRL's data pipeline, collators,
 logging and checkpointing, and only replace ``compute_loss``:
@@ -28,7 +31,13 @@ logging and checkpointing, and only replace ``compute_loss``:
   except with ``ipo`` or ``sigmoid_norm``; no ``ld_alpha``, no ``use_weighting``, no MoE router aux
   loss; reference from ``ref_model``, ``precompute_ref_log_probs=True`` or a PEFT adapter.
 
-Both override ``compute_loss``, the ``Trainer`` API's public hook for a custom loss (TRL's
+* :class:`FDivGKDTrainer` (TRL's experimental ``GKDTrainer``, on-policy distillation) computes the
+  loss with :func:`fdiv_kernels.distill_loss` from both models' last hidden states and LM heads (no
+  ``[B, T, V]`` logits of either model); ``GKDConfig.beta`` with the default ``js`` is exactly
+  TRL's ``generalized_jsd_loss``, and every registry divergence is available
+  (``distill={"divergence": ...}``); on-policy generation (``lmbda``, ``seq_kd``) is TRL's.
+
+All override ``compute_loss``, the ``Trainer`` API's public hook for a custom loss (TRL's
 ``DPOTrainer.compute_loss`` only wraps its private ``_compute_loss``, which is left alone).
 
 Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)); DPO
@@ -42,12 +51,15 @@ per-token ones from one extra no-grad tiled pass over the head,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from typing import Any, Dict, Mapping, Union
 
 import torch
 
-from .. import TRL_F_DIVERGENCES
-from ..specs import DPOSpec, FDivSpec, PrimalSpec
+from .. import TRL_F_DIVERGENCES, hf
+from ..api import distill_from_spec
+from ..specs import DistillSpec, DPOSpec, FDivSpec, HeadSpec, PrimalSpec
 from . import transformers as fk_hf
 
 try:
@@ -60,7 +72,11 @@ if int(_trl.__version__.split(".")[0]) < 1:  # pragma: no cover
     raise ImportError(f"fdiv_kernels.integrations.trl is written against TRL 1.x (tested with 1.16); found "
                       f"{_trl.__version__}. Upgrade TRL, or use fdiv_kernels.nn / integrations.transformers directly")
 
-__all__ = ["FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE",
+with warnings.catch_warnings():  # TRL warns that trl.experimental is experimental
+    warnings.simplefilter("ignore")
+    from trl.experimental.gkd import GKDTrainer
+
+__all__ = ["FDivGKDTrainer", "FDivSFTTrainer", "FDivDPOTrainer", "TRL_TO_FK_DPO_KIND", "TRL_TO_FK_F_DIVERGENCE",
            "TRL_USES_LABEL_SMOOTHING"]
 
 #: TRL ``DPOConfig.loss_type`` -> ``fdiv_kernels.dpo_loss(loss_type=...)`` (the same names).
@@ -274,3 +290,60 @@ class FDivDPOTrainer(DPOTrainer):
             with torch.no_grad():
                 return out.loss, model(**model_kwargs)
         return out.loss
+
+
+class FDivGKDTrainer(GKDTrainer):
+    """TRL's ``GKDTrainer`` (``trl.experimental.gkd``) whose loss is :func:`fdiv_kernels.distill_loss`:
+    the student's and the teacher's last hidden states through their LM heads, fused, with any
+    registry divergence; neither model's ``[B, T, V]`` logits are formed. Generation (on-policy with
+    probability ``lmbda``, ``seq_kd``), data and logging are TRL's.
+
+    Extra keyword arguments: ``distill``, a dict of :class:`~fdiv_kernels.specs.DistillSpec` fields
+    (default ``{"divergence": "js", "beta": args.beta}``: TRL's ``generalized_jsd_loss``;
+    ``reduction`` is the trainer's) or a ``DistillSpec``; ``backend`` (``"auto"``). Like TRL's, the
+    loss is the mean over the completion tokens of the shifted labels (``labels != -100``), or their
+    sum over ``num_items_in_batch``; the temperature is the spec's (default 1, as TRL's loss; the
+    config's ``temperature`` is the sampling one). Models whose forward caps or scales the logits
+    (Gemma 2/3, Cohere, Granite, ...) are refused (``ValueError``), as are sharded heads (DeepSpeed
+    ZeRO-3, FSDP): the loss reads both heads as plain tensors.
+    """
+
+    def __init__(self, *args, distill: Union[Mapping[str, Any], DistillSpec, None] = None, backend: str = "auto",
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(distill, DistillSpec):
+            spec = distill
+        else:
+            options = {"divergence": "js", "beta": self.beta, **dict(distill or {})}
+            if "reduction" in options:
+                raise ValueError("FDivGKDTrainer sets the reduction itself (a mean over the completion tokens, or "
+                                 "their sum over num_items_in_batch); remove 'reduction' from distill=")
+            spec = DistillSpec(**options)
+        self.distill_spec = dataclasses.replace(spec, reduction="mean")
+        self.distill_head = HeadSpec(backend=backend)
+
+    def _head_inputs(self, model, inputs):
+        got = hf.head_inputs(model, inputs["input_ids"], inputs["attention_mask"], backend=self.distill_head.backend)
+        if got.head.softcap is not None or got.head.temperature != 1.0:
+            raise ValueError(f"FDivGKDTrainer: {type(hf.unwrap(model)).__name__} caps or scales its logits "
+                             f"(softcap={got.head.softcap}, scale={1 / got.head.temperature:g}); the fused distillation "
+                             f"loss reads hidden @ weight.T + bias only")
+        if hf.is_zero3_param(got.weight):
+            raise ValueError("FDivGKDTrainer: the LM head is sharded (DeepSpeed ZeRO-3); not supported")
+        return got
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student = self._head_inputs(model, inputs)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher = self._head_inputs(self.teacher_model, inputs)
+        spec = self.distill_spec if num_items_in_batch is None else dataclasses.replace(self.distill_spec,
+                                                                                         reduction="sum")
+        out = distill_from_spec(spec, student.hidden[:, :-1], student.weight, inputs["labels"][:, 1:],
+                                bias=student.bias, teacher_hidden=teacher.hidden[:, :-1], teacher_weight=teacher.weight,
+                                teacher_bias=teacher.bias, head=self.distill_head)
+        loss = out.loss
+        if num_items_in_batch is not None:
+            n = num_items_in_batch
+            loss = loss / (n.to(loss.device) if isinstance(n, torch.Tensor) else n)
+        return (loss, {"loss": loss, "divergence_loss": out.divergence_loss}) if return_outputs else loss

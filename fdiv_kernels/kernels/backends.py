@@ -35,10 +35,22 @@ object lives for one call and has:
   coefficient from the kept logits, ``grad_h = coef W`` and ``grad_W = beta grad_W + alpha coef^T h``
   (``grad_b`` likewise; the first write ignores ``beta``);
 * ``results() -> (grad_W[V, H] | None, grad_b[V] | None)`` (zeros when nothing was written).
+
+Backends with distillation kernels (:func:`fdiv_kernels.distill_loss`) also provide
+``distill(weight, bias, teacher_weight | None, teacher_bias | None, spec, *, need_h, need_w, need_b)
+-> DistillKernels`` (:attr:`Backend.distill`; attached by :func:`attach_distill`, so that a module
+registering a backend needs no change). A ``DistillKernels`` object lives for one call and has
+``dtype``, ``chunk_tokens`` (rows per chunk: two float32 ``[rows, V]`` buffers),
+``chunk(h[n, H], y[n], wt[n] | None, *, teacher_h=None, teacher_z=None) -> (div[n], nll[n],
+grad_h[n, H] | None)`` (both models' logits, the epilogue of
+:func:`fdiv_kernels.formulas.distill.chunk_epilogue`, then with row weights ``wt`` the two student
+gradient GEMMs; ``wt=None``: values only) and ``results()`` as above
+(:mod:`fdiv_kernels.kernels.distill_chunks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -87,6 +99,7 @@ class Backend:
     ``options``: returns the backend's options in force now (an immutable object), which the
     autograd function captures at forward and passes to ``forward`` and ``backward`` as
     ``options=``; None for a backend without options.
+    ``distill``: the distillation chunk kernels (module docstring), or None.
     """
 
     name: str
@@ -99,14 +112,19 @@ class Backend:
     single_pass: Optional[Callable] = None
     chunk_tokens: Optional[Callable[[int, int, torch.dtype], int]] = None
     options: Optional[Callable[[], Any]] = None
+    distill: Optional[Callable] = None
 
 
 _BACKENDS: Dict[str, Backend] = {}
+_DISTILL: Dict[str, Callable] = {}
 _announced: set = set()
 
 
 def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend under ``backend.name``."""
+    """Add (or replace) a backend under ``backend.name`` (with the distillation kernels attached
+    to that name, :func:`attach_distill`, unless it brings its own)."""
+    if backend.distill is None and backend.name in _DISTILL:
+        backend = dataclasses.replace(backend, distill=_DISTILL[backend.name])
     _BACKENDS[backend.name] = backend
 
 
@@ -229,3 +247,33 @@ def resolve_backend(name: str, hidden: torch.Tensor) -> Backend:
     if hidden.dtype not in b.dtypes:
         return _BACKENDS["torch"]
     return b
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation kernels (an optional part of the contract: module docstring)
+# ---------------------------------------------------------------------------------------------
+
+def attach_distill(name: str, factory: Callable) -> None:
+    """Give the backend ``name`` the distillation kernels ``factory`` (:attr:`Backend.distill`), now
+    if it is registered and whenever it is registered again."""
+    _DISTILL[name] = factory
+    if name in _BACKENDS:
+        _BACKENDS[name] = dataclasses.replace(_BACKENDS[name], distill=factory)
+
+
+def resolve_distill_backend(name: str, hidden: torch.Tensor) -> Backend:
+    """:func:`resolve_backend` for :func:`fdiv_kernels.distill_loss`: ``"auto"`` takes the first
+    available backend of :func:`auto_order` that implements distillation; a named backend without
+    it is a ``ValueError`` listing those that have it."""
+    device_type = hidden.device.type
+    if name == "auto":
+        for b in auto_order(device_type):
+            if b.distill is not None and b.is_available()[0]:
+                return b if hidden.dtype in b.dtypes else _BACKENDS["torch"]
+        raise RuntimeError(f"no backend with distillation kernels is available for {device_type} tensors")
+    b = get_backend(name, device_type)
+    if b.distill is None:
+        have = sorted(n for n, x in _BACKENDS.items() if x.distill is not None)
+        raise ValueError(f"backend {name!r} has no distillation kernels; fk.distill_loss runs on "
+                         f"{', '.join(have)} (or backend='auto')")
+    return b if hidden.dtype in b.dtypes else _BACKENDS["torch"]

@@ -117,3 +117,27 @@ def cuda_two_pass_rows(vocab_size: int) -> int:
     """Rows per two-pass chunk of the cuda backend: ``gpu_chunk_bytes / 6`` logits (float32 logits
     plus a 16-bit coefficient) over V, a multiple of 256 (1280 at V = 128256)."""
     return aligned_rows(knobs.get("gpu_chunk_bytes") // 6 // max(1, vocab_size))
+
+
+# --- distillation (fk.distill_loss): two float32 [rows, V] buffers per chunk, teacher's and student's ---
+
+#: float32 logits per buffer of a cpu distillation chunk (64 MiB: two buffers, 128 MiB in all)
+CPU_DISTILL_ELEMENTS = 2 ** 24
+
+
+def distill_torch_tokens(vocab_size: int) -> int:
+    """Rows per distillation chunk of the torch backend: :func:`torch_rows` (two 16 MiB buffers)."""
+    return torch_rows(vocab_size)
+
+
+def distill_cpu_tokens(vocab_size: int) -> int:
+    """Rows per distillation chunk of the cpu backend: ``CPU_DISTILL_ELEMENTS // V``, a multiple of
+    64 when there are that many (512 at V = 32000)."""
+    n = max(1, CPU_DISTILL_ELEMENTS // max(1, vocab_size))
+    return n if n < 64 else n - n % 64
+
+
+def distill_gpu_tokens(vocab_size: int) -> int:
+    """Rows per distillation chunk on a GPU: half of :func:`gpu_chunk_tokens`' budget per buffer
+    (``gpu_chunk_bytes // (8 V)``, a multiple of 256, at least 256)."""
+    return max(ROW_ALIGN, aligned_rows(knobs.get("gpu_chunk_bytes") // (8 * max(1, vocab_size))))

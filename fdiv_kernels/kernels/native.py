@@ -57,8 +57,10 @@ else:  # loaded by path, without the package (setup.py, scripts/gpu_check.py): t
 
 logger = logging.getLogger("fdiv_kernels")
 
-CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/epilogue_cpu.cpp", "cpu/bindings_cpu.cpp")
-CUDA_SOURCES = ("cuda/bindings_cuda.cpp", "cuda/token_stats_epilogue.cu")
+CPU_SOURCES = ("cpu/token_stats_cpu.cpp", "cpu/epilogue_cpu.cpp", "cpu/bindings_cpu.cpp", "cpu/distill_cpu.cpp",
+               "cpu/distill_rows_cpu.cpp")
+CUDA_SOURCES = ("cuda/bindings_cuda.cpp", "cuda/token_stats_epilogue.cu", "cuda/distill_bindings_cuda.cpp",
+                "cuda/distill_epilogue.cu")
 CPU_CFLAGS = ["-O3", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
