@@ -8,7 +8,8 @@ so the two C++ builds do not evict each other; kept under the temporary director
 in alternated order; a worker times, in its process CPU time, the three bare GEMMs of the shape
 (the floor: ``z = h W^T``, ``grad_h = G W``, ``grad_W = G^T h``) and then ``fk.loss`` for sft, js and
 kl (beta 0.1 with references). Reported: the medians, each side's median ratio to its own floor
-(robust to load drifting between rounds) and the ratio of those ratios. Used for the before/after
+(robust to load drifting between rounds) and the ratio of those ratios; ``--mem`` adds the peak
+resident memory one call adds above its inputs, per checkout and case, each in a fresh process. Used for the before/after
 table of docs/design.md (the layered core, issue 23).
 """
 
@@ -33,6 +34,17 @@ w = (torch.randn(V, H, generator=g) * 0.05).requires_grad_()
 y = torch.randint(0, V, (N,), generator=g)
 y[::10] = -100
 ref = -torch.rand(N, generator=g) * 3
+if sys.argv[5:]:  # memory mode: the peak RSS one call adds above its inputs (the extension loaded first)
+    import resource
+    small = torch.randn(8, H, requires_grad=True)
+    fk.loss(small, w.detach()[:64].clone().requires_grad_(), torch.zeros(8, dtype=torch.long), backend=backend).loss.backward()
+    kw = {"sft": dict(divergence="sft"), "js": dict(divergence="js", beta=0.1, ref_logp=ref),
+          "kl": dict(divergence="kl", beta=0.1, ref_logp=ref)}[sys.argv[5]]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fk.loss(h, w, y, backend=backend, **kw)
+    getattr(out, "loss", out).backward()
+    print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024), flush=True)
+    sys.exit(0)
 G = torch.randn(N, V, generator=g)
 zo, gh, gw = torch.empty(N, V), torch.empty(N, H), torch.empty(V, H)
 cases = {"sft": dict(divergence="sft"), "js": dict(divergence="js", beta=0.1, ref_logp=ref),
@@ -68,6 +80,15 @@ def start(path: str, ext: str, shape, backend: str) -> subprocess.Popen:
     return p
 
 
+def peak_mib(path: str, ext: str, shape, backend: str, case: str) -> float:
+    """The peak resident memory (MiB) one forward + backward of ``case`` adds above its inputs, in a
+    fresh process of the checkout ``path`` (the extension loaded first)."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(path), TORCH_EXTENSIONS_DIR=ext, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", WORKER, *map(str, shape), backend, case], env=env, text=True,
+                         capture_output=True, cwd=tempfile.gettempdir(), check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old", required=True, help="checkout of the 'before' commit")
@@ -75,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--shape", default="2048,512,32000", help="N,H,V (float32)")
     ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--mem", action="store_true", help="also the extra peak memory of each case (fresh processes)")
     a = ap.parse_args(argv)
     shape = tuple(int(x) for x in a.shape.split(","))
     root = os.path.join(tempfile.gettempdir(), "fdiv-ab-extensions")  # kept: later runs reuse the builds
@@ -88,6 +110,8 @@ def main(argv=None) -> int:
     for p in procs.values():
         p.stdin.close()
         p.wait()
+    mem = {(k, c): peak_mib(path, os.path.join(root, k), shape, a.backend, c)
+           for k, path in (("old", a.old), ("new", a.new)) for c in CASES} if a.mem else {}
     print(f"load {os.getloadavg()[0]:.1f}; {a.rounds} rounds; N,H,V = {a.shape} fp32, backend {a.backend}, "
           f"1 thread, process CPU time")
     print("| case | old s (median) | new s (median) | old / floor | new / floor | new / old |")
@@ -97,6 +121,10 @@ def main(argv=None) -> int:
         rat = {k: statistics.median(x[c] / x["floor"] for x in res[k]) for k in res}
         print(f"| {c} | {med['old']:.3f} | {med['new']:.3f} | {rat['old']:.3f} | {rat['new']:.3f} | "
               f"{rat['new'] / rat['old']:.3f} |")
+    if mem:
+        print("\n| case | old extra peak RSS (MiB) | new extra peak RSS (MiB) |\n|---|---|---|")
+        for c in CASES:
+            print(f"| {c} | {mem['old', c]:.0f} | {mem['new', c]:.0f} |")
     return 0
 
 

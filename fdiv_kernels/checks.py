@@ -227,6 +227,12 @@ def check_distill_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     and one teacher, ``(teacher_hidden [..., T, H_t], teacher_weight [V, H_t], teacher_bias [V] |
     None)`` (``H_t`` may differ from the student's ``H``) or ``teacher_logits [..., T, V]``, over the
     student's vocabulary ``V`` and positions."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias), ("teacher_hidden", teacher_hidden),
+                    ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
+                    ("teacher_logits", teacher_logits)):
+        if is_dtensor(t):
+            raise ValueError(f"{name} is a DTensor: distillation takes whole heads (a vocabulary-parallel head is "
+                             f"not supported by fk.distill_loss yet); pass {name}.full_tensor()")
     check_head(hidden, weight, labels, bias)
     v = weight.shape[0]
     by_head = teacher_hidden is not None or teacher_weight is not None

@@ -367,6 +367,22 @@ def test_inputs_are_validated():
             fk.distill_loss(x.hidden, x.weight, x.labels, backend="cpu", **t)
 
 
+def test_a_vocabulary_parallel_head_is_refused_clearly(tmp_path):
+    """A DTensor head (a ColwiseParallel lm_head) is named, with what to pass instead."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x = _small()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        w = distribute_tensor(x.weight, DeviceMesh("cpu", [0]), [Shard(0)])
+        with pytest.raises(ValueError, match=r"weight is a DTensor: .*weight.full_tensor\(\)"):
+            fk.distill_loss(x.hidden, w, x.labels, teacher_hidden=x.teacher_hidden, teacher_weight=x.teacher_weight)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_teacher_gets_no_gradient_and_shift_matches_manual():
     x = _small()
     th, tw = x.teacher_hidden.clone().requires_grad_(), x.teacher_weight.clone().requires_grad_()
