@@ -27,6 +27,7 @@ import torch
 from .. import checks, knobs
 from ..formulas.preference import explain_pair
 from ..specs import HeadSpec, LossSpec, Norms, Rows
+from .class_options import mean_direction, mean_logits_from_logits, with_class_options
 from .distill import eager_distill_loss
 from .fused import FusedLossFunction, flat_rows, prepare, row_order
 from .token_stats import TokenStatsParams, token_stats, token_stats_from_logits
@@ -51,12 +52,15 @@ class Primitives(NamedTuple):
     """The steps the paths are built from (eager: :data:`EAGER`; ops: ``fdiv_kernels.compiled.OPS``).
 
     * ``fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head, ignore_index,
-      return_entropy) -> (loss, logp, lse, entropy | None)``, its data check included;
+      return_entropy, class_weight) -> (loss, logp, lse, entropy | None)``, its data check included
+      (``class_weight``: the cross-entropy options' ``c [V]`` or None);
     * ``token_stats(hidden, weight, bias, labels, params) -> (logp, lse, entropy | None)``;
     * ``check_labels(labels, vocab_size, ignore_index) -> labels``;
     * ``check_token_stats(logp, lse, entropy, labels, head) -> (logp, lse, entropy)``;
     * ``check_loss(spec, loss, logp, lse, entropy, labels, ref_tok, ref_seq, head, ignore_index) -> loss``;
     * ``check_pairs(spec, losses, pc, pr, rc, rr) -> losses``;
+    * ``check_class_data(c, bias, smoothing) -> c``: the cross-entropy options' class weights
+      (:func:`fdiv_kernels.checks.check_class_data`);
     * ``distill_loss(spec, head, hidden, weight, bias, labels, teacher_hidden, teacher_weight,
       teacher_bias, teacher_logits, ignore_index) -> (loss, div, nll)``, its data check included
       (:mod:`.distill`).
@@ -71,6 +75,7 @@ class Primitives(NamedTuple):
     check_loss: Callable
     check_pairs: Callable
     distill_loss: Optional[Callable] = None
+    check_class_data: Optional[Callable] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +118,11 @@ def _mask2(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def eager_fused_loss(spec: LossSpec, hidden, weight, bias, labels, ref_tok, ref_seq, head: HeadSpec,
-                     ignore_index: int, return_entropy: bool):
+                     ignore_index: int, return_entropy: bool, class_weight: Optional[torch.Tensor] = None):
     """The fused path (:class:`~.fused.FusedLossFunction`) and its data check."""
     params = prepare(spec, head, hidden, weight, labels, ignore_index, return_entropy)
-    loss, logp, lse, ent, finite = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params)
+    loss, logp, lse, ent, finite = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params,
+                                                           class_weight)
     ent = ent if return_entropy else None
     mask2 = _mask2(labels, ignore_index)
     checks.check_loss_data(loss, logp, lse, ent, labels, mask2, ref_tok, ref_seq, head,
@@ -147,9 +153,14 @@ def _check_pairs(spec, losses, pc, pr, rc, rr):
     return losses
 
 
+def _check_class_data(c, bias, smoothing):
+    checks.check_class_data(c, bias, smoothing)
+    return c
+
+
 EAGER = Primitives(fused_loss=eager_fused_loss, token_stats=token_stats, check_labels=_check_labels,
                    check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs,
-                   distill_loss=eager_distill_loss)
+                   distill_loss=eager_distill_loss, check_class_data=_check_class_data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,19 +176,27 @@ def fused_applies(spec: LossSpec, hidden: torch.Tensor, weight: torch.Tensor, bi
 
 def evaluate(spec: LossSpec, prims: Primitives, *, hidden: torch.Tensor, weight: torch.Tensor,
              bias: Optional[torch.Tensor], labels: torch.Tensor, ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor],
-             head: HeadSpec, ignore_index: int, return_entropy: bool) -> Evaluated:
+             head: HeadSpec, ignore_index: int, return_entropy: bool,
+             class_weight: Optional[torch.Tensor] = None) -> Evaluated:
     """The loss of ``spec`` and the token statistics from the LM head (module docstring).
 
     Inputs are validated by the caller (``ref_tok`` ``[R, T]`` masked or a 0-d zero, ``ref_seq``
-    ``[R]`` or ``None``, both in the compute dtype); the data check runs once, at the end.
+    ``[R]`` or ``None``, both in the compute dtype; ``class_weight``: the cross-entropy options'
+    ``c [V]`` in the compute dtype, :func:`.class_options.class_vector`, or None); the data check
+    runs once, at the end.
     """
     if fused_applies(spec, hidden, weight, bias):
         loss, logp, lse, ent = prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head,
-                                                ignore_index, return_entropy)
+                                                ignore_index, return_entropy, class_weight)
         return Evaluated(loss, logp, lse, ent, _fused_log_sum_psi(spec, loss, labels, ignore_index))
     params = TokenStatsParams(head, ignore_index, bool(return_entropy))
     logp, lse, ent = prims.token_stats(hidden, weight, bias, labels, params)
-    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
+    mean_logit = None
+    if class_weight is not None and spec.label_smoothing:  # differentiable by autograd (one GEMV)
+        u, s = mean_direction(class_weight, weight, bias, head)
+        mean_logit = hidden.to(u.dtype) @ u + s
+    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight,
+                     mean_logit)
 
 
 def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
@@ -193,16 +212,23 @@ def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
 
 def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, labels: torch.Tensor,
                     ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], ignore_index: int,
-                    return_entropy: bool) -> Evaluated:
+                    return_entropy: bool, class_weight: Optional[torch.Tensor] = None) -> Evaluated:
     """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits)."""
     logp, lse, ent = token_stats_from_logits(logits, labels, ignore_index, return_entropy)
-    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index)
+    mean_logit = None
+    if class_weight is not None and spec.label_smoothing:
+        mean_logit = mean_logits_from_logits(logits, class_weight)
+    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index, class_weight,
+                     mean_logit)
 
 
-def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index) -> Evaluated:
+def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight=None,
+              mean_logit=None) -> Evaluated:
     shape = flat_rows(labels)
     mask2 = (labels != ignore_index).reshape(shape)
     rows = Rows(logp.reshape(shape), lse.reshape(shape), mask2, ref_tok, ref_seq)
-    loss, log_sum_psi = whole_batch(spec, rows, spec.normalizers(mask2))
+    rows, norms = with_class_options(rows, spec.normalizers(mask2), spec, class_weight, labels.reshape(shape),
+                                     None if mean_logit is None else mean_logit.reshape(shape))
+    loss, log_sum_psi = whole_batch(spec, rows, norms)
     loss = prims.check_loss(spec, loss, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
     return Evaluated(loss, logp, lse, ent, log_sum_psi)
