@@ -218,3 +218,23 @@ def test_masked_columns(path, monkeypatch):
     cw[3] = 1.0
     with pytest.raises(ValueError, match=r"bias\[3\] = -inf masks column 3"):
         fk.loss(h, w, inp.labels, bias=b, backend="torch", label_smoothing=0.1, class_weight=cw)
+
+
+@pytest.mark.skipif(not triton_backend.interpret_mode(), reason="Liger's kernels run on CPU under TRITON_INTERPRET=1 only")
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_liger_fused_linear_cross_entropy_label_smoothing(z_loss):
+    """Liger's ``LigerFusedLinearCrossEntropyLoss(label_smoothing=, lse_square_scale=)`` (its Triton
+    kernels, interpreted): the same values and gradients as ``fk.loss(label_smoothing=, z_loss=)``.
+    (Its ``ce_weight`` path does not run in the interpreter; Liger's tests hold it to
+    ``torch.nn.CrossEntropyLoss(weight=)``, the oracle of ``test_matches_cross_entropy``.)"""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    inp, _ = _inputs("triton", torch.float32, seed=7)
+    h, w, b = (x.detach().requires_grad_() for x in (inp.hidden, inp.weight, inp.bias))
+    hl, wl, bl = (x.detach().requires_grad_() for x in (inp.hidden, inp.weight, inp.bias))
+    got = fk.loss(h, w, inp.labels, bias=b, backend="torch", label_smoothing=0.1, z_loss=z_loss).loss
+    mod = liger.LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1, lse_square_scale=z_loss)
+    want = mod(wl, hl.reshape(-1, hl.shape[-1]), inp.labels.reshape(-1), bl)
+    oracle.assert_close(got, want, rtol=1e-5, atol=1e-5, what="loss")
+    for name, a, e in zip(("hidden", "weight", "bias"), torch.autograd.grad(got, (h, w, b)),
+                          torch.autograd.grad(want, (hl, wl, bl))):
+        oracle.assert_close(a, e, rtol=1e-4, atol=1e-5, what=f"grad {name}")
