@@ -32,13 +32,15 @@ import torch
 
 from . import knobs
 
-__all__ = ["all_finite", "check_beta", "check_choice", "check_class_data", "check_class_options", "class_options_refusal", "class_smoothing", "check_coefficients", "check_distill_data",
+__all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "check_distill_data",
            "check_distill_inputs", "check_finite_number", "check_unit_interval",
            "check_floating", "check_head", "check_head_options", "check_label_values", "check_labels_dtype",
            "check_logits", "check_loss_data", "check_loss_types", "check_pairs", "check_reference", "check_rows",
            "check_same_device", "check_scalar_tensor", "check_token_stats", "check_vocab_layout", "check_vocab_shard",
            "check_vocab_shards", "data_checks_enabled", "explain_token_stats", "first_position", "invalid_reference",
-           "is_dtensor", "is_real", "SHARD_FACTS", "shard_facts"]
+           "is_dtensor", "is_real", "SHARD_FACTS", "shard_facts",
+           "check_class_data", "check_class_options", "check_token_accuracy", "class_options_refusal",
+           "class_smoothing"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 Explain = Callable[[], Optional[str]]
@@ -179,6 +181,17 @@ def check_class_data(c: torch.Tensor, bias: Optional[torch.Tensor], smoothing: f
     raise ValueError(f"label_smoothing={smoothing:g} puts mass on every vocabulary entry, but bias[{v}] = -inf masks "
                      f"column {v} (class weight > 0), so the smoothed loss is infinite; give the masked columns "
                      f"class_weight 0, or use label_smoothing=0")
+
+
+def check_token_accuracy(head, compiling: bool) -> None:
+    """``return_token_accuracy=True`` of a call: not under ``torch.compile``, not with a
+    vocabulary-parallel head (each rank's argmax is of its shard), yet."""
+    if compiling:
+        raise ValueError("return_token_accuracy is not supported under torch.compile yet; call the loss outside the "
+                         "compiled region or compute the accuracy separately")
+    if head.vocab is not None:
+        raise ValueError("return_token_accuracy is not supported with a vocabulary-parallel head (vocab_group= or a "
+                         "sharded DTensor weight) yet")
 
 
 # ---------------------------------------------------------------------------------------------

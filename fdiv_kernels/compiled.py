@@ -244,14 +244,15 @@ def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entr
 
 
 def fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head: specs.HeadSpec, ignore_index: int,
-               return_entropy: bool, class_weight: Optional[torch.Tensor] = None):
-    """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``fused_loss`` through the op."""
+               return_entropy: bool, class_weight: Optional[torch.Tensor] = None, return_predicted: bool = False):
+    """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``fused_loss`` through the op (no
+    predicted tokens: ``return_token_accuracy`` is refused under compile by the API's check)."""
     out = fused_loss_op(hidden, weight, bias, labels, ref_tok, ref_seq, encode_spec(spec), head.softcap,
                         head.temperature, head.backend, ignore_index, bool(return_entropy), hidden.requires_grad,
                         weight.requires_grad, bias is not None and bias.requires_grad, ref_tok.requires_grad,
                         ref_seq is not None and ref_seq.requires_grad, class_weight)
     loss, logp, lse, ent = out[:4]
-    return loss, logp, lse, (ent if return_entropy else None)
+    return loss, logp, lse, (ent if return_entropy else None), None
 
 
 # ---------------------------------------------------------------------------------------------

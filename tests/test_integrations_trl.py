@@ -83,6 +83,9 @@ def test_sft_nll_equals_trl_on_a_batch_and_over_training(tmp_path, config):
     a = ref_tr.compute_loss(ref_tr.model, dict(batch))
     b = ours.compute_loss(ours.model, dict(batch))
     assert torch.allclose(a, b, atol=1e-5), (a, b)
+    # TRL's mean_token_accuracy, ours read off the fused pass's logits
+    acc = [tr._metrics["train" if tr.model.training else "eval"]["mean_token_accuracy"][-1] for tr in (ref_tr, ours)]
+    assert abs(acc[0] - acc[1]) < 1e-6 and 0.0 < acc[0] < 1.0, acc
     n = torch.tensor(50)
     a = ref_tr.compute_loss(ref_tr.model, dict(batch), num_items_in_batch=n)
     b = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n)

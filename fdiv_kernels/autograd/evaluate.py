@@ -29,7 +29,9 @@ from ..formulas.preference import explain_pair
 from ..specs import HeadSpec, LossSpec, Norms, Rows
 from .class_options import mean_direction, mean_logits_from_logits, with_class_options
 from .distill import eager_distill_loss
+from ..kernels.backends import resolve_backend
 from .fused import FusedLossFunction, flat_rows, prepare, row_order
+from .predicted import from_logits, predicted_tokens
 from .token_stats import TokenStatsParams, token_stats, token_stats_from_logits
 
 __all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "explain_loss", "fused_applies",
@@ -39,21 +41,24 @@ __all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "e
 class Evaluated(NamedTuple):
     """What :func:`evaluate` returns: the loss, the per-token statistics (shape of ``labels``;
     ``entropy`` None unless asked for) and, for a log-mean-exp loss (``spec.uses_lme``), its
-    log-sum-exp part ``log sum psi`` (0-d, ``-inf`` when nothing is supervised; None otherwise)."""
+    log-sum-exp part ``log sum psi`` (0-d, ``-inf`` when nothing is supervised; None otherwise);
+    ``predicted``: the predicted tokens when asked for (:mod:`.predicted`; shape of ``labels``)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: Optional[torch.Tensor]
     log_sum_psi: Optional[torch.Tensor] = None
+    predicted: Optional[torch.Tensor] = None
 
 
 class Primitives(NamedTuple):
     """The steps the paths are built from (eager: :data:`EAGER`; ops: ``fdiv_kernels.compiled.OPS``).
 
     * ``fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head, ignore_index,
-      return_entropy, class_weight) -> (loss, logp, lse, entropy | None)``, its data check included
-      (``class_weight``: the cross-entropy options' ``c [V]`` or None);
+      return_entropy, class_weight, return_predicted) -> (loss, logp, lse, entropy | None,
+      predicted | None)``, its data check included (``class_weight``: the cross-entropy options'
+      ``c [V]`` or None; ``return_predicted``: the predicted tokens, eager only);
     * ``token_stats(hidden, weight, bias, labels, params) -> (logp, lse, entropy | None)``;
     * ``check_labels(labels, vocab_size, ignore_index) -> labels``;
     * ``check_token_stats(logp, lse, entropy, labels, head) -> (logp, lse, entropy)``;
@@ -118,16 +123,17 @@ def _mask2(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def eager_fused_loss(spec: LossSpec, hidden, weight, bias, labels, ref_tok, ref_seq, head: HeadSpec,
-                     ignore_index: int, return_entropy: bool, class_weight: Optional[torch.Tensor] = None):
+                     ignore_index: int, return_entropy: bool, class_weight: Optional[torch.Tensor] = None,
+                     return_predicted: bool = False):
     """The fused path (:class:`~.fused.FusedLossFunction`) and its data check."""
-    params = prepare(spec, head, hidden, weight, labels, ignore_index, return_entropy)
-    loss, logp, lse, ent, finite = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params,
-                                                           class_weight)
+    params = prepare(spec, head, hidden, weight, labels, ignore_index, return_entropy, return_predicted)
+    loss, logp, lse, ent, finite, pred = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq,
+                                                                 params, class_weight)
     ent = ent if return_entropy else None
     mask2 = _mask2(labels, ignore_index)
     checks.check_loss_data(loss, logp, lse, ent, labels, mask2, ref_tok, ref_seq, head,
                            explain_loss(spec, logp, lse, mask2, ref_tok, ref_seq), finite)
-    return loss, logp, lse, ent
+    return loss, logp, lse, ent, (pred if return_predicted else None)
 
 
 def _check_labels(labels, vocab_size, ignore_index):
@@ -177,26 +183,31 @@ def fused_applies(spec: LossSpec, hidden: torch.Tensor, weight: torch.Tensor, bi
 def evaluate(spec: LossSpec, prims: Primitives, *, hidden: torch.Tensor, weight: torch.Tensor,
              bias: Optional[torch.Tensor], labels: torch.Tensor, ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor],
              head: HeadSpec, ignore_index: int, return_entropy: bool,
-             class_weight: Optional[torch.Tensor] = None) -> Evaluated:
+             class_weight: Optional[torch.Tensor] = None, return_predicted: bool = False) -> Evaluated:
     """The loss of ``spec`` and the token statistics from the LM head (module docstring).
 
     Inputs are validated by the caller (``ref_tok`` ``[R, T]`` masked or a 0-d zero, ``ref_seq``
     ``[R]`` or ``None``, both in the compute dtype; ``class_weight``: the cross-entropy options'
     ``c [V]`` in the compute dtype, :func:`.class_options.class_vector`, or None); the data check
-    runs once, at the end.
+    runs once, at the end. ``return_predicted``: also the predicted tokens (:mod:`.predicted`: from
+    the fused pass's kept logits, else one more logits pass).
     """
     if fused_applies(spec, hidden, weight, bias):
-        loss, logp, lse, ent = prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head,
-                                                ignore_index, return_entropy, class_weight)
-        return Evaluated(loss, logp, lse, ent, _fused_log_sum_psi(spec, loss, labels, ignore_index))
+        loss, logp, lse, ent, pred = prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head,
+                                                      ignore_index, return_entropy, class_weight, return_predicted)
+        return Evaluated(loss, logp, lse, ent, _fused_log_sum_psi(spec, loss, labels, ignore_index), pred)
     params = TokenStatsParams(head, ignore_index, bool(return_entropy))
     logp, lse, ent = prims.token_stats(hidden, weight, bias, labels, params)
     mean_logit = None
     if class_weight is not None and spec.label_smoothing:  # differentiable by autograd (one GEMV)
         u, s = mean_direction(class_weight, weight, bias, head)
         mean_logit = hidden.to(u.dtype) @ u + s
-    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight,
-                     mean_logit)
+    ev = _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight,
+                   mean_logit)
+    if not return_predicted:
+        return ev
+    pred = predicted_tokens(resolve_backend(head.backend, hidden), hidden, weight, bias, labels, head, ignore_index)
+    return ev._replace(predicted=pred)
 
 
 def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
@@ -212,14 +223,16 @@ def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
 
 def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, labels: torch.Tensor,
                     ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], ignore_index: int,
-                    return_entropy: bool, class_weight: Optional[torch.Tensor] = None) -> Evaluated:
+                    return_entropy: bool, class_weight: Optional[torch.Tensor] = None,
+                    return_predicted: bool = False) -> Evaluated:
     """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits)."""
     logp, lse, ent = token_stats_from_logits(logits, labels, ignore_index, return_entropy)
     mean_logit = None
     if class_weight is not None and spec.label_smoothing:
         mean_logit = mean_logits_from_logits(logits, class_weight)
-    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index, class_weight,
-                     mean_logit)
+    ev = _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index, class_weight,
+                   mean_logit)
+    return ev._replace(predicted=from_logits(logits, labels, ignore_index)) if return_predicted else ev
 
 
 def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight=None,

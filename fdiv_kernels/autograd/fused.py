@@ -50,6 +50,7 @@ from .. import checks
 from ..kernels.backends import Backend, resolve_backend
 from ..specs import Coefficients, HeadSpec, LogSumExpAccumulator, LossSpec, Rows, Terms
 from .class_options import MeanLogitGrads, with_class_options
+from .predicted import argmax_rows, has_argmax, predicted_tokens, scatter_predictions
 from .token_stats import backend_options_kw, scatter_tokens, valid_grads, valid_rows
 from .vocab_parallel import combine, kernel_labels, split_coefficients, sum_over_shards
 
@@ -154,6 +155,7 @@ class FusedParams:
     shape: Tuple[int, int]          # (rows, T) of the labels
     ignore_index: int
     return_entropy: bool
+    return_predicted: bool = False  # the predicted tokens (:mod:`.predicted`), from the kept logits
 
 
 class Needs(NamedTuple):
@@ -181,7 +183,8 @@ class FusedResult(NamedTuple):
     """What :func:`fused_forward` returns: the loss, the statistics (shape of ``labels``; ``entropy``
     None unless asked for), ``finite`` (0-d bool: every statistic and coefficient finite), the
     :class:`Grads`, and for :func:`stats_grads` the supervised ``lse_v``/``ent_v`` in processing
-    order with their flat indices ``tok_idx`` (None: every token, in order)."""
+    order with their flat indices ``tok_idx`` (None: every token, in order); ``predicted``: with
+    ``params.return_predicted`` the predicted tokens (shape of ``labels``, -1 where ignored)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
@@ -192,10 +195,11 @@ class FusedResult(NamedTuple):
     lse_v: torch.Tensor
     ent_v: Optional[torch.Tensor]
     tok_idx: Optional[torch.Tensor]
+    predicted: Optional[torch.Tensor] = None
 
 
 def prepare(spec: LossSpec, head: HeadSpec, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-            ignore_index: int, return_entropy: bool) -> FusedParams:
+            ignore_index: int, return_entropy: bool, return_predicted: bool = False) -> FusedParams:
     """The backend and chunk plan of a call (the plan's host reads happen here)."""
     backend = resolve_backend(head.backend, hidden)
     shape = flat_rows(labels)
@@ -210,7 +214,7 @@ def prepare(spec: LossSpec, head: HeadSpec, hidden: torch.Tensor, weight: torch.
                       f"chunk of {budget} tokens: two passes")
     else:
         _announce(f"backend {backend.name!r} has no single-pass kernels: two passes")
-    return FusedParams(spec, head, backend, plan, shape, ignore_index, return_entropy)
+    return FusedParams(spec, head, backend, plan, shape, ignore_index, return_entropy, return_predicted)
 
 
 def _announce(msg: str) -> None:
@@ -279,6 +283,11 @@ class _ChunkLoop:
             return_entropy=params.return_entropy, need_h=needs.hidden, need_w=needs.weight,
             need_b=needs.bias and bias is not None)
         n, cdt, dev = plan.num_tokens, self.kern.dtype, hidden.device
+        # the predicted tokens, off the kept logits where the kernels read them (else in result())
+        self.pred_v = None
+        if params.return_predicted and has_argmax(self.kern):
+            self.pred_v = torch.empty(n, dtype=torch.long, device=dev)
+        self.weight, self.bias = weight, bias
         self.logp_v = torch.empty(n, dtype=cdt, device=dev)
         self.lse_v = torch.empty_like(self.logp_v)
         self.ent_v = torch.empty_like(self.logp_v) if params.return_entropy else None
@@ -307,6 +316,8 @@ class _ChunkLoop:
         en = None
         if has_tokens:
             lp, ls, en = combine(*self.kern.stats(hc, yc), owner, self.vocab)
+            if self.pred_v is not None:  # read off the kept logits, before grads overwrites them
+                self.pred_v[sl] = self.kern.argmax()
             self.logp_v[sl], self.lse_v[sl] = lp, ls
             if self.ent_v is not None:
                 self.ent_v[sl] = en
@@ -374,8 +385,15 @@ class _ChunkLoop:
             g_ref_seq = torch.zeros_like(g_ref_seq).index_copy_(0, plan.order, g_ref_seq)
         ent = None if self.ent_v is None else scatter_tokens(self.ent_v, idx, shape)
         finite = self.finite & self.host_finite
+        pred = None
+        if self.params.return_predicted:
+            pred_v = self.pred_v
+            if pred_v is None:  # kernels without argmax(): one more logits pass (module predicted)
+                pred_v = argmax_rows(self.params.backend, self.hv, self.yv, self.weight, self.bias, self.params.head)
+            pred = scatter_predictions(pred_v, idx, labels)
         return FusedResult(loss, scatter_tokens(self.logp_v, idx, shape), scatter_tokens(self.lse_v, idx, shape), ent,
-                           finite, Grads(grad_h, grad_w, grad_b, g_ref_tok, g_ref_seq), self.lse_v, self.ent_v, idx)
+                           finite, Grads(grad_h, grad_w, grad_b, g_ref_tok, g_ref_seq), self.lse_v, self.ent_v, idx,
+                           pred)
 
     def _final_lme_weights(self) -> None:
         """Each chunk's ``grad_h`` rows and reference gradients times their final weight
@@ -440,7 +458,10 @@ def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, class_weight, pa
         gb = gb if (needs.bias and bias is not None) else None
     grads = Grads(gh, gw, gb, coef.ref_tok if needs.ref_tok else None, coef.ref_seq if needs.ref_seq else None)
     ent = None if ent_v is None else scatter_tokens(ent_v, idx, labels.shape)
-    return FusedResult(loss, logp, lse, ent, finite, grads, lse_v, ent_v, idx)
+    pred = None
+    if params.return_predicted:  # no kept logits here: the chunk kernels' stats again (module predicted)
+        pred = predicted_tokens(backend, hidden, weight, bias, labels, head, params.ignore_index)
+    return FusedResult(loss, logp, lse, ent, finite, grads, lse_v, ent_v, idx, pred)
 
 
 def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
@@ -528,11 +549,12 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
 
 class FusedLossFunction(torch.autograd.Function):
     """``FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params, class_weight) ->
-    (loss, logp, lse, entropy, finite)``; see the module docstring. ``ref_tok`` is ``[R, T]``
+    (loss, logp, lse, entropy, finite, predicted)``; see the module docstring. ``ref_tok`` is ``[R, T]``
     (masked) or a 0-d zero, ``ref_seq`` ``[R]`` or ``None``, both in the natural row order (their
     gradients are returned when they require grad); ``class_weight``: the cross-entropy options'
     ``c [V]`` or None (no gradient); ``entropy`` is an empty tensor unless
-    ``params.return_entropy``; ``finite`` is the 0-d flag for the data check.
+    ``params.return_entropy``; ``finite`` is the 0-d flag for the data check; ``predicted`` the
+    predicted tokens (int64, shape of ``labels``) with ``params.return_predicted``, else empty.
 
     The gradients computed in the forward are handed out by the first backward (the function
     keeps no reference to them afterwards); a second backward through the same graph
@@ -546,14 +568,15 @@ class FusedLossFunction(torch.autograd.Function):
         ent = res.entropy if res.entropy is not None else res.lse.new_empty(0)
         if res.entropy is None:
             ctx.mark_non_differentiable(ent)
-        ctx.mark_non_differentiable(res.finite)
+        pred = res.predicted if res.predicted is not None else labels.new_empty(0, dtype=torch.long)
+        ctx.mark_non_differentiable(res.finite, pred)
         ctx.save_for_backward(hidden, weight, bias, labels, ref_tok, ref_seq, res.lse_v, res.ent_v, res.tok_idx,
                               class_weight)
         ctx.params, ctx.needs, ctx.grads = params, needs, res.grads
-        return res.loss, res.logp, res.lse, ent, res.finite
+        return res.loss, res.logp, res.lse, ent, res.finite, pred
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_logp, grad_lse, grad_ent, grad_finite):
+    def backward(ctx, grad_loss, grad_logp, grad_lse, grad_ent, grad_finite, grad_pred):
         hidden, weight, bias, labels, ref_tok, ref_seq, lse_v, ent_v, tok_idx, class_weight = ctx.saved_tensors
         params, needs = ctx.params, ctx.needs
         gh = gw = gb = g_rt = g_rs = None

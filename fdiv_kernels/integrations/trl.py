@@ -40,7 +40,8 @@ logging and checkpointing, and only replace ``compute_loss``:
 All override ``compute_loss``, the ``Trainer`` API's public hook for a custom loss (TRL's
 ``DPOTrainer.compute_loss`` only wraps its private ``_compute_loss``, which is left alone).
 
-Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)); DPO
+Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)) and TRL's
+``mean_token_accuracy`` (read off the fused pass's logits: ``fk.loss(return_token_accuracy=True)``); DPO
 what TRL's ``DPOTrainer`` logs, by its names and formulas: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``entropy``,
 ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy`` (the
@@ -176,7 +177,7 @@ class FDivSFTTrainer(SFTTrainer):
             with torch.no_grad():
                 ref = self.ref_model(**inputs)
             inputs["ref_logp"] = ref.token_logp  # [B, T-1], aligned with the shifted labels
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, return_token_accuracy=True)
         loss = outputs.loss
         cfg = fk_hf.patch_config(_policy(self.accelerator.unwrap_model(model))) or fk_hf.PatchConfig()
         if num_items_in_batch is not None:
@@ -195,6 +196,10 @@ class FDivSFTTrainer(SFTTrainer):
             self._metrics[mode]["fdiv/reward"].append(self.accelerator.gather_for_metrics(r).mean().item())
             v0 = self.accelerator.gather_for_metrics(outputs.value_s0.mean()).mean().item()
             self._metrics[mode]["fdiv/value_s0"].append(v0)
+            # TRL's mean_token_accuracy (token-weighted over ranks), from the loss's own pass
+            correct = self.accelerator.gather_for_metrics(outputs.token_is_top1.sum()).sum()
+            total = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
         return (loss, outputs) if return_outputs else loss
 
 
