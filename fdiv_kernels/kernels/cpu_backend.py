@@ -121,7 +121,7 @@ class ChunkKernels(ChunkGradBuffers):
     def argmax(self) -> torch.Tensor:
         """``[n]`` int64: each row's largest logit's index from the kept logits of the last
         :meth:`stats` (before :meth:`grads` overwrites them; no GEMM)."""
-        return _kept_argmax(self.buf, self._h.shape[0], self.w.shape[0])
+        return self.mod.row_argmax(self.buf, self._h.shape[0], self.w.shape[0])
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         h32, self._h = self._h, None
@@ -179,7 +179,7 @@ class Bf16ChunkKernels(ChunkGradBuffers):
 
     def argmax(self) -> torch.Tensor:
         """As :meth:`ChunkKernels.argmax` (the kept float32 logits)."""
-        return _kept_argmax(self.buf, self._rows, self.vocab)
+        return self.mod.row_argmax(self.buf, self._rows, self.vocab)
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         beta = self._accumulate_beta(beta)
@@ -199,9 +199,6 @@ class Bf16ChunkKernels(ChunkGradBuffers):
         return self.mod.unpack_grad_weight_bf16(grad_wt, self.hidden, storage), grad_b
 
 
-def _kept_argmax(buf: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
-    """``argmax`` per row of the ``[rows, V]`` float32 logits a chunk's stats keep in ``buf``."""
-    return buf[:rows * vocab].view(rows, vocab).argmax(1)
 
 
 def _even_cols(h: torch.Tensor) -> torch.Tensor:
