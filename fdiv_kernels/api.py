@@ -41,7 +41,7 @@ import torch.distributed as dist
 from . import checks, compiled
 from .autograd import vocab_parallel
 from .autograd.class_options import class_vector
-from .autograd.predicted import token_accuracy
+from .autograd.predicted import target_logits, token_accuracy
 from .autograd.evaluate import EAGER, Primitives, evaluate, evaluate_logits
 from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, stats_result
 from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
@@ -83,6 +83,9 @@ class LossOutput:
             supervised tokens whose largest logit is the label's (0 when none); else None.
         predicted_tokens: with ``return_token_accuracy=True``, ``[..., T]`` int64, each supervised
             token's argmax of the logits, ``-1`` where ignored (Liger's ``predicted_tokens``); else None.
+        target_logit: with ``return_target_logit=True``, ``[..., T]`` each supervised token's logit
+            of its label ``z_y`` (after soft-cap and temperature; 0 where ignored), exact (an indexed
+            dot ``h . W[y] + b[y]``, not ``logp + lse``) and differentiable; else None.
 
     ``logp``, ``lse``, ``entropy``, ``reward`` and ``value_s0`` are differentiable: using them in
     another loss adds their gradients (computed by the backend's recompute kernels).
@@ -100,6 +103,7 @@ class LossOutput:
     log_sum_psi: Optional[torch.Tensor] = None
     token_accuracy: Optional[torch.Tensor] = None
     predicted_tokens: Optional[torch.Tensor] = None
+    target_logit: Optional[torch.Tensor] = None
 
 
 class SequenceLogp(NamedTuple):
@@ -260,7 +264,7 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
          values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
          temperature: float = 1.0, return_entropy: bool = False, shift: bool = False,
          vocab_group=None, label_smoothing: float = 0.0, class_weight: Optional[torch.Tensor] = None,
-         return_token_accuracy: bool = False) -> LossOutput:
+         return_token_accuracy: bool = False, return_target_logit: bool = False) -> LossOutput:
     """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
 
     Args:
@@ -308,6 +312,8 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
             read off the fused pass's logits (no extra GEMM) when gradients are needed, else one
             more logits pass (always one on ``triton``/``cuda``, whose kernels do not keep an
             argmax); not under ``torch.compile`` or with ``vocab_group=``.
+        return_target_logit: also ``out.target_logit``, each token's logit of its label (cut
+            cross-entropy's indexed dot): ``n x H`` multiply-adds, no GEMM; not with ``vocab_group=``.
 
     Returns:
         :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
@@ -324,7 +330,7 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
                           return_entropy=return_entropy, vocab_group=vocab_group, class_weight=class_weight,
-                          return_token_accuracy=return_token_accuracy)
+                          return_token_accuracy=return_token_accuracy, return_target_logit=return_target_logit)
 
 
 def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -363,7 +369,8 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
                    ref_logp: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    head: HeadSpec = HeadSpec(), ignore_index: int = -100,
                    return_entropy: bool = False, vocab_group=None,
-                   class_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False) -> LossOutput:
+                   class_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False,
+                   return_target_logit: bool = False) -> LossOutput:
     """:func:`loss` for an already built spec (:class:`~fdiv_kernels.specs.FDivSpec`,
     :class:`~fdiv_kernels.specs.PrimalSpec`, :class:`~fdiv_kernels.specs.DPOSpec` on ``2B`` rows
     with per-row references, or any :class:`~fdiv_kernels.specs.LossSpec`) and head
@@ -387,6 +394,9 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
         c = prims.check_class_data(c, None if bias is None else bias.detach(), checks.class_smoothing(spec))
     if return_token_accuracy:
         checks.check_token_accuracy(head, compiled.compiling())
+    if return_target_logit and head.vocab is not None:
+        raise ValueError("return_target_logit is not supported with a vocabulary-parallel head (vocab_group= or a "
+                         "sharded DTensor weight) yet")
     mask = labels != ignore_index
     m2 = _rows(mask)
     ref_tok, ref_seq = _reference(ref_logp, labels, spec, m2, _compute_dtype(x))
@@ -408,6 +418,8 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
     return LossOutput(loss=out_loss, logp=ev.logp, lse=ev.lse, reward=reward, value_s0=v_s0.reshape(row_shape),
                       mask=mask, num_tokens=mask.sum(), divergence=spec.divergence, entropy=ev.entropy,
                       log_sum_psi=ev.log_sum_psi, predicted_tokens=ev.predicted,
+                      target_logit=target_logits(hidden, weight, bias, labels, head, ignore_index, logits)
+                      if return_target_logit else None,
                       token_accuracy=None if ev.predicted is None else token_accuracy(ev.predicted, labels, ignore_index))
 
 

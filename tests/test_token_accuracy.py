@@ -3,7 +3,8 @@ token's logits, ``-1`` where ignored) and the token accuracy, against the argmax
 logits (tests/oracle.py's), on every backend and path (``single``: read off the fused pass's kept
 logits; ``fused-two``, ``two`` and no gradients: one more logits pass), from ``logits=``, through
 the modules, and against Liger's ``return_token_accuracy`` / ``return_predicted_tokens`` where its
-kernels run on CPU (the Triton interpreter).
+kernels run on CPU (the Triton interpreter). And ``return_target_logit=True``: each token's logit of
+its label (cut-cross-entropy's indexed dot) against the float64 logits, values and gradients.
 """
 
 from __future__ import annotations
@@ -109,3 +110,27 @@ def test_liger_token_accuracy_and_predicted_tokens():
                   return_token_accuracy=True)
     assert torch.equal(got.predicted_tokens.reshape(-1), want.predicted_tokens)
     assert abs(float(got.token_accuracy) - float(want.token_accuracy)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_target_logit(backend, dtype):
+    """``out.target_logit = cap(h . W[y] + b[y]) / T`` (0 where ignored), with its gradients."""
+    inp, labels, _, _ = _inputs("torch", dtype)
+    h, w, b = (x.detach().requires_grad_() for x in (inp.hidden, inp.weight, inp.bias))
+    out = fk.loss(h, w, labels, bias=b, backend=backend, softcap=4.0, temperature=0.9, return_target_logit=True)
+    h64, w64, b64 = oracle.leaves64(inp.hidden, inp.weight, inp.bias)
+    z = oracle.logits(h64, w64, b64, softcap=4.0, temperature=0.9)
+    mask = labels != -100
+    want = torch.where(mask, z.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    oracle.assert_close(out.target_logit, want, **tol, what="target logit")
+    coef = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = torch.autograd.grad((out.target_logit.double() * coef).sum(), (h, w, b))
+    exp = torch.autograd.grad((want * coef).sum(), (h64, w64, b64))
+    for name, a, e in zip(("hidden", "weight", "bias"), got, exp):
+        oracle.assert_close(a, e, **tol, what=f"grad {name}")
+    zl = z.detach().clone().requires_grad_()
+    from_logits = fk.loss(logits=zl, labels=labels, return_target_logit=True).target_logit
+    oracle.assert_close(from_logits, want, rtol=1e-12, atol=1e-12, what="from logits")
+    assert fk.loss(h, w, labels, bias=b, backend=backend).target_logit is None

@@ -9,6 +9,10 @@ row longer than the backend's chunk, a backend without ``argmax()``: ``triton``,
 :func:`argmax_rows`: chunk kernels' ``stats`` over the supervised tokens without gradient
 buffers (the backend's, or the ``torch`` backend's), one more logits GEMM.
 With ``logits=`` it is their ``argmax``.
+
+Also the target logit ``z_y`` (``fk.loss(..., return_target_logit=True)``; cut-cross-entropy's
+indexed dot): :func:`target_logits` forms it exactly from ``h_t . W[y_t] + b[y_t]`` (one
+``n x H`` row-wise dot, the head's transform, differentiable by autograd), not as ``logp + lse``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from ..kernels.backends import Backend
 from ..specs import HeadSpec
 from .token_stats import supervised_index, valid_rows
 
-__all__ = ["argmax_rows", "from_logits", "has_argmax", "predicted_tokens", "scatter_predictions", "token_accuracy"]
+__all__ = ["argmax_rows", "from_logits", "has_argmax", "predicted_tokens", "scatter_predictions", "target_logits",
+           "token_accuracy"]
 
 
 def has_argmax(kern) -> bool:
@@ -82,3 +87,24 @@ def token_accuracy(pred: torch.Tensor, labels: torch.Tensor, ignore_index: int) 
     mask = labels != ignore_index
     hits = ((pred == labels) & mask).sum()
     return hits.to(torch.float32) / mask.sum().clamp(min=1).to(torch.float32)
+
+
+def target_logits(hidden: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  labels: torch.Tensor, head: HeadSpec, ignore_index: int,
+                  logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[*labels.shape]``: each supervised token's logit of its label, ``z_y = cap(h . W[y] + b[y]) / T``
+    (0 where ignored), in the compute dtype (float32; float64 for float64 inputs), differentiable by
+    autograd in ``hidden``, ``weight``, ``bias`` (or ``logits``, whose entry it gathers)."""
+    mask = labels != ignore_index
+    y = torch.where(mask, labels, 0).long()
+    if logits is not None:
+        cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        z = logits.gather(-1, y[..., None]).squeeze(-1).to(cdt)
+        return torch.where(mask, z, z.new_zeros(()))
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w_y = weight.index_select(0, y.reshape(-1)).reshape(*y.shape, weight.shape[1])
+    z = (hidden.to(cdt) * w_y.to(cdt)).sum(-1)
+    if bias is not None:
+        z = z + bias.to(cdt).index_select(0, y.reshape(-1)).reshape(y.shape)
+    z = torch_chunked.transform(z, head)[0]
+    return torch.where(mask, z, z.new_zeros(()))
