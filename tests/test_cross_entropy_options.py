@@ -238,3 +238,20 @@ def test_liger_fused_linear_cross_entropy_label_smoothing(z_loss):
     for name, a, e in zip(("hidden", "weight", "bias"), torch.autograd.grad(got, (h, w, b)),
                           torch.autograd.grad(want, (hl, wl, bl))):
         oracle.assert_close(a, e, rtol=1e-4, atol=1e-5, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("path", ["single", "two"])
+def test_bf16(backend, path, monkeypatch):
+    """bf16 inputs: float32 statistics and mean logits, bf16 gradients (test_contract's bf16 tolerances)."""
+    inp, cw = _inputs(backend, torch.bfloat16, seed=9)
+    h, w, b = (x.detach().requires_grad_() for x in (inp.hidden, inp.weight, inp.bias))
+    with _path(path, backend, monkeypatch):
+        out = fk.loss(h, w, inp.labels, bias=b, backend=backend, label_smoothing=0.1, class_weight=cw)
+    h64, w64, b64 = oracle.leaves64(inp.hidden, inp.weight, inp.bias)
+    want = oracle.cross_entropy(oracle.logits(h64, w64, b64), inp.labels, class_weight=cw, label_smoothing=0.1)
+    oracle.assert_close(out.loss, want, rtol=1e-4, atol=1e-4, what="loss")
+    for name, a, e in zip(("hidden", "weight", "bias"), torch.autograd.grad(out.loss, (h, w, b)),
+                          torch.autograd.grad(want, (h64, w64, b64))):
+        assert a.dtype == torch.bfloat16
+        oracle.assert_close(a, e, rtol=2e-2, atol=5e-3, what=f"grad {name}")
