@@ -24,7 +24,8 @@ import torch
 from .. import checks
 from ..specs import HeadSpec, Norms, Rows
 
-__all__ = ["MeanLogitGrads", "class_vector", "mean_direction", "mean_logits_from_logits", "with_class_options"]
+__all__ = ["MeanLogitGrads", "class_vector", "mean_direction", "mean_logits_from_logits", "token_weights",
+           "with_class_options"]
 
 
 def class_vector(spec, class_weight: Optional[torch.Tensor], vocab_size: int, like: torch.Tensor,
@@ -56,6 +57,11 @@ def mean_logits_from_logits(logits: torch.Tensor, c: torch.Tensor) -> torch.Tens
     return torch.where(c != 0, z * c, z.new_zeros(())).sum(-1) / logits.shape[-1]
 
 
+def token_weights(c: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each token's class weight ``c[y]`` (0 where ``mask`` is False), in ``labels``' shape."""
+    return torch.where(mask, c[torch.where(mask, labels, 0)], c.new_zeros(()))
+
+
 def with_class_options(rows: Rows, norms: Norms, spec, c: Optional[torch.Tensor], labels2: torch.Tensor,
                        mean_logit: Optional[torch.Tensor]) -> Tuple[Rows, Norms]:
     """``rows`` and ``norms`` with the options' fields (:class:`~fdiv_kernels.specs.Rows`): the
@@ -64,8 +70,7 @@ def with_class_options(rows: Rows, norms: Norms, spec, c: Optional[torch.Tensor]
     Unchanged when the options are off (``c`` None)."""
     if c is None:
         return rows, norms
-    zero = c.new_zeros(())
-    w = torch.where(rows.mask, c[torch.where(rows.mask, labels2, 0)], zero)
+    w = token_weights(c, rows.mask, labels2)
     smoothing = bool(checks.class_smoothing(spec))
     rows = rows._replace(weight=w, mean_logit=mean_logit if smoothing else None,
                          class_mean=c.mean() if smoothing else None)

@@ -199,7 +199,7 @@ def evaluate(spec: LossSpec, prims: Primitives, *, hidden: torch.Tensor, weight:
     params = TokenStatsParams(head, ignore_index, bool(return_entropy))
     logp, lse, ent = prims.token_stats(hidden, weight, bias, labels, params)
     mean_logit = None
-    if class_weight is not None and spec.label_smoothing:  # differentiable by autograd (one GEMV)
+    if class_weight is not None and checks.class_smoothing(spec):  # differentiable by autograd (one GEMV)
         u, s = mean_direction(class_weight, weight, bias, head)
         mean_logit = hidden.to(u.dtype) @ u + s
     ev = _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight,
@@ -228,7 +228,7 @@ def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, 
     """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits)."""
     logp, lse, ent = token_stats_from_logits(logits, labels, ignore_index, return_entropy)
     mean_logit = None
-    if class_weight is not None and spec.label_smoothing:
+    if class_weight is not None and checks.class_smoothing(spec):
         mean_logit = mean_logits_from_logits(logits, class_weight)
     ev = _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index, class_weight,
                    mean_logit)

@@ -49,7 +49,7 @@ import torch
 from .. import checks
 from ..kernels.backends import Backend, resolve_backend
 from ..specs import Coefficients, HeadSpec, LogSumExpAccumulator, LossSpec, Rows, Terms
-from .class_options import MeanLogitGrads, with_class_options
+from .class_options import MeanLogitGrads, token_weights, with_class_options
 from .predicted import argmax_rows, has_argmax, predicted_tokens, scatter_predictions
 from .token_stats import backend_options_kw, scatter_tokens, valid_grads, valid_rows
 from .vocab_parallel import combine, kernel_labels, split_coefficients, sum_over_shards
@@ -266,7 +266,6 @@ class _ChunkLoop:
         r, self.t = params.shape
         mask2 = (labels.reshape(-1) != params.ignore_index).view(r, self.t)
         self.norms = spec.normalizers(mask2)
-        self.labels2 = labels.reshape(r, self.t)
         order = plan.order
         self.m_ord = mask2 if order is None else mask2.index_select(0, order)
         self.hv, self.yv = valid_rows(hidden, labels, plan.tok_idx)
@@ -297,10 +296,9 @@ class _ChunkLoop:
         self.linear = self.logp_v.new_zeros(())
         self.c = None if class_weight is None else class_weight.to(cdt)
         self.mean_grads = None
-        if self.c is not None:  # the cross-entropy options (token-local specs): their batch sum, the GEMV
-            self.norms = with_class_options(Rows(self.logp_v[:0], self.logp_v[:0], mask2, ref_tok, None), self.norms,
-                                            spec, self.c, self.labels2, None)[1]
-            if spec.label_smoothing:
+        if self.c is not None:  # the cross-entropy options (token-local specs): the weights' sum, the GEMV
+            self.norms = self.norms._replace(weight=token_weights(self.c, mask2, labels.reshape(r, self.t)).sum())
+            if checks.class_smoothing(spec):
                 self.mean_grads = MeanLogitGrads(self.c, weight, bias, params.head, cdt)
         self.acc = LogSumExpAccumulator()
         self.lme_chunks: List[Tuple[Chunk, float]] = []
@@ -432,7 +430,7 @@ def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, class_weight, pa
     mean_grads = None
     if class_weight is not None:  # the cross-entropy options (token-local specs: no row order)
         c = class_weight.to(lse_v.dtype)
-        if spec.label_smoothing:
+        if checks.class_smoothing(spec):
             mean_grads = MeanLogitGrads(c, weight, bias, head, lse_v.dtype)
             ml = scatter_tokens(mean_grads.values(hv), idx, labels.shape).reshape(shape2)
         rows, norms = with_class_options(rows, norms, spec, c, labels.reshape(shape2),
