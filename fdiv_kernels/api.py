@@ -40,6 +40,8 @@ import torch.distributed as dist
 
 from . import checks, compiled
 from .autograd import vocab_parallel
+from .autograd.class_options import class_vector
+from .autograd.predicted import target_logits, token_accuracy
 from .autograd.evaluate import EAGER, Primitives, evaluate, evaluate_logits
 from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, stats_result
 from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
@@ -77,6 +79,13 @@ class LossOutput:
             nothing is supervised); ``None`` for the others. With ``reduction="sum"`` the loss is
             ``log_sum_psi`` plus the linear terms (``values="free"``, ``z_loss``): what
             :class:`fdiv_kernels.LogSumExpAccumulator` accumulates over micro-batches.
+        token_accuracy: with ``return_token_accuracy=True``, the fraction (0-d float32) of
+            supervised tokens whose largest logit is the label's (0 when none); else None.
+        predicted_tokens: with ``return_token_accuracy=True``, ``[..., T]`` int64, each supervised
+            token's argmax of the logits, ``-1`` where ignored (Liger's ``predicted_tokens``); else None.
+        target_logit: with ``return_target_logit=True``, ``[..., T]`` each supervised token's logit
+            of its label ``z_y`` (after soft-cap and temperature; 0 where ignored), exact (an indexed
+            dot ``h . W[y] + b[y]``, not ``logp + lse``) and differentiable; else None.
 
     ``logp``, ``lse``, ``entropy``, ``reward`` and ``value_s0`` are differentiable: using them in
     another loss adds their gradients (computed by the backend's recompute kernels).
@@ -92,6 +101,9 @@ class LossOutput:
     divergence: Union[Divergence, PrimalLoss]
     entropy: Optional[torch.Tensor] = None
     log_sum_psi: Optional[torch.Tensor] = None
+    token_accuracy: Optional[torch.Tensor] = None
+    predicted_tokens: Optional[torch.Tensor] = None
+    target_logit: Optional[torch.Tensor] = None
 
 
 class SequenceLogp(NamedTuple):
@@ -251,7 +263,8 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
          backend: str = "auto", bias: Optional[torch.Tensor] = None, length_normalize: bool = False,
          values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
          temperature: float = 1.0, return_entropy: bool = False, shift: bool = False,
-         vocab_group=None) -> LossOutput:
+         vocab_group=None, label_smoothing: float = 0.0, class_weight: Optional[torch.Tensor] = None,
+         return_token_accuracy: bool = False, return_target_logit: bool = False) -> LossOutput:
     """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
 
     Args:
@@ -285,21 +298,39 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
             the whole head's loss and statistics, its shard's ``grad_weight`` and the full
             ``grad_hidden`` (summed over the group); the ``[N, V]`` logits are never gathered
             (``docs/performance.md``, "Vocabulary parallelism").
+        label_smoothing: ``eps`` in ``[0, 1]``: each token's loss becomes ``(1 - eps) L_t + eps
+            U_t``, ``U_t = -(1/V) sum_v c_v log p_v`` the cross-entropy to the (class-weighted)
+            uniform distribution (PyTorch's ``label_smoothing``, Hugging Face's
+            ``label_smoothing_factor``, Liger's ``label_smoothing``). Not with ``softcap``.
+        class_weight: ``[V]`` finite weights ``c >= 0`` (``F.cross_entropy(weight=)``, Liger's
+            ``ce_weight``): token ``t``'s loss is weighted by ``c[y_t]`` and a mean divides by
+            ``sum_t c[y_t]`` (0 when that is 0). Both options: token level, ``values="drop"``, a
+            divergence averaged per token (not ``kl``/``squared_hellinger``); not with a
+            vocabulary-parallel head (``docs/math.md`` section 3).
+        return_token_accuracy: also ``out.token_accuracy`` and ``out.predicted_tokens`` (Liger's
+            ``return_token_accuracy`` / ``return_predicted_tokens``, TRL's ``mean_token_accuracy``):
+            read off the fused pass's logits (no extra GEMM) when gradients are needed, else one
+            more logits pass (always one on ``triton``/``cuda``, whose kernels do not keep an
+            argmax); not under ``torch.compile`` or with ``vocab_group=``.
+        return_target_logit: also ``out.target_logit``, each token's logit of its label (cut
+            cross-entropy's indexed dot): ``n x H`` multiply-adds, no GEMM; not with ``vocab_group=``.
 
     Returns:
         :class:`LossOutput`. With ``divergence="sft"``, ``beta=1`` and no reference, ``loss`` equals
-        ``F.cross_entropy(logits, labels, ignore_index=ignore_index)``.
+        ``F.cross_entropy(logits, labels, ignore_index=ignore_index, weight=class_weight,
+        label_smoothing=label_smoothing)``.
 
     When gradients are needed, the loss and its gradients come from one pass over the logits
     (3 GEMMs, :mod:`fdiv_kernels.autograd.fused`); under ``torch.no_grad`` only the logits GEMM runs.
     """
     spec = FDivSpec(divergence, beta=beta, level=level, values=values, z_loss=z_loss,
-                    length_normalize=length_normalize, reduction=reduction)
+                    length_normalize=length_normalize, reduction=reduction, label_smoothing=label_smoothing)
     if shift:
         hidden, logits, labels, ref_logp = _shifted(hidden, logits, labels, ref_logp)
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
-                          return_entropy=return_entropy, vocab_group=vocab_group)
+                          return_entropy=return_entropy, vocab_group=vocab_group, class_weight=class_weight,
+                          return_token_accuracy=return_token_accuracy, return_target_logit=return_target_logit)
 
 
 def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -337,7 +368,9 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
                    labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
                    ref_logp: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    head: HeadSpec = HeadSpec(), ignore_index: int = -100,
-                   return_entropy: bool = False, vocab_group=None) -> LossOutput:
+                   return_entropy: bool = False, vocab_group=None,
+                   class_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False,
+                   return_target_logit: bool = False) -> LossOutput:
     """:func:`loss` for an already built spec (:class:`~fdiv_kernels.specs.FDivSpec`,
     :class:`~fdiv_kernels.specs.PrimalSpec`, :class:`~fdiv_kernels.specs.DPOSpec` on ``2B`` rows
     with per-row references, or any :class:`~fdiv_kernels.specs.LossSpec`) and head
@@ -353,16 +386,28 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
     checks.check_rows(labels)
     prims = primitives()
     x = logits if logits is not None else hidden
-    labels = prims.check_labels(labels, x.shape[-1] if logits is not None else _vocab_size(weight, head), ignore_index)
+    vocab_size = x.shape[-1] if logits is not None else _vocab_size(weight, head)
+    labels = prims.check_labels(labels, vocab_size, ignore_index)
+    checks.check_class_options(spec, class_weight, vocab_size, head, labels.device)
+    c = class_vector(spec, class_weight, vocab_size, labels, _compute_dtype(x))
+    if c is not None:
+        c = prims.check_class_data(c, None if bias is None else bias.detach(), checks.class_smoothing(spec))
+    if return_token_accuracy:
+        checks.check_token_accuracy(head, compiled.compiling())
+    if return_target_logit and head.vocab is not None:
+        raise ValueError("return_target_logit is not supported with a vocabulary-parallel head (vocab_group= or a "
+                         "sharded DTensor weight) yet")
     mask = labels != ignore_index
     m2 = _rows(mask)
     ref_tok, ref_seq = _reference(ref_logp, labels, spec, m2, _compute_dtype(x))
     if logits is not None:
         ev = evaluate_logits(spec, prims, logits=logits, labels=labels, ref_tok=ref_tok, ref_seq=ref_seq,
-                             ignore_index=ignore_index, return_entropy=return_entropy)
+                             ignore_index=ignore_index, return_entropy=return_entropy, class_weight=c,
+                             return_predicted=bool(return_token_accuracy))
     else:
         ev = evaluate(spec, prims, hidden=hidden, weight=weight, bias=bias, labels=labels, ref_tok=ref_tok,
-                      ref_seq=ref_seq, head=head, ignore_index=ignore_index, return_entropy=return_entropy)
+                      ref_seq=ref_seq, head=head, ignore_index=ignore_index, return_entropy=return_entropy,
+                      class_weight=c, return_predicted=bool(return_token_accuracy))
     rows = Rows(_rows(ev.logp), _rows(ev.lse), m2, ref_tok, ref_seq)
     u, _, v_s0 = spec.rewards(rows)
     row_shape = labels.shape[:-1] if labels.dim() > 1 else ()
@@ -372,7 +417,10 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
         out_loss = out_loss.reshape(labels.shape) if out_loss.shape == m2.shape else out_loss.reshape(row_shape)
     return LossOutput(loss=out_loss, logp=ev.logp, lse=ev.lse, reward=reward, value_s0=v_s0.reshape(row_shape),
                       mask=mask, num_tokens=mask.sum(), divergence=spec.divergence, entropy=ev.entropy,
-                      log_sum_psi=ev.log_sum_psi)
+                      log_sum_psi=ev.log_sum_psi, predicted_tokens=ev.predicted,
+                      target_logit=target_logits(hidden, weight, bias, labels, head, ignore_index, logits)
+                      if return_target_logit else None,
+                      token_accuracy=None if ev.predicted is None else token_accuracy(ev.predicted, labels, ignore_index))
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,

@@ -38,7 +38,9 @@ __all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "ch
            "check_logits", "check_loss_data", "check_loss_types", "check_pairs", "check_reference", "check_rows",
            "check_same_device", "check_scalar_tensor", "check_token_stats", "check_vocab_layout", "check_vocab_shard",
            "check_vocab_shards", "data_checks_enabled", "explain_token_stats", "first_position", "invalid_reference",
-           "is_dtensor", "is_real", "SHARD_FACTS", "shard_facts"]
+           "is_dtensor", "is_real", "SHARD_FACTS", "shard_facts",
+           "check_class_data", "check_class_options", "check_token_accuracy", "class_options_refusal",
+           "class_smoothing"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 Explain = Callable[[], Optional[str]]
@@ -114,6 +116,82 @@ def check_head_options(head) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def class_options_refusal(name: str, spec) -> str:
+    """The error of a cross-entropy option (``class_weight``, ``label_smoothing``) given to a loss it
+    does not apply to."""
+    what = type(spec).__name__
+    if hasattr(spec, "level"):
+        what = (f"divergence={spec.divergence.name!r}, level={spec.level!r}, values={spec.values!r}")
+    return (f"{name} applies to per-token losses averaged over tokens: fk.loss with level='token', values='drop' "
+            f"and a divergence other than kl / squared_hellinger (log-mean-exp), e.g. divergence='sft'; got {what}")
+
+
+def class_smoothing(spec) -> float:
+    """The label smoothing of a spec's cross-entropy options (``FDivSpec.label_smoothing``); 0 for a
+    spec that does not take them (``takes_class_options``; DPO's ``label_smoothing`` is another option)."""
+    return float(spec.label_smoothing) if getattr(spec, "takes_class_options", False) else 0.0
+
+
+def check_class_options(spec, class_weight: Optional[torch.Tensor], vocab_size: int, head,
+                        device: torch.device) -> None:
+    """The cross-entropy options of a call, no device sync: ``class_weight`` None or a floating
+    ``[V]`` tensor on the labels' device, given to a spec that takes it (``takes_class_options``);
+    with either option no vocabulary-parallel head, and with label smoothing no soft-cap (its mean
+    logit is linear in ``h`` only without one; ``docs/math.md`` section 3). Their values:
+    :func:`check_class_data`."""
+    smoothing = class_smoothing(spec)
+    if class_weight is None and not smoothing:
+        return
+    which = "class_weight" if class_weight is not None else "label_smoothing"
+    if not getattr(spec, "takes_class_options", False):
+        raise ValueError(class_options_refusal(which, spec))
+    if head.vocab is not None:
+        raise ValueError(f"{which} is not supported with a vocabulary-parallel head (vocab_group= or a sharded "
+                         f"DTensor weight) yet; compute the loss on the whole head")
+    if smoothing and head.softcap is not None:
+        raise ValueError(f"label_smoothing={smoothing:g} needs each token's mean logit, which is linear in the hidden "
+                         f"state only without a soft-cap; softcap={head.softcap:g} is not supported with it")
+    if class_weight is None:
+        return
+    check_floating("class_weight", class_weight)
+    if tuple(class_weight.shape) != (vocab_size,):
+        raise ValueError(f"class_weight must have shape [V]=({vocab_size},) (one weight per vocabulary entry), "
+                         f"got {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise ValueError(f"class_weight must be on the labels' device {device}, got {class_weight.device}")
+
+
+def check_class_data(c: torch.Tensor, bias: Optional[torch.Tensor], smoothing: float) -> None:
+    """The values of a call's class weights ``c [V]`` (ones when only label smoothing is asked):
+    finite and >= 0; with label smoothing, no ``-inf`` (masked) ``bias`` column of weight > 0
+    (its ``U_t`` would be infinite). One device sync."""
+    bad = ~torch.isfinite(c) | (c < 0)
+    masked = None
+    if smoothing and bias is not None:
+        masked = (bias == -math.inf) & (c != 0)
+        bad = torch.cat([bad, masked])
+    if not bool(bad.any()):
+        return
+    v = int(bad.nonzero()[0])
+    if v < c.shape[0]:
+        raise ValueError(f"class_weight must hold finite numbers >= 0, got {float(c[v])} at index {v}")
+    v -= c.shape[0]
+    raise ValueError(f"label_smoothing={smoothing:g} puts mass on every vocabulary entry, but bias[{v}] = -inf masks "
+                     f"column {v} (class weight > 0), so the smoothed loss is infinite; give the masked columns "
+                     f"class_weight 0, or use label_smoothing=0")
+
+
+def check_token_accuracy(head, compiling: bool) -> None:
+    """``return_token_accuracy=True`` of a call: not under ``torch.compile``, not with a
+    vocabulary-parallel head (each rank's argmax is of its shard), yet."""
+    if compiling:
+        raise ValueError("return_token_accuracy is not supported under torch.compile yet; call the loss outside the "
+                         "compiled region or compute the accuracy separately")
+    if head.vocab is not None:
+        raise ValueError("return_token_accuracy is not supported with a vocabulary-parallel head (vocab_group= or a "
+                         "sharded DTensor weight) yet")
 
 
 # ---------------------------------------------------------------------------------------------

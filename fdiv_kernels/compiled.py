@@ -20,7 +20,7 @@ that calls another plain function; no op body needs autograd, so none touches to
   student's gradients at ``grad_output = 1``, scaled by ``grad_output`` in its backward; for
   ``reduction="none"`` the backward is ``distill_loss_backward`` (the pass again, each token weighted
   by its ``grad_output``).
-* ``check_labels``, ``check_token_stats``, ``check_loss``, ``check_pairs``: the data checks of
+* ``check_labels``, ``check_token_stats``, ``check_loss``, ``check_pairs``, ``check_class_data``: the data checks of
   :mod:`fdiv_kernels.checks` on the traced paths. Each returns a copy of what it checked, which
   the rest of the graph uses, so the check can neither be removed as dead code nor reordered after
   its use (the labels are checked before the ``gather`` that reads them).
@@ -136,17 +136,18 @@ def _given(t: torch.Tensor) -> Optional[torch.Tensor]:
 def fused_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                   ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], spec: str, softcap: Optional[float],
                   temperature: float, backend: str, ignore_index: int, return_entropy: bool, need_h: bool,
-                  need_w: bool, need_b: bool, need_ref_tok: bool, need_ref_seq: bool) -> Tuple[
+                  need_w: bool, need_b: bool, need_ref_tok: bool, need_ref_seq: bool,
+                  class_weight: Optional[torch.Tensor] = None) -> Tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
         torch.Tensor, torch.Tensor]:
     """``(loss, logp, lse, entropy | [0], grad_hidden, grad_weight, grad_bias, grad_ref_tok,
     grad_ref_seq)`` (each gradient at ``grad_output = 1`` or ``[0]``): the fused loss with its label
-    and data checks."""
+    and data checks (``class_weight``: the cross-entropy options' ``c [V]`` or None)."""
     checks.check_label_values(labels, weight.shape[0], ignore_index)
     loss_spec, head = decode_spec(spec), _head(softcap, temperature, backend)
     params = prepare(loss_spec, head, hidden, weight, labels, ignore_index, return_entropy)
     needs = Needs(need_h, need_w, need_b and bias is not None, need_ref_tok, need_ref_seq and ref_seq is not None)
-    res = fused_forward(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs)
+    res = fused_forward(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs, class_weight)
     mask2 = (labels != ignore_index).reshape(flat_rows(labels))
     checks.check_loss_data(res.loss, res.logp, res.lse, res.entropy, labels, mask2, ref_tok, ref_seq, head,
                            explain_loss(loss_spec, res.logp, res.lse, mask2, ref_tok, ref_seq), res.finite)
@@ -163,7 +164,7 @@ def _grad_like(t: Optional[torch.Tensor], need: bool, device, dtype=None) -> tor
 
 @fused_loss_op.register_fake
 def _(hidden, weight, bias, labels, ref_tok, ref_seq, spec, softcap, temperature, backend, ignore_index,
-      return_entropy, need_h, need_w, need_b, need_ref_tok, need_ref_seq):
+      return_entropy, need_h, need_w, need_b, need_ref_tok, need_ref_seq, class_weight=None):
     dev, cdt = labels.device, _compute_dtype(hidden)
     return (torch.empty((), dtype=cdt, device=dev), _stat_like(labels, hidden), _stat_like(labels, hidden),
             _stat_like(labels, hidden, return_entropy), _grad_like(hidden, need_h, dev, cdt),
@@ -204,7 +205,7 @@ def _fused_backward(ctx, g_loss, g_logp, g_lse, g_ent, *_):
                 e = e.to(t.dtype)
                 grads[i] = e if grads[i] is None else grads[i] + e
     gh_out, gw_out, gb_out, g_rt_out, g_rs_out = grads
-    return (gh_out, gw_out, gb_out, None, g_rt_out, g_rs_out) + (None,) * 11
+    return (gh_out, gw_out, gb_out, None, g_rt_out, g_rs_out) + (None,) * 12
 
 
 fused_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -243,14 +244,15 @@ def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entr
 
 
 def fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head: specs.HeadSpec, ignore_index: int,
-               return_entropy: bool):
-    """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``fused_loss`` through the op."""
+               return_entropy: bool, class_weight: Optional[torch.Tensor] = None, return_predicted: bool = False):
+    """The :class:`~fdiv_kernels.autograd.evaluate.Primitives` ``fused_loss`` through the op (no
+    predicted tokens: ``return_token_accuracy`` is refused under compile by the API's check)."""
     out = fused_loss_op(hidden, weight, bias, labels, ref_tok, ref_seq, encode_spec(spec), head.softcap,
                         head.temperature, head.backend, ignore_index, bool(return_entropy), hidden.requires_grad,
                         weight.requires_grad, bias is not None and bias.requires_grad, ref_tok.requires_grad,
-                        ref_seq is not None and ref_seq.requires_grad)
+                        ref_seq is not None and ref_seq.requires_grad, class_weight)
     loss, logp, lse, ent = out[:4]
-    return loss, logp, lse, (ent if return_entropy else None)
+    return loss, logp, lse, (ent if return_entropy else None), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +359,18 @@ def check_labels_op(labels: torch.Tensor, vocab_size: int, ignore_index: int) ->
 @check_labels_op.register_fake
 def _(labels, vocab_size, ignore_index):
     return torch.empty_like(labels)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::check_class_data", mutates_args=())
+def check_class_data_op(c: torch.Tensor, bias: Optional[torch.Tensor], smoothing: float) -> torch.Tensor:
+    """:func:`fdiv_kernels.checks.check_class_data`; returns a copy of ``c``."""
+    checks.check_class_data(c, bias, smoothing)
+    return c.clone()
+
+
+@check_class_data_op.register_fake
+def _(c, bias, smoothing):
+    return torch.empty_like(c)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::check_token_stats", mutates_args=())
@@ -534,4 +548,4 @@ def distill_loss(spec, head: specs.HeadSpec, hidden, weight, bias, labels, teach
 #: the autograd layer's primitives as custom ops (what the API layer uses under ``torch.compile``)
 OPS = Primitives(fused_loss=fused_loss, token_stats=token_stats, check_labels=check_labels_op,
                  check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs,
-                 distill_loss=distill_loss)
+                 distill_loss=distill_loss, check_class_data=check_class_data_op)

@@ -102,8 +102,11 @@ class FDivLoss(_SpecModule):
     The loss is one spec: ``FDivLoss(spec=FDivSpec(...))`` (or a
     :class:`~fdiv_kernels.specs.PrimalSpec` for the primal losses of :func:`fdiv_kernels.primal_loss`),
     or the keywords of :func:`fdiv_kernels.loss` that build an ``FDivSpec`` (``divergence``,
-    ``beta``, ``level``, ``reduction``, ``values``, ``z_loss``, ``length_normalize``), validated once
-    here. Plus ``ignore_index`` and ``shift_labels`` (HF causal-LM shift, see the module docstring).
+    ``beta``, ``level``, ``reduction``, ``values``, ``z_loss``, ``length_normalize``,
+    ``label_smoothing``), validated once here. Plus ``ignore_index``, ``shift_labels`` (HF causal-LM
+    shift, see the module docstring), ``class_weight`` (a ``[V]`` tensor, kept as a buffer:
+    ``F.cross_entropy(weight=)``, Liger's ``ce_weight``; :func:`fdiv_kernels.loss`) and
+    ``return_token_accuracy`` (``out.token_accuracy``, ``out.predicted_tokens`` with ``return_output=True``).
     The spec's fields read through (``loss_fn.beta``).
 
     ``forward(logits, labels, *, ref_logp=None, return_output=False)``: ``ref_logp`` is the
@@ -113,16 +116,20 @@ class FDivLoss(_SpecModule):
     """
 
     def __init__(self, spec: Optional[Union[FDivSpec, PrimalSpec]] = None, *, ignore_index: int = -100,
-                 shift_labels: bool = False, **options) -> None:
+                 shift_labels: bool = False, class_weight: Optional[torch.Tensor] = None,
+                 return_token_accuracy: bool = False, **options) -> None:
         super().__init__()
         self.spec = _built((FDivSpec, PrimalSpec), spec, options, _fdiv_spec, "spec")
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
+        self.register_buffer("class_weight", class_weight)
+        self.return_token_accuracy = bool(return_token_accuracy)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, *, ref_logp: Optional[torch.Tensor] = None,
                 return_output: bool = False) -> Union[torch.Tensor, LossOutput]:
         if self.shift_labels:
             logits, labels, ref_logp = shift_for_causal_lm(logits, labels, ref_logp)
-        out = loss_from_spec(self.spec, logits=logits, labels=labels, ref_logp=ref_logp, ignore_index=self.ignore_index)
+        out = loss_from_spec(self.spec, logits=logits, labels=labels, ref_logp=ref_logp, ignore_index=self.ignore_index,
+                             class_weight=self.class_weight, return_token_accuracy=self.return_token_accuracy)
         return out if return_output else out.loss
 
 
@@ -139,16 +146,23 @@ class FusedLinearFDivLoss(_SpecModule):
     final-logit soft-cap; ``temperature``: logits divided by it; ``backend``: "auto", "torch",
     ...; see :func:`fdiv_kernels.available_backends`). ``vocab_group``: the process group of a
     vocabulary-parallel head (``weight`` is then this rank's shard; :func:`fdiv_kernels.loss`).
+    ``class_weight``: ``[V]`` class weights, a buffer (as :class:`FDivLoss`; with the spec's
+    ``label_smoothing``, Liger's ``LigerFusedLinearCrossEntropyLoss(ce_weight=, label_smoothing=)``);
+    ``return_token_accuracy``: as :class:`FDivLoss` (from the fused pass's logits).
     """
 
     def __init__(self, spec: Optional[Union[FDivSpec, PrimalSpec]] = None, head: Optional[HeadSpec] = None, *,
-                 ignore_index: int = -100, shift_labels: bool = False, vocab_group=None, **options) -> None:
+                 ignore_index: int = -100, shift_labels: bool = False, vocab_group=None,
+                 class_weight: Optional[torch.Tensor] = None, return_token_accuracy: bool = False,
+                 **options) -> None:
         super().__init__()
         head_options = {k: options.pop(k) for k in _HEAD_FIELDS if k in options}
         self.spec = _built((FDivSpec, PrimalSpec), spec, options, _fdiv_spec, "spec")
         self.head = _built(HeadSpec, head, head_options, HeadSpec, "head")
         self.ignore_index, self.shift_labels = int(ignore_index), bool(shift_labels)
         self.vocab_group = vocab_group
+        self.register_buffer("class_weight", class_weight)
+        self.return_token_accuracy = bool(return_token_accuracy)
 
     def forward(self, hidden: torch.Tensor, weight: HeadLike, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
@@ -157,7 +171,8 @@ class FusedLinearFDivLoss(_SpecModule):
         if self.shift_labels:
             hidden, labels, ref_logp = shift_for_causal_lm(hidden, labels, ref_logp)
         out = loss_from_spec(self.spec, hidden, w, labels, bias=b, ref_logp=ref_logp, head=self.head,
-                             ignore_index=self.ignore_index, vocab_group=self.vocab_group)
+                             ignore_index=self.ignore_index, vocab_group=self.vocab_group,
+                             class_weight=self.class_weight, return_token_accuracy=self.return_token_accuracy)
         return out if return_output else out.loss
 
 

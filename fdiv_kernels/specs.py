@@ -64,7 +64,12 @@ class Rows(NamedTuple):
     ``ref_tok``: per-token reference log-probs ``[r, T]`` (0 where unsupervised) or a 0-d zero;
     ``ref_seq``: per-row reference log-probs ``[r]`` or ``None``; ``start``: the index of the first
     of these rows in the spec's row order (a chunk's offset: for per-row options such as KTO's
-    desirable flags).
+    desirable flags). The cross-entropy options (``fk.loss(class_weight=, label_smoothing=)``,
+    ``docs/math.md`` section 3, "Class weights and label smoothing"): ``weight`` ``[r, T]`` each
+    token's class weight ``c[y_t]`` (0 where unsupervised; None: the options are off) and
+    ``mean_logit`` ``[r, T]`` each token's class-weighted mean logit ``(1/V) sum_v c_v z_v`` and
+    ``class_mean`` the mean class weight ``C / V = (1/V) sum_v c_v`` (0-d), both None without label
+    smoothing.
     """
 
     logp: torch.Tensor
@@ -73,23 +78,28 @@ class Rows(NamedTuple):
     ref_tok: torch.Tensor
     ref_seq: Optional[torch.Tensor]
     start: int = 0
+    weight: Optional[torch.Tensor] = None
+    mean_logit: Optional[torch.Tensor] = None
+    class_mean: Optional[torch.Tensor] = None
 
     def select(self, rows: torch.Tensor) -> "Rows":
         """The same statistics for the rows ``rows`` (an index tensor into a whole batch: ``start`` 0)."""
         pick = lambda t: t if t is None or t.dim() == 0 else t.index_select(0, rows)  # noqa: E731
-        return Rows(*(pick(t) for t in self[:5]))
+        return Rows(*(pick(t) for t in self[:5]), 0, pick(self.weight), pick(self.mean_logit), self.class_mean)
 
 
 class Norms(NamedTuple):
     """Batch-level counts a mean divides by (0-d tensors): supervised tokens, rows with one, pairs
     (a preference loss's examples: DPO's pairs, KTO's rows) and ``chosen_tokens``, the count the NLL
     term of a preference loss divides by (the chosen / desirable rows' tokens, or a global count
-    the spec was given; None without that term)."""
+    the spec was given; None without that term). ``weight``: with class weights (:attr:`Rows.weight`)
+    the sum of the supervised tokens' class weights, what a token mean divides by (0-d; else None)."""
 
     tokens: torch.Tensor
     rows: torch.Tensor
     pairs: int = 0
     chosen_tokens: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
 
 
 class Terms(NamedTuple):
@@ -102,12 +112,14 @@ class Terms(NamedTuple):
 class Coefficients(NamedTuple):
     """Derivatives of a chunk's target (:class:`LossSpec`) with respect to the fields of
     :class:`Rows`: ``logp``, ``lse`` ``[r, T]`` (0 where unsupervised), ``ref_tok`` ``[r, T]`` (None
-    when the reference is not per token) and ``ref_seq`` ``[r]`` (None without one)."""
+    when the reference is not per token), ``ref_seq`` ``[r]`` (None without one) and ``mean_logit``
+    ``[r, T]`` (None when the spec does not read :attr:`Rows.mean_logit`)."""
 
     logp: torch.Tensor
     lse: torch.Tensor
     ref_tok: Optional[torch.Tensor] = None
     ref_seq: Optional[torch.Tensor] = None
+    mean_logit: Optional[torch.Tensor] = None
 
 
 class LossSpec(Protocol):
@@ -310,6 +322,29 @@ def _z_loss_term(rows: Rows, norms: Norms, z_loss: float, reduction: str) -> tor
     return z_loss * _mean_or_sum(torch.where(rows.mask, rows.lse * rows.lse, zero).sum(), norms.tokens, reduction)
 
 
+def _token_scale(norms: Norms, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """What a token mean's terms are multiplied by: ``1 / D`` with ``D`` the supervised tokens, or
+    with class weights the sum of their weights (0 when that sum is 0: nothing counts); 1 for a sum."""
+    if norms.weight is None or reduction == "sum":
+        return _scale(norms.tokens, reduction, dtype)
+    d = norms.weight.to(dtype)
+    one = torch.ones((), dtype=dtype, device=d.device)
+    return torch.where(d > 0, one / torch.where(d > 0, d, one), one.new_zeros(()))
+
+
+def _class_options(per: torch.Tensor, rows: Rows, eps: float) -> torch.Tensor:
+    """Per-token losses ``per [r, T]`` with the cross-entropy options: ``(1 - eps) c[y_t] per_t +
+    eps U_t``, ``U_t = -(1/V) sum_v c_v log p_v = (C/V) lse_t - mean_logit_t`` (``docs/math.md``
+    section 3); ``per`` itself when they are off (:attr:`Rows.weight` None)."""
+    if rows.weight is None:
+        return per
+    out = per * rows.weight.to(per.dtype)
+    if eps:
+        uniform = rows.class_mean.to(per.dtype) * rows.lse - rows.mean_logit
+        out = (1.0 - eps) * out + eps * torch.where(rows.mask, uniform, per.new_zeros(()))
+    return out
+
+
 class LogSumExpAccumulator:
     """``L = logsumexp_j A_j`` over parts that arrive one at a time, with the factors that make
     gradients accumulated part by part exact: the log-mean-exp divergences (KL, squared
@@ -406,7 +441,12 @@ class FDivSpec:
     """The variational f-divergence SFT loss of :func:`fdiv_kernels.loss` (validated on creation).
 
     ``divergence`` is a registry entry or a name/alias; the other fields are the arguments of
-    :func:`fdiv_kernels.loss` of the same names.
+    :func:`fdiv_kernels.loss` of the same names. ``label_smoothing`` ``eps`` in ``[0, 1]`` (and the
+    class weights, :attr:`Rows.weight`, which the API layer gives the rows): each token's loss is
+    ``(1 - eps) c[y_t] L_t + eps U_t`` with ``U_t = -(1/V) sum_v c_v log p_v``, a mean divides by
+    ``sum_t c[y_t]`` (``docs/math.md`` section 3): with ``divergence="sft"``, ``beta=1`` and no
+    reference, ``F.cross_entropy(weight=c, label_smoothing=eps)``. Token level, ``values="drop"``
+    and the divergences averaged per token (not ``kl``, ``squared_hellinger``) only.
     """
 
     divergence: Union[str, Divergence] = "sft"
@@ -416,9 +456,14 @@ class FDivSpec:
     z_loss: float = 0.0
     length_normalize: bool = False
     reduction: str = "mean"
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "divergence", get_divergence(self.divergence))
+        checks.check_unit_interval("label_smoothing", self.label_smoothing)
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+        if self.label_smoothing and not self.takes_class_options:
+            raise ValueError(checks.class_options_refusal("label_smoothing", self))
         checks.check_choice("level", self.level, LEVELS)
         checks.check_choice("reduction", self.reduction, REDUCTIONS)
         checks.check_choice("values", self.values, VALUE_MODES)
@@ -432,6 +477,12 @@ class FDivSpec:
             raise ValueError("length_normalize=True applies to level='sequence' only")
 
     # --- what the fused kernels need to know ---
+    @property
+    def takes_class_options(self) -> bool:
+        """Whether class weights and label smoothing apply: a per-token loss averaged over tokens
+        (token level, ``values="drop"``, a divergence that is not a log-mean-exp)."""
+        return self.level == "token" and self.values == "drop" and self.divergence.aggregate == "mean"
+
     @property
     def references(self) -> Tuple[str, ...]:
         """Per-token references, and per-row ones at sequence level."""
@@ -503,7 +554,10 @@ class FDivSpec:
         div, red = self.divergence, self.reduction
         zero = u.new_zeros(())
         linear, lme = zero, None
-        if div.aggregate == "mean":
+        if rows.weight is not None:  # the cross-entropy options (token level, averaged divergences)
+            per = _class_options(torch.where(w, -div.objective(u), zero), rows, self.label_smoothing)
+            linear = per.sum() * _token_scale(norms, red, u.dtype)
+        elif div.aggregate == "mean":
             linear = _mean_or_sum(torch.where(w, -div.objective(u), zero).sum(), self.units(norms), red)
         else:
             lme = _masked_logsumexp(div.neg_log_psi(u), w)
@@ -522,7 +576,11 @@ class FDivSpec:
             rw = self._reward(rows)
             u, w, div, red = rw.u, rw.weight, self.divergence, self.reduction
             zero = u.new_zeros(())
-            if div.aggregate == "mean":
+            eps = self.label_smoothing
+            if rows.weight is not None:  # the cross-entropy options: (1 - eps) c[y_t] per token, over sum c[y_t]
+                d = torch.where(w, -div.dphi(u), zero) * rows.weight.to(u.dtype) * _token_scale(norms, red, u.dtype)
+                d = (1.0 - eps) * d
+            elif div.aggregate == "mean":
                 d = torch.where(w, -div.dphi(u), zero) * _scale(self.units(norms), red, u.dtype)
             else:
                 d = _masked_softmax(div.log_psi(u), w) * torch.where(w, div.dlog_psi(u), zero)
@@ -550,7 +608,12 @@ class FDivSpec:
             if rows.ref_seq is not None:
                 ref_seq = -self.beta * d
             ref_tok = None if rows.ref_tok.dim() == 0 else -g
-            return Coefficients(torch.where(m2, g, zero), torch.where(m2, k, zero), ref_tok, ref_seq)
+            mean_logit = None
+            if rows.mean_logit is not None and eps:  # eps U_t = eps ((C/V) lse_t - mean_logit_t), scaled
+                s = eps * _token_scale(norms, red, u.dtype)
+                k = k + s * rows.class_mean.to(u.dtype)
+                mean_logit = torch.where(m2, -s, zero)
+            return Coefficients(torch.where(m2, g, zero), torch.where(m2, k, zero), ref_tok, ref_seq, mean_logit)
 
     def finish(self, terms: Terms, norms: Norms) -> torch.Tensor:
         if terms.lme is None:
@@ -559,12 +622,13 @@ class FDivSpec:
 
     def per_element(self, rows: Rows) -> torch.Tensor:
         """``reduction="none"``: ``-phi(u)`` (``psi - offset`` for log-mean-exp divergences) per
-        token / row, 0 where nothing is supervised."""
+        token / row, 0 where nothing is supervised; with the cross-entropy options ``(1 - eps)
+        c[y_t] (that) + eps U_t`` (class docstring)."""
         u, w, _ = self.rewards(rows)
         div = self.divergence
         zero = u.new_zeros(())
         if div.aggregate == "mean":
-            return torch.where(w, -div.objective(u), zero)
+            return _class_options(torch.where(w, -div.objective(u), zero), rows, self.label_smoothing)
         return torch.where(w, exp_linear_tail(div.neg_log_psi(u), PER_ELEMENT_KNEE) - div.psi_offset, zero)
 
     def explain(self, rows: Rows) -> Optional[str]:

@@ -359,6 +359,42 @@ def fdiv_loss(st: Stats, labels, *, divergence="sft", ref_logp=None, beta=1.0, l
     return out
 
 
+def cross_entropy(z: torch.Tensor, labels, *, class_weight=None, label_smoothing: float = 0.0,
+                  reduction: str = "mean", ignore_index=IGNORE) -> torch.Tensor:
+    """PyTorch's ``F.cross_entropy(weight=, label_smoothing=)`` on full logits ``z [..., T, V]``
+    (float64 in the tests): per token ``(1 - eps) c[y] (-log p_y) + (eps / V) sum_v c_v (-log p_v)``,
+    a mean divides by ``sum c[y]`` over the supervised tokens; ``reduction="none"`` in the labels' shape."""
+    v = z.shape[-1]
+    c = None if class_weight is None else class_weight.to(z.dtype)
+    out = F.cross_entropy(z.reshape(-1, v), labels.reshape(-1), weight=c, ignore_index=ignore_index,
+                                            reduction=reduction, label_smoothing=label_smoothing)
+    return out.reshape(labels.shape) if reduction == "none" else out
+
+
+def class_options_loss(z: torch.Tensor, labels, *, divergence="sft", beta=1.0, ref_logp=None, class_weight=None,
+                       label_smoothing: float = 0.0, reduction: str = "mean", ignore_index=IGNORE) -> torch.Tensor:
+    """``fk.loss`` (token level, ``values="drop"``) with the cross-entropy options
+    (``docs/math.md`` section 3), from the formula on full logits: per supervised token
+    ``(1 - eps) c[y] (-phi(u)) + eps U``, ``u = beta (log p_y - ref)``,
+    ``U = -(1/V) sum_v c_v log p_v``; a mean divides by ``sum c[y]`` (0 when that is 0)."""
+    v = z.shape[-1]
+    mask = labels != ignore_index
+    st = stats(z, labels, ignore_index)
+    logq = torch.log_softmax(z, -1)
+    c = torch.ones(v, dtype=z.dtype) if class_weight is None else class_weight.to(z.dtype)
+    w = c[torch.where(mask, labels, 0)]
+    u = beta * (st.logp - (0.0 if ref_logp is None else ref_logp.to(z.dtype)))
+    per = (1.0 - label_smoothing) * w * objective(canonical(divergence), u)
+    per = per + label_smoothing * (-torch.where(c > 0, logq * c, 0.0).sum(-1) / v)  # a class of weight 0: nothing
+    per = torch.where(mask, per, z.new_zeros(()))
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    d = torch.where(mask, w, 0.0).sum()
+    return per.sum() / d if float(d) > 0 else per.sum() * 0
+
+
 # ---------------------------------------------------------------------------------------------
 # DPO (TRL's formulas)
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,38 @@ def test_each_check_runs_once_per_loss_call(monkeypatch, path):
                      "check_token_stats": 0}, (head_check, calls)
 
 
+@pytest.mark.parametrize("path", ["one_pass", "two_pass", "no_grad", "logits"])
+def test_cross_entropy_option_checks_run_once(monkeypatch, path):
+    """Class weights and label smoothing (their scope check and their one data check) and token
+    accuracy's check: once per call."""
+    hidden, weight, labels, _ = _inputs()
+    cw = torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(1))
+    calls = _spy(monkeypatch, ["check_class_options", "check_class_data", "check_label_values", "check_loss_data",
+                               "check_token_accuracy"])
+    with fk.config(single_pass=path != "two_pass"), torch.set_grad_enabled(path != "no_grad"):
+        if path == "logits":
+            fk.loss(logits=hidden @ weight.T, labels=labels, label_smoothing=0.1, class_weight=cw,
+                    return_token_accuracy=True)
+        else:
+            fk.loss(hidden, weight, labels, label_smoothing=0.1, class_weight=cw, backend="torch",
+                    return_token_accuracy=True)
+    assert calls == {"check_class_options": 1, "check_class_data": 1, "check_label_values": 1, "check_loss_data": 1,
+                     "check_token_accuracy": 1}
+
+
+@needs_cpu
+def test_cross_entropy_options_read_the_device_once_more():
+    """The options add one host read (their data check) to the one-pass loss, none when off."""
+    hidden, weight, labels, _ = _inputs()
+    cw = torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(1))
+    fk.loss(hidden, weight, labels, backend="cpu")  # build and warm up
+    with HostReads() as off:
+        fk.loss(hidden, weight, labels, backend="cpu", label_smoothing=0.0)
+    with HostReads() as on:
+        fk.loss(hidden, weight, labels, backend="cpu", label_smoothing=0.1, class_weight=cw)
+    assert off.count <= BEFORE["sft"] and on.count == off.count + 1, (off.count, on.count)
+
+
 def test_each_check_runs_once_per_token_stats_call(monkeypatch):
     hidden, weight, labels, _ = _inputs()
     calls = _spy(monkeypatch, ["check_head", "check_label_values", "check_token_stats", "check_loss_data"])

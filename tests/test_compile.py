@@ -120,6 +120,20 @@ def test_loss_stats_outputs_used_in_another_loss(backend):
     _assert_same(step, (hidden, weight, labels, ref, bias))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_with_cross_entropy_options(backend):
+    """Class weights and label smoothing through the op (and its two-pass twin): the same as eager."""
+    hidden, weight, labels, ref = _inputs(seed=3)
+    bias = torch.randn(V) * 0.1
+    cw = torch.rand(V, generator=torch.Generator().manual_seed(4))
+    _grad(hidden, weight, bias)
+
+    def step(h, w, y, r, b):
+        return fk.loss(h, w, y, bias=b, backend=backend, label_smoothing=0.1, class_weight=cw).loss
+
+    _assert_same(step, (hidden, weight, labels, ref, bias))
+
+
 def test_loss_from_logits():
     hidden, weight, labels, ref = _inputs(seed=2)
     logits = (hidden @ weight.T).requires_grad_()
@@ -294,6 +308,9 @@ def test_opcheck_ops():
     seq = compiled.encode_spec(FDivSpec("js", level="sequence", beta=0.5))
     torch.library.opcheck(compiled.fused_loss_op, args[:4] + (torch.zeros(()), -torch.rand(2).requires_grad_(), seq)
                           + args[7:15] + (False, True), test_utils=utils)  # a per-row reference
+    smooth = compiled.encode_spec(FDivSpec("sft", label_smoothing=0.1))
+    torch.library.opcheck(compiled.fused_loss_op, args[:2] + (torch.randn(V),) + args[3:6] + (smooth,) + args[7:]
+                          + (torch.rand(V),), test_utils=utils)  # class weights, label smoothing
     torch.library.opcheck(compiled.token_stats_op, (hidden, weight, None, labels, None, 1.0, "torch", -100, True),
                           test_utils=utils)
     logp, lse = (torch.randn(2, 5, requires_grad=True) for _ in range(2))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+import fdiv_kernels as fk  # noqa: E402
 from fdiv_kernels.integrations.trl import FDivDPOTrainer, FDivSFTTrainer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # TRL/transformers deprecations
@@ -61,24 +62,30 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def _sft_pair(tmp_path, fdiv=None, ref_model=None, steps=3):
+def _sft_pair(tmp_path, fdiv=None, ref_model=None, steps=3, **config):
     tok = tiny_tokenizer()
     model = tiny_llama(tok)
     ds = sft_dataset()
-    ref_tr = trl.SFTTrainer(model=copy.deepcopy(model), args=trl.SFTConfig(**_common(tmp_path, "a", max_steps=steps)),
+    ref_tr = trl.SFTTrainer(model=copy.deepcopy(model),
+                            args=trl.SFTConfig(**_common(tmp_path, "a", max_steps=steps, **config)),
                             train_dataset=ds, processing_class=tok)
-    ours = FDivSFTTrainer(model=model, args=trl.SFTConfig(**_common(tmp_path, "b", max_steps=steps)),
+    ours = FDivSFTTrainer(model=model, args=trl.SFTConfig(**_common(tmp_path, "b", max_steps=steps, **config)),
                           train_dataset=ds, processing_class=tok, fdiv=fdiv, ref_model=ref_model)
     return ref_tr, ours
 
 
-def test_sft_nll_equals_trl_on_a_batch_and_over_training(tmp_path):
-    ref_tr, ours = _sft_pair(tmp_path)
+@pytest.mark.parametrize("config", [{}, {"label_smoothing_factor": 0.1}], ids=["nll", "label_smoothing"])
+def test_sft_nll_equals_trl_on_a_batch_and_over_training(tmp_path, config):
+    """With ``label_smoothing_factor`` TRL computes HF's ``LabelSmoother`` on full logits; ours is fused."""
+    ref_tr, ours = _sft_pair(tmp_path, **config)
     batch = next(iter(ours.get_train_dataloader()))
     assert (batch["labels"] == -100).any()  # padding is in the batch
     a = ref_tr.compute_loss(ref_tr.model, dict(batch))
     b = ours.compute_loss(ours.model, dict(batch))
     assert torch.allclose(a, b, atol=1e-5), (a, b)
+    # TRL's mean_token_accuracy, ours read off the fused pass's logits
+    acc = [tr._metrics["train" if tr.model.training else "eval"]["mean_token_accuracy"][-1] for tr in (ref_tr, ours)]
+    assert abs(acc[0] - acc[1]) < 1e-6 and 0.0 < acc[0] < 1.0, acc
     n = torch.tensor(50)
     a = ref_tr.compute_loss(ref_tr.model, dict(batch), num_items_in_batch=n)
     b = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n)
@@ -180,6 +187,19 @@ def test_dpo_unsupported_variant_is_refused(tmp_path, kw, match):
     with pytest.raises(NotImplementedError, match=match):
         FDivDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dpo_dataset(),
                        processing_class=tok)
+
+
+def test_sft_label_smoothing_options(tmp_path):
+    """``label_smoothing_factor`` reaches a given spec; a conflicting ``fdiv`` value or a primal spec is refused."""
+    tok = tiny_tokenizer()
+    args = trl.SFTConfig(**_common(tmp_path, "s", max_steps=1, label_smoothing_factor=0.2))
+    kw = dict(args=args, train_dataset=sft_dataset(), processing_class=tok)
+    tr = FDivSFTTrainer(model=tiny_llama(tok), fdiv=fk.FDivSpec("js", beta=0.5), **kw)
+    assert tr.fdiv_options["spec"].label_smoothing == 0.2
+    with pytest.raises(ValueError, match="differ"):
+        FDivSFTTrainer(model=tiny_llama(tok), fdiv={"label_smoothing": 0.1}, **kw)
+    with pytest.raises(ValueError, match="PrimalSpec"):
+        FDivSFTTrainer(model=tiny_llama(tok), fdiv=fk.PrimalSpec("kl"), **kw)
 
 
 def test_sft_kl_is_log_mean_exp_and_divided_by_accumulation_steps(tmp_path):

@@ -51,8 +51,10 @@ def _autograd(spec, rows: Rows, norms=None):
         leaves["ref_tok"] = rows.ref_tok.clone().requires_grad_()
     if rows.ref_seq is not None:
         leaves["ref_seq"] = rows.ref_seq.clone().requires_grad_()
-    r = Rows(leaves["logp"], leaves["lse"], rows.mask, leaves.get("ref_tok", rows.ref_tok),
-             leaves.get("ref_seq", rows.ref_seq), rows.start)
+    if rows.mean_logit is not None:
+        leaves["mean_logit"] = rows.mean_logit.clone().requires_grad_()
+    r = rows._replace(logp=leaves["logp"], lse=leaves["lse"], ref_tok=leaves.get("ref_tok", rows.ref_tok),
+                      ref_seq=leaves.get("ref_seq", rows.ref_seq), mean_logit=leaves.get("mean_logit"))
     norms = spec.normalizers(rows.mask) if norms is None else norms
     terms = spec.terms(r, norms)
     target = terms.lme if spec.uses_lme else terms.linear
@@ -66,7 +68,7 @@ def _check(spec, rows: Rows, norms=None):
     got = spec.coefficients(rows, norms)
     for name in ("logp", "lse"):
         torch.testing.assert_close(getattr(got, name), want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
-    for name in ("ref_tok", "ref_seq"):
+    for name in ("ref_tok", "ref_seq", "mean_logit"):
         if name in want:
             mine = getattr(got, name)
             mine = torch.zeros_like(want[name]) if mine is None else mine
@@ -95,6 +97,22 @@ def test_fdiv_coefficients_in_the_tails(divergence):
     """Rewards of +-200 nats (beta 5): the softplus branches, the log-mean-exp softmax, pearson's flat part."""
     for seed, level in enumerate(("token", "sequence")):
         _check(FDivSpec(divergence, beta=5.0, level=level), _rows(seed + 10, ref="token", scale=40.0))
+
+
+@pytest.mark.parametrize("divergence", sorted(n for n, d in fk.DIVERGENCES.items() if d.aggregate == "mean"))
+@pytest.mark.parametrize("eps,reduction", [(0.0, "mean"), (0.1, "mean"), (0.3, "sum"), (1.0, "mean")])
+def test_class_options_coefficients_are_the_autograd_gradients(divergence, eps, reduction):
+    """Class weights (``Rows.weight``, ``Norms.weight``) and label smoothing (``Rows.mean_logit``,
+    ``Rows.class_mean``), with a z-loss: the coefficients of ``logp``, ``lse``, the reference and
+    the mean logit."""
+    spec = FDivSpec(divergence, beta=0.7, reduction=reduction, label_smoothing=eps, z_loss=0.2)
+    for seed, ref in enumerate(("none", "token")):
+        rows = _rows(seed, ref=ref)
+        g = torch.Generator().manual_seed(seed + 50)
+        w = torch.where(rows.mask, torch.rand(R, T, generator=g, dtype=torch.float64) * 2, 0.0)
+        ml = torch.where(rows.mask, torch.randn(R, T, generator=g, dtype=torch.float64), 0.0) if eps else None
+        rows = rows._replace(weight=w, mean_logit=ml, class_mean=torch.tensor(0.8, dtype=torch.float64) if eps else None)
+        _check(spec, rows, spec.normalizers(rows.mask)._replace(weight=w.sum()))
 
 
 @pytest.mark.parametrize("name", fk.divergence_names("primal"))

@@ -52,6 +52,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_lse"), py::arg("grad_entropy"),
         py::arg("softcap"), py::arg("temperature"), py::arg("grad_weight_t"), py::arg("grad_bias"), py::arg("alpha"),
         py::arg("beta"), py::arg("need_grad_hidden"), py::arg("vocab_size"), py::arg("tile_cols"));
+  m.def("row_argmax", &fdivk::row_argmax,
+        "(buf f32 >= rows*V, rows, V) -> [rows] int64: each row's first largest logit's index (the kept logits)",
+        py::arg("buf"), py::arg("rows"), py::arg("V"));
   m.def("exp_approx", &fdivk::exp_approx, "elementwise exp approximation used by the epilogues (float32)");
   m.def("tanh_approx", &fdivk::tanh_approx, "elementwise tanh approximation used by the epilogues (float32)");
   fdivk::bind_distill(m);  // distillation (distill_cpu.cpp)

@@ -801,4 +801,49 @@ at::Tensor tanh_approx(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor row_argmax(const at::Tensor& buf, int64_t rows, int64_t V) {
+  TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() >= rows * V,
+              "row_argmax: buf must be contiguous float32 with >= rows * V elements");
+  at::Tensor out = at::empty({rows}, buf.options().dtype(at::kLong));
+  const float* z = buf.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    constexpr int L = 16;  // independent lanes (each keeps its first largest value): vectorisable
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = z + r * V;
+      float best[L];
+      int64_t at[L];
+      for (int l = 0; l < L; ++l) {
+        best[l] = -INFINITY;
+        at[l] = -1;
+      }
+      int64_t v = 0;
+      for (; v + L <= V; v += L) {
+        for (int l = 0; l < L; ++l) {
+          const float x = row[v + l];
+          const bool gt = x > best[l];
+          best[l] = gt ? x : best[l];
+          at[l] = gt ? v + l : at[l];
+        }
+      }
+      float m = -INFINITY;
+      int64_t idx = -1;
+      for (int l = 0; l < L; ++l) {  // the largest value; the smallest index among equal ones
+        if (at[l] >= 0 && (best[l] > m || (best[l] == m && at[l] < idx))) {
+          m = best[l];
+          idx = at[l];
+        }
+      }
+      for (; v < V; ++v) {
+        if (row[v] > m) {
+          m = row[v];
+          idx = v;
+        }
+      }
+      o[r] = idx < 0 ? 0 : idx;
+    }
+  });
+  return out;
+}
+
 }  // namespace fdivk

@@ -85,6 +85,11 @@ at::Tensor chunk_grads_bf16_cpu(
     const std::optional<at::Tensor>& grad_weight_t, const std::optional<at::Tensor>& grad_bias, double alpha,
     double beta, bool need_grad_hidden, int64_t vocab_size, int64_t tile_cols);
 
+// row_argmax: each row's largest logit's index from the logits a chunk's stats keep in `buf`
+// ([rows, V] float32 at its start): the first index of the largest value, 0 for a row of only -inf
+// or NaN (predicted tokens, token accuracy). Rows in parallel; one read of the rows, no GEMM.
+at::Tensor row_argmax(const at::Tensor& buf, int64_t rows, int64_t V);
+
 // Test hooks: the vectorisable exp / tanh approximations used by the epilogues, elementwise on
 // a float32 tensor (so tests can compare them with float64 math).
 at::Tensor exp_approx(const at::Tensor& x);

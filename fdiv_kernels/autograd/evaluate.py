@@ -27,8 +27,11 @@ import torch
 from .. import checks, knobs
 from ..formulas.preference import explain_pair
 from ..specs import HeadSpec, LossSpec, Norms, Rows
+from .class_options import mean_direction, mean_logits_from_logits, with_class_options
 from .distill import eager_distill_loss
+from ..kernels.backends import resolve_backend
 from .fused import FusedLossFunction, flat_rows, prepare, row_order
+from .predicted import from_logits, predicted_tokens
 from .token_stats import TokenStatsParams, token_stats, token_stats_from_logits
 
 __all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "explain_loss", "fused_applies",
@@ -38,25 +41,31 @@ __all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "e
 class Evaluated(NamedTuple):
     """What :func:`evaluate` returns: the loss, the per-token statistics (shape of ``labels``;
     ``entropy`` None unless asked for) and, for a log-mean-exp loss (``spec.uses_lme``), its
-    log-sum-exp part ``log sum psi`` (0-d, ``-inf`` when nothing is supervised; None otherwise)."""
+    log-sum-exp part ``log sum psi`` (0-d, ``-inf`` when nothing is supervised; None otherwise);
+    ``predicted``: the predicted tokens when asked for (:mod:`.predicted`; shape of ``labels``)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: Optional[torch.Tensor]
     log_sum_psi: Optional[torch.Tensor] = None
+    predicted: Optional[torch.Tensor] = None
 
 
 class Primitives(NamedTuple):
     """The steps the paths are built from (eager: :data:`EAGER`; ops: ``fdiv_kernels.compiled.OPS``).
 
     * ``fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head, ignore_index,
-      return_entropy) -> (loss, logp, lse, entropy | None)``, its data check included;
+      return_entropy, class_weight, return_predicted) -> (loss, logp, lse, entropy | None,
+      predicted | None)``, its data check included (``class_weight``: the cross-entropy options'
+      ``c [V]`` or None; ``return_predicted``: the predicted tokens, eager only);
     * ``token_stats(hidden, weight, bias, labels, params) -> (logp, lse, entropy | None)``;
     * ``check_labels(labels, vocab_size, ignore_index) -> labels``;
     * ``check_token_stats(logp, lse, entropy, labels, head) -> (logp, lse, entropy)``;
     * ``check_loss(spec, loss, logp, lse, entropy, labels, ref_tok, ref_seq, head, ignore_index) -> loss``;
     * ``check_pairs(spec, losses, pc, pr, rc, rr) -> losses``;
+    * ``check_class_data(c, bias, smoothing) -> c``: the cross-entropy options' class weights
+      (:func:`fdiv_kernels.checks.check_class_data`);
     * ``distill_loss(spec, head, hidden, weight, bias, labels, teacher_hidden, teacher_weight,
       teacher_bias, teacher_logits, ignore_index) -> (loss, div, nll)``, its data check included
       (:mod:`.distill`).
@@ -71,6 +80,7 @@ class Primitives(NamedTuple):
     check_loss: Callable
     check_pairs: Callable
     distill_loss: Optional[Callable] = None
+    check_class_data: Optional[Callable] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,15 +123,17 @@ def _mask2(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def eager_fused_loss(spec: LossSpec, hidden, weight, bias, labels, ref_tok, ref_seq, head: HeadSpec,
-                     ignore_index: int, return_entropy: bool):
+                     ignore_index: int, return_entropy: bool, class_weight: Optional[torch.Tensor] = None,
+                     return_predicted: bool = False):
     """The fused path (:class:`~.fused.FusedLossFunction`) and its data check."""
-    params = prepare(spec, head, hidden, weight, labels, ignore_index, return_entropy)
-    loss, logp, lse, ent, finite = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params)
+    params = prepare(spec, head, hidden, weight, labels, ignore_index, return_entropy, return_predicted)
+    loss, logp, lse, ent, finite, pred = FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq,
+                                                                 params, class_weight)
     ent = ent if return_entropy else None
     mask2 = _mask2(labels, ignore_index)
     checks.check_loss_data(loss, logp, lse, ent, labels, mask2, ref_tok, ref_seq, head,
                            explain_loss(spec, logp, lse, mask2, ref_tok, ref_seq), finite)
-    return loss, logp, lse, ent
+    return loss, logp, lse, ent, (pred if return_predicted else None)
 
 
 def _check_labels(labels, vocab_size, ignore_index):
@@ -147,9 +159,14 @@ def _check_pairs(spec, losses, pc, pr, rc, rr):
     return losses
 
 
+def _check_class_data(c, bias, smoothing):
+    checks.check_class_data(c, bias, smoothing)
+    return c
+
+
 EAGER = Primitives(fused_loss=eager_fused_loss, token_stats=token_stats, check_labels=_check_labels,
                    check_token_stats=_check_token_stats, check_loss=_check_loss, check_pairs=_check_pairs,
-                   distill_loss=eager_distill_loss)
+                   distill_loss=eager_distill_loss, check_class_data=_check_class_data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,19 +182,32 @@ def fused_applies(spec: LossSpec, hidden: torch.Tensor, weight: torch.Tensor, bi
 
 def evaluate(spec: LossSpec, prims: Primitives, *, hidden: torch.Tensor, weight: torch.Tensor,
              bias: Optional[torch.Tensor], labels: torch.Tensor, ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor],
-             head: HeadSpec, ignore_index: int, return_entropy: bool) -> Evaluated:
+             head: HeadSpec, ignore_index: int, return_entropy: bool,
+             class_weight: Optional[torch.Tensor] = None, return_predicted: bool = False) -> Evaluated:
     """The loss of ``spec`` and the token statistics from the LM head (module docstring).
 
     Inputs are validated by the caller (``ref_tok`` ``[R, T]`` masked or a 0-d zero, ``ref_seq``
-    ``[R]`` or ``None``, both in the compute dtype); the data check runs once, at the end.
+    ``[R]`` or ``None``, both in the compute dtype; ``class_weight``: the cross-entropy options'
+    ``c [V]`` in the compute dtype, :func:`.class_options.class_vector`, or None); the data check
+    runs once, at the end. ``return_predicted``: also the predicted tokens (:mod:`.predicted`: from
+    the fused pass's kept logits, else one more logits pass).
     """
     if fused_applies(spec, hidden, weight, bias):
-        loss, logp, lse, ent = prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head,
-                                                ignore_index, return_entropy)
-        return Evaluated(loss, logp, lse, ent, _fused_log_sum_psi(spec, loss, labels, ignore_index))
+        loss, logp, lse, ent, pred = prims.fused_loss(spec, hidden, weight, bias, labels, ref_tok, ref_seq, head,
+                                                      ignore_index, return_entropy, class_weight, return_predicted)
+        return Evaluated(loss, logp, lse, ent, _fused_log_sum_psi(spec, loss, labels, ignore_index), pred)
     params = TokenStatsParams(head, ignore_index, bool(return_entropy))
     logp, lse, ent = prims.token_stats(hidden, weight, bias, labels, params)
-    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
+    mean_logit = None
+    if class_weight is not None and checks.class_smoothing(spec):  # differentiable by autograd (one GEMV)
+        u, s = mean_direction(class_weight, weight, bias, head)
+        mean_logit = hidden.to(u.dtype) @ u + s
+    ev = _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight,
+                   mean_logit)
+    if not return_predicted:
+        return ev
+    pred = predicted_tokens(resolve_backend(head.backend, hidden), hidden, weight, bias, labels, head, ignore_index)
+    return ev._replace(predicted=pred)
 
 
 def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
@@ -193,16 +223,25 @@ def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
 
 def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, labels: torch.Tensor,
                     ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], ignore_index: int,
-                    return_entropy: bool) -> Evaluated:
+                    return_entropy: bool, class_weight: Optional[torch.Tensor] = None,
+                    return_predicted: bool = False) -> Evaluated:
     """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits)."""
     logp, lse, ent = token_stats_from_logits(logits, labels, ignore_index, return_entropy)
-    return _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index)
+    mean_logit = None
+    if class_weight is not None and checks.class_smoothing(spec):
+        mean_logit = mean_logits_from_logits(logits, class_weight)
+    ev = _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, HeadSpec(), ignore_index, class_weight,
+                   mean_logit)
+    return ev._replace(predicted=from_logits(logits, labels, ignore_index)) if return_predicted else ev
 
 
-def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index) -> Evaluated:
+def _two_pass(spec, prims, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index, class_weight=None,
+              mean_logit=None) -> Evaluated:
     shape = flat_rows(labels)
     mask2 = (labels != ignore_index).reshape(shape)
     rows = Rows(logp.reshape(shape), lse.reshape(shape), mask2, ref_tok, ref_seq)
-    loss, log_sum_psi = whole_batch(spec, rows, spec.normalizers(mask2))
+    rows, norms = with_class_options(rows, spec.normalizers(mask2), spec, class_weight, labels.reshape(shape),
+                                     None if mean_logit is None else mean_logit.reshape(shape))
+    loss, log_sum_psi = whole_batch(spec, rows, norms)
     loss = prims.check_loss(spec, loss, logp, lse, ent, labels, ref_tok, ref_seq, head, ignore_index)
     return Evaluated(loss, logp, lse, ent, log_sum_psi)

@@ -49,6 +49,8 @@ import torch
 from .. import checks
 from ..kernels.backends import Backend, resolve_backend
 from ..specs import Coefficients, HeadSpec, LogSumExpAccumulator, LossSpec, Rows, Terms
+from .class_options import MeanLogitGrads, token_weights, with_class_options
+from .predicted import argmax_rows, has_argmax, predicted_tokens, scatter_predictions
 from .token_stats import backend_options_kw, scatter_tokens, valid_grads, valid_rows
 from .vocab_parallel import combine, kernel_labels, split_coefficients, sum_over_shards
 
@@ -153,6 +155,7 @@ class FusedParams:
     shape: Tuple[int, int]          # (rows, T) of the labels
     ignore_index: int
     return_entropy: bool
+    return_predicted: bool = False  # the predicted tokens (:mod:`.predicted`), from the kept logits
 
 
 class Needs(NamedTuple):
@@ -180,7 +183,8 @@ class FusedResult(NamedTuple):
     """What :func:`fused_forward` returns: the loss, the statistics (shape of ``labels``; ``entropy``
     None unless asked for), ``finite`` (0-d bool: every statistic and coefficient finite), the
     :class:`Grads`, and for :func:`stats_grads` the supervised ``lse_v``/``ent_v`` in processing
-    order with their flat indices ``tok_idx`` (None: every token, in order)."""
+    order with their flat indices ``tok_idx`` (None: every token, in order); ``predicted``: with
+    ``params.return_predicted`` the predicted tokens (shape of ``labels``, -1 where ignored)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
@@ -191,10 +195,11 @@ class FusedResult(NamedTuple):
     lse_v: torch.Tensor
     ent_v: Optional[torch.Tensor]
     tok_idx: Optional[torch.Tensor]
+    predicted: Optional[torch.Tensor] = None
 
 
 def prepare(spec: LossSpec, head: HeadSpec, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-            ignore_index: int, return_entropy: bool) -> FusedParams:
+            ignore_index: int, return_entropy: bool, return_predicted: bool = False) -> FusedParams:
     """The backend and chunk plan of a call (the plan's host reads happen here)."""
     backend = resolve_backend(head.backend, hidden)
     shape = flat_rows(labels)
@@ -209,7 +214,7 @@ def prepare(spec: LossSpec, head: HeadSpec, hidden: torch.Tensor, weight: torch.
                       f"chunk of {budget} tokens: two passes")
     else:
         _announce(f"backend {backend.name!r} has no single-pass kernels: two passes")
-    return FusedParams(spec, head, backend, plan, shape, ignore_index, return_entropy)
+    return FusedParams(spec, head, backend, plan, shape, ignore_index, return_entropy, return_predicted)
 
 
 def _announce(msg: str) -> None:
@@ -254,7 +259,8 @@ class _ChunkLoop:
     """The state of one :func:`fused_forward` over the chunks of its plan (a class only to keep
     each step short; one instance per call)."""
 
-    def __init__(self, hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedParams, needs: Needs):
+    def __init__(self, hidden, weight, bias, labels, ref_tok, ref_seq, class_weight, params: FusedParams,
+                 needs: Needs):
         spec, plan = params.spec, params.plan
         self.spec, self.plan, self.params = spec, plan, params
         r, self.t = params.shape
@@ -276,6 +282,11 @@ class _ChunkLoop:
             return_entropy=params.return_entropy, need_h=needs.hidden, need_w=needs.weight,
             need_b=needs.bias and bias is not None)
         n, cdt, dev = plan.num_tokens, self.kern.dtype, hidden.device
+        # the predicted tokens, off the kept logits where the kernels read them (else in result())
+        self.pred_v = None
+        if params.return_predicted and has_argmax(self.kern):
+            self.pred_v = torch.empty(n, dtype=torch.long, device=dev)
+        self.weight, self.bias = weight, bias
         self.logp_v = torch.empty(n, dtype=cdt, device=dev)
         self.lse_v = torch.empty_like(self.logp_v)
         self.ent_v = torch.empty_like(self.logp_v) if params.return_entropy else None
@@ -283,6 +294,12 @@ class _ChunkLoop:
         self.g_ref_tok = torch.zeros(n, dtype=cdt, device=dev) if needs.ref_tok and ref_tok.dim() else None
         self.g_ref_seq = torch.zeros(r, dtype=cdt, device=dev) if needs.ref_seq and ref_seq is not None else None
         self.linear = self.logp_v.new_zeros(())
+        self.c = None if class_weight is None else class_weight.to(cdt)
+        self.mean_grads = None
+        if self.c is not None:  # the cross-entropy options (token-local specs): the weights' sum, the GEMV
+            self.norms = self.norms._replace(weight=token_weights(self.c, mask2, labels.reshape(r, self.t)).sum())
+            if checks.class_smoothing(spec):
+                self.mean_grads = MeanLogitGrads(self.c, weight, bias, params.head, cdt)
         self.acc = LogSumExpAccumulator()
         self.lme_chunks: List[Tuple[Chunk, float]] = []
         self.finite = torch.ones((), dtype=torch.bool, device=dev)
@@ -297,6 +314,8 @@ class _ChunkLoop:
         en = None
         if has_tokens:
             lp, ls, en = combine(*self.kern.stats(hc, yc), owner, self.vocab)
+            if self.pred_v is not None:  # read off the kept logits, before grads overwrites them
+                self.pred_v[sl] = self.kern.argmax()
             self.logp_v[sl], self.lse_v[sl] = lp, ls
             if self.ent_v is not None:
                 self.ent_v[sl] = en
@@ -306,6 +325,9 @@ class _ChunkLoop:
             lp = ls = self.logp_v[:0]
         rows, local = _chunk_rows(self.spec, c, self.plan, self.t, lp, ls, self.m_ord, self.ref_tok_ord,
                                   self.ref_seq_ord, self.ref_flat)
+        if self.c is not None:  # token-local: one flat row of the chunk's tokens
+            ml = None if self.mean_grads is None else self.mean_grads.values(hc)[None]
+            rows = with_class_options(rows, self.norms, self.spec, self.c, self.yv[sl][None], ml)[0]
         terms = self.spec.terms(rows, self.norms)
         self.linear = self.linear + terms.linear
         alpha = beta = 1.0
@@ -326,6 +348,8 @@ class _ChunkLoop:
             self.finite = self.finite & checks.all_finite((g, k))
         g, k = split_coefficients(g, k, owner)
         ghc = self.kern.grads(hc, yc, ls, en if self.ent_v is not None else None, g, k, None, alpha=alpha, beta=beta)
+        if self.mean_grads is not None:
+            self.mean_grads.add(_from_grid(coef.mean_logit, local), hc, ghc)
         if self.gh_v is not None:
             self.gh_v[sl] = ghc
 
@@ -348,6 +372,8 @@ class _ChunkLoop:
             lme = self.logp_v.new_tensor(self.acc.total)
         loss = spec.finish(Terms(self.linear, lme), norms)
         grad_w, grad_b = self.kern.results()
+        if self.mean_grads is not None:
+            self.mean_grads.apply(grad_w, grad_b)
         idx, shape = plan.tok_idx, labels.shape
         gh_v = sum_over_shards(self.gh_v, self.vocab)
         grad_h = None if gh_v is None else scatter_tokens(gh_v, idx, shape)
@@ -357,8 +383,15 @@ class _ChunkLoop:
             g_ref_seq = torch.zeros_like(g_ref_seq).index_copy_(0, plan.order, g_ref_seq)
         ent = None if self.ent_v is None else scatter_tokens(self.ent_v, idx, shape)
         finite = self.finite & self.host_finite
+        pred = None
+        if self.params.return_predicted:
+            pred_v = self.pred_v
+            if pred_v is None:  # kernels without argmax(): one more logits pass (module predicted)
+                pred_v = argmax_rows(self.params.backend, self.hv, self.yv, self.weight, self.bias, self.params.head)
+            pred = scatter_predictions(pred_v, idx, labels)
         return FusedResult(loss, scatter_tokens(self.logp_v, idx, shape), scatter_tokens(self.lse_v, idx, shape), ent,
-                           finite, Grads(grad_h, grad_w, grad_b, g_ref_tok, g_ref_seq), self.lse_v, self.ent_v, idx)
+                           finite, Grads(grad_h, grad_w, grad_b, g_ref_tok, g_ref_seq), self.lse_v, self.ent_v, idx,
+                           pred)
 
     def _final_lme_weights(self) -> None:
         """Each chunk's ``grad_h`` rows and reference gradients times their final weight
@@ -373,7 +406,8 @@ class _ChunkLoop:
                 self.g_ref_seq[c.row0:c.row1] *= w
 
 
-def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedParams, needs: Needs) -> FusedResult:
+def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, class_weight, params: FusedParams,
+                needs: Needs) -> FusedResult:
     """:func:`fused_forward` without a chunk plan: the backend's forward over every supervised
     row, the spec's coefficients on the whole batch, the backend's backward."""
     spec, head, backend = params.spec, params.head, params.backend
@@ -392,9 +426,17 @@ def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedPar
     logp, lse = scatter_tokens(logp_v, idx, labels.shape), scatter_tokens(lse_v, idx, labels.shape)
     ref_tok, ref_seq = ref_tok.detach(), None if ref_seq is None else ref_seq.detach()
     rows = Rows(logp.reshape(shape2), lse.reshape(shape2), mask2, ref_tok, ref_seq)
+    norms = spec.normalizers(mask2)
+    mean_grads = None
+    if class_weight is not None:  # the cross-entropy options (token-local specs: no row order)
+        c = class_weight.to(lse_v.dtype)
+        if checks.class_smoothing(spec):
+            mean_grads = MeanLogitGrads(c, weight, bias, head, lse_v.dtype)
+            ml = scatter_tokens(mean_grads.values(hv), idx, labels.shape).reshape(shape2)
+        rows, norms = with_class_options(rows, norms, spec, c, labels.reshape(shape2),
+                                         ml if mean_grads is not None else None)
     order = row_order(spec, shape2[0], mask2.device)
     rows_ord = rows if order is None else rows.select(order)
-    norms = spec.normalizers(mask2)
     loss = spec.finish(spec.terms(rows_ord, norms), norms)
     coef = spec.coefficients(rows_ord, norms)
     if order is not None:
@@ -405,25 +447,33 @@ def _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedPar
     if needs.hidden or needs.weight or (needs.bias and bias is not None):
         gh_v, gw, gb = backend.backward(hv, w_c, b_c, yk, lse_v, None, *split_coefficients(g, k, owner), None,
                                         head=head, **backend_options_kw(options))
+        if mean_grads is not None:
+            a = coef.mean_logit.reshape(-1)
+            mean_grads.add(a if idx is None else a.index_select(0, idx), hv, gh_v)
+            mean_grads.apply(gw, gb)
         gh = scatter_tokens(sum_over_shards(gh_v, head.vocab), idx, labels.shape) if needs.hidden else None
         gw = gw if needs.weight else None
         gb = gb if (needs.bias and bias is not None) else None
     grads = Grads(gh, gw, gb, coef.ref_tok if needs.ref_tok else None, coef.ref_seq if needs.ref_seq else None)
     ent = None if ent_v is None else scatter_tokens(ent_v, idx, labels.shape)
-    return FusedResult(loss, logp, lse, ent, finite, grads, lse_v, ent_v, idx)
+    pred = None
+    if params.return_predicted:  # no kept logits here: the chunk kernels' stats again (module predicted)
+        pred = predicted_tokens(backend, hidden, weight, bias, labels, head, params.ignore_index)
+    return FusedResult(loss, logp, lse, ent, finite, grads, lse_v, ent_v, idx, pred)
 
 
 def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                   ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], params: FusedParams,
-                  needs: Needs) -> FusedResult:
+                  needs: Needs, class_weight: Optional[torch.Tensor] = None) -> FusedResult:
     """The loss of ``params.spec``, the token statistics and the gradients at ``grad_output = 1``
     (module docstring). ``ref_tok``: ``[R, T]`` masked reference log-probs or a 0-d zero;
-    ``ref_seq``: ``[R]`` or None (natural row order). No autograd, no checks: plain tensors in,
-    plain tensors out."""
+    ``ref_seq``: ``[R]`` or None (natural row order); ``class_weight``: the cross-entropy options'
+    class weights ``c [V]`` (:func:`.class_options.class_vector`; None: off). No autograd, no
+    checks: plain tensors in, plain tensors out."""
     with torch.no_grad():
         if params.plan is None:
-            return _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs)
-        loop = _ChunkLoop(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs)
+            return _two_passes(hidden, weight, bias, labels, ref_tok, ref_seq, class_weight, params, needs)
+        loop = _ChunkLoop(hidden, weight, bias, labels, ref_tok, ref_seq, class_weight, params, needs)
         for c in params.plan.chunks:
             loop.chunk(c)
         return loop.result(labels)
@@ -496,38 +546,42 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
 
 
 class FusedLossFunction(torch.autograd.Function):
-    """``FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params) ->
-    (loss, logp, lse, entropy, finite)``; see the module docstring. ``ref_tok`` is ``[R, T]``
+    """``FusedLossFunction.apply(hidden, weight, bias, labels, ref_tok, ref_seq, params, class_weight) ->
+    (loss, logp, lse, entropy, finite, predicted)``; see the module docstring. ``ref_tok`` is ``[R, T]``
     (masked) or a 0-d zero, ``ref_seq`` ``[R]`` or ``None``, both in the natural row order (their
-    gradients are returned when they require grad); ``entropy`` is an empty tensor unless
-    ``params.return_entropy``; ``finite`` is the 0-d flag for the data check.
+    gradients are returned when they require grad); ``class_weight``: the cross-entropy options'
+    ``c [V]`` or None (no gradient); ``entropy`` is an empty tensor unless
+    ``params.return_entropy``; ``finite`` is the 0-d flag for the data check; ``predicted`` the
+    predicted tokens (int64, shape of ``labels``) with ``params.return_predicted``, else empty.
 
     The gradients computed in the forward are handed out by the first backward (the function
     keeps no reference to them afterwards); a second backward through the same graph
     (``retain_graph=True``) computes them again."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedParams):
+    def forward(ctx, hidden, weight, bias, labels, ref_tok, ref_seq, params: FusedParams, class_weight=None):
         ctx.set_materialize_grads(False)
         needs = Needs(*ctx.needs_input_grad[:3], ctx.needs_input_grad[4], ctx.needs_input_grad[5])
-        res = fused_forward(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs)
+        res = fused_forward(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs, class_weight)
         ent = res.entropy if res.entropy is not None else res.lse.new_empty(0)
         if res.entropy is None:
             ctx.mark_non_differentiable(ent)
-        ctx.mark_non_differentiable(res.finite)
-        ctx.save_for_backward(hidden, weight, bias, labels, ref_tok, ref_seq, res.lse_v, res.ent_v, res.tok_idx)
+        pred = res.predicted if res.predicted is not None else labels.new_empty(0, dtype=torch.long)
+        ctx.mark_non_differentiable(res.finite, pred)
+        ctx.save_for_backward(hidden, weight, bias, labels, ref_tok, ref_seq, res.lse_v, res.ent_v, res.tok_idx,
+                              class_weight)
         ctx.params, ctx.needs, ctx.grads = params, needs, res.grads
-        return res.loss, res.logp, res.lse, ent, res.finite
+        return res.loss, res.logp, res.lse, ent, res.finite, pred
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_logp, grad_lse, grad_ent, grad_finite):
-        hidden, weight, bias, labels, ref_tok, ref_seq, lse_v, ent_v, tok_idx = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_logp, grad_lse, grad_ent, grad_finite, grad_pred):
+        hidden, weight, bias, labels, ref_tok, ref_seq, lse_v, ent_v, tok_idx, class_weight = ctx.saved_tensors
         params, needs = ctx.params, ctx.needs
         gh = gw = gb = g_rt = g_rs = None
         if grad_loss is not None:
             grads = ctx.grads
             if grads is None:  # a second backward (retain_graph=True): the first one handed them out
-                grads = fused_forward(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs).grads
+                grads = fused_forward(hidden, weight, bias, labels, ref_tok, ref_seq, params, needs, class_weight).grads
             ctx.grads = None
             # one host read of grad_output (the loss's backward runs first, so nothing waits): the
             # usual loss.backward() (grad_output = 1) hands out the stored gradients without a pass
@@ -543,4 +597,4 @@ class FusedLossFunction(torch.autograd.Function):
             gh = _add(gh, None if eh is None else eh.to(hidden.dtype))
             gw = _add(gw, None if ew is None else ew.to(weight.dtype))
             gb = _add(gb, None if eb is None else eb.to(bias.dtype))
-        return gh, gw, gb, None, g_rt, g_rs, None
+        return gh, gw, gb, None, g_rt, g_rs, None, None

@@ -60,7 +60,7 @@ __all__ = ["FDivCausalLMOutput", "PatchConfig", "TokenHeadStats", "apply", "unap
 
 _ATTR = "_fdiv_patch"
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ref_logp", "return_dict",
-                     "return_token_metrics")
+                     "return_token_metrics", "return_token_accuracy")
 
 
 @dataclasses.dataclass
@@ -75,7 +75,8 @@ class FDivCausalLMOutput(CausalLMOutputWithPast):
     logs): ``token_entropy``, ``token_mean_logit`` (mean logit over the vocabulary) and
     ``token_is_top1`` (the label is the argmax), all ``[B, T-1]`` and detached, from one extra
     no-grad pass over the head (:func:`token_head_stats`; a DPO patch also fills ``token_logp``
-    from it).
+    from it). With ``return_token_accuracy=True`` (an f-divergence patch): ``token_is_top1`` from
+    the loss's own pass (``fk.loss(return_token_accuracy=True)``: no extra GEMM when training).
     """
 
     token_logp: Optional[torch.Tensor] = None
@@ -370,7 +371,8 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
         if isinstance(cfg.loss, DPOSpec):
             fields = _dpo_forward(cfg, hidden, weight, bias, labels, ref_logp)
         else:
-            fields = _fdiv_forward(cfg, hidden, weight, bias, labels, ref_logp, num_items)
+            fields = _fdiv_forward(cfg, hidden, weight, bias, labels, ref_logp, num_items,
+                                   bool(call.get("return_token_accuracy")))
         if call.get("return_token_metrics"):
             if hf.vocab_parallel(model, weight):
                 raise ValueError("return_token_metrics=True is not supported with a vocabulary-parallel (ColwiseParallel) "
@@ -386,16 +388,18 @@ def _forward(model, args: tuple, kwargs: Dict[str, Any]):
     return result if return_dict else result.to_tuple()
 
 
-def _fdiv_forward(cfg: PatchConfig, hidden, weight, bias, labels, ref_logp, num_items) -> Dict[str, Any]:
+def _fdiv_forward(cfg: PatchConfig, hidden, weight, bias, labels, ref_logp, num_items,
+                  return_token_accuracy: bool = False) -> Dict[str, Any]:
     as_sum = num_items is not None and cfg.sums_over_num_items
     spec = dataclasses.replace(cfg.loss, reduction="sum") if as_sum else cfg.loss
     out = loss_from_spec(spec, hidden, weight, labels, ref_logp=ref_logp, bias=bias, head=cfg.head,
-                         ignore_index=cfg.ignore_index)
+                         ignore_index=cfg.ignore_index, return_token_accuracy=return_token_accuracy)
     loss = out.loss
     if as_sum:
         loss = loss / torch.as_tensor(num_items, device=loss.device).to(loss.dtype)
+    top1 = None if out.predicted_tokens is None else (out.predicted_tokens == labels) & out.mask
     return dict(loss=loss, token_logp=out.logp, token_lse=out.lse, reward=out.reward, value_s0=out.value_s0,
-                loss_mask=out.mask)
+                loss_mask=out.mask, token_is_top1=top1)
 
 
 def _dpo_forward(cfg: PatchConfig, hidden, weight, bias, labels, ref_logp) -> Dict[str, Any]:

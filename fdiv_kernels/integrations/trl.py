@@ -40,7 +40,8 @@ logging and checkpointing, and only replace ``compute_loss``:
 All override ``compute_loss``, the ``Trainer`` API's public hook for a custom loss (TRL's
 ``DPOTrainer.compute_loss`` only wraps its private ``_compute_loss``, which is left alone).
 
-Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)); DPO
+Metrics logged: SFT ``fdiv/reward``, ``fdiv/value_s0`` (mean implicit reward and V(s0)) and TRL's
+``mean_token_accuracy`` (read off the fused pass's logits: ``fk.loss(return_token_accuracy=True)``); DPO
 what TRL's ``DPOTrainer`` logs, by its names and formulas: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``entropy``,
 ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy`` (the
@@ -120,6 +121,21 @@ def _tp_size(trainer) -> int:
     return int(get()) if callable(get) else 1
 
 
+def _with_label_smoothing(options: Dict[str, Any], eps: float) -> Dict[str, Any]:
+    """``fdiv=`` options with HF's ``label_smoothing_factor`` as the spec's ``label_smoothing`` (one
+    value: a different one in ``fdiv=`` is an error; a primal spec takes none)."""
+    spec = options.get("spec")
+    given = spec.label_smoothing if isinstance(spec, FDivSpec) else options.get("label_smoothing", 0.0)
+    if isinstance(spec, PrimalSpec):
+        raise ValueError("label_smoothing_factor applies to an FDivSpec (fk.loss's label_smoothing), not to a "
+                         "PrimalSpec")
+    if given not in (0.0, eps):
+        raise ValueError(f"label_smoothing_factor={eps:g} and fdiv's label_smoothing={given:g} differ; set one")
+    if spec is not None:
+        return {**options, "spec": dataclasses.replace(spec, label_smoothing=eps)}
+    return {**options, "label_smoothing": eps}
+
+
 class FDivSFTTrainer(SFTTrainer):
     """``trl.SFTTrainer`` whose loss is the fused f-divergence objective.
 
@@ -128,8 +144,11 @@ class FDivSFTTrainer(SFTTrainer):
     ``backend``, ``softcap``, ``temperature``; ``ignore_index`` is always -100 as in TRL; or an
     :class:`~fdiv_kernels.specs.FDivSpec` / :class:`~fdiv_kernels.specs.PrimalSpec`) and
     ``ref_model`` (a frozen reference causal LM with the same tokenizer, optional).
-    Not supported with it: ``loss_type="dft"``, ``label_smoothing_factor``, ``compute_loss_func``,
-    DeepSpeed sequence parallelism (TRL's own paths for those are bypassed; a clear error is raised).
+    ``SFTConfig.label_smoothing_factor`` is the spec's ``label_smoothing`` (``fk.loss``'s; with the
+    default ``sft`` TRL's / HF's ``LabelSmoother``, fused: no full logits; a different
+    ``label_smoothing`` in ``fdiv=`` is an error).
+    Not supported with it: ``loss_type="dft"``, ``compute_loss_func``, DeepSpeed sequence
+    parallelism (TRL's own paths for those are bypassed; a clear error is raised).
     """
 
     def __init__(self, *args, fdiv: Union[Mapping[str, Any], FDivSpec, PrimalSpec, None] = None, ref_model=None,
@@ -137,13 +156,15 @@ class FDivSFTTrainer(SFTTrainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("FDivSFTTrainer computes its own loss; do not pass compute_loss_func")
         super().__init__(*args, **kwargs)
-        if self.args.loss_type != "nll" or self.args.label_smoothing_factor > 0:
-            raise ValueError("FDivSFTTrainer replaces the loss: use loss_type='nll' and label_smoothing_factor=0 "
-                             "and pick the objective with fdiv={'divergence': ...}")
+        if self.args.loss_type != "nll":
+            raise ValueError("FDivSFTTrainer replaces the loss: use loss_type='nll' and pick the objective with "
+                             "fdiv={'divergence': ...}")
         if isinstance(fdiv, (FDivSpec, PrimalSpec)):
             self.fdiv_options: Dict[str, Any] = {"spec": fdiv}
         else:
             self.fdiv_options = dict(fdiv or {})
+        if self.args.label_smoothing_factor > 0:
+            self.fdiv_options = _with_label_smoothing(self.fdiv_options, float(self.args.label_smoothing_factor))
         if self.fdiv_options.get("ignore_index", -100) != -100:
             raise ValueError("TRL marks unsupervised tokens with -100; fdiv['ignore_index'] must be -100")
         fk_hf.apply(_policy(self.model), **self.fdiv_options)
@@ -156,7 +177,7 @@ class FDivSFTTrainer(SFTTrainer):
             with torch.no_grad():
                 ref = self.ref_model(**inputs)
             inputs["ref_logp"] = ref.token_logp  # [B, T-1], aligned with the shifted labels
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, return_token_accuracy=True)
         loss = outputs.loss
         cfg = fk_hf.patch_config(_policy(self.accelerator.unwrap_model(model))) or fk_hf.PatchConfig()
         if num_items_in_batch is not None:
@@ -175,6 +196,10 @@ class FDivSFTTrainer(SFTTrainer):
             self._metrics[mode]["fdiv/reward"].append(self.accelerator.gather_for_metrics(r).mean().item())
             v0 = self.accelerator.gather_for_metrics(outputs.value_s0.mean()).mean().item()
             self._metrics[mode]["fdiv/value_s0"].append(v0)
+            # TRL's mean_token_accuracy (token-weighted over ranks), from the loss's own pass
+            correct = self.accelerator.gather_for_metrics(outputs.token_is_top1.sum()).sum()
+            total = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
         return (loss, outputs) if return_outputs else loss
 
 

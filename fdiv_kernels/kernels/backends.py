@@ -34,7 +34,11 @@ object lives for one call and has:
 * ``grads(h, y, lse, entropy, g, k, e | None, *, alpha, beta) -> grad_h[n, H] | None``: the
   coefficient from the kept logits, ``grad_h = coef W`` and ``grad_W = beta grad_W + alpha coef^T h``
   (``grad_b`` likewise; the first write ignores ``beta``);
-* ``results() -> (grad_W[V, H] | None, grad_b[V] | None)`` (zeros when nothing was written).
+* ``results() -> (grad_W[V, H] | None, grad_b[V] | None)`` (zeros when nothing was written);
+* optionally ``argmax() -> [n] int64``: each row's largest logit's index, read off the logits the
+  last ``stats`` kept (between ``stats`` and ``grads``; no GEMM): the predicted tokens of
+  ``fk.loss(return_token_accuracy=True)`` (``torch``, ``cpu``; elsewhere the autograd layer runs
+  the torch backend's kernels for them, :mod:`fdiv_kernels.autograd.predicted`).
 
 Backends with distillation kernels (:func:`fdiv_kernels.distill_loss`) also provide
 ``distill(weight, bias, teacher_weight | None, teacher_bias | None, spec, *, need_h, need_w, need_b)

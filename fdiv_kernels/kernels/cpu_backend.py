@@ -118,6 +118,11 @@ class ChunkKernels(ChunkGradBuffers):
                                               self.temperature, self.return_entropy, chunk_sizes.cpu_tile_cols(n))
         return logp, lse, (ent if self.return_entropy else None)
 
+    def argmax(self) -> torch.Tensor:
+        """``[n]`` int64: each row's largest logit's index from the kept logits of the last
+        :meth:`stats` (before :meth:`grads` overwrites them; no GEMM)."""
+        return self.mod.row_argmax(self.buf, self._h.shape[0], self.w.shape[0])
+
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         h32, self._h = self._h, None
         beta = self._accumulate_beta(beta)
@@ -169,7 +174,12 @@ class Bf16ChunkKernels(ChunkGradBuffers):
         hk = _even_cols(h)
         logp, lse, ent = self.mod.chunk_stats_bf16(hk, self.w_t, self.b, y, self.buf, self.cap, self.temperature,
                                                    self.return_entropy, tile)
+        self._rows = n
         return logp, lse, (ent if self.return_entropy else None)
+
+    def argmax(self) -> torch.Tensor:
+        """As :meth:`ChunkKernels.argmax` (the kept float32 logits)."""
+        return self.mod.row_argmax(self.buf, self._rows, self.vocab)
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         beta = self._accumulate_beta(beta)
@@ -187,6 +197,8 @@ class Bf16ChunkKernels(ChunkGradBuffers):
         # even), and the float32 accumulator is freed
         storage, self.w_t, self.grad_w = self.w_t, None, None
         return self.mod.unpack_grad_weight_bf16(grad_wt, self.hidden, storage), grad_b
+
+
 
 
 def _even_cols(h: torch.Tensor) -> torch.Tensor:

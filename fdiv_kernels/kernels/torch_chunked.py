@@ -217,7 +217,13 @@ class ChunkKernels(ChunkGradBuffers):
             lse = torch.where(live, lse, z_m.squeeze(1))
             logp = torch.where(live, logp, z_m.squeeze(1))
         self._kept = (z, zt, lse)
+        self._argmax = m.squeeze(1)
         return logp, lse, ent
+
+    def argmax(self) -> torch.Tensor:
+        """``[n]`` int64: each row's largest logit's index, of the last :meth:`stats`' chunk (its
+        logits are kept: no GEMM)."""
+        return self._argmax
 
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         ls, zt, lse_kept = self._kept

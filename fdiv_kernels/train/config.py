@@ -147,7 +147,8 @@ class MixDPOConfig:
 class SFTConfig(OptimConfig):
     """SFT with any registered divergence (``fk.loss``).
 
-    ``divergence``, ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``: the fields of
+    ``divergence``, ``beta``, ``level``, ``values``, ``z_loss``, ``length_normalize``,
+    ``label_smoothing``: the fields of
     :class:`fdiv_kernels.specs.FDivSpec` (:data:`SFT_LOSS_FIELDS`, with its defaults), flat in the
     YAML; :meth:`loss_spec` builds the spec, which is the one place they are validated.
     ``reference``: ``auto`` (the start model for every divergence except plain ``tv``/``sft``),
@@ -160,6 +161,7 @@ class SFTConfig(OptimConfig):
     values: str = FDivSpec.values
     z_loss: float = FDivSpec.z_loss
     length_normalize: bool = FDivSpec.length_normalize
+    label_smoothing: float = FDivSpec.label_smoothing
     reference: str = "auto"
     mix_dpo: MixDPOConfig = field(default_factory=MixDPOConfig)
 
