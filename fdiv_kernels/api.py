@@ -43,7 +43,7 @@ from .autograd import vocab_parallel
 from .autograd.class_options import class_vector
 from .autograd.predicted import target_logits, token_accuracy
 from .autograd.evaluate import EAGER, Primitives, evaluate, evaluate_logits
-from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, stats_result
+from .autograd.token_stats import LogpLse, TokenStats, TokenStatsParams, head_logits, stats_result
 from .autograd.token_stats import token_stats_from_logits as _stats_from_logits
 from .formulas.divergences import Divergence
 from .formulas.preference import kto_losses, nll_weight, pair_losses
@@ -149,46 +149,50 @@ class KTOOutput:
 # The causal-LM shift and the input checks shared by the entry points
 # ---------------------------------------------------------------------------------------------
 
-def shift_for_causal_lm(x: torch.Tensor, labels: torch.Tensor,
-                        ref_logp: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Hugging Face causal-LM shift: ``x[..., :-1, :]`` predicts ``labels[..., 1:]``.
+def shift_for_causal_lm(x: torch.Tensor, labels: torch.Tensor, ref_logp: Optional[torch.Tensor] = None,
+                        shift: int = 1) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Causal-LM shift by ``shift = k`` positions: ``x[..., :T-k, :]`` predicts ``labels[..., k:]``
+    (``k = 1``: Hugging Face's; any ``k``: cut-cross-entropy's ``shift``).
 
     ``x`` is ``[..., T, D]`` (hidden states or logits), ``labels`` ``[..., T]``; a per-token
     ``ref_logp [..., T]`` (aligned with the unshifted labels) is shifted like the labels; one of
-    shape ``[..., T-1]`` (already shifted, e.g. ``LossOutput.logp`` of a reference computed with
-    ``shift=True``) and a per-row ``ref_logp`` are returned unchanged.
+    shape ``[..., T-k]`` (already shifted, e.g. ``LossOutput.logp`` of a reference computed with
+    the same shift) and a per-row ``ref_logp`` are returned unchanged.
     """
+    k = checks.check_shift(shift)
     if labels.dim() < 1 or labels.shape[-1] < 1:
         raise ValueError(f"the causal-LM shift needs labels with a sequence dimension, got shape {tuple(labels.shape)}")
     if tuple(x.shape[:-1]) != tuple(labels.shape):
         raise ValueError(f"labels must have shape {tuple(x.shape[:-1])} (the leading dims of the input), "
                          f"got {tuple(labels.shape)}")
+    t = labels.shape[-1]
+    if k > t:
+        raise ValueError(f"shift={k} is longer than the sequence (T={t})")
     if ref_logp is not None and tuple(ref_logp.shape) == tuple(labels.shape):
-        ref_logp = ref_logp[..., 1:]
-    return x[..., :-1, :], labels[..., 1:], ref_logp
+        ref_logp = ref_logp[..., k:]
+    return x[..., :t - k, :], labels[..., k:], ref_logp
 
 
-def _shifted(hidden, logits, labels, ref_logp):
-    """:func:`shift_for_causal_lm` applied to whichever of ``hidden``/``logits`` is given."""
+def _shifted(hidden, logits, labels, ref_logp, shift: int):
+    """:func:`shift_for_causal_lm` by ``shift`` applied to whichever of ``hidden``/``logits`` is given."""
     if labels is None or (hidden if logits is None else logits) is None:
         return hidden, logits, labels, ref_logp  # the input checks name what is missing
     if logits is not None:
-        logits, labels, ref_logp = shift_for_causal_lm(logits, labels, ref_logp)
+        logits, labels, ref_logp = shift_for_causal_lm(logits, labels, ref_logp, shift)
     else:
-        hidden, labels, ref_logp = shift_for_causal_lm(hidden, labels, ref_logp)
+        hidden, labels, ref_logp = shift_for_causal_lm(hidden, labels, ref_logp, shift)
     return hidden, logits, labels, ref_logp
 
 
-def _one_input(hidden, weight, labels, logits, bias, head: HeadSpec) -> None:
+def _one_input(hidden, weight, labels, logits, bias) -> None:
     """Either ``logits`` or ``(hidden, weight)``, with labels (what is given, not its shapes)."""
     if logits is not None:
         if hidden is not None or weight is not None:
             raise ValueError("pass either logits= or (hidden, weight), not both")
         if labels is None:
             raise ValueError("labels are required")
-        if head.softcap is not None or head.temperature != 1.0 or bias is not None:
-            raise ValueError("softcap, temperature and bias apply to (hidden, weight) only; apply them to the logits "
-                             "yourself")
+        if bias is not None:
+            raise ValueError("bias applies to (hidden, weight) only; add it to the logits yourself")
     elif hidden is None or weight is None or labels is None:
         raise ValueError("the loss needs (hidden, weight, labels) or (logits=..., labels=...)")
 
@@ -262,7 +266,7 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
          level: str = "token", ignore_index: int = -100, reduction: str = "mean",
          backend: str = "auto", bias: Optional[torch.Tensor] = None, length_normalize: bool = False,
          values: str = "drop", z_loss: float = 0.0, softcap: Optional[float] = None,
-         temperature: float = 1.0, return_entropy: bool = False, shift: bool = False,
+         temperature: float = 1.0, return_entropy: bool = False, shift: Union[bool, int] = False,
          vocab_group=None, label_smoothing: float = 0.0, class_weight: Optional[torch.Tensor] = None,
          return_token_accuracy: bool = False, return_target_logit: bool = False) -> LossOutput:
     """f-divergence SFT loss, fused with the LM head (or from ``logits=``).
@@ -285,11 +289,12 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
         z_loss: weight of ``mean(lse**2)`` over supervised tokens (fixes the gauge of V).
         bias, softcap, temperature, backend, ignore_index: as in :func:`token_stats`.
         return_entropy: also compute the per-token entropy (``out.entropy``), in the same pass.
-        shift: the Hugging Face causal-LM shift inside (:func:`shift_for_causal_lm`): ``labels =
-            input_ids [..., T]`` as they are, ``labels[..., 1:]`` predicted from
-            ``hidden[..., :-1, :]`` (``logits[..., :-1, :]``); a per-token ``ref_logp [..., T]`` is
-            shifted the same way (``[..., T-1]`` and per-row ones pass unchanged). The outputs
-            then have ``T - 1`` positions.
+        shift: the causal-LM shift inside (:func:`shift_for_causal_lm`): ``True`` (or 1, Hugging
+            Face's) takes ``labels = input_ids [..., T]`` as they are, ``labels[..., 1:]`` predicted
+            from ``hidden[..., :-1, :]`` (``logits[..., :-1, :]``); an int ``k`` shifts by ``k``
+            positions (cut-cross-entropy's ``shift``). A per-token ``ref_logp [..., T]`` is shifted
+            the same way (``[..., T-k]`` and per-row ones pass unchanged). The outputs then have
+            ``T - k`` positions.
         vocab_group: a ``torch.distributed`` process group across which the head is split along
             the vocabulary (tensor parallelism): ``weight [V_r, H]`` (and ``bias [V_r]``) is this
             rank's shard, the rows that follow the previous rank's; ``labels`` are global ids and
@@ -326,7 +331,7 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
     spec = FDivSpec(divergence, beta=beta, level=level, values=values, z_loss=z_loss,
                     length_normalize=length_normalize, reduction=reduction, label_smoothing=label_smoothing)
     if shift:
-        hidden, logits, labels, ref_logp = _shifted(hidden, logits, labels, ref_logp)
+        hidden, logits, labels, ref_logp = _shifted(hidden, logits, labels, ref_logp, shift)
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, ref_logp=ref_logp, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
                           return_entropy=return_entropy, vocab_group=vocab_group, class_weight=class_weight,
@@ -338,7 +343,7 @@ def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Te
                 divergence: str = "kl", alpha: float = 1.5, ignore_index: int = -100, reduction: str = "mean",
                 z_loss: float = 0.0, backend: str = "auto", bias: Optional[torch.Tensor] = None,
                 softcap: Optional[float] = None, temperature: float = 1.0, return_entropy: bool = False,
-                shift: bool = False, vocab_group=None) -> LossOutput:
+                shift: Union[bool, int] = False, vocab_group=None) -> LossOutput:
     """Primal per-token f-divergence loss ``D_f(onehot(y) || p)`` (:mod:`fdiv_kernels.formulas.primal`),
     fused with the LM head (or from ``logits=``); a function of ``log p_y`` alone, no reference.
 
@@ -358,7 +363,7 @@ def primal_loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Te
     """
     spec = PrimalSpec(divergence, alpha=alpha, z_loss=z_loss, reduction=reduction)
     if shift:
-        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
+        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None, shift)
     return loss_from_spec(spec, hidden, weight, labels, logits=logits, bias=bias,
                           head=HeadSpec(softcap, temperature, backend), ignore_index=ignore_index,
                           return_entropy=return_entropy, vocab_group=vocab_group)
@@ -380,7 +385,7 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
     if not is_loss_spec(spec):
         raise TypeError(f"spec must implement fdiv_kernels.specs.LossSpec (FDivSpec, PrimalSpec, DPOSpec), "
                         f"got {type(spec).__name__}")
-    _one_input(hidden, weight, labels, logits, bias, head)
+    _one_input(hidden, weight, labels, logits, bias)
     weight, bias, head = _sharded_head(hidden, weight, bias, labels, logits, vocab_group, head)
     _check_inputs(hidden, weight, labels, logits, bias, head)
     checks.check_rows(labels)
@@ -403,7 +408,7 @@ def loss_from_spec(spec: LossSpec, hidden: Optional[torch.Tensor] = None, weight
     if logits is not None:
         ev = evaluate_logits(spec, prims, logits=logits, labels=labels, ref_tok=ref_tok, ref_seq=ref_seq,
                              ignore_index=ignore_index, return_entropy=return_entropy, class_weight=c,
-                             return_predicted=bool(return_token_accuracy))
+                             return_predicted=bool(return_token_accuracy), head=head)
     else:
         ev = evaluate(spec, prims, hidden=hidden, weight=weight, bias=bias, labels=labels, ref_tok=ref_tok,
                       ref_seq=ref_seq, head=head, ignore_index=ignore_index, return_entropy=return_entropy,
@@ -616,7 +621,7 @@ def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                  teacher_bias: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
                  divergence: str = "kl", beta: float = 0.5, alpha: Optional[float] = None, temperature: float = 1.0,
                  hard_label_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 bias: Optional[torch.Tensor] = None, shift: bool = False, backend: str = "auto",
+                 bias: Optional[torch.Tensor] = None, shift: Union[bool, int] = False, backend: str = "auto",
                  t2_scaling: bool = False) -> DistillOutput:
     """Knowledge distillation with any f-divergence, fused with both LM heads (no ``[N, V]`` logits).
 
@@ -644,8 +649,8 @@ def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         temperature: divides both models' logits (not the hard-label term's).
         hard_label_weight: weight of the hard-label NLL (0: none).
         reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (per token).
-        shift: the causal-LM shift (:func:`shift_for_causal_lm`) of ``hidden``, ``teacher_hidden``,
-            ``teacher_logits`` and ``labels`` (``labels = input_ids``).
+        shift: the causal-LM shift (:func:`shift_for_causal_lm`; ``True``/1 or ``k`` positions) of
+            ``hidden``, ``teacher_hidden``, ``teacher_logits`` and ``labels`` (``labels = input_ids``).
         backend: ``"auto"`` or a backend with distillation kernels (torch, cpu, triton, cuda).
         t2_scaling: multiply the divergence by ``T^2`` (Hinton et al.; off by default, as TRL and Liger).
 
@@ -662,11 +667,11 @@ def distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                        hard_label_weight=hard_label_weight, reduction=reduction, t2_scaling=t2_scaling)
     if shift:
         checks.check_labels_dtype(labels)
-        hidden, labels, _ = shift_for_causal_lm(hidden, labels)
-        if teacher_hidden is not None:
-            teacher_hidden = teacher_hidden[..., :-1, :]
-        if teacher_logits is not None:
-            teacher_logits = teacher_logits[..., :-1, :]
+        t0 = labels.shape[-1]
+        hidden, labels, _ = shift_for_causal_lm(hidden, labels, None, shift)
+        # the teacher's first T-k positions, when it has the student's T (else the input checks name it)
+        cut = lambda x: x if x is None or x.dim() < 2 or x.shape[-2] != t0 else x[..., :labels.shape[-1], :]  # noqa: E731
+        teacher_hidden, teacher_logits = cut(teacher_hidden), cut(teacher_logits)
     return distill_from_spec(spec, hidden, weight, labels, teacher_hidden=teacher_hidden,
                              teacher_weight=teacher_weight, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
                              bias=bias, head=HeadSpec(backend=backend), ignore_index=ignore_index)
@@ -705,20 +710,20 @@ def distill_from_spec(spec: DistillSpec, hidden: torch.Tensor, weight: torch.Ten
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
                 temperature: float = ..., return_entropy: Literal[False] = ..., backend: str = ...,
-                shift: bool = ..., vocab_group=...) -> LogpLse: ...
+                shift: Union[bool, int] = ..., vocab_group=...) -> LogpLse: ...
 
 
 @overload
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
                 temperature: float = ..., return_entropy: Literal[True], backend: str = ...,
-                shift: bool = ..., vocab_group=...) -> TokenStats: ...
+                shift: Union[bool, int] = ..., vocab_group=...) -> TokenStats: ...
 
 
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                 softcap: Optional[float] = None, temperature: float = 1.0,
-                return_entropy: bool = False, backend: str = "auto", shift: bool = False,
+                return_entropy: bool = False, backend: str = "auto", shift: Union[bool, int] = False,
                 vocab_group=None) -> Union[LogpLse, TokenStats]:
     """Fused LM head + log-softmax statistics, without storing the ``[N, V]`` logits.
 
@@ -731,8 +736,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         temperature: logits are divided by it after the soft-cap.
         return_entropy: also return the per-token entropy of ``softmax(z)``.
         backend: "auto", "torch", or any name in :func:`fdiv_kernels.available_backends`.
-        shift: the causal-LM shift of :func:`loss` (``labels = input_ids [..., T]``; the outputs
-            have ``T - 1`` positions, aligned with ``fk.loss(..., shift=True)``'s).
+        shift: the causal-LM shift of :func:`loss` (``True``/1 or ``k`` positions; ``labels =
+            input_ids [..., T]``; the outputs have ``T - k`` positions, aligned with ``fk.loss``'s).
         vocab_group: a vocabulary-parallel head, as in :func:`loss` (``weight``, ``bias``: this
             rank's shard; the statistics are the whole head's on every rank).
 
@@ -750,7 +755,7 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     head = HeadSpec(softcap, temperature, backend)
     if shift:
         checks.check_labels_dtype(labels)
-        hidden, labels, _ = shift_for_causal_lm(hidden, labels)
+        hidden, labels, _ = shift_for_causal_lm(hidden, labels, None, shift)
     weight, bias, head = _sharded_head(hidden, weight, bias, labels, None, vocab_group, head)
     checks.check_head(hidden, weight, labels, bias)
     prims = primitives()
@@ -762,25 +767,30 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
 @overload
 def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
-                            return_entropy: Literal[False] = ...) -> LogpLse: ...
+                            return_entropy: Literal[False] = ..., softcap: Optional[float] = ...,
+                            temperature: float = ...) -> LogpLse: ...
 
 
 @overload
 def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
-                            return_entropy: Literal[True]) -> TokenStats: ...
+                            return_entropy: Literal[True], softcap: Optional[float] = ...,
+                            temperature: float = ...) -> TokenStats: ...
 
 
 def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                            return_entropy: bool = False) -> Union[LogpLse, TokenStats]:
-    """:func:`token_stats` for users who already hold ``logits [..., V]`` (same return types).
+                            return_entropy: bool = False, softcap: Optional[float] = None,
+                            temperature: float = 1.0) -> Union[LogpLse, TokenStats]:
+    """:func:`token_stats` for users who already hold ``logits [..., V]`` (same return types), with
+    the same ``softcap`` and ``temperature`` (applied to the logits: ``cap(logits) / T``).
 
     Plain torch autograd in float32 (float64 for float64 logits): the logits are upcast, so
     bf16/fp16 logits of any magnitude give finite results.
     """
+    head = HeadSpec(softcap, temperature)
     checks.check_logits(logits, labels)
     prims = primitives()
     labels = prims.check_labels(labels, logits.shape[-1], ignore_index)
-    logp, lse, ent = _stats_from_logits(logits, labels, ignore_index, return_entropy)
+    logp, lse, ent = _stats_from_logits(head_logits(logits, head), labels, ignore_index, return_entropy)
     return stats_result(*prims.check_token_stats(logp, lse, ent, labels, HeadSpec()))
 
 
@@ -788,7 +798,7 @@ def sequence_logp(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.
                   labels: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                   softcap: Optional[float] = None, temperature: float = 1.0,
-                  backend: str = "auto", shift: bool = False, vocab_group=None) -> SequenceLogp:
+                  backend: str = "auto", shift: Union[bool, int] = False, vocab_group=None) -> SequenceLogp:
     """Per-row sum and mean of ``log pi(y_t | s_t)`` over supervised tokens, from the fused primitive.
 
     ``labels [..., T]`` -> ``sum``, ``mean`` (float32) and ``count`` (int64), each ``[...]``.
@@ -797,12 +807,13 @@ def sequence_logp(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.
     as in :func:`loss`.
     """
     if shift:
-        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None)
-    _one_input(hidden, weight, labels, logits, bias, HeadSpec(softcap, temperature, backend))
+        hidden, logits, labels, _ = _shifted(hidden, logits, labels, None, shift)
+    _one_input(hidden, weight, labels, logits, bias)
     checks.check_rows(labels)
     if logits is not None:
         checks.check_vocab_layout(hidden, weight, bias, logits, vocab_group, compiled.compiling())
-        stats = token_stats_from_logits(logits, labels, ignore_index=ignore_index)
+        stats = token_stats_from_logits(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                        temperature=temperature)
     else:
         stats = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                             temperature=temperature, backend=backend, vocab_group=vocab_group)

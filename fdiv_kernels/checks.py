@@ -36,7 +36,7 @@ __all__ = ["all_finite", "check_beta", "check_choice", "check_coefficients", "ch
            "check_distill_inputs", "check_finite_number", "check_unit_interval",
            "check_floating", "check_head", "check_head_options", "check_label_values", "check_labels_dtype",
            "check_logits", "check_loss_data", "check_loss_types", "check_pairs", "check_reference", "check_rows",
-           "check_same_device", "check_scalar_tensor", "check_token_stats", "check_vocab_layout", "check_vocab_shard",
+           "check_same_device", "check_shift", "check_scalar_tensor", "check_token_stats", "check_vocab_layout", "check_vocab_shard",
            "check_vocab_shards", "data_checks_enabled", "explain_token_stats", "first_position", "invalid_reference",
            "is_dtensor", "is_real", "SHARD_FACTS", "shard_facts",
            "check_class_data", "check_class_options", "check_token_accuracy", "class_options_refusal",
@@ -203,6 +203,17 @@ def check_floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {t.dtype}")
+
+
+def check_shift(shift) -> int:
+    """The causal-LM shift of an entry point as an int ``k >= 0``: ``False``/``True`` are 0/1, an int
+    is the number of positions (cut-cross-entropy's ``shift``)."""
+    if isinstance(shift, bool):
+        return int(shift)
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"shift must be a bool or an int >= 0 (positions: x[..., :T-k] predicts labels[..., k:]), "
+                         f"got {shift!r}")
+    return shift
 
 
 def check_labels_dtype(labels: torch.Tensor) -> None:

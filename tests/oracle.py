@@ -193,6 +193,11 @@ def logits(hidden, weight, bias=None, softcap: float | None = None, temperature:
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
+    return transform(z, softcap, temperature)
+
+
+def transform(z: torch.Tensor, softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """``cap(z) / T`` of raw logits, ``cap(x) = c tanh(x / c)`` (none without ``softcap``)."""
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature

@@ -32,7 +32,7 @@ from .distill import eager_distill_loss
 from ..kernels.backends import resolve_backend
 from .fused import FusedLossFunction, flat_rows, prepare, row_order
 from .predicted import from_logits, predicted_tokens
-from .token_stats import TokenStatsParams, token_stats, token_stats_from_logits
+from .token_stats import TokenStatsParams, head_logits, token_stats, token_stats_from_logits
 
 __all__ = ["EAGER", "Evaluated", "Primitives", "evaluate", "evaluate_logits", "explain_loss", "fused_applies",
            "whole_batch"]
@@ -224,8 +224,10 @@ def _fused_log_sum_psi(spec: LossSpec, loss: torch.Tensor, labels: torch.Tensor,
 def evaluate_logits(spec: LossSpec, prims: Primitives, *, logits: torch.Tensor, labels: torch.Tensor,
                     ref_tok: torch.Tensor, ref_seq: Optional[torch.Tensor], ignore_index: int,
                     return_entropy: bool, class_weight: Optional[torch.Tensor] = None,
-                    return_predicted: bool = False) -> Evaluated:
-    """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits)."""
+                    return_predicted: bool = False, head: HeadSpec = HeadSpec()) -> Evaluated:
+    """:func:`evaluate` for ``logits [..., V]`` (plain torch autograd on the upcast logits, after the
+    ``head``'s soft-cap and temperature: :func:`~.token_stats.head_logits`)."""
+    logits = head_logits(logits, head)
     logp, lse, ent = token_stats_from_logits(logits, labels, ignore_index, return_entropy)
     mean_logit = None
     if class_weight is not None and checks.class_smoothing(spec):

@@ -28,7 +28,7 @@ from ..specs import HeadSpec
 from .vocab_parallel import combine, kernel_labels, split_coefficients, sum_over_shards
 
 __all__ = ["LogpLse", "TokenStats", "TokenStatsFunction", "TokenStatsParams", "stats_result", "token_stats",
-           "token_stats_from_logits"]
+           "token_stats_from_logits", "head_logits"]
 
 
 class LogpLse(NamedTuple):
@@ -223,6 +223,16 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``(logp, lse, entropy | None)`` through :class:`TokenStatsFunction` (trusted inputs)."""
     logp, lse, ent = TokenStatsFunction.apply(hidden, weight, bias, labels, params)
     return logp, lse, (ent if params.return_entropy else None)
+
+
+def head_logits(logits: torch.Tensor, head) -> torch.Tensor:
+    """``cap(logits) / T`` for the ``head``'s soft-cap ``cap(x) = c tanh(x / c)`` and temperature
+    ``T`` (:class:`~fdiv_kernels.specs.HeadSpec`), in float32 (float64 for float64 logits): on the
+    ``logits=`` path, what the kernels apply to ``h W^T + b``; ``logits`` themselves without either."""
+    if head.softcap is None and head.temperature == 1.0:
+        return logits
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return torch_chunked.transform(z, head)[0]
 
 
 def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
