@@ -314,9 +314,9 @@ def loss(hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] =
             vocabulary-parallel head (``docs/math.md`` section 3).
         return_token_accuracy: also ``out.token_accuracy`` and ``out.predicted_tokens`` (Liger's
             ``return_token_accuracy`` / ``return_predicted_tokens``, TRL's ``mean_token_accuracy``):
-            read off the fused pass's logits (no extra GEMM) when gradients are needed, else one
-            more logits pass (always one on ``triton``/``cuda``, whose kernels do not keep an
-            argmax); not under ``torch.compile`` or with ``vocab_group=``.
+            read off the fused pass's kept logits (no extra GEMM) when gradients are needed, on
+            every backend; else (no gradients, the two-pass specs) one more logits pass; not under
+            ``torch.compile`` or with ``vocab_group=``.
         return_target_logit: also ``out.target_logit``, each token's logit of its label (cut
             cross-entropy's indexed dot): ``n x H`` multiply-adds, no GEMM; not with ``vocab_group=``.
 

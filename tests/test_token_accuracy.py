@@ -15,6 +15,7 @@ import torch
 from test_cross_entropy_options import _backends, _path
 
 import fdiv_kernels as fk
+from fdiv_kernels.autograd import fused
 from fdiv_kernels.kernels import triton_backend
 
 
@@ -51,6 +52,21 @@ def test_predicted_tokens_and_accuracy(backend, path, monkeypatch):
     _check(out, labels, z, clear)
     plain = fk.loss(inp.hidden, inp.weight, labels, bias=inp.bias, backend=backend, softcap=4.0, temperature=0.9)
     assert plain.token_accuracy is None and plain.predicted_tokens is None
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_one_pass_reads_predictions_off_the_kept_logits(backend, monkeypatch):
+    """With gradients, every backend's one pass reads the predictions off its chunk kernels' kept
+    logits (``argmax()``): no second logits pass (``argmax_rows`` is never called)."""
+    inp, labels, z, clear = _inputs(backend)
+
+    def second_pass(*a, **k):
+        raise AssertionError("a second logits pass")
+
+    monkeypatch.setattr(fused, "argmax_rows", second_pass)
+    out = fk.loss(inp.hidden.detach().requires_grad_(), inp.weight, labels, bias=inp.bias, backend=backend,
+                  softcap=4.0, temperature=0.9, return_token_accuracy=True)
+    _check(out, labels, z, clear)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

@@ -3,9 +3,9 @@
 ``fk.loss(..., return_token_accuracy=True)`` (Liger's ``return_token_accuracy`` /
 ``return_predicted_tokens``, TRL's ``mean_token_accuracy``). On the one-pass fused path of a
 backend whose chunk kernels read the prediction off each chunk's kept logits (``argmax()``, an
-optional part of the contract, :mod:`fdiv_kernels.kernels.backends`: ``torch`` and ``cpu``) it
+optional part of the contract, :mod:`fdiv_kernels.kernels.backends`: every backend here) it
 costs no GEMM. Every other case with ``(hidden, weight)`` (no gradients, the two-pass specs, a
-row longer than the backend's chunk, a backend without ``argmax()``: ``triton``, ``cuda``) runs
+row longer than the backend's chunk, a registered backend without ``argmax()``) runs
 :func:`argmax_rows`: chunk kernels' ``stats`` over the supervised tokens without gradient
 buffers (the backend's, or the ``torch`` backend's), one more logits GEMM.
 With ``logits=`` it is their ``argmax``.

@@ -152,6 +152,14 @@ class GemmChunkKernels(ChunkGradBuffers):
         logp, lse, ent = self.forward_epilogue(z, y)
         return logp, lse, (ent if self.return_entropy else None)
 
+    def argmax(self) -> torch.Tensor:
+        """``[n]`` int64: each row's largest logit's index, read off the float32 logits the last
+        :meth:`stats` kept (before :meth:`grads` writes the coefficient over them): one read of the
+        chunk's logits (and an add of the bias), no GEMM. The soft-cap and temperature are monotone,
+        so the raw logits' argmax is the transformed ones'."""
+        z, _ = self._views(self._n)
+        return (z if self.b is None else z + self.b).argmax(1)
+
     def grads(self, h, y, lse, ent, g, k, e, *, alpha: float = 1.0, beta: float = 1.0):
         z, coef = self._views(self._n)
         # float16: the coefficient is scaled into fp16's range by a power of two s and the fp32
