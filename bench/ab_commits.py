@@ -34,25 +34,22 @@ w = (torch.randn(V, H, generator=g) * 0.05).requires_grad_()
 y = torch.randint(0, V, (N,), generator=g)
 y[::10] = -100
 ref = -torch.rand(N, generator=g) * 3
+cases = {"sft": dict(divergence="sft"), "js": dict(divergence="js", beta=0.1, ref_logp=ref),
+         "kl": dict(divergence="kl", beta=0.1, ref_logp=ref)}
+def fk_step(kw, hidden=h, weight=w, labels=y):
+    hidden.grad = weight.grad = None
+    out = fk.loss(hidden, weight, labels, backend=backend, **kw)
+    getattr(out, "loss", out).backward()  # older commits returned the loss itself
 if sys.argv[5:]:  # memory mode: the peak RSS one call adds above its inputs (the extension loaded first)
     import resource
-    small = torch.randn(8, H, requires_grad=True)
-    fk.loss(small, w.detach()[:64].clone().requires_grad_(), torch.zeros(8, dtype=torch.long), backend=backend).loss.backward()
-    kw = {"sft": dict(divergence="sft"), "js": dict(divergence="js", beta=0.1, ref_logp=ref),
-          "kl": dict(divergence="kl", beta=0.1, ref_logp=ref)}[sys.argv[5]]
+    fk_step({}, torch.randn(8, H, requires_grad=True), w.detach()[:64].clone().requires_grad_(),
+            torch.zeros(8, dtype=torch.long))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fk.loss(h, w, y, backend=backend, **kw)
-    getattr(out, "loss", out).backward()
+    fk_step(cases[sys.argv[5]])
     print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024), flush=True)
     sys.exit(0)
 G = torch.randn(N, V, generator=g)
 zo, gh, gw = torch.empty(N, V), torch.empty(N, H), torch.empty(V, H)
-cases = {"sft": dict(divergence="sft"), "js": dict(divergence="js", beta=0.1, ref_logp=ref),
-         "kl": dict(divergence="kl", beta=0.1, ref_logp=ref)}
-def fk_step(kw):
-    h.grad = w.grad = None
-    out = fk.loss(h, w, y, backend=backend, **kw)
-    getattr(out, "loss", out).backward()  # older commits returned the loss itself
 def floor():
     torch.mm(h.detach(), w.detach().T, out=zo); torch.mm(G, w.detach(), out=gh); torch.mm(G.T, h.detach(), out=gw)
 for kw in cases.values():

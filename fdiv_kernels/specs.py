@@ -779,6 +779,12 @@ def _check_nll_tokens(nll_tokens) -> None:
         raise ValueError(f"nll_tokens must be None or a finite number > 0, got {nll_tokens!r}")
 
 
+def _components(loss_type: Union[str, Tuple[str, ...]], loss_weights: Tuple[float, ...]) -> Tuple[Tuple[str, float], ...]:
+    """``((loss_type, weight), ...)`` of a preference spec's validated ``loss_type`` (a name or names)."""
+    names = (loss_type,) if isinstance(loss_type, str) else loss_type
+    return tuple(zip(names, loss_weights))
+
+
 @dataclass(frozen=True)
 class DPOSpec:
     """A DPO-family loss on ``2B`` rows (``0..B-1`` chosen, ``B..2B-1`` rejected), mean over pairs;
@@ -859,8 +865,7 @@ class DPOSpec:
     @property
     def components(self) -> Tuple[Tuple[str, float], ...]:
         """``((loss_type, weight), ...)``: what the formulas sum."""
-        names = (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
-        return tuple(zip(names, self.loss_weights))
+        return _components(self.loss_type, self.loss_weights)
 
     @property
     def score(self) -> PreferenceScore:
@@ -1066,8 +1071,8 @@ class KTOSpec:
 
     @property
     def components(self) -> Tuple[Tuple[str, float], ...]:
-        names = (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
-        return tuple(zip(names, self.loss_weights))
+        """``((loss_type, weight), ...)``: what the formulas sum."""
+        return _components(self.loss_type, self.loss_weights)
 
     @property
     def uses_kl(self) -> bool:
